@@ -1,0 +1,37 @@
+//! What PID 1 does before serving: mount the pseudo-filesystems.
+
+use std::ffi::CString;
+
+fn mount(source: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: &str) {
+    let _ = std::fs::create_dir_all(target);
+    let c = |s: &str| CString::new(s).expect("no NUL in mount arguments");
+    let (source, target_c, fstype, data) = (c(source), c(target), c(fstype), c(data));
+    // SAFETY: all pointers are valid NUL-terminated strings for the duration of the call.
+    let rc = unsafe { libc::mount(source.as_ptr(), target_c.as_ptr(), fstype.as_ptr(), flags, data.as_ptr().cast()) };
+    if rc != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EBUSY) {
+            eprintln!("zygote-agent: mount {target}: {e}");
+        }
+    }
+}
+
+/// Mounts /proc, /sys, /dev, /tmp and /run.
+pub fn setup() {
+    let nosuid_nodev_noexec = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+    mount("proc", "/proc", "proc", nosuid_nodev_noexec, "");
+    mount("sysfs", "/sys", "sysfs", nosuid_nodev_noexec, "");
+    mount("devtmpfs", "/dev", "devtmpfs", libc::MS_NOSUID, "mode=0755");
+    mount("tmpfs", "/tmp", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV, "mode=1777");
+    mount("tmpfs", "/run", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV, "mode=0755");
+}
+
+/// Syncs and powers the guest off (the VMM sees the kernel's "Power down").
+pub fn power_off() -> ! {
+    // SAFETY: sync has no preconditions.
+    unsafe { libc::sync() };
+    // SAFETY: reboot with a valid command; as PID 1 with CAP_SYS_BOOT this does not return.
+    unsafe { libc::reboot(libc::RB_POWER_OFF) };
+    // Not PID 1 or not permitted: nothing else to do.
+    std::process::exit(1)
+}

@@ -1,0 +1,58 @@
+//! zygote-agent: PID 1 of every zygote guest.
+//!
+//! As PID 1 it mounts the pseudo-filesystems, listens on vsock port
+//! [`zygote_agent_api::AGENT_PORT`] and serves the agent API, one thread per
+//! connection, never exiting on a client's error. The same static binary also
+//! serves as the self-test's children (`zygote-agent stress-echo`,
+//! `zygote-agent stress-threads`), so the initramfs holds nothing else.
+//!
+//! Run outside a VM (not PID 1) with `serve`, it serves on vsock without
+//! mounting anything; the host tests drive its handlers directly.
+
+mod init;
+mod selftest;
+mod server;
+mod sys;
+mod vsock;
+
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    // As PID 1 the arguments are whatever the kernel did not recognize on its
+    // command line: ignore them.
+    if std::process::id() == 1 {
+        init::setup();
+        return serve();
+    }
+    let args: Vec<String> = std::env::args().collect();
+    match args.get(1).map(String::as_str) {
+        Some("stress-echo") => selftest::child_echo(false),
+        Some("stress-threads") => selftest::child_echo(true),
+        Some("serve") => serve(),
+        Some("--version") => {
+            println!("zygote-agent {}", zygote_agent_api::VERSION);
+            ExitCode::SUCCESS
+        }
+        _ => {
+            eprintln!("usage: zygote-agent [serve | stress-echo | stress-threads | --version]");
+            eprintln!("(with no argument it must run as PID 1 inside a zygote VM)");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn serve() -> ExitCode {
+    let started = sys::boottime_ns();
+    match vsock::VsockListener::bind(zygote_agent_api::AGENT_PORT) {
+        Ok(listener) => {
+            eprintln!("zygote-agent {}: listening on vsock port {}", zygote_agent_api::VERSION, zygote_agent_api::AGENT_PORT);
+            server::serve(listener, started);
+        }
+        Err(e) => eprintln!("zygote-agent: cannot listen on vsock: {e}"),
+    }
+    if std::process::id() == 1 {
+        // PID 1 must not exit: that panics the kernel. Power off instead.
+        init::power_off();
+    }
+    ExitCode::FAILURE
+}

@@ -1,0 +1,213 @@
+//! The exec-and-pipe self-test: many fresh execs of this binary, each echoing
+//! data through pipes, some of them multi-threaded. It exists because freshly
+//! exec'd processes crashed intermittently on PVM (see docs/guest-kernel.md);
+//! it counts crashes by cause and never retries.
+
+use std::io::{Read, Write};
+use std::os::unix::process::ExitStatusExt;
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use zygote_agent_api::{SelfTest, SelfTestReport};
+
+use crate::sys;
+
+/// Largest payload per round trip: both directions fit in the pipes' buffers.
+pub const MAX_BYTES: u32 = 64 << 10;
+/// Most rounds per request.
+pub const MAX_ROUNDS: u32 = 100_000;
+/// Most round trips at once.
+pub const MAX_PARALLEL: u32 = 16;
+/// Threads in a multi-threaded child.
+const CHILD_THREADS: usize = 4;
+/// Failures described in the report.
+const MAX_DESCRIBED: usize = 10;
+
+/// Checks a request's bounds.
+pub fn validate(t: &SelfTest) -> Result<(), String> {
+    if t.rounds == 0 || t.rounds > MAX_ROUNDS {
+        return Err(format!("rounds must be 1..={MAX_ROUNDS}"));
+    }
+    if t.bytes == 0 || t.bytes > MAX_BYTES {
+        return Err(format!("bytes must be 1..={MAX_BYTES}"));
+    }
+    if t.parallel > MAX_PARALLEL {
+        return Err(format!("parallel must be at most {MAX_PARALLEL}"));
+    }
+    Ok(())
+}
+
+fn pattern(round: u32, len: usize) -> Vec<u8> {
+    let mut x = u64::from(round).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+#[derive(Default)]
+struct Tally {
+    execs: AtomicU32,
+    ok: AtomicU32,
+    segfaults: AtomicU32,
+    other: AtomicU32,
+    threaded: AtomicU32,
+    failures: Mutex<Vec<String>>,
+}
+
+impl Tally {
+    fn fail(&self, counter: &AtomicU32, what: String) {
+        counter.fetch_add(1, Ordering::Relaxed);
+        let mut f = self.failures.lock().expect("failures lock");
+        if f.len() < MAX_DESCRIBED {
+            f.push(what);
+        }
+    }
+}
+
+fn one_round(exe: &std::path::Path, round: u32, threaded: bool, bytes: usize, tally: &Tally) {
+    let mode = if threaded { "stress-threads" } else { "stress-echo" };
+    let child = Command::new(exe).arg(mode).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) => {
+            tally.fail(&tally.other, format!("round {round}: spawn failed: {e}"));
+            return;
+        }
+    };
+    tally.execs.fetch_add(1, Ordering::Relaxed);
+    if threaded {
+        tally.threaded.fetch_add(1, Ordering::Relaxed);
+    }
+    let data = pattern(round, bytes);
+    let mut stdin = child.stdin.take().expect("piped");
+    let wrote = stdin.write_all(&data);
+    drop(stdin);
+    let mut echoed = Vec::with_capacity(bytes);
+    let read = child.stdout.take().expect("piped").read_to_end(&mut echoed);
+    let status = match child.wait() {
+        Ok(s) => s,
+        Err(e) => {
+            tally.fail(&tally.other, format!("round {round}: wait failed: {e}"));
+            return;
+        }
+    };
+    match status.signal() {
+        Some(libc::SIGSEGV) => tally.fail(&tally.segfaults, format!("round {round} ({mode}): SIGSEGV")),
+        Some(sig) => tally.fail(&tally.other, format!("round {round} ({mode}): killed by signal {sig}")),
+        None if !status.success() => {
+            tally.fail(&tally.other, format!("round {round} ({mode}): exit {:?}", status.code()))
+        }
+        None if wrote.is_err() || read.is_err() || echoed != data => {
+            tally.fail(&tally.other, format!("round {round} ({mode}): data corrupted ({} of {bytes} bytes back)", echoed.len()))
+        }
+        None => {
+            tally.ok.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Runs the self-test.
+pub fn run(t: &SelfTest) -> SelfTestReport {
+    let start = sys::boottime_ns();
+    let exe = std::env::current_exe().unwrap_or_else(|_| "/proc/self/exe".into());
+    let tally = Tally::default();
+    let next = AtomicU32::new(0);
+    let parallel = t.parallel.max(1);
+    std::thread::scope(|s| {
+        for _ in 0..parallel {
+            s.spawn(|| {
+                loop {
+                    let round = next.fetch_add(1, Ordering::Relaxed);
+                    if round >= t.rounds {
+                        return;
+                    }
+                    let threaded = t.threads_every > 0 && round % t.threads_every == 0;
+                    one_round(&exe, round, threaded, t.bytes as usize, &tally);
+                }
+            });
+        }
+    });
+    SelfTestReport {
+        execs: tally.execs.into_inner(),
+        ok: tally.ok.into_inner(),
+        segfaults: tally.segfaults.into_inner(),
+        other_failures: tally.other.into_inner(),
+        threaded: tally.threaded.into_inner(),
+        elapsed_ns: sys::boottime_ns().saturating_sub(start),
+        failures: tally.failures.into_inner().expect("failures lock"),
+    }
+}
+
+/// The child: echo stdin to stdout; with `threaded`, also run worker threads that
+/// check their thread-local and vector-register state while the copy goes on.
+pub fn child_echo(threaded: bool) -> ExitCode {
+    let workers: Vec<_> = if threaded {
+        (0..CHILD_THREADS).map(|i| std::thread::spawn(move || thread_check(i as u64))).collect()
+    } else {
+        Vec::new()
+    };
+    let mut data = Vec::new();
+    let copied = std::io::stdin().read_to_end(&mut data).and_then(|_| std::io::stdout().write_all(&data));
+    let threads_ok = workers.into_iter().all(|w| w.join().unwrap_or(false));
+    if copied.is_ok() && threads_ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+}
+
+thread_local! {
+    static TLS_VALUE: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Stores a per-thread value in TLS and floating-point state, yields, checks both.
+fn thread_check(seed: u64) -> bool {
+    for i in 0..2_000u64 {
+        let want = seed.wrapping_mul(1_000_003).wrapping_add(i);
+        TLS_VALUE.with(|v| v.set(want));
+        let f = std::hint::black_box(want as f64 * 1.5);
+        if i % 100 == 0 {
+            std::thread::yield_now();
+        }
+        if TLS_VALUE.with(|v| v.get()) != want || std::hint::black_box(f) != want as f64 * 1.5 {
+            return false;
+        }
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounds_are_checked() {
+        let ok = SelfTest { rounds: 1, threads_every: 0, parallel: 1, bytes: 1 };
+        assert!(validate(&ok).is_ok());
+        assert!(validate(&SelfTest { rounds: 0, ..ok }).is_err());
+        assert!(validate(&SelfTest { bytes: MAX_BYTES + 1, ..ok }).is_err());
+        assert!(validate(&SelfTest { parallel: MAX_PARALLEL + 1, ..ok }).is_err());
+    }
+
+    #[test]
+    fn children_run_on_the_host() {
+        // Cargo builds the agent binary for integration tests of this crate; unit tests
+        // use it through CARGO_BIN_EXE when present.
+        let exe = std::path::Path::new(env!("CARGO_BIN_EXE_zygote-agent"));
+        let tally = Tally::default();
+        for round in 0..4 {
+            one_round(exe, round, round % 2 == 1, 4096, &tally);
+        }
+        assert_eq!(tally.ok.load(Ordering::Relaxed), 4, "{:?}", tally.failures.lock().unwrap());
+        assert_eq!(tally.threaded.load(Ordering::Relaxed), 2);
+        assert_eq!(tally.segfaults.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn patterns_differ_per_round() {
+        assert_ne!(pattern(1, 64), pattern(2, 64));
+        assert_eq!(pattern(3, 64), pattern(3, 64));
+    }
+}

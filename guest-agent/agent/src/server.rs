@@ -1,0 +1,133 @@
+//! The agent's request loop: read a frame, dispatch to a thin handler, answer.
+
+use std::io::{Read, Write};
+
+use zygote_agent_api::frame::{read_frame, write_frame};
+use zygote_agent_api::{Code, Error, Pong, Request, Response, request, response};
+
+use crate::vsock::VsockListener;
+use crate::{init, selftest, sys};
+
+/// Accepts connections forever, one thread each.
+pub fn serve(listener: VsockListener, agent_started_ns: u64) {
+    loop {
+        match listener.accept() {
+            Ok(stream) => {
+                let spawned = std::thread::Builder::new()
+                    .name("agent-conn".into())
+                    .spawn(move || serve_connection(stream, agent_started_ns));
+                if let Err(e) = spawned {
+                    eprintln!("zygote-agent: cannot start a connection thread: {e}");
+                }
+            }
+            Err(e) => {
+                eprintln!("zygote-agent: accept: {e}");
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        }
+    }
+}
+
+/// What to do after answering.
+#[derive(Debug, PartialEq, Eq)]
+pub enum After {
+    /// Keep serving.
+    Continue,
+    /// Power the guest off.
+    PowerOff,
+}
+
+/// Serves one client until it hangs up or sends something unreadable.
+pub fn serve_connection<S: Read + Write>(mut stream: S, agent_started_ns: u64) {
+    loop {
+        let req: Request = match read_frame(&mut stream) {
+            Ok(r) => r,
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return,
+            Err(e) => {
+                // A malformed frame cannot be resynchronized: answer once, then drop the client.
+                let _ = write_frame(&mut stream, &error_response(0, Code::InvalidArgument, &e.to_string()));
+                return;
+            }
+        };
+        let (resp, after) = handle(req, agent_started_ns);
+        if write_frame(&mut stream, &resp).is_err() {
+            return;
+        }
+        if after == After::PowerOff {
+            init::power_off();
+        }
+    }
+}
+
+fn error_response(id: u64, code: Code, message: &str) -> Response {
+    Response {
+        id,
+        body: Some(response::Body::Error(Error { code: code as i32, message: message.into() })),
+    }
+}
+
+/// Answers one request.
+pub fn handle(req: Request, agent_started_ns: u64) -> (Response, After) {
+    let id = req.id;
+    let (body, after) = match req.body {
+        Some(request::Body::Ping(_)) => (
+            response::Body::Pong(Pong {
+                version: zygote_agent_api::VERSION.into(),
+                uptime_ns: sys::boottime_ns(),
+                kernel_release: sys::kernel_release(),
+                agent_started_ns,
+            }),
+            After::Continue,
+        ),
+        Some(request::Body::SelfTest(t)) => match selftest::validate(&t) {
+            Ok(()) => (response::Body::SelfTest(selftest::run(&t)), After::Continue),
+            Err(msg) => return (error_response(id, Code::InvalidArgument, &msg), After::Continue),
+        },
+        Some(request::Body::Shutdown(_)) => {
+            if std::process::id() != 1 {
+                return (error_response(id, Code::Unimplemented, "shutdown only as PID 1"), After::Continue);
+            }
+            (response::Body::ShutdownAck(zygote_agent_api::Empty {}), After::PowerOff)
+        }
+        None => return (error_response(id, Code::InvalidArgument, "empty or unknown request"), After::Continue),
+    };
+    (Response { id, body: Some(body) }, after)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixStream;
+    use zygote_agent_api::Ping;
+
+    #[test]
+    fn ping_over_a_stream_and_bad_frames() {
+        let (mut host, guest) = UnixStream::pair().unwrap();
+        let server = std::thread::spawn(move || serve_connection(guest, 42));
+        write_frame(&mut host, &Request { id: 9, body: Some(request::Body::Ping(Ping {})) }).unwrap();
+        let resp: Response = read_frame(&mut host).unwrap();
+        assert_eq!(resp.id, 9);
+        match resp.body {
+            Some(response::Body::Pong(p)) => {
+                assert_eq!(p.version, zygote_agent_api::VERSION);
+                assert_eq!(p.agent_started_ns, 42);
+                assert!(p.uptime_ns > 0);
+                assert!(!p.kernel_release.is_empty());
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        // An empty request is an error, and the connection goes on.
+        write_frame(&mut host, &Request { id: 10, body: None }).unwrap();
+        let resp: Response = read_frame(&mut host).unwrap();
+        assert!(matches!(resp.body, Some(response::Body::Error(ref e)) if e.code == Code::InvalidArgument as i32));
+        // Shutdown is refused outside PID 1.
+        write_frame(&mut host, &Request { id: 11, body: Some(request::Body::Shutdown(Default::default())) }).unwrap();
+        let resp: Response = read_frame(&mut host).unwrap();
+        assert!(matches!(resp.body, Some(response::Body::Error(ref e)) if e.code == Code::Unimplemented as i32));
+        // A huge length: one error, then the server drops this client.
+        host.write_all(&u32::MAX.to_be_bytes()).unwrap();
+        let resp: Response = read_frame(&mut host).unwrap();
+        assert!(matches!(resp.body, Some(response::Body::Error(_))));
+        server.join().unwrap();
+    }
+}

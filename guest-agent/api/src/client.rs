@@ -1,0 +1,126 @@
+//! A blocking host-side client for the agent, through a VM's hybrid-vsock socket.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::frame::{read_frame, write_frame};
+use crate::messages::{Request, Response, request, response};
+
+/// Errors talking to the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The VM's vsock socket could not be reached.
+    #[error("cannot connect to {path}")]
+    Connect {
+        /// The socket.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The guest did not accept the connection (`OK` not received).
+    #[error("the guest refused or did not answer the vsock connection to port {port}")]
+    Handshake {
+        /// The guest port.
+        port: u32,
+    },
+    /// The agent did not become reachable in time.
+    #[error("the agent did not answer within {0:?}")]
+    Timeout(Duration),
+    /// Reading or writing a frame failed.
+    #[error("agent connection failed")]
+    Io(#[from] std::io::Error),
+    /// The agent answered with an error.
+    #[error("agent error {code}: {message}")]
+    Agent {
+        /// The code.
+        code: i32,
+        /// The message.
+        message: String,
+    },
+    /// The agent's answer did not match the request.
+    #[error("unexpected answer from the agent")]
+    Unexpected,
+}
+
+/// A connection to the agent.
+#[derive(Debug)]
+pub struct AgentClient {
+    stream: UnixStream,
+    next_id: u64,
+}
+
+/// Opens a hybrid-vsock stream to guest `port` through the socket at `uds`.
+pub fn connect_vsock(uds: &Path, port: u32, timeout: Duration) -> Result<UnixStream, ClientError> {
+    let stream =
+        UnixStream::connect(uds).map_err(|source| ClientError::Connect { path: uds.into(), source })?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    (&stream).write_all(format!("CONNECT {port}\n").as_bytes())?;
+    let mut line = String::new();
+    // Read the OK line byte by byte so nothing after it is swallowed by a buffer.
+    let mut reader = BufReader::with_capacity(1, &stream);
+    match reader.read_line(&mut line) {
+        Ok(n) if n > 0 && line.starts_with("OK ") => Ok(stream),
+        Ok(_) => Err(ClientError::Handshake { port }),
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+            Err(ClientError::Handshake { port })
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+impl AgentClient {
+    /// Connects once; fails if the agent is not listening yet.
+    pub fn connect(uds: &Path, timeout: Duration) -> Result<Self, ClientError> {
+        let stream = connect_vsock(uds, crate::AGENT_PORT, timeout)?;
+        Ok(AgentClient { stream, next_id: 1 })
+    }
+
+    /// Connects, retrying every `interval` until `deadline` (the guest may still be booting).
+    pub fn connect_until(uds: &Path, deadline: Instant, interval: Duration) -> Result<Self, ClientError> {
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(ClientError::Timeout(interval));
+            }
+            match Self::connect(uds, left.min(Duration::from_secs(5))) {
+                Ok(c) => return Ok(c),
+                Err(ClientError::Handshake { .. } | ClientError::Connect { .. }) => std::thread::sleep(interval),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Sets how long one call may take.
+    pub fn set_timeout(&self, timeout: Duration) -> std::io::Result<()> {
+        self.stream.set_read_timeout(Some(timeout))?;
+        self.stream.set_write_timeout(Some(timeout))
+    }
+
+    /// Sends `body` and returns the answer's body (an agent error becomes [`ClientError::Agent`]).
+    pub fn call(&mut self, body: request::Body) -> Result<response::Body, ClientError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        write_frame(&mut self.stream, &Request { id, body: Some(body) })?;
+        let resp: Response = read_frame(&mut self.stream)?;
+        if resp.id != id {
+            return Err(ClientError::Unexpected);
+        }
+        match resp.body {
+            Some(response::Body::Error(e)) => Err(ClientError::Agent { code: e.code, message: e.message }),
+            Some(b) => Ok(b),
+            None => Err(ClientError::Unexpected),
+        }
+    }
+
+    /// Pings the agent.
+    pub fn ping(&mut self) -> Result<crate::Pong, ClientError> {
+        match self.call(request::Body::Ping(crate::Ping {}))? {
+            response::Body::Pong(p) => Ok(p),
+            _ => Err(ClientError::Unexpected),
+        }
+    }
+}

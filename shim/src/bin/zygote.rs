@@ -1,0 +1,178 @@
+//! zygote: the operator CLI.
+//!
+//! - `zygote doctor`: checks KVM, the kernel and the guest image; exits 1 if something is missing.
+//! - `zygote boot`: boots a VM, waits for the agent's Ping, prints the timeline, powers it off.
+//! - `zygote selftest`: boots a VM and runs the exec/pipe stress inside it.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use zygote::sandbox::{Sandbox, SandboxConfig};
+use zygote::{doctor, paths};
+use zygote_agent_api::{SelfTest, request, response};
+
+#[derive(Parser)]
+#[command(name = "zygote", version, about = "zygote: containers in forked KVM microVMs")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone)]
+struct VmArgs {
+    /// vCPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u8,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 128)]
+    memory: u64,
+    /// Guest kernel (default: $ZYGOTE_HOME/kernel/vmlinux).
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Guest initramfs (default: $ZYGOTE_HOME/image/initramfs.cpio).
+    #[arg(long)]
+    initramfs: Option<PathBuf>,
+    /// Fault all guest memory in on the host before the guest runs.
+    #[arg(long)]
+    prefault: bool,
+    /// Extra kernel command-line parameters.
+    #[arg(long, default_value = "")]
+    cmdline: String,
+    /// Seconds to wait for the agent.
+    #[arg(long, default_value_t = 180)]
+    timeout: u64,
+}
+
+impl VmArgs {
+    fn config(&self) -> SandboxConfig {
+        SandboxConfig {
+            vcpus: self.vcpus,
+            memory_mib: self.memory,
+            kernel: self.kernel.clone().unwrap_or_else(paths::kernel),
+            initramfs: self.initramfs.clone().unwrap_or_else(paths::initramfs),
+            prefault: self.prefault,
+            extra_cmdline: self.cmdline.clone(),
+            agent_timeout: Duration::from_secs(self.timeout),
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check that this node can run zygote VMs.
+    Doctor {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Boot a VM, wait for its agent, print the timeline, power it off.
+    Boot {
+        #[command(flatten)]
+        vm: VmArgs,
+        /// Print the timeline as JSON (last line of stdout).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Boot a VM and run fresh-exec + pipe round trips inside it.
+    Selftest {
+        #[command(flatten)]
+        vm: VmArgs,
+        /// Round trips.
+        #[arg(long, default_value_t = 500)]
+        rounds: u32,
+        /// A multi-threaded child every N rounds.
+        #[arg(long, default_value_t = 10)]
+        threads_every: u32,
+        /// Round trips at once.
+        #[arg(long, default_value_t = 1)]
+        parallel: u32,
+        /// Bytes per round trip.
+        #[arg(long, default_value_t = 65536)]
+        bytes: u32,
+        /// Print the report as JSON (last line of stdout).
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("ZYGOTE_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match run(cli.command) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("zygote: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Doctor { json } => {
+            let checks = doctor::run(&paths::kernel(), &paths::initramfs());
+            let ok = checks.iter().all(|c| c.ok);
+            if json {
+                println!("{}", serde_json::to_string(&checks)?);
+            } else {
+                for c in &checks {
+                    println!("{} {:8} {}", if c.ok { "ok  " } else { "FAIL" }, c.name, c.detail);
+                }
+            }
+            Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        Command::Boot { vm, json } => {
+            let sandbox = Sandbox::boot(&vm.config()).context("boot failed")?;
+            let t = sandbox.timeline;
+            let kind = sandbox.kind();
+            let release = sandbox.pong.kernel_release.clone();
+            let reason = sandbox.shutdown(Duration::from_secs(30));
+            println!(
+                "booted on {kind} KVM: vmm setup {:.1} ms, kernel entry {:.1} ms, agent start {:.1} ms, \
+                 agent ready {:.1} ms (guest kernel {release}, {:.1} ms inside KVM_RUN); stopped: {reason:?}",
+                t.vmm_setup_ms, t.kernel_entry_ms, t.agent_start_ms, t.agent_ready_ms, t.guest_run_ms
+            );
+            if json {
+                println!("{}", serde_json::to_string(&t)?);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Selftest { vm, rounds, threads_every, parallel, bytes, json } => {
+            let sandbox = Sandbox::boot(&vm.config()).context("boot failed")?;
+            let mut client = sandbox.client()?;
+            client.set_timeout(Duration::from_secs(3600))?;
+            let body = client.call(request::Body::SelfTest(SelfTest { rounds, threads_every, parallel, bytes }))?;
+            let response::Body::SelfTest(report) = body else { anyhow::bail!("unexpected answer to SelfTest") };
+            sandbox.shutdown(Duration::from_secs(30));
+            println!(
+                "selftest: {} execs ({} multi-threaded), {} ok, {} segfaults, {} other failures, {:.1} s guest time",
+                report.execs,
+                report.threaded,
+                report.ok,
+                report.segfaults,
+                report.other_failures,
+                report.elapsed_ns as f64 / 1e9
+            );
+            for f in &report.failures {
+                println!("  {f}");
+            }
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "execs": report.execs, "ok": report.ok, "segfaults": report.segfaults,
+                        "other_failures": report.other_failures, "threaded": report.threaded,
+                        "elapsed_ms": report.elapsed_ns / 1_000_000, "prefault": vm.prefault,
+                    })
+                );
+            }
+            Ok(if report.segfaults == 0 && report.other_failures == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+    }
+}

@@ -1,0 +1,12 @@
+//! zygote: the host side that people and containerd use.
+//!
+//! - [`paths`]: where the kernel, the guest image and VM run directories live.
+//! - [`sandbox`]: a VM booted for zygote with its agent reachable: boot, wait
+//!   for the agent's Ping (with a timeline), shut down, clean up.
+//! - [`doctor`]: checks of a node (KVM kind, kernel and image present).
+//!
+//! The binaries are `zygote` (operator CLI) and `containerd-shim-zygote-v2`.
+
+pub mod doctor;
+pub mod paths;
+pub mod sandbox;

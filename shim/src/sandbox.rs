@@ -1,0 +1,239 @@
+//! A zygote VM with its agent reachable.
+//!
+//! [`Sandbox::boot`] makes a run directory (vsock socket, console log), boots the
+//! machine, and waits until the agent answers a Ping, recording a [`Timeline`].
+//! [`Sandbox::shutdown`] asks the agent to power off, stops the machine if it
+//! does not, and removes the run directory. Dropping a sandbox also stops the VM
+//! and removes its directory: nothing is left behind on any path.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use zygote_agent_api::{AgentClient, ClientError, Pong, request};
+use zygote_vmm::{BuildError, ExitReason, KvmKind, Machine, VmConfig};
+
+use crate::paths;
+
+/// The guest CID. Each VM's hybrid vsock is its own namespace, so all use the same.
+pub const GUEST_CID: u64 = 3;
+/// How long to wait between attempts to reach a booting agent.
+const CONNECT_INTERVAL: Duration = Duration::from_millis(20);
+/// Console lines quoted in errors.
+const TAIL_LINES: usize = 30;
+
+/// How to boot.
+#[derive(Debug, Clone)]
+pub struct SandboxConfig {
+    /// vCPUs.
+    pub vcpus: u8,
+    /// Guest RAM, MiB.
+    pub memory_mib: u64,
+    /// Guest kernel.
+    pub kernel: PathBuf,
+    /// Initramfs with the agent as /init.
+    pub initramfs: PathBuf,
+    /// Pre-fault guest RAM on the host.
+    pub prefault: bool,
+    /// Extra kernel parameters.
+    pub extra_cmdline: String,
+    /// How long the agent may take to answer.
+    pub agent_timeout: Duration,
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        SandboxConfig {
+            vcpus: 1,
+            memory_mib: 128,
+            kernel: paths::kernel(),
+            initramfs: paths::initramfs(),
+            prefault: false,
+            extra_cmdline: String::new(),
+            agent_timeout: Duration::from_secs(180),
+        }
+    }
+}
+
+/// Errors booting or driving a sandbox.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// The run directory could not be created.
+    #[error("cannot create run directory {path}")]
+    RunDir {
+        /// Path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The initramfs is missing (the kernel's absence is reported by the VMM).
+    #[error("guest image {0} not found (build it with hack/guest-image)")]
+    MissingImage(PathBuf),
+    /// The VM could not be built.
+    #[error("cannot boot the VM")]
+    Build(#[from] BuildError),
+    /// The guest stopped before its agent answered.
+    #[error("the guest stopped before its agent answered ({reason:?}); console:\n{console}")]
+    GuestExited {
+        /// Why.
+        reason: ExitReason,
+        /// The console's last lines.
+        console: String,
+    },
+    /// The agent did not answer in time.
+    #[error("the agent did not answer within {timeout:?}; console:\n{console}")]
+    AgentTimeout {
+        /// The limit.
+        timeout: Duration,
+        /// The console's last lines.
+        console: String,
+    },
+    /// Talking to the agent failed.
+    #[error("agent call failed")]
+    Agent(#[from] ClientError),
+}
+
+/// Where boot time went, in milliseconds from the boot request.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Timeline {
+    /// Host-side set-up: KVM, memory, kernel load, devices, vCPUs started.
+    pub vmm_setup_ms: f64,
+    /// When the guest kernel started its clock (agent_ready − guest uptime at the Ping).
+    pub kernel_entry_ms: f64,
+    /// When the agent started (its own CLOCK_BOOTTIME reading, mapped to host time).
+    pub agent_start_ms: f64,
+    /// When the agent answered the first Ping.
+    pub agent_ready_ms: f64,
+    /// Total vCPU time spent inside KVM_RUN until then (guest-side work).
+    pub guest_run_ms: f64,
+}
+
+/// A per-VM directory under the run root, removed on drop.
+#[derive(Debug)]
+struct RunDir(PathBuf);
+
+impl RunDir {
+    fn create() -> Result<Self, SandboxError> {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let name = format!("vm-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
+        let path = paths::run_root().join(name);
+        std::fs::create_dir_all(&path).map_err(|source| SandboxError::RunDir { path: path.clone(), source })?;
+        Ok(RunDir(path))
+    }
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A booted VM whose agent answered.
+#[derive(Debug)]
+pub struct Sandbox {
+    // Field order is drop order: the machine (and its socket) before the directory.
+    machine: Machine,
+    run_dir: RunDir,
+    vsock: PathBuf,
+    /// Boot timeline.
+    pub timeline: Timeline,
+    /// The agent's first answer.
+    pub pong: Pong,
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+impl Sandbox {
+    /// Boots a VM and waits for its agent.
+    pub fn boot(config: &SandboxConfig) -> Result<Sandbox, SandboxError> {
+        if !config.initramfs.exists() {
+            return Err(SandboxError::MissingImage(config.initramfs.clone()));
+        }
+        let run_dir = RunDir::create()?;
+        let vsock = run_dir.0.join("vsock.sock");
+        let vm_config = VmConfig {
+            vcpus: config.vcpus,
+            memory_mib: config.memory_mib,
+            kernel: config.kernel.clone(),
+            initramfs: Some(config.initramfs.clone()),
+            extra_cmdline: config.extra_cmdline.clone(),
+            vsock: Some((GUEST_CID, vsock.clone())),
+            console_log: Some(run_dir.0.join("console.log")),
+            prefault: config.prefault,
+        };
+        let machine = Machine::boot(&vm_config)?;
+        let deadline = machine.started() + config.agent_timeout;
+        let pong = loop {
+            if let Some(reason) = machine.exit_reason() {
+                return Err(SandboxError::GuestExited { reason, console: machine.console_tail(TAIL_LINES) });
+            }
+            if Instant::now() >= deadline {
+                return Err(SandboxError::AgentTimeout {
+                    timeout: config.agent_timeout,
+                    console: machine.console_tail(TAIL_LINES),
+                });
+            }
+            match AgentClient::connect(&vsock, Duration::from_secs(5)) {
+                Ok(mut client) => break client.ping()?,
+                Err(ClientError::Handshake { .. }) => std::thread::sleep(CONNECT_INTERVAL),
+                Err(e) => return Err(e.into()),
+            }
+        };
+        let ready = machine.started().elapsed();
+        let uptime = Duration::from_nanos(pong.uptime_ns);
+        let agent_age = Duration::from_nanos(pong.uptime_ns.saturating_sub(pong.agent_started_ns));
+        let timeline = Timeline {
+            vmm_setup_ms: ms(machine.setup_time()),
+            kernel_entry_ms: ms(ready.saturating_sub(uptime).max(machine.setup_time())),
+            agent_start_ms: ms(ready.saturating_sub(agent_age)),
+            agent_ready_ms: ms(ready),
+            guest_run_ms: ms(machine.guest_run_time()),
+        };
+        Ok(Sandbox { machine, run_dir, vsock, timeline, pong })
+    }
+
+    /// A new connection to the agent.
+    pub fn client(&self) -> Result<AgentClient, SandboxError> {
+        Ok(AgentClient::connect(&self.vsock, Duration::from_secs(10))?)
+    }
+
+    /// The VM's hybrid-vsock socket.
+    pub fn vsock_path(&self) -> &Path {
+        &self.vsock
+    }
+
+    /// The VM's run directory.
+    pub fn run_dir(&self) -> &Path {
+        &self.run_dir.0
+    }
+
+    /// Which KVM runs it.
+    pub fn kind(&self) -> KvmKind {
+        self.machine.kind()
+    }
+
+    /// The machine.
+    pub fn machine(&self) -> &Machine {
+        &self.machine
+    }
+
+    /// Asks the guest to power off and waits up to `grace`; then stops the VM
+    /// regardless and removes the run directory. Returns why the VM stopped.
+    pub fn shutdown(self, grace: Duration) -> ExitReason {
+        let asked = self.client().and_then(|mut c| {
+            c.set_timeout(grace).map_err(ClientError::Io)?;
+            Ok(c.call(request::Body::Shutdown(Default::default()))?)
+        });
+        if asked.is_ok() {
+            self.machine.wait(grace);
+        }
+        let Sandbox { machine, run_dir, .. } = self;
+        let reason = machine.shutdown();
+        drop(run_dir);
+        reason
+    }
+}

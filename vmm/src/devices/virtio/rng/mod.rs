@@ -1,0 +1,13 @@
+//! virtio-rng: entropy for the guest kernel, from the host's `getrandom`.
+
+mod device;
+mod event_handler;
+
+pub use device::Rng;
+
+/// virtio device id of an entropy source.
+pub const VIRTIO_ID_RNG: u32 = 4;
+/// Queue size.
+pub const QUEUE_SIZE: u16 = 64;
+/// Most bytes handed out per request: a guest cannot make the host fill huge buffers.
+pub const MAX_REQUEST: usize = 64 << 10;

@@ -1,0 +1,642 @@
+//! The vsock connection state machine: guest packets on the queues on one side,
+//! host Unix streams on the other.
+//!
+//! Flow control follows the spec's credit scheme. Towards the guest the device
+//! reads from a host stream only as much as the guest has buffer for; towards the
+//! host it advertises [`CONN_BUF_ALLOC`] and counts a byte as forwarded only once
+//! it was written to the host stream, so a slow host reader throttles the guest
+//! instead of growing the VMM's memory.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::io::{ErrorKind, Read, Write};
+use std::num::Wrapping;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
+use super::packet::{HDR_LEN, Header, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM, op};
+use super::{CONN_BUF_ALLOC, FIRST_LOCAL_PORT, HOST_CID, MAX_CONNECTIONS, MAX_PAYLOAD, RXQ, TXQ};
+use crate::devices::virtio::Interrupt;
+use crate::vstate::memory::GuestMemoryMmap;
+
+/// Epoll token of the host listener.
+pub(super) const TOKEN_LISTENER: u64 = 0;
+/// Epoll token of the kill eventfd.
+pub(super) const TOKEN_KILL: u64 = 1;
+/// Epoll token base of the queue eventfds (plus the queue index).
+pub(super) const TOKEN_QUEUE: u64 = 2;
+/// Epoll tokens of streams are this plus the fd.
+pub(super) const TOKEN_STREAM: u64 = 16;
+
+/// Longest `CONNECT <port>\n` line accepted.
+const HANDSHAKE_MAX: usize = 32;
+/// Unacknowledged forwarded bytes after which the device tells the guest its credit.
+const CREDIT_UPDATE_THRESHOLD: u32 = CONN_BUF_ALLOC / 2;
+
+/// Connection key: (host-side port, guest-side port).
+type Key = (u32, u32);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ConnState {
+    /// Host-initiated; REQUEST sent, waiting for the guest's RESPONSE.
+    AwaitingResponse,
+    /// Data flows.
+    Established,
+}
+
+#[derive(Debug)]
+struct Connection {
+    stream: UnixStream,
+    state: ConnState,
+    /// Bytes from the host not yet sent (read past the handshake line).
+    rx_prefix: Vec<u8>,
+    /// Bytes from the guest not yet written to the host stream.
+    pending: Vec<u8>,
+    peer_buf_alloc: u32,
+    peer_fwd_cnt: Wrapping<u32>,
+    /// Bytes sent to the guest.
+    rx_cnt: Wrapping<u32>,
+    /// Bytes from the guest written to the host.
+    fwd_cnt: Wrapping<u32>,
+    /// `fwd_cnt` as last told to the guest.
+    fwd_cnt_sent: Wrapping<u32>,
+    /// The guest will send no more: shut the host stream's write side once `pending` drains.
+    peer_shut_send: bool,
+    /// The host stream ended; SHUTDOWN was sent to the guest.
+    host_eof: bool,
+    watching_out: bool,
+}
+
+impl Connection {
+    fn new(stream: UnixStream, state: ConnState) -> Self {
+        Connection {
+            stream,
+            state,
+            rx_prefix: Vec::new(),
+            pending: Vec::new(),
+            peer_buf_alloc: 0,
+            peer_fwd_cnt: Wrapping(0),
+            rx_cnt: Wrapping(0),
+            fwd_cnt: Wrapping(0),
+            fwd_cnt_sent: Wrapping(0),
+            peer_shut_send: false,
+            host_eof: false,
+            watching_out: false,
+        }
+    }
+
+    /// Bytes the guest can still take.
+    fn peer_credit(&self) -> u32 {
+        let in_flight = (self.rx_cnt - self.peer_fwd_cnt).0;
+        self.peer_buf_alloc.saturating_sub(in_flight)
+    }
+
+    fn update_peer(&mut self, hdr: &Header) {
+        self.peer_buf_alloc = hdr.buf_alloc;
+        self.peer_fwd_cnt = Wrapping(hdr.fwd_cnt);
+    }
+
+    /// Writes as much of `pending` to the host as it takes now.
+    fn flush(&mut self) -> std::io::Result<()> {
+        while !self.pending.is_empty() {
+            match self.stream.write(&self.pending) {
+                Ok(0) => return Err(ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    self.pending.drain(..n);
+                    self.fwd_cnt += Wrapping(n as u32);
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if self.peer_shut_send {
+            let _ = self.stream.shutdown(std::net::Shutdown::Write);
+        }
+        Ok(())
+    }
+}
+
+/// A packet the device owes the guest that carries no payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Control {
+    key: Key,
+    op: u16,
+    flags: u32,
+}
+
+/// A host connection that has not yet sent its `CONNECT <port>` line.
+#[derive(Debug)]
+struct Handshake {
+    stream: UnixStream,
+    buf: Vec<u8>,
+}
+
+/// The device's I/O state, driven by its thread (or directly by tests).
+#[derive(Debug)]
+pub struct VsockBackend {
+    cid: u64,
+    uds_path: PathBuf,
+    listener: UnixListener,
+    pub(super) epoll: Epoll,
+    mem: GuestMemoryMmap,
+    pub(super) queues: Vec<Queue>,
+    interrupt: Arc<Interrupt>,
+    handshakes: HashMap<RawFd, Handshake>,
+    conns: HashMap<Key, Connection>,
+    by_fd: HashMap<RawFd, Key>,
+    control: VecDeque<Control>,
+    /// Host streams with data (or EOF) to read.
+    rx_ready: BTreeSet<Key>,
+    next_local_port: u32,
+    used_any: bool,
+}
+
+impl VsockBackend {
+    /// A backend for guest `cid`, serving `listener` (bound at `uds_path`).
+    pub fn new(
+        cid: u64,
+        uds_path: PathBuf,
+        listener: UnixListener,
+        mem: GuestMemoryMmap,
+        queues: Vec<Queue>,
+        interrupt: Arc<Interrupt>,
+    ) -> std::io::Result<Self> {
+        listener.set_nonblocking(true)?;
+        let epoll = Epoll::new()?;
+        epoll.ctl(
+            ControlOperation::Add,
+            listener.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, TOKEN_LISTENER),
+        )?;
+        Ok(VsockBackend {
+            cid,
+            uds_path,
+            listener,
+            epoll,
+            mem,
+            queues,
+            interrupt,
+            handshakes: HashMap::new(),
+            conns: HashMap::new(),
+            by_fd: HashMap::new(),
+            control: VecDeque::new(),
+            rx_ready: BTreeSet::new(),
+            next_local_port: FIRST_LOCAL_PORT,
+            used_any: false,
+        })
+    }
+
+    /// Gives the listener back (when the device is reset); connections are dropped.
+    pub fn into_listener(self) -> UnixListener {
+        self.listener
+    }
+
+    /// Number of open connections (for tests and stats).
+    pub fn connection_count(&self) -> usize {
+        self.conns.len()
+    }
+
+    fn watch(&self, fd: RawFd, events: EventSet, op: ControlOperation) {
+        let ev = EpollEvent::new(events, TOKEN_STREAM + fd as u64);
+        if let Err(e) = self.epoll.ctl(op, fd, ev) {
+            tracing::warn!(error = %e, fd, "vsock: epoll_ctl failed");
+        }
+    }
+
+    fn conn_events(conn: &Connection, reading: bool) -> EventSet {
+        let mut ev = EventSet::empty();
+        if reading {
+            ev |= EventSet::IN;
+        }
+        if conn.watching_out {
+            ev |= EventSet::OUT;
+        }
+        ev
+    }
+
+    /// Accepts every pending host connection.
+    pub fn handle_listener(&mut self) {
+        loop {
+            match self.listener.accept() {
+                Ok((stream, _)) => {
+                    if stream.set_nonblocking(true).is_err() {
+                        continue;
+                    }
+                    let fd = stream.as_raw_fd();
+                    self.watch(fd, EventSet::IN, ControlOperation::Add);
+                    self.handshakes.insert(fd, Handshake { stream, buf: Vec::new() });
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "vsock: accept failed");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// A host stream is readable or writable (or hung up).
+    pub fn handle_stream(&mut self, fd: RawFd, events: EventSet) {
+        if self.handshakes.contains_key(&fd) {
+            self.handle_handshake(fd);
+            return;
+        }
+        let Some(&key) = self.by_fd.get(&fd) else { return };
+        if events.intersects(EventSet::OUT) {
+            let conn = self.conns.get_mut(&key).expect("by_fd and conns agree");
+            if conn.flush().is_err() {
+                self.reset(key);
+                return;
+            }
+            if conn.pending.is_empty() {
+                conn.watching_out = false;
+                let ev = Self::conn_events(conn, !self.rx_ready.contains(&key));
+                self.watch(fd, ev, ControlOperation::Modify);
+            }
+            self.maybe_credit_update(key);
+        }
+        if events.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR | EventSet::READ_HANG_UP) {
+            // Stop watching for input until the data has been moved to the guest.
+            if self.rx_ready.insert(key) {
+                let conn = &self.conns[&key];
+                self.watch(fd, Self::conn_events(conn, false), ControlOperation::Modify);
+            }
+        }
+    }
+
+    fn handle_handshake(&mut self, fd: RawFd) {
+        let hs = self.handshakes.get_mut(&fd).expect("checked");
+        let mut buf = [0u8; HANDSHAKE_MAX];
+        let n = match hs.stream.read(&mut buf[..HANDSHAKE_MAX - hs.buf.len()]) {
+            Ok(0) => 0,
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => return,
+            Err(_) => 0,
+        };
+        if n == 0 {
+            self.drop_handshake(fd);
+            return;
+        }
+        hs.buf.extend_from_slice(&buf[..n]);
+        let Some(eol) = hs.buf.iter().position(|&b| b == b'\n') else {
+            if hs.buf.len() >= HANDSHAKE_MAX {
+                self.drop_handshake(fd);
+            }
+            return;
+        };
+        let port = std::str::from_utf8(&hs.buf[..eol])
+            .ok()
+            .and_then(|l| l.trim_end_matches('\r').strip_prefix("CONNECT "))
+            .and_then(|p| p.trim().parse::<u32>().ok());
+        let Some(port) = port else {
+            tracing::debug!("vsock: malformed handshake from a host client");
+            self.drop_handshake(fd);
+            return;
+        };
+        if self.conns.len() >= MAX_CONNECTIONS {
+            self.drop_handshake(fd);
+            return;
+        }
+        let hs = self.handshakes.remove(&fd).expect("checked");
+        let local_port = self.allocate_local_port(port);
+        let key = (local_port, port);
+        let mut conn = Connection::new(hs.stream, ConnState::AwaitingResponse);
+        conn.rx_prefix = hs.buf[eol + 1..].to_vec();
+        // No input is read until the guest accepts.
+        self.watch(fd, EventSet::empty(), ControlOperation::Modify);
+        self.by_fd.insert(fd, key);
+        self.conns.insert(key, conn);
+        self.control.push_back(Control { key, op: op::REQUEST, flags: 0 });
+    }
+
+    fn drop_handshake(&mut self, fd: RawFd) {
+        if let Some(hs) = self.handshakes.remove(&fd) {
+            self.watch(fd, EventSet::empty(), ControlOperation::Delete);
+            drop(hs);
+        }
+    }
+
+    fn allocate_local_port(&mut self, peer_port: u32) -> u32 {
+        loop {
+            let port = self.next_local_port;
+            self.next_local_port = self.next_local_port.checked_add(1).unwrap_or(FIRST_LOCAL_PORT);
+            if !self.conns.contains_key(&(port, peer_port)) {
+                return port;
+            }
+        }
+    }
+
+    /// Closes a connection and tells the guest.
+    fn reset(&mut self, key: Key) {
+        self.remove(key);
+        self.control.push_back(Control { key, op: op::RST, flags: 0 });
+    }
+
+    fn remove(&mut self, key: Key) {
+        if let Some(conn) = self.conns.remove(&key) {
+            let fd = conn.stream.as_raw_fd();
+            self.watch(fd, EventSet::empty(), ControlOperation::Delete);
+            self.by_fd.remove(&fd);
+        }
+        self.rx_ready.remove(&key);
+        self.control.retain(|c| c.key != key || c.op == op::RST);
+    }
+
+    fn maybe_credit_update(&mut self, key: Key) {
+        if let Some(conn) = self.conns.get(&key) {
+            if (conn.fwd_cnt - conn.fwd_cnt_sent).0 >= CREDIT_UPDATE_THRESHOLD
+                && !self.control.iter().any(|c| c.key == key && c.op == op::CREDIT_UPDATE)
+            {
+                self.control.push_back(Control { key, op: op::CREDIT_UPDATE, flags: 0 });
+            }
+        }
+    }
+
+    fn header(&mut self, key: Key, op: u16, flags: u32, len: u32) -> Header {
+        let fwd_cnt = match self.conns.get_mut(&key) {
+            Some(conn) => {
+                conn.fwd_cnt_sent = conn.fwd_cnt;
+                conn.fwd_cnt.0
+            }
+            None => 0,
+        };
+        Header {
+            src_cid: HOST_CID,
+            dst_cid: self.cid,
+            src_port: key.0,
+            dst_port: key.1,
+            len,
+            type_: TYPE_STREAM,
+            op,
+            flags,
+            buf_alloc: CONN_BUF_ALLOC,
+            fwd_cnt,
+        }
+    }
+
+    /// Handles every packet the guest has queued for the host.
+    pub fn process_tx(&mut self) {
+        loop {
+            let mem = self.mem.clone();
+            let Some(chain) = self.queues[TXQ].iter(&mem).ok().and_then(|mut it| it.next()) else {
+                break;
+            };
+            let head = chain.head_index();
+            match chain.reader(&mem) {
+                Ok(mut reader) => {
+                    let mut hdr_bytes = [0u8; HDR_LEN];
+                    if reader.available_bytes() >= HDR_LEN && reader.read_exact(&mut hdr_bytes).is_ok() {
+                        let hdr = Header::from_bytes(&hdr_bytes);
+                        let len = hdr.len as usize;
+                        if len > MAX_PAYLOAD || len > reader.available_bytes() {
+                            tracing::debug!(len, "vsock: packet length exceeds its buffers");
+                            self.refuse(&hdr);
+                        } else {
+                            let mut data = vec![0u8; len];
+                            if reader.read_exact(&mut data).is_ok() {
+                                self.handle_guest_packet(hdr, &data);
+                            }
+                        }
+                    } else {
+                        tracing::debug!("vsock: short packet from the guest");
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "vsock: malformed tx descriptor chain"),
+            }
+            if self.queues[TXQ].add_used(&mem, head, 0).is_err() {
+                break;
+            }
+            self.used_any = true;
+        }
+    }
+
+    /// Answers a packet the device cannot take with RST (unless it was an RST).
+    fn refuse(&mut self, hdr: &Header) {
+        if hdr.src_cid != self.cid || hdr.dst_cid != HOST_CID {
+            return;
+        }
+        let key = (hdr.dst_port, hdr.src_port);
+        if hdr.op != op::RST {
+            self.reset(key);
+        }
+    }
+
+    fn handle_guest_packet(&mut self, hdr: Header, data: &[u8]) {
+        if hdr.src_cid != self.cid || hdr.dst_cid != HOST_CID {
+            tracing::debug!(src = hdr.src_cid, dst = hdr.dst_cid, "vsock: packet with foreign addresses dropped");
+            return;
+        }
+        if hdr.type_ != TYPE_STREAM {
+            self.refuse(&hdr);
+            return;
+        }
+        let key = (hdr.dst_port, hdr.src_port);
+        if hdr.op == op::REQUEST {
+            self.guest_connect(key, &hdr);
+            return;
+        }
+        let Some(conn) = self.conns.get_mut(&key) else {
+            self.refuse(&hdr);
+            return;
+        };
+        conn.update_peer(&hdr);
+        match (hdr.op, conn.state) {
+            (op::RESPONSE, ConnState::AwaitingResponse) => {
+                conn.state = ConnState::Established;
+                conn.pending.extend_from_slice(format!("OK {}\n", key.0).as_bytes());
+                // The OK line is not guest data: keep it out of the credit count.
+                conn.fwd_cnt -= Wrapping(conn.pending.len() as u32);
+                if !conn.rx_prefix.is_empty() {
+                    self.rx_ready.insert(key);
+                }
+                self.flush_conn(key);
+                self.rearm(key);
+            }
+            (op::RW, ConnState::Established) => {
+                if conn.peer_shut_send || conn.pending.len() + data.len() > CONN_BUF_ALLOC as usize {
+                    tracing::debug!("vsock: guest sent past its credit or after shutdown");
+                    self.reset(key);
+                    return;
+                }
+                conn.pending.extend_from_slice(data);
+                self.flush_conn(key);
+            }
+            (op::CREDIT_UPDATE, _) => {}
+            (op::CREDIT_REQUEST, _) => self.control.push_back(Control { key, op: op::CREDIT_UPDATE, flags: 0 }),
+            (op::SHUTDOWN, _) => {
+                if hdr.flags & SHUTDOWN_SEND != 0 {
+                    conn.peer_shut_send = true;
+                    if conn.pending.is_empty() {
+                        let _ = conn.stream.shutdown(std::net::Shutdown::Write);
+                    }
+                }
+                if hdr.flags & (SHUTDOWN_SEND | SHUTDOWN_RCV) == SHUTDOWN_SEND | SHUTDOWN_RCV {
+                    // Both directions closed: flush what is left and end the connection.
+                    let _ = conn.flush();
+                    self.reset(key);
+                }
+            }
+            (op::RST, _) => self.remove(key),
+            _ => self.reset(key),
+        }
+    }
+
+    /// Writes pending guest data to the host; watches for writability if it backs up.
+    fn flush_conn(&mut self, key: Key) {
+        let Some(conn) = self.conns.get_mut(&key) else { return };
+        if conn.flush().is_err() {
+            self.reset(key);
+            return;
+        }
+        if !conn.pending.is_empty() && !conn.watching_out {
+            conn.watching_out = true;
+            let reading = conn.state == ConnState::Established && !conn.host_eof && !self.rx_ready.contains(&key);
+            let (fd, ev) = (conn.stream.as_raw_fd(), Self::conn_events(conn, reading));
+            self.watch(fd, ev, ControlOperation::Modify);
+        }
+        self.maybe_credit_update(key);
+    }
+
+    /// Watches a connection's host stream for input again.
+    fn rearm(&self, key: Key) {
+        if let Some(conn) = self.conns.get(&key) {
+            let reading = conn.state == ConnState::Established && !conn.host_eof && !self.rx_ready.contains(&key);
+            self.watch(conn.stream.as_raw_fd(), Self::conn_events(conn, reading), ControlOperation::Modify);
+        }
+    }
+
+    /// The guest connects to host port `key.0`: reach `<uds_path>_<port>`.
+    fn guest_connect(&mut self, key: Key, hdr: &Header) {
+        if self.conns.contains_key(&key) || self.conns.len() >= MAX_CONNECTIONS {
+            self.control.push_back(Control { key, op: op::RST, flags: 0 });
+            return;
+        }
+        let mut path = self.uds_path.clone().into_os_string();
+        path.push(format!("_{}", key.0));
+        let stream = match UnixStream::connect(&path) {
+            Ok(s) if s.set_nonblocking(true).is_ok() => s,
+            _ => {
+                self.control.push_back(Control { key, op: op::RST, flags: 0 });
+                return;
+            }
+        };
+        let fd = stream.as_raw_fd();
+        let mut conn = Connection::new(stream, ConnState::Established);
+        conn.update_peer(hdr);
+        self.watch(fd, EventSet::IN, ControlOperation::Add);
+        self.by_fd.insert(fd, key);
+        self.conns.insert(key, conn);
+        self.control.push_back(Control { key, op: op::RESPONSE, flags: 0 });
+    }
+
+    fn has_rx_work(&self) -> bool {
+        !self.control.is_empty()
+            || self.rx_ready.iter().any(|k| self.conns.get(k).is_some_and(|c| c.host_eof || c.peer_credit() > 0))
+    }
+
+    /// Moves control packets and host data into the guest's receive buffers.
+    pub fn process_rx(&mut self) {
+        while self.has_rx_work() {
+            let mem = self.mem.clone();
+            let Some(chain) = self.queues[RXQ].iter(&mem).ok().and_then(|mut it| it.next()) else {
+                return;
+            };
+            let head = chain.head_index();
+            let mut writer = match chain.writer(&mem) {
+                Ok(w) if w.available_bytes() >= HDR_LEN => w,
+                _ => {
+                    tracing::debug!("vsock: unusable rx buffer");
+                    if self.queues[RXQ].add_used(&mem, head, 0).is_err() {
+                        return;
+                    }
+                    self.used_any = true;
+                    continue;
+                }
+            };
+            let capacity = writer.available_bytes() - HDR_LEN;
+            let ready_before = self.rx_ready.len();
+            let (hdr, data) = match self.next_rx_packet(capacity) {
+                Some(p) => p,
+                None => {
+                    // Nothing could be read after all: give the buffer back, and
+                    // stop unless a stream left the ready set (or this would spin).
+                    self.queues[RXQ].go_to_previous_position();
+                    if self.rx_ready.len() < ready_before {
+                        continue;
+                    }
+                    return;
+                }
+            };
+            let mut written = 0;
+            if writer.write_all(&hdr.to_bytes()).is_ok() && writer.write_all(&data).is_ok() {
+                written = HDR_LEN + data.len();
+            }
+            if self.queues[RXQ].add_used(&mem, head, written as u32).is_err() {
+                return;
+            }
+            self.used_any = true;
+        }
+    }
+
+    /// The next packet for the guest, with at most `capacity` bytes of payload.
+    fn next_rx_packet(&mut self, capacity: usize) -> Option<(Header, Vec<u8>)> {
+        if let Some(c) = self.control.pop_front() {
+            return Some((self.header(c.key, c.op, c.flags, 0), Vec::new()));
+        }
+        let key = *self
+            .rx_ready
+            .iter()
+            .find(|k| self.conns.get(k).is_some_and(|c| c.host_eof || c.peer_credit() > 0))?;
+        let conn = self.conns.get_mut(&key).expect("filtered");
+        if conn.host_eof {
+            self.rx_ready.remove(&key);
+            return self.next_rx_packet(capacity);
+        }
+        let max = capacity.min(conn.peer_credit() as usize).min(MAX_PAYLOAD);
+        let mut buf = vec![0u8; max];
+        let read = if !conn.rx_prefix.is_empty() {
+            let n = conn.rx_prefix.len().min(max);
+            buf[..n].copy_from_slice(&conn.rx_prefix[..n]);
+            conn.rx_prefix.drain(..n);
+            Ok(n)
+        } else {
+            conn.stream.read(&mut buf)
+        };
+        match read {
+            Ok(0) if max > 0 => {
+                conn.host_eof = true;
+                self.rx_ready.remove(&key);
+                let flags = SHUTDOWN_RCV | SHUTDOWN_SEND;
+                Some((self.header(key, op::SHUTDOWN, flags, 0), Vec::new()))
+            }
+            Ok(n) if n > 0 => {
+                buf.truncate(n);
+                conn.rx_cnt += Wrapping(n as u32);
+                Some((self.header(key, op::RW, 0, n as u32), buf))
+            }
+            Ok(_) => None,
+            Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {
+                self.rx_ready.remove(&key);
+                self.rearm(key);
+                None
+            }
+            Err(_) => {
+                self.remove(key);
+                Some((self.header(key, op::RST, 0, 0), Vec::new()))
+            }
+        }
+    }
+
+    /// Raises the interrupt if buffers were used since the last call.
+    pub fn notify_guest(&mut self) {
+        if std::mem::take(&mut self.used_any) {
+            self.interrupt.signal_used_queue();
+        }
+    }
+}

@@ -1,0 +1,177 @@
+//! Guest memory: RAM backed by a file descriptor from the start.
+//!
+//! The RAM is one memfd, mapped `MAP_SHARED` into the VMM and registered with KVM
+//! region by region. Because the backing is a file, a snapshot can write it out
+//! without copying it through the VMM's heap, and a fork can map a template's
+//! memory file `MAP_PRIVATE` with the same layout.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
+
+use vm_memory::{Address, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::arch::x86_64::layout::{MMIO_GAP_END, MMIO_GAP_START};
+
+/// The guest memory type used throughout the VMM.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
+
+/// The smallest guest the VMM accepts, in MiB.
+pub const MIN_MEMORY_MIB: u64 = 16;
+/// The largest guest the VMM accepts, in MiB (1 TiB).
+pub const MAX_MEMORY_MIB: u64 = 1 << 20;
+
+/// Errors of guest memory set-up.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// The requested size is outside what the VMM supports.
+    #[error("guest memory of {mib} MiB is out of range ({MIN_MEMORY_MIB}..={MAX_MEMORY_MIB} MiB)")]
+    InvalidSize {
+        /// The requested size.
+        mib: u64,
+    },
+    /// `memfd_create` failed.
+    #[error("cannot create the guest memory file")]
+    Memfd(#[source] std::io::Error),
+    /// Sizing the memory file failed (the host may be out of memory).
+    #[error("cannot size the guest memory file to {bytes} bytes")]
+    Truncate {
+        /// The requested size.
+        bytes: u64,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Mapping the memory failed.
+    #[error("cannot map guest memory")]
+    Mmap(#[source] vm_memory::mmap::FromRangesError),
+    /// Pre-faulting the mapping failed.
+    #[error("cannot pre-fault guest memory")]
+    Prefault(#[source] std::io::Error),
+}
+
+/// Guest RAM regions `(guest address, length, offset in the memory file)` for a
+/// guest of `size` bytes: one region below the MMIO gap, the rest above 4 GiB.
+pub fn ram_regions(size: u64) -> Vec<(GuestAddress, u64, u64)> {
+    if size <= MMIO_GAP_START {
+        vec![(GuestAddress(0), size, 0)]
+    } else {
+        vec![
+            (GuestAddress(0), MMIO_GAP_START, 0),
+            (GuestAddress(MMIO_GAP_END), size - MMIO_GAP_START, MMIO_GAP_START),
+        ]
+    }
+}
+
+/// Guest RAM together with the file that backs it.
+#[derive(Debug)]
+pub struct GuestRam {
+    /// The mapping the VMM and its devices use.
+    pub memory: GuestMemoryMmap,
+    /// The backing file (a memfd).
+    pub file: File,
+    /// Total size in bytes.
+    pub size: u64,
+}
+
+impl GuestRam {
+    /// Creates `mib` MiB of guest RAM backed by a fresh memfd.
+    ///
+    /// With `prefault`, every page is allocated and mapped now (`MADV_POPULATE_WRITE`)
+    /// instead of on the guest's first touch.
+    pub fn new(mib: u64, prefault: bool) -> Result<Self, MemoryError> {
+        if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&mib) {
+            return Err(MemoryError::InvalidSize { mib });
+        }
+        let size = mib << 20;
+        // SAFETY: the name is a valid NUL-terminated string; the return value is checked.
+        let fd = unsafe { libc::memfd_create(c"zygote-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(MemoryError::Memfd(std::io::Error::last_os_error()));
+        }
+        // SAFETY: `fd` was just created and is owned by nothing else.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(size)
+            .map_err(|source| MemoryError::Truncate { bytes: size, source })?;
+        let ranges: Vec<_> = ram_regions(size)
+            .into_iter()
+            .map(|(addr, len, offset)| {
+                (addr, len as usize, Some(FileOffset::new(file.try_clone().expect("dup memfd"), offset)))
+            })
+            .collect();
+        let memory = GuestMemoryMmap::from_ranges_with_files(ranges).map_err(MemoryError::Mmap)?;
+        let ram = GuestRam { memory, file, size };
+        if prefault {
+            ram.prefault()?;
+        }
+        Ok(ram)
+    }
+
+    /// Allocates and maps every page of guest RAM in the VMM's page tables.
+    pub fn prefault(&self) -> Result<(), MemoryError> {
+        for region in self.memory.iter() {
+            let host = self
+                .memory
+                .get_host_address(region.start_addr())
+                .map_err(|e| MemoryError::Prefault(std::io::Error::other(e)))?;
+            // SAFETY: `host` and `len` describe exactly one live mapping owned by
+            // `self.memory`; MADV_POPULATE_WRITE only faults pages in.
+            let rc = unsafe {
+                libc::madvise(host.cast(), region.len() as usize, libc::MADV_POPULATE_WRITE)
+            };
+            if rc != 0 {
+                return Err(MemoryError::Prefault(std::io::Error::last_os_error()));
+            }
+        }
+        Ok(())
+    }
+
+    /// The end of the last RAM region (exclusive).
+    pub fn end(&self) -> GuestAddress {
+        self.memory.last_addr().unchecked_add(1)
+    }
+
+    /// The raw fd of the backing file.
+    pub fn fd(&self) -> i32 {
+        self.file.as_raw_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::Bytes;
+
+    #[test]
+    fn small_guest_is_one_region() {
+        assert_eq!(ram_regions(128 << 20), vec![(GuestAddress(0), 128 << 20, 0)]);
+    }
+
+    #[test]
+    fn large_guest_skips_the_mmio_gap() {
+        let r = ram_regions(4 << 30);
+        assert_eq!(r.len(), 2);
+        assert_eq!(r[1].0, GuestAddress(MMIO_GAP_END));
+        assert_eq!(r[0].1 + r[1].1, 4 << 30);
+        assert_eq!(r[1].2, MMIO_GAP_START);
+    }
+
+    #[test]
+    fn sizes_out_of_range_are_refused() {
+        assert!(matches!(GuestRam::new(1, false), Err(MemoryError::InvalidSize { mib: 1 })));
+        assert!(matches!(
+            GuestRam::new(MAX_MEMORY_MIB + 1, false),
+            Err(MemoryError::InvalidSize { .. })
+        ));
+    }
+
+    #[test]
+    fn ram_is_backed_by_its_file() {
+        let ram = GuestRam::new(16, true).unwrap();
+        ram.memory.write_obj(0xfeed_u32, GuestAddress(0x1000)).unwrap();
+        let mut buf = [0u8; 4];
+        use std::os::unix::fs::FileExt;
+        ram.file.read_exact_at(&mut buf, 0x1000).unwrap();
+        assert_eq!(u32::from_le_bytes(buf), 0xfeed);
+        assert_eq!(ram.end(), GuestAddress(16 << 20));
+    }
+}

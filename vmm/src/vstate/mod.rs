@@ -1,0 +1,6 @@
+//! KVM state: the system handle, the VM, its vCPUs, and guest memory.
+
+pub mod kvm;
+pub mod memory;
+pub mod vcpu;
+pub mod vm;
