@@ -70,9 +70,21 @@ impl Tally {
     }
 }
 
-fn one_round(exe: &std::path::Path, round: u32, threaded: bool, bytes: usize, tally: &Tally) {
-    let mode = if threaded { "stress-threads" } else { "stress-echo" };
-    let child = Command::new(exe).arg(mode).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn();
+fn one_round(exe: &std::path::Path, echo: &[String], round: u32, threaded: bool, bytes: usize, tally: &Tally) {
+    let mut command = match (threaded, echo) {
+        (false, [program, args @ ..]) => {
+            let mut c = Command::new(program);
+            c.args(args);
+            c
+        }
+        _ => {
+            let mut c = Command::new(exe);
+            c.arg(if threaded { "stress-threads" } else { "stress-echo" });
+            c
+        }
+    };
+    let mode = if threaded { "threads" } else { "echo" };
+    let child = command.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn();
     let mut child = match child {
         Ok(c) => c,
         Err(e) => {
@@ -128,7 +140,7 @@ pub fn run(t: &SelfTest) -> SelfTestReport {
                         return;
                     }
                     let threaded = t.threads_every > 0 && round % t.threads_every == 0;
-                    one_round(&exe, round, threaded, t.bytes as usize, &tally);
+                    one_round(&exe, &t.command, round, threaded, t.bytes as usize, &tally);
                 }
             });
         }
@@ -184,10 +196,10 @@ mod tests {
 
     #[test]
     fn bounds_are_checked() {
-        let ok = SelfTest { rounds: 1, threads_every: 0, parallel: 1, bytes: 1 };
+        let ok = SelfTest { rounds: 1, threads_every: 0, parallel: 1, bytes: 1, command: vec![] };
         assert!(validate(&ok).is_ok());
-        assert!(validate(&SelfTest { rounds: 0, ..ok }).is_err());
-        assert!(validate(&SelfTest { bytes: MAX_BYTES + 1, ..ok }).is_err());
+        assert!(validate(&SelfTest { rounds: 0, ..ok.clone() }).is_err());
+        assert!(validate(&SelfTest { bytes: MAX_BYTES + 1, ..ok.clone() }).is_err());
         assert!(validate(&SelfTest { parallel: MAX_PARALLEL + 1, ..ok }).is_err());
     }
 
@@ -198,11 +210,19 @@ mod tests {
         let exe = std::path::Path::new(env!("CARGO_BIN_EXE_zygote-agent"));
         let tally = Tally::default();
         for round in 0..4 {
-            one_round(exe, round, round % 2 == 1, 4096, &tally);
+            one_round(exe, &[], round, round % 2 == 1, 4096, &tally);
         }
         assert_eq!(tally.ok.load(Ordering::Relaxed), 4, "{:?}", tally.failures.lock().unwrap());
         assert_eq!(tally.threaded.load(Ordering::Relaxed), 2);
         assert_eq!(tally.segfaults.load(Ordering::Relaxed), 0);
+
+        // Another program as the echo child; a failing one is counted, not retried.
+        let cat = ["/bin/cat".to_string()];
+        one_round(exe, &cat, 9, false, 1000, &tally);
+        assert_eq!(tally.ok.load(Ordering::Relaxed), 5);
+        one_round(exe, &["/bin/false".to_string()], 10, false, 10, &tally);
+        assert_eq!(tally.other.load(Ordering::Relaxed), 1);
+        assert!(tally.failures.lock().unwrap()[0].contains("exit"));
     }
 
     #[test]

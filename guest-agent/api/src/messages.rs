@@ -85,7 +85,7 @@ pub struct Pong {
 }
 
 /// Run fresh-exec and pipe round trips inside the guest.
-#[derive(Clone, Copy, PartialEq, Eq, prost::Message)]
+#[derive(Clone, PartialEq, Eq, prost::Message)]
 pub struct SelfTest {
     /// Exec + pipe round trips.
     #[prost(uint32, tag = "1")]
@@ -99,6 +99,10 @@ pub struct SelfTest {
     /// Bytes sent through each child.
     #[prost(uint32, tag = "4")]
     pub bytes: u32,
+    /// The child that echoes stdin to stdout (e.g. `/bin/busybox cat`); empty: the
+    /// agent binary itself (`stress-echo`). Multi-threaded rounds always use the agent.
+    #[prost(string, repeated, tag = "5")]
+    pub command: Vec<String>,
 }
 
 /// What the self-test saw.

@@ -92,6 +92,10 @@ enum Command {
         /// Bytes per round trip.
         #[arg(long, default_value_t = 65536)]
         bytes: u32,
+        /// The echo child to exec each round (default: the agent's own `stress-echo`),
+        /// e.g. `--child /bin/busybox --child cat` with an image that has busybox.
+        #[arg(long = "child")]
+        child: Vec<String>,
         /// Print the report as JSON (last line of stdout).
         #[arg(long)]
         json: bool,
@@ -143,11 +147,11 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Selftest { vm, rounds, threads_every, parallel, bytes, json } => {
+        Command::Selftest { vm, rounds, threads_every, parallel, bytes, child, json } => {
             let sandbox = Sandbox::boot(&vm.config()).context("boot failed")?;
             let mut client = sandbox.client()?;
             client.set_timeout(Duration::from_secs(3600))?;
-            let body = client.call(request::Body::SelfTest(SelfTest { rounds, threads_every, parallel, bytes }))?;
+            let body = client.call(request::Body::SelfTest(SelfTest { rounds, threads_every, parallel, bytes, command: child }))?;
             let response::Body::SelfTest(report) = body else { anyhow::bail!("unexpected answer to SelfTest") };
             sandbox.shutdown(Duration::from_secs(30));
             println!(
