@@ -297,19 +297,7 @@ impl Machine {
 
     fn stop_threads(&mut self) -> ExitReason {
         self.exit.raise(ExitReason::Stopped);
-        self.stop.store(true, Ordering::Release);
-        let signal = vcpu::vcpu_kick_signal();
-        while self.vcpu_threads.iter().any(|t| !t.is_finished()) {
-            for t in self.vcpu_threads.iter().filter(|t| !t.is_finished()) {
-                // SAFETY: the handle's pthread is alive (not yet finished and not joined);
-                // the signal has a no-op handler installed.
-                unsafe { libc::pthread_kill(std::os::unix::thread::JoinHandleExt::as_pthread_t(t), signal) };
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        for t in self.vcpu_threads.drain(..) {
-            let _ = t.join();
-        }
+        vcpu::stop_threads(&mut self.vcpu_threads, &self.stop);
         for device in self.devices.drain(..) {
             if let Ok(mut transport) = device.lock() {
                 transport.device_mut().reset();

@@ -59,6 +59,25 @@ pub fn install_kick_handler() -> std::io::Result<()> {
         .map_err(std::io::Error::from_raw_os_error)
 }
 
+/// Stops vCPU threads: sets `stop`, kicks each thread out of `KVM_RUN` until it
+/// has finished (a kick can land just before the thread re-enters, so it repeats),
+/// then joins them.
+pub fn stop_threads(threads: &mut Vec<std::thread::JoinHandle<()>>, stop: &AtomicBool) {
+    stop.store(true, Ordering::Release);
+    let signal = vcpu_kick_signal();
+    while threads.iter().any(|t| !t.is_finished()) {
+        for t in threads.iter().filter(|t| !t.is_finished()) {
+            // SAFETY: the thread is alive (not finished, not joined), so its pthread_t
+            // is valid; the signal has a no-op handler installed.
+            unsafe { libc::pthread_kill(std::os::unix::thread::JoinHandleExt::as_pthread_t(t), signal) };
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    for t in threads.drain(..) {
+        let _ = t.join();
+    }
+}
+
 /// Counters a vCPU thread keeps for the machine's timeline.
 #[derive(Debug, Default)]
 pub struct VcpuStats {
@@ -181,5 +200,111 @@ impl Vcpu {
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::arch::x86_64::layout::HIMEM_START;
+    use crate::arch::x86_64::regs::EntryMode;
+    use crate::devices::bus::BusDevice;
+    use crate::devices::legacy::I8042;
+    use crate::vstate::memory::GuestRam;
+    use std::sync::Mutex;
+    use std::time::Duration;
+    use vm_memory::{Bytes, GuestAddress};
+
+    /// Records writes; reads return a fixed pattern.
+    #[derive(Default)]
+    struct Recorder(Vec<(u64, Vec<u8>)>);
+    impl BusDevice for Recorder {
+        fn read(&mut self, _offset: u64, data: &mut [u8]) {
+            for (i, b) in data.iter_mut().enumerate() {
+                *b = 0x10 + i as u8;
+            }
+        }
+        fn write(&mut self, offset: u64, data: &[u8]) {
+            self.0.push((offset, data.to_vec()));
+        }
+    }
+
+    struct TinyVm {
+        _ram: GuestRam,
+        _vm: Vm,
+        exit: ExitSignal,
+        stop: Arc<AtomicBool>,
+        threads: Vec<std::thread::JoinHandle<()>>,
+        pio_log: Arc<Mutex<Recorder>>,
+        mmio_log: Arc<Mutex<Recorder>>,
+    }
+
+    /// Boots `code` at 1 MiB in 32-bit protected mode (the PVH entry state) on the real /dev/kvm,
+    /// with a recorder on port 0x3f8, one at MMIO 0xd000_0000, and the i8042 reset line.
+    fn run_tiny(code: &[u8]) -> TinyVm {
+        install_kick_handler().unwrap();
+        let kvm = KvmHandle::open().expect("/dev/kvm is needed for the VMM tests");
+        let ram = GuestRam::new(16, false).unwrap();
+        let vm = Vm::new(&kvm, &ram.memory).unwrap();
+        ram.memory.write_slice(code, GuestAddress(HIMEM_START)).unwrap();
+        let kernel = LoadedKernel {
+            entry: GuestAddress(HIMEM_START),
+            mode: EntryMode::Pvh,
+            setup_header: None,
+            end: GuestAddress(HIMEM_START + code.len() as u64),
+        };
+        let vcpu = Vcpu::new(&vm, 0).unwrap();
+        vcpu.configure(&kvm, &ram.memory, &kernel, 1).unwrap();
+        let exit = ExitSignal::default();
+        let pio_log = Arc::new(Mutex::new(Recorder::default()));
+        let mmio_log = Arc::new(Mutex::new(Recorder::default()));
+        let mut pio = Bus::default();
+        pio.insert(pio_log.clone(), 0x3f8, 8).unwrap();
+        pio.insert(Arc::new(Mutex::new(I8042::new(exit.clone()))), 0x60, 5).unwrap();
+        let mut mmio = Bus::default();
+        mmio.insert(mmio_log.clone(), 0xd000_0000, 0x1000).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (e, s) = (exit.clone(), stop.clone());
+        let thread = std::thread::spawn(move || vcpu.run(pio, mmio, e, s, Arc::default()));
+        TinyVm { _ram: ram, _vm: vm, exit, stop, threads: vec![thread], pio_log, mmio_log }
+    }
+
+    #[test]
+    fn tiny_guest_does_port_and_mmio_io_then_resets() {
+        let code = [
+            0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
+            0xb0, 0x5a, // mov al, 'Z'
+            0xee, // out dx, al
+            0x8b, 0x1d, 0x00, 0x00, 0x00, 0xd0, // mov ebx, [0xd0000000]
+            0x89, 0x1d, 0x08, 0x00, 0x00, 0xd0, // mov [0xd0000008], ebx
+            0xb0, 0xfe, // mov al, 0xfe
+            0xe6, 0x64, // out 0x64, al  (i8042: pulse reset)
+            0xf4, // hlt
+        ];
+        let mut vm = run_tiny(&code);
+        let reason = vm.exit.wait_timeout(Duration::from_secs(60));
+        stop_threads(&mut vm.threads, &vm.stop);
+        assert_eq!(reason, Some(ExitReason::Reset));
+        assert_eq!(vm.pio_log.lock().unwrap().0, vec![(0, vec![b'Z'])]);
+        assert_eq!(vm.mmio_log.lock().unwrap().0, vec![(8, vec![0x10, 0x11, 0x12, 0x13])]);
+    }
+
+    #[test]
+    fn a_spinning_guest_is_stopped_by_a_kick() {
+        let mut vm = run_tiny(&[0xeb, 0xfe]); // jmp $
+        assert_eq!(vm.exit.wait_timeout(Duration::from_millis(200)), None, "still running");
+        stop_threads(&mut vm.threads, &vm.stop);
+        assert!(vm.threads.is_empty());
+        assert_eq!(vm.exit.reason(), None, "a host stop is not a guest exit");
+    }
+
+    #[test]
+    fn a_faulting_guest_is_reported_not_hung() {
+        // ud2 with no IDT: a triple fault on hardware KVM; PVM may report it differently.
+        let mut vm = run_tiny(&[0x0f, 0x0b]);
+        let reason = vm.exit.wait_timeout(Duration::from_secs(60));
+        stop_threads(&mut vm.threads, &vm.stop);
+        let reason = reason.expect("the VM must stop by itself");
+        assert!(!reason.is_clean(), "{reason:?}");
     }
 }
