@@ -96,7 +96,7 @@ pub struct SelfTest {
     /// Round trips run at once.
     #[prost(uint32, tag = "3")]
     pub parallel: u32,
-    /// Bytes sent through each child.
+    /// Bytes sent through each child (0: send nothing, check only the exit status).
     #[prost(uint32, tag = "4")]
     pub bytes: u32,
     /// The child that echoes stdin to stdout (e.g. `/bin/busybox cat`); empty: the

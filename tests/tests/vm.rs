@@ -1,0 +1,117 @@
+//! Real VMs on the real /dev/kvm with the real guest kernel and agent.
+//!
+//! Guest kernel code is emulated on PVM hosts (a boot takes ~25 s), so the
+//! booted-VM checks share one boot per test, and tests take [`vm_lock`].
+
+use std::time::Duration;
+
+use zygote::sandbox::{Sandbox, SandboxConfig, SandboxError};
+use zygote_agent_api::{SelfTest, request, response};
+use zygote_tests::{TempFile, fd_count, guest_available, own_run_dirs, thread_count, vm_lock};
+use zygote_vmm::{BuildError, ExitReason};
+
+/// Boots the real kernel with 2 vCPUs, pings the agent over vsock, runs the
+/// exec/pipe stress inside the guest, powers off, and checks nothing is left.
+#[test]
+fn boot_ping_stress_and_power_off() {
+    if !guest_available() {
+        return;
+    }
+    let _lock = vm_lock();
+    let config = SandboxConfig { vcpus: 2, ..SandboxConfig::default() };
+    let sandbox = Sandbox::boot(&config).expect("the guest boots and the agent answers");
+    let run_dir = sandbox.run_dir().to_path_buf();
+    assert!(sandbox.vsock_path().exists());
+
+    // The agent is the one we built, in a guest kernel that is not the host's.
+    let pong = &sandbox.pong;
+    assert_eq!(pong.version, zygote_agent_api::VERSION);
+    assert!(pong.kernel_release.ends_with("-zygote"), "{}", pong.kernel_release);
+    let t = sandbox.timeline;
+    assert!(t.vmm_setup_ms > 0.0 && t.vmm_setup_ms <= t.kernel_entry_ms);
+    assert!(t.kernel_entry_ms <= t.agent_start_ms && t.agent_start_ms <= t.agent_ready_ms);
+
+    // A second connection while the first is open; the uptime moves forward.
+    let mut a = sandbox.client().unwrap();
+    let mut b = sandbox.client().unwrap();
+    let first = a.ping().unwrap().uptime_ns;
+    let second = b.ping().unwrap().uptime_ns;
+    assert!(second >= first && first >= pong.uptime_ns);
+
+    // ≥ 500 fresh execs with pipe round trips, every 10th multi-threaded, two at a time.
+    a.set_timeout(Duration::from_secs(3600)).unwrap();
+    let body = a
+        .call(request::Body::SelfTest(SelfTest {
+            rounds: 500,
+            threads_every: 10,
+            parallel: 2,
+            bytes: 65536,
+            command: vec![],
+        }))
+        .unwrap();
+    let response::Body::SelfTest(report) = body else { panic!("unexpected answer {body:?}") };
+    eprintln!(
+        "guest stress: {} execs ({} threaded), {} ok, {} segfaults, {} other, {:.1} s",
+        report.execs,
+        report.threaded,
+        report.ok,
+        report.segfaults,
+        report.other_failures,
+        report.elapsed_ns as f64 / 1e9
+    );
+    assert_eq!(report.execs, 500);
+    assert_eq!(report.threaded, 50);
+    assert_eq!((report.segfaults, report.other_failures), (0, 0), "{:?}", report.failures);
+    assert_eq!(report.ok, 500);
+    drop((a, b));
+
+    let reason = sandbox.shutdown(Duration::from_secs(60));
+    assert_eq!(reason, ExitReason::PowerOff, "the agent powers the guest off cleanly");
+    assert!(!run_dir.exists(), "the run directory is removed");
+}
+
+/// Bad input gets a clear error and leaves no thread, fd or file behind.
+#[test]
+fn bad_inputs_fail_clearly_and_leave_nothing() {
+    if !guest_available() {
+        return;
+    }
+    let _lock = vm_lock();
+    let threads = thread_count();
+    let fds = fd_count();
+
+    let missing = SandboxConfig { kernel: "/nonexistent/vmlinux".into(), ..SandboxConfig::default() };
+    let err = Sandbox::boot(&missing).unwrap_err();
+    let text = format!("{:#}", anyhow::Error::from(err));
+    assert!(text.contains("/nonexistent/vmlinux"), "{text}");
+
+    let garbage = TempFile::new("garbage-kernel", &[0x5a; 64 << 10]);
+    let corrupt = SandboxConfig { kernel: garbage.path().into(), ..SandboxConfig::default() };
+    match Sandbox::boot(&corrupt).unwrap_err() {
+        SandboxError::Build(BuildError::Boot(e)) => assert!(e.to_string().contains("not a loadable kernel"), "{e}"),
+        other => panic!("unexpected error {other:?}"),
+    }
+
+    // A truncated kernel: a real ELF header whose segments are cut off.
+    let real = std::fs::read(zygote::paths::kernel()).unwrap();
+    let truncated = TempFile::new("truncated-kernel", &real[..real.len() / 3]);
+    let cut = SandboxConfig { kernel: truncated.path().into(), ..SandboxConfig::default() };
+    assert!(matches!(Sandbox::boot(&cut).unwrap_err(), SandboxError::Build(BuildError::Boot(_))));
+
+    for mib in [0, 1 << 30] {
+        let impossible = SandboxConfig { memory_mib: mib, ..SandboxConfig::default() };
+        match Sandbox::boot(&impossible).unwrap_err() {
+            SandboxError::Build(BuildError::Memory(e)) => assert!(e.to_string().contains("out of range"), "{e}"),
+            other => panic!("unexpected error for {mib} MiB: {other:?}"),
+        }
+    }
+    let vcpus = SandboxConfig { vcpus: 0, ..SandboxConfig::default() };
+    assert!(matches!(Sandbox::boot(&vcpus).unwrap_err(), SandboxError::Build(BuildError::InvalidVcpus(0))));
+
+    let no_image = SandboxConfig { initramfs: "/nonexistent/initramfs".into(), ..SandboxConfig::default() };
+    assert!(matches!(Sandbox::boot(&no_image).unwrap_err(), SandboxError::MissingImage(_)));
+
+    assert!(own_run_dirs().is_empty(), "left behind: {:?}", own_run_dirs());
+    assert_eq!(thread_count(), threads, "no thread left running");
+    assert_eq!(fd_count(), fds, "no fd left open");
+}
