@@ -40,6 +40,8 @@ pub struct SandboxConfig {
     pub extra_cmdline: String,
     /// How long the agent may take to answer.
     pub agent_timeout: Duration,
+    /// Keep the console log here (default: in the run directory, removed with it).
+    pub console_log: Option<PathBuf>,
 }
 
 impl Default for SandboxConfig {
@@ -52,6 +54,7 @@ impl Default for SandboxConfig {
             prefault: false,
             extra_cmdline: String::new(),
             agent_timeout: Duration::from_secs(180),
+            console_log: None,
         }
     }
 }
@@ -162,7 +165,7 @@ impl Sandbox {
             initramfs: Some(config.initramfs.clone()),
             extra_cmdline: config.extra_cmdline.clone(),
             vsock: Some((GUEST_CID, vsock.clone())),
-            console_log: Some(run_dir.0.join("console.log")),
+            console_log: Some(config.console_log.clone().unwrap_or_else(|| run_dir.0.join("console.log"))),
             prefault: config.prefault,
         };
         let machine = Machine::boot(&vm_config)?;

@@ -128,10 +128,15 @@ fn one_round(exe: &std::path::Path, echo: &[String], round: u32, threaded: bool,
     }
 }
 
-/// Runs the self-test.
+/// Runs the self-test with this binary's children.
 pub fn run(t: &SelfTest) -> SelfTestReport {
-    let start = sys::boottime_ns();
     let exe = std::env::current_exe().unwrap_or_else(|_| "/proc/self/exe".into());
+    run_with(&exe, t)
+}
+
+/// Runs the self-test with `exe` as the agent binary for the children.
+pub fn run_with(exe: &std::path::Path, t: &SelfTest) -> SelfTestReport {
+    let start = sys::boottime_ns();
     let tally = Tally::default();
     let next = AtomicU32::new(0);
     let parallel = t.parallel.max(1);
@@ -144,7 +149,7 @@ pub fn run(t: &SelfTest) -> SelfTestReport {
                         return;
                     }
                     let threaded = t.threads_every > 0 && round % t.threads_every == 0;
-                    one_round(&exe, &t.command, round, threaded, t.bytes as usize, &tally);
+                    one_round(exe, &t.command, round, threaded, t.bytes as usize, &tally);
                 }
             });
         }
@@ -206,28 +211,6 @@ mod tests {
         assert!(validate(&SelfTest { bytes: 0, ..ok.clone() }).is_ok());
         assert!(validate(&SelfTest { bytes: MAX_BYTES + 1, ..ok.clone() }).is_err());
         assert!(validate(&SelfTest { parallel: MAX_PARALLEL + 1, ..ok }).is_err());
-    }
-
-    #[test]
-    fn children_run_on_the_host() {
-        // Cargo builds the agent binary for integration tests of this crate; unit tests
-        // use it through CARGO_BIN_EXE when present.
-        let exe = std::path::Path::new(env!("CARGO_BIN_EXE_zygote-agent"));
-        let tally = Tally::default();
-        for round in 0..4 {
-            one_round(exe, &[], round, round % 2 == 1, 4096, &tally);
-        }
-        assert_eq!(tally.ok.load(Ordering::Relaxed), 4, "{:?}", tally.failures.lock().unwrap());
-        assert_eq!(tally.threaded.load(Ordering::Relaxed), 2);
-        assert_eq!(tally.segfaults.load(Ordering::Relaxed), 0);
-
-        // Another program as the echo child; a failing one is counted, not retried.
-        let cat = ["/bin/cat".to_string()];
-        one_round(exe, &cat, 9, false, 1000, &tally);
-        assert_eq!(tally.ok.load(Ordering::Relaxed), 5);
-        one_round(exe, &["/bin/false".to_string()], 10, false, 10, &tally);
-        assert_eq!(tally.other.load(Ordering::Relaxed), 1);
-        assert!(tally.failures.lock().unwrap()[0].contains("exit"));
     }
 
     #[test]

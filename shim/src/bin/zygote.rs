@@ -44,6 +44,9 @@ struct VmArgs {
     /// Seconds to wait for the agent.
     #[arg(long, default_value_t = 180)]
     timeout: u64,
+    /// Write the guest console here and keep it (default: discarded with the VM).
+    #[arg(long)]
+    console: Option<PathBuf>,
 }
 
 impl VmArgs {
@@ -56,6 +59,7 @@ impl VmArgs {
             prefault: self.prefault,
             extra_cmdline: self.cmdline.clone(),
             agent_timeout: Duration::from_secs(self.timeout),
+            console_log: self.console.clone(),
         }
     }
 }
