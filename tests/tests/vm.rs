@@ -51,17 +51,23 @@ fn boot_ping_stress_and_power_off() {
         .unwrap();
     let response::Body::SelfTest(report) = body else { panic!("unexpected answer {body:?}") };
     eprintln!(
-        "guest stress: {} execs ({} threaded), {} ok, {} segfaults, {} other, {:.1} s",
+        "guest stress: {} execs ({} threaded), {} ok, {} segfaults, {} TLS corruptions, {} other, {:.1} s",
         report.execs,
         report.threaded,
         report.ok,
         report.segfaults,
+        report.tls_corruptions,
         report.other_failures,
         report.elapsed_ns as f64 / 1e9
     );
     assert_eq!(report.execs, 500);
     assert_eq!(report.threaded, 50);
-    assert_eq!((report.segfaults, report.other_failures), (0, 0), "{:?}", report.failures);
+    assert_eq!(
+        (report.segfaults, report.tls_corruptions, report.other_failures),
+        (0, 0, 0),
+        "{:?}",
+        report.failures
+    );
     assert_eq!(report.ok, 500);
     drop((a, b));
 

@@ -57,6 +57,7 @@ struct Tally {
     segfaults: AtomicU32,
     other: AtomicU32,
     threaded: AtomicU32,
+    tls: AtomicU32,
     failures: Mutex<Vec<String>>,
 }
 
@@ -112,6 +113,9 @@ fn one_round(exe: &std::path::Path, echo: &[String], round: u32, threaded: bool,
     match status.signal() {
         Some(libc::SIGSEGV) => tally.fail(&tally.segfaults, format!("round {round} ({mode}): SIGSEGV")),
         Some(sig) => tally.fail(&tally.other, format!("round {round} ({mode}): killed by signal {sig}")),
+        None if status.code() == Some(i32::from(EXIT_TLS_CORRUPT)) => {
+            tally.fail(&tally.tls, format!("round {round} ({mode}): TLS image corrupted at start-up"))
+        }
         // A shell running a pipeline reports a member's SIGSEGV as 128 + 11.
         None if status.code() == Some(128 + libc::SIGSEGV) => {
             tally.fail(&tally.segfaults, format!("round {round} ({mode}): exit 139, a SIGSEGV reported by the child"))
@@ -160,14 +164,45 @@ pub fn run_with(exe: &std::path::Path, t: &SelfTest) -> SelfTestReport {
         segfaults: tally.segfaults.into_inner(),
         other_failures: tally.other.into_inner(),
         threaded: tally.threaded.into_inner(),
+        tls_corruptions: tally.tls.into_inner(),
         elapsed_ns: sys::boottime_ns().saturating_sub(start),
         failures: tally.failures.into_inner().expect("failures lock"),
     }
 }
 
+/// Exit code of a child whose thread-local storage did not start with its image.
+pub const EXIT_TLS_CORRUPT: u8 = 86;
+
+/// A thread-local initialised from the binary's TLS image (`.tdata`), with no zero
+/// bytes: the C library copies the image into each new thread's TLS block, with
+/// vector stores into freshly allocated memory — the copy PVM can corrupt.
+const TLS_CANARY_INIT: [u64; 8] = [
+    0x1111_1111_1111_1111,
+    0x2222_2222_2222_2222,
+    0x3333_3333_3333_3333,
+    0x4444_4444_4444_4444,
+    0x5555_5555_5555_5555,
+    0x6666_6666_6666_6666,
+    0x7777_7777_7777_7777,
+    0x8888_8888_8888_8888,
+];
+
+thread_local! {
+    static TLS_CANARY: std::cell::Cell<[u64; 8]> = const { std::cell::Cell::new(TLS_CANARY_INIT) };
+}
+
+/// Whether this thread's TLS still holds its initial image.
+pub fn tls_intact() -> bool {
+    TLS_CANARY.with(|c| std::hint::black_box(c.get()) == TLS_CANARY_INIT)
+}
+
 /// The child: echo stdin to stdout; with `threaded`, also run worker threads that
 /// check their thread-local and vector-register state while the copy goes on.
+/// Exits [`EXIT_TLS_CORRUPT`] if any thread's TLS did not start intact.
 pub fn child_echo(threaded: bool) -> ExitCode {
+    if !tls_intact() {
+        return ExitCode::from(EXIT_TLS_CORRUPT);
+    }
     let workers: Vec<_> = if threaded {
         (0..CHILD_THREADS).map(|i| std::thread::spawn(move || thread_check(i as u64))).collect()
     } else {
@@ -175,16 +210,24 @@ pub fn child_echo(threaded: bool) -> ExitCode {
     };
     let mut data = Vec::new();
     let copied = std::io::stdin().read_to_end(&mut data).and_then(|_| std::io::stdout().write_all(&data));
-    let threads_ok = workers.into_iter().all(|w| w.join().unwrap_or(false));
-    if copied.is_ok() && threads_ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+    let worker_codes: Vec<u8> = workers.into_iter().map(|w| w.join().unwrap_or(1)).collect();
+    if worker_codes.contains(&EXIT_TLS_CORRUPT) {
+        return ExitCode::from(EXIT_TLS_CORRUPT);
+    }
+    if copied.is_ok() && worker_codes.iter().all(|&c| c == 0) { ExitCode::SUCCESS } else { ExitCode::FAILURE }
 }
 
 thread_local! {
     static TLS_VALUE: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 
-/// Stores a per-thread value in TLS and floating-point state, yields, checks both.
-fn thread_check(seed: u64) -> bool {
+/// Checks the thread's TLS image, then stores a per-thread value in TLS and
+/// floating-point state, yields, checks both.
+/// Returns 0, [`EXIT_TLS_CORRUPT`], or 1 for a lost value.
+fn thread_check(seed: u64) -> u8 {
+    if !tls_intact() {
+        return EXIT_TLS_CORRUPT;
+    }
     for i in 0..2_000u64 {
         let want = seed.wrapping_mul(1_000_003).wrapping_add(i);
         TLS_VALUE.with(|v| v.set(want));
@@ -193,10 +236,10 @@ fn thread_check(seed: u64) -> bool {
             std::thread::yield_now();
         }
         if TLS_VALUE.with(|v| v.get()) != want || std::hint::black_box(f) != want as f64 * 1.5 {
-            return false;
+            return 1;
         }
     }
-    true
+    0
 }
 
 #[cfg(test)]

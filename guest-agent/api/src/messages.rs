@@ -129,6 +129,10 @@ pub struct SelfTestReport {
     /// The first few failures, described.
     #[prost(string, repeated, tag = "7")]
     pub failures: Vec<String>,
+    /// Agent children whose main thread found its TLS image corrupted at start-up
+    /// (a lost vector register; counted apart from `other_failures`).
+    #[prost(uint32, tag = "8")]
+    pub tls_corruptions: u32,
 }
 
 /// Power the guest off.

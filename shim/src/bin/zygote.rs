@@ -159,11 +159,12 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             let response::Body::SelfTest(report) = body else { anyhow::bail!("unexpected answer to SelfTest") };
             sandbox.shutdown(Duration::from_secs(30));
             println!(
-                "selftest: {} execs ({} multi-threaded), {} ok, {} segfaults, {} other failures, {:.1} s guest time",
+                "selftest: {} execs ({} multi-threaded), {} ok, {} segfaults, {} TLS corruptions, {} other failures, {:.1} s guest time",
                 report.execs,
                 report.threaded,
                 report.ok,
                 report.segfaults,
+                report.tls_corruptions,
                 report.other_failures,
                 report.elapsed_ns as f64 / 1e9
             );
@@ -175,12 +176,13 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                     "{}",
                     serde_json::json!({
                         "execs": report.execs, "ok": report.ok, "segfaults": report.segfaults,
+                        "tls_corruptions": report.tls_corruptions,
                         "other_failures": report.other_failures, "threaded": report.threaded,
                         "elapsed_ms": report.elapsed_ns / 1_000_000, "prefault": vm.prefault,
                     })
                 );
             }
-            Ok(if report.segfaults == 0 && report.other_failures == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            Ok(if report.ok == report.execs { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
     }
 }
