@@ -113,6 +113,19 @@ pub struct Timeline {
     pub guest_run_ms: f64,
 }
 
+/// Removes the run directories this process created (for a process ending on a
+/// signal, whose destructors will not run).
+pub fn remove_own_run_dirs() {
+    let prefix = format!("vm-{}-", std::process::id());
+    if let Ok(entries) = std::fs::read_dir(paths::run_root()) {
+        for e in entries.filter_map(Result::ok) {
+            if e.file_name().to_string_lossy().starts_with(&prefix) {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+}
+
 /// A per-VM directory under the run root, removed on drop.
 #[derive(Debug)]
 struct RunDir(PathBuf);

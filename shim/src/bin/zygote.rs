@@ -106,7 +106,34 @@ enum Command {
     },
 }
 
+/// Blocks SIGINT, SIGTERM and SIGHUP in every thread and handles them on one:
+/// remove this process's VM run directories, then exit as the signal would.
+/// (VMs live in this process: their KVM fds and threads end with it.)
+fn handle_termination_signals() {
+    // SAFETY: sigset_t is plain data initialised by sigemptyset; sigprocmask/
+    // pthread_sigmask only change this process's mask, before any other thread exists.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::sigaddset(&mut set, sig);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    };
+    std::thread::spawn(move || {
+        let mut sig = 0;
+        // SAFETY: `set` is a valid signal set; `sig` receives the signal number.
+        if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+            zygote::sandbox::remove_own_run_dirs();
+            eprintln!("zygote: stopped by signal {sig}; VM run directories removed");
+            std::process::exit(128 + sig);
+        }
+    });
+}
+
 fn main() -> ExitCode {
+    handle_termination_signals();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("ZYGOTE_LOG").unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
