@@ -50,16 +50,7 @@ fn boot_ping_stress_and_power_off() {
         }))
         .unwrap();
     let response::Body::SelfTest(report) = body else { panic!("unexpected answer {body:?}") };
-    eprintln!(
-        "guest stress: {} execs ({} threaded), {} ok, {} segfaults, {} TLS corruptions, {} other, {:.1} s",
-        report.execs,
-        report.threaded,
-        report.ok,
-        report.segfaults,
-        report.tls_corruptions,
-        report.other_failures,
-        report.elapsed_ns as f64 / 1e9
-    );
+    eprintln!("guest stress: {}", report.summary());
     assert_eq!(report.execs, 500);
     assert_eq!(report.threaded, 50);
     assert_eq!(

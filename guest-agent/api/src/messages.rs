@@ -135,6 +135,22 @@ pub struct SelfTestReport {
     pub tls_corruptions: u32,
 }
 
+impl SelfTestReport {
+    /// One readable line.
+    pub fn summary(&self) -> String {
+        format!(
+            "{} execs ({} multi-threaded): {} ok, {} segfaults, {} TLS corruptions, {} other failures, {:.1} s guest time",
+            self.execs,
+            self.threaded,
+            self.ok,
+            self.segfaults,
+            self.tls_corruptions,
+            self.other_failures,
+            self.elapsed_ns as f64 / 1e9
+        )
+    }
+}
+
 /// Power the guest off.
 #[derive(Clone, Copy, PartialEq, Eq, prost::Message)]
 pub struct Shutdown {}

@@ -185,16 +185,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             let body = client.call(request::Body::SelfTest(SelfTest { rounds, threads_every, parallel, bytes, command: child }))?;
             let response::Body::SelfTest(report) = body else { anyhow::bail!("unexpected answer to SelfTest") };
             sandbox.shutdown(Duration::from_secs(30));
-            println!(
-                "selftest: {} execs ({} multi-threaded), {} ok, {} segfaults, {} TLS corruptions, {} other failures, {:.1} s guest time",
-                report.execs,
-                report.threaded,
-                report.ok,
-                report.segfaults,
-                report.tls_corruptions,
-                report.other_failures,
-                report.elapsed_ns as f64 / 1e9
-            );
+            println!("selftest: {}", report.summary());
             for f in &report.failures {
                 println!("  {f}");
             }
