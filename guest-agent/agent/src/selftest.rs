@@ -21,6 +21,8 @@ pub const MAX_ROUNDS: u32 = 100_000;
 pub const MAX_PARALLEL: u32 = 16;
 /// Threads in a multi-threaded child.
 const CHILD_THREADS: usize = 4;
+/// A child still running after this long is killed and counted as a failure.
+const CHILD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 /// Failures described in the report.
 const MAX_DESCRIBED: usize = 10;
 
@@ -98,12 +100,29 @@ fn one_round(exe: &std::path::Path, echo: &[String], round: u32, threaded: bool,
         tally.threaded.fetch_add(1, Ordering::Relaxed);
     }
     let data = pattern(round, bytes);
+    // A child that hangs is killed after CHILD_TIMEOUT and reported, not waited for forever.
+    let (done, watchdog) = std::sync::mpsc::channel::<()>();
+    let pid = child.id() as libc::pid_t;
+    let killer = std::thread::spawn(move || {
+        let timed_out = watchdog.recv_timeout(CHILD_TIMEOUT).is_err();
+        if timed_out {
+            // SAFETY: kill(2) of our own child, which is not yet reaped (we wait below).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        timed_out
+    });
     let mut stdin = child.stdin.take().expect("piped");
     let wrote = stdin.write_all(&data);
     drop(stdin);
     let mut echoed = Vec::with_capacity(bytes);
     let read = child.stdout.take().expect("piped").read_to_end(&mut echoed);
-    let status = match child.wait() {
+    let status = child.wait();
+    let _ = done.send(());
+    if killer.join().unwrap_or(false) {
+        tally.fail(&tally.other, format!("round {round} ({mode}): hung, killed after {CHILD_TIMEOUT:?}"));
+        return;
+    }
+    let status = match status {
         Ok(s) => s,
         Err(e) => {
             tally.fail(&tally.other, format!("round {round}: wait failed: {e}"));
