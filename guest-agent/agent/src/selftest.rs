@@ -59,6 +59,7 @@ struct Tally {
     segfaults: AtomicU32,
     other: AtomicU32,
     threaded: AtomicU32,
+    threaded_ok: AtomicU32,
     tls: AtomicU32,
     failures: Mutex<Vec<String>>,
 }
@@ -147,6 +148,9 @@ fn one_round(exe: &std::path::Path, echo: &[String], round: u32, threaded: bool,
         }
         None => {
             tally.ok.fetch_add(1, Ordering::Relaxed);
+            if threaded {
+                tally.threaded_ok.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 }
@@ -184,6 +188,7 @@ pub fn run_with(exe: &std::path::Path, t: &SelfTest) -> SelfTestReport {
         other_failures: tally.other.into_inner(),
         threaded: tally.threaded.into_inner(),
         tls_corruptions: tally.tls.into_inner(),
+        threaded_ok: tally.threaded_ok.into_inner(),
         elapsed_ns: sys::boottime_ns().saturating_sub(start),
         failures: tally.failures.into_inner().expect("failures lock"),
     }

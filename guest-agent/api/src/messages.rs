@@ -133,16 +133,20 @@ pub struct SelfTestReport {
     /// (a lost vector register; counted apart from `other_failures`).
     #[prost(uint32, tag = "8")]
     pub tls_corruptions: u32,
+    /// Multi-threaded children that passed (`ok` counts them too).
+    #[prost(uint32, tag = "9")]
+    pub threaded_ok: u32,
 }
 
 impl SelfTestReport {
     /// One readable line.
     pub fn summary(&self) -> String {
         format!(
-            "{} execs ({} multi-threaded): {} ok, {} segfaults, {} TLS corruptions, {} other failures, {:.1} s guest time",
+            "{} execs ({} multi-threaded): {} ok ({} multi-threaded), {} segfaults, {} TLS corruptions, {} other failures, {:.1} s guest time",
             self.execs,
             self.threaded,
             self.ok,
+            self.threaded_ok,
             self.segfaults,
             self.tls_corruptions,
             self.other_failures,
