@@ -92,12 +92,13 @@ impl GuestRam {
         let file = unsafe { File::from_raw_fd(fd) };
         file.set_len(size)
             .map_err(|source| MemoryError::Truncate { bytes: size, source })?;
-        let ranges: Vec<_> = ram_regions(size)
+        let ranges = ram_regions(size)
             .into_iter()
             .map(|(addr, len, offset)| {
-                (addr, len as usize, Some(FileOffset::new(file.try_clone().expect("dup memfd"), offset)))
+                let fd = file.try_clone().map_err(MemoryError::Memfd)?;
+                Ok((addr, len as usize, Some(FileOffset::new(fd, offset))))
             })
-            .collect();
+            .collect::<Result<Vec<_>, MemoryError>>()?;
         let memory = GuestMemoryMmap::from_ranges_with_files(ranges).map_err(MemoryError::Mmap)?;
         let ram = GuestRam { memory, file, size };
         if prefault {
