@@ -21,11 +21,21 @@ pub struct Check {
 
 fn file_check(name: &'static str, path: &Path, fix: &str) -> Check {
     match std::fs::metadata(path) {
-        Ok(m) if m.is_file() && m.len() > 0 => {
-            Check { name, ok: true, detail: format!("{} ({} bytes)", path.display(), m.len()) }
-        }
-        Ok(_) => Check { name, ok: false, detail: format!("{} is empty or not a file; {fix}", path.display()) },
-        Err(e) => Check { name, ok: false, detail: format!("{}: {e}; {fix}", path.display()) },
+        Ok(m) if m.is_file() && m.len() > 0 => Check {
+            name,
+            ok: true,
+            detail: format!("{} ({} bytes)", path.display(), m.len()),
+        },
+        Ok(_) => Check {
+            name,
+            ok: false,
+            detail: format!("{} is empty or not a file; {fix}", path.display()),
+        },
+        Err(e) => Check {
+            name,
+            ok: false,
+            detail: format!("{}: {e}; {fix}", path.display()),
+        },
     }
 }
 
@@ -37,18 +47,41 @@ pub fn run(kernel: &Path, initramfs: &Path) -> Vec<Check> {
             name: "kvm",
             ok: true,
             detail: match h.kind {
-                KvmKind::Pvm => "/dev/kvm is PVM (kvm_pvm): guest kernel code is emulated, slow but works".into(),
+                KvmKind::Pvm => {
+                    "/dev/kvm is PVM (kvm_pvm): guest kernel code is emulated, slow but works"
+                        .into()
+                }
                 KvmKind::Hardware => "/dev/kvm is hardware-assisted".into(),
             },
         },
-        Err(e) => Check { name: "kvm", ok: false, detail: format!("{e}: load kvm_intel/kvm_amd (or kvm_pvm) and run as root") },
+        Err(e) => Check {
+            name: "kvm",
+            ok: false,
+            detail: format!("{e}: load kvm_intel/kvm_amd (or kvm_pvm) and run as root"),
+        },
     });
-    checks.push(file_check("kernel", kernel, "build it with hack/guest-kernel (or hack/guest-image)"));
-    checks.push(file_check("image", initramfs, "build it with hack/guest-image"));
+    checks.push(file_check(
+        "kernel",
+        kernel,
+        "build it with hack/guest-kernel (or hack/guest-image)",
+    ));
+    checks.push(file_check(
+        "image",
+        initramfs,
+        "build it with hack/guest-image",
+    ));
     let run_root: PathBuf = paths::run_root();
     checks.push(match std::fs::create_dir_all(&run_root) {
-        Ok(()) => Check { name: "run-dir", ok: true, detail: run_root.display().to_string() },
-        Err(e) => Check { name: "run-dir", ok: false, detail: format!("{}: {e}", run_root.display()) },
+        Ok(()) => Check {
+            name: "run-dir",
+            ok: true,
+            detail: run_root.display().to_string(),
+        },
+        Err(e) => Check {
+            name: "run-dir",
+            ok: false,
+            detail: format!("{}: {e}", run_root.display()),
+        },
     });
     checks
 }
@@ -59,12 +92,22 @@ mod tests {
 
     #[test]
     fn missing_files_fail_with_a_fix() {
-        let checks = run(Path::new("/nonexistent/vmlinux"), Path::new("/nonexistent/initramfs"));
+        let checks = run(
+            Path::new("/nonexistent/vmlinux"),
+            Path::new("/nonexistent/initramfs"),
+        );
         let kernel = checks.iter().find(|c| c.name == "kernel").unwrap();
         assert!(!kernel.ok);
-        assert!(kernel.detail.contains("hack/guest-kernel"), "{}", kernel.detail);
+        assert!(
+            kernel.detail.contains("hack/guest-kernel"),
+            "{}",
+            kernel.detail
+        );
         let image = checks.iter().find(|c| c.name == "image").unwrap();
         assert!(!image.ok);
-        assert!(checks.iter().find(|c| c.name == "kvm").unwrap().ok, "/dev/kvm must work for the tests");
+        assert!(
+            checks.iter().find(|c| c.name == "kvm").unwrap().ok,
+            "/dev/kvm must work for the tests"
+        );
     }
 }

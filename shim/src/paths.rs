@@ -14,7 +14,8 @@ pub fn kernel() -> PathBuf {
 
 /// The guest initramfs with the agent (`$ZYGOTE_INITRAMFS`, default `$ZYGOTE_HOME/image/initramfs.cpio`).
 pub fn initramfs() -> PathBuf {
-    std::env::var_os("ZYGOTE_INITRAMFS").map_or_else(|| home().join("image/initramfs.cpio"), PathBuf::from)
+    std::env::var_os("ZYGOTE_INITRAMFS")
+        .map_or_else(|| home().join("image/initramfs.cpio"), PathBuf::from)
 }
 
 /// Per-VM run directories (`$ZYGOTE_RUN`, default `/run/zygote/vms`).

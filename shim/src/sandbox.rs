@@ -133,9 +133,16 @@ struct RunDir(PathBuf);
 impl RunDir {
     fn create() -> Result<Self, SandboxError> {
         static NEXT: AtomicU32 = AtomicU32::new(0);
-        let name = format!("vm-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
+        let name = format!(
+            "vm-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
         let path = paths::run_root().join(name);
-        std::fs::create_dir_all(&path).map_err(|source| SandboxError::RunDir { path: path.clone(), source })?;
+        std::fs::create_dir_all(&path).map_err(|source| SandboxError::RunDir {
+            path: path.clone(),
+            source,
+        })?;
         Ok(RunDir(path))
     }
 }
@@ -178,14 +185,22 @@ impl Sandbox {
             initramfs: Some(config.initramfs.clone()),
             extra_cmdline: config.extra_cmdline.clone(),
             vsock: Some((GUEST_CID, vsock.clone())),
-            console_log: Some(config.console_log.clone().unwrap_or_else(|| run_dir.0.join("console.log"))),
+            console_log: Some(
+                config
+                    .console_log
+                    .clone()
+                    .unwrap_or_else(|| run_dir.0.join("console.log")),
+            ),
             prefault: config.prefault,
         };
         let machine = Machine::boot(&vm_config)?;
         let deadline = machine.started() + config.agent_timeout;
         let pong = loop {
             if let Some(reason) = machine.exit_reason() {
-                return Err(SandboxError::GuestExited { reason, console: machine.console_tail(TAIL_LINES) });
+                return Err(SandboxError::GuestExited {
+                    reason,
+                    console: machine.console_tail(TAIL_LINES),
+                });
             }
             if Instant::now() >= deadline {
                 return Err(SandboxError::AgentTimeout {
@@ -209,7 +224,13 @@ impl Sandbox {
             agent_ready_ms: ms(ready),
             guest_run_ms: ms(machine.guest_run_time()),
         };
-        Ok(Sandbox { machine, run_dir, vsock, timeline, pong })
+        Ok(Sandbox {
+            machine,
+            run_dir,
+            vsock,
+            timeline,
+            pong,
+        })
     }
 
     /// A new connection to the agent.
@@ -247,7 +268,9 @@ impl Sandbox {
         if asked.is_ok() {
             self.machine.wait(grace);
         }
-        let Sandbox { machine, run_dir, .. } = self;
+        let Sandbox {
+            machine, run_dir, ..
+        } = self;
         let reason = machine.shutdown();
         drop(run_dir);
         reason

@@ -18,8 +18,14 @@ fn doctor_names_what_is_missing_and_fails() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("FAIL kernel") && text.contains("hack/guest-kernel"), "{text}");
-    assert!(text.contains("FAIL image") && text.contains("hack/guest-image"), "{text}");
+    assert!(
+        text.contains("FAIL kernel") && text.contains("hack/guest-kernel"),
+        "{text}"
+    );
+    assert!(
+        text.contains("FAIL image") && text.contains("hack/guest-image"),
+        "{text}"
+    );
     assert!(text.contains("ok   kvm"), "{text}");
 }
 
@@ -33,8 +39,13 @@ fn boot_with_a_missing_kernel_fails_clearly() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("cannot open kernel /nonexistent/vmlinux"), "{err}");
-    let left: Vec<_> = std::fs::read_dir(&run).map(|d| d.filter_map(Result::ok).collect()).unwrap_or_default();
+    assert!(
+        err.contains("cannot open kernel /nonexistent/vmlinux"),
+        "{err}"
+    );
+    let left: Vec<_> = std::fs::read_dir(&run)
+        .map(|d| d.filter_map(Result::ok).collect())
+        .unwrap_or_default();
     assert!(left.is_empty(), "left behind: {left:?}");
     let _ = std::fs::remove_dir_all(&run);
 }
@@ -53,7 +64,12 @@ fn a_killed_boot_leaves_nothing() {
         return;
     }
     let run: PathBuf = std::env::temp_dir().join(format!("zygote-cli-kill-{}", std::process::id()));
-    let mut child = zygote().arg("boot").env("ZYGOTE_RUN", &run).stdout(Stdio::null()).spawn().unwrap();
+    let mut child = zygote()
+        .arg("boot")
+        .env("ZYGOTE_RUN", &run)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
     let dir = run.join(format!("vm-{}-0", child.id()));
     let deadline = Instant::now() + Duration::from_secs(30);
     while !dir.join("vsock.sock").exists() {

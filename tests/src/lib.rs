@@ -54,12 +54,16 @@ pub fn own_run_dirs() -> Vec<PathBuf> {
 
 /// Threads of this process right now.
 pub fn thread_count() -> usize {
-    std::fs::read_dir("/proc/self/task").map(|rd| rd.count()).unwrap_or(0)
+    std::fs::read_dir("/proc/self/task")
+        .map(|rd| rd.count())
+        .unwrap_or(0)
 }
 
 /// Open file descriptors of this process right now.
 pub fn fd_count() -> usize {
-    std::fs::read_dir("/proc/self/fd").map(|rd| rd.count()).unwrap_or(0)
+    std::fs::read_dir("/proc/self/fd")
+        .map(|rd| rd.count())
+        .unwrap_or(0)
 }
 
 /// A temporary file with `bytes`, removed on drop.

@@ -17,9 +17,16 @@ fn two_vcpus_boot_and_answer() {
         return;
     }
     let _lock = vm_lock();
-    let sandbox = Sandbox::boot(&SandboxConfig { vcpus: 2, ..SandboxConfig::default() }).expect("SMP guest boots");
+    let sandbox = Sandbox::boot(&SandboxConfig {
+        vcpus: 2,
+        ..SandboxConfig::default()
+    })
+    .expect("SMP guest boots");
     assert!(sandbox.client().unwrap().ping().unwrap().uptime_ns >= sandbox.pong.uptime_ns);
-    assert_eq!(sandbox.shutdown(Duration::from_secs(60)), ExitReason::PowerOff);
+    assert_eq!(
+        sandbox.shutdown(Duration::from_secs(60)),
+        ExitReason::PowerOff
+    );
 }
 
 /// Boots the real kernel, pings the agent over vsock, runs the exec/pipe stress
@@ -41,7 +48,11 @@ fn boot_ping_stress_and_power_off() {
     // The agent is the one we built, in a guest kernel that is not the host's.
     let pong = &sandbox.pong;
     assert_eq!(pong.version, zygote_agent_api::VERSION);
-    assert!(pong.kernel_release.ends_with("-zygote"), "{}", pong.kernel_release);
+    assert!(
+        pong.kernel_release.ends_with("-zygote"),
+        "{}",
+        pong.kernel_release
+    );
     let t = sandbox.timeline;
     assert!(t.vmm_setup_ms > 0.0 && t.vmm_setup_ms <= t.kernel_entry_ms);
     assert!(t.kernel_entry_ms <= t.agent_start_ms && t.agent_start_ms <= t.agent_ready_ms);
@@ -64,7 +75,9 @@ fn boot_ping_stress_and_power_off() {
             command: vec![],
         }))
         .unwrap();
-    let response::Body::SelfTest(report) = body else { panic!("unexpected answer {body:?}") };
+    let response::Body::SelfTest(report) = body else {
+        panic!("unexpected answer {body:?}")
+    };
     eprintln!("guest stress: {}", report.summary());
     assert_eq!(report.execs, 500);
     assert_eq!(report.threaded, 50);
@@ -77,10 +90,17 @@ fn boot_ping_stress_and_power_off() {
     // failure may only be that: data corruption in a multi-threaded round.
     assert_eq!(report.segfaults, 0, "{:?}", report.failures);
     for failure in &report.failures {
-        assert!(failure.contains("(threads): data corrupted"), "unexpected failure: {failure}");
+        assert!(
+            failure.contains("(threads): data corrupted"),
+            "unexpected failure: {failure}"
+        );
     }
     if sandbox.kind() == zygote_vmm::KvmKind::Hardware {
-        assert_eq!(report.threaded_ok, report.threaded, "no residue on hardware KVM: {:?}", report.failures);
+        assert_eq!(
+            report.threaded_ok, report.threaded,
+            "no residue on hardware KVM: {:?}",
+            report.failures
+        );
     }
     if report.threaded_ok < report.threaded {
         eprintln!(
@@ -92,7 +112,11 @@ fn boot_ping_stress_and_power_off() {
     drop((a, b));
 
     let reason = sandbox.shutdown(Duration::from_secs(60));
-    assert_eq!(reason, ExitReason::PowerOff, "the agent powers the guest off cleanly");
+    assert_eq!(
+        reason,
+        ExitReason::PowerOff,
+        "the agent powers the guest off cleanly"
+    );
     assert!(!run_dir.exists(), "the run directory is removed");
 }
 
@@ -106,38 +130,73 @@ fn bad_inputs_fail_clearly_and_leave_nothing() {
     let threads = thread_count();
     let fds = fd_count();
 
-    let missing = SandboxConfig { kernel: "/nonexistent/vmlinux".into(), ..SandboxConfig::default() };
+    let missing = SandboxConfig {
+        kernel: "/nonexistent/vmlinux".into(),
+        ..SandboxConfig::default()
+    };
     let err = Sandbox::boot(&missing).unwrap_err();
     let text = format!("{:#}", anyhow::Error::from(err));
     assert!(text.contains("/nonexistent/vmlinux"), "{text}");
 
     let garbage = TempFile::new("garbage-kernel", &[0x5a; 64 << 10]);
-    let corrupt = SandboxConfig { kernel: garbage.path().into(), ..SandboxConfig::default() };
+    let corrupt = SandboxConfig {
+        kernel: garbage.path().into(),
+        ..SandboxConfig::default()
+    };
     match Sandbox::boot(&corrupt).unwrap_err() {
-        SandboxError::Build(BuildError::Boot(e)) => assert!(e.to_string().contains("not a loadable kernel"), "{e}"),
+        SandboxError::Build(BuildError::Boot(e)) => {
+            assert!(e.to_string().contains("not a loadable kernel"), "{e}")
+        }
         other => panic!("unexpected error {other:?}"),
     }
 
     // A truncated kernel: a real ELF header whose segments are cut off.
     let real = std::fs::read(zygote::paths::kernel()).unwrap();
     let truncated = TempFile::new("truncated-kernel", &real[..real.len() / 3]);
-    let cut = SandboxConfig { kernel: truncated.path().into(), ..SandboxConfig::default() };
-    assert!(matches!(Sandbox::boot(&cut).unwrap_err(), SandboxError::Build(BuildError::Boot(_))));
+    let cut = SandboxConfig {
+        kernel: truncated.path().into(),
+        ..SandboxConfig::default()
+    };
+    assert!(matches!(
+        Sandbox::boot(&cut).unwrap_err(),
+        SandboxError::Build(BuildError::Boot(_))
+    ));
 
     for mib in [0, 1 << 30] {
-        let impossible = SandboxConfig { memory_mib: mib, ..SandboxConfig::default() };
+        let impossible = SandboxConfig {
+            memory_mib: mib,
+            ..SandboxConfig::default()
+        };
         match Sandbox::boot(&impossible).unwrap_err() {
-            SandboxError::Build(BuildError::Memory(e)) => assert!(e.to_string().contains("out of range"), "{e}"),
+            SandboxError::Build(BuildError::Memory(e)) => {
+                assert!(e.to_string().contains("out of range"), "{e}")
+            }
             other => panic!("unexpected error for {mib} MiB: {other:?}"),
         }
     }
-    let vcpus = SandboxConfig { vcpus: 0, ..SandboxConfig::default() };
-    assert!(matches!(Sandbox::boot(&vcpus).unwrap_err(), SandboxError::Build(BuildError::InvalidVcpus(0))));
+    let vcpus = SandboxConfig {
+        vcpus: 0,
+        ..SandboxConfig::default()
+    };
+    assert!(matches!(
+        Sandbox::boot(&vcpus).unwrap_err(),
+        SandboxError::Build(BuildError::InvalidVcpus(0))
+    ));
 
-    let no_image = SandboxConfig { initramfs: "/nonexistent/initramfs".into(), ..SandboxConfig::default() };
-    assert!(matches!(Sandbox::boot(&no_image).unwrap_err(), SandboxError::MissingImage(_)));
+    let no_image = SandboxConfig {
+        initramfs: "/nonexistent/initramfs".into(),
+        ..SandboxConfig::default()
+    };
+    assert!(matches!(
+        Sandbox::boot(&no_image).unwrap_err(),
+        SandboxError::MissingImage(_)
+    ));
 
-    assert!(own_run_dirs().is_empty(), "left behind: {:?}", own_run_dirs());
+    assert!(
+        own_run_dirs().is_empty(),
+        "left behind: {:?}",
+        own_run_dirs()
+    );
     assert_eq!(thread_count(), threads, "no thread left running");
     assert_eq!(fd_count(), fds, "no fd left open");
 }

@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::arch::x86_64::layout::{IRQ_BASE, IRQ_MAX, SERIAL_IRQ, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START};
+use crate::arch::x86_64::layout::{
+    IRQ_BASE, IRQ_MAX, SERIAL_IRQ, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START,
+};
 use crate::arch::x86_64::{boot, mptable};
 use crate::devices::bus::{Bus, BusError};
 use crate::devices::legacy::{ConsoleLog, I8042, SerialConsole};
@@ -161,7 +163,10 @@ impl Machine {
                     .truncate(true)
                     .mode(0o600)
                     .open(path)
-                    .map_err(|source| BuildError::ConsoleLog { path: path.clone(), source })?,
+                    .map_err(|source| BuildError::ConsoleLog {
+                        path: path.clone(),
+                        source,
+                    })?,
             ),
             None => None,
         };
@@ -171,8 +176,16 @@ impl Machine {
         let mut pio = Bus::default();
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(os("an irqfd"))?;
         vm.register_irqfd(&serial_irq, SERIAL_IRQ)?;
-        pio.insert(Arc::new(Mutex::new(SerialConsole::new(serial_irq, console_out))), SERIAL_PORT, 8)?;
-        pio.insert(Arc::new(Mutex::new(I8042::new(exit.clone()))), I8042_PORT, 5)?;
+        pio.insert(
+            Arc::new(Mutex::new(SerialConsole::new(serial_irq, console_out))),
+            SERIAL_PORT,
+            8,
+        )?;
+        pio.insert(
+            Arc::new(Mutex::new(I8042::new(exit.clone()))),
+            I8042_PORT,
+            5,
+        )?;
 
         let mut virtio: Vec<Box<dyn VirtioDevice>> = vec![Box::new(Rng::new())];
         if let Some((cid, path)) = &config.vsock {
@@ -220,7 +233,10 @@ impl Machine {
             stats: Vec::new(),
             console_tail,
             devices,
-            cmdline: cmdline.as_cstring().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default(),
+            cmdline: cmdline
+                .as_cstring()
+                .map(|c| c.to_string_lossy().into_owned())
+                .unwrap_or_default(),
             started: start,
             setup: Duration::ZERO,
             _vm: vm,
@@ -228,7 +244,12 @@ impl Machine {
         };
         for vcpu in vcpus {
             let stats = Arc::new(VcpuStats::default());
-            let (pio, mmio, exit, stop) = (pio.clone(), mmio.clone(), machine.exit.clone(), machine.stop.clone());
+            let (pio, mmio, exit, stop) = (
+                pio.clone(),
+                mmio.clone(),
+                machine.exit.clone(),
+                machine.stop.clone(),
+            );
             let thread_stats = stats.clone();
             let handle = std::thread::Builder::new()
                 .name("zygote-vcpu".into())
@@ -264,12 +285,20 @@ impl Machine {
 
     /// Time all vCPUs spent inside `KVM_RUN` so far (guest-side work).
     pub fn guest_run_time(&self) -> Duration {
-        Duration::from_nanos(self.stats.iter().map(|s| s.run_ns.load(Ordering::Relaxed)).sum())
+        Duration::from_nanos(
+            self.stats
+                .iter()
+                .map(|s| s.run_ns.load(Ordering::Relaxed))
+                .sum(),
+        )
     }
 
     /// Exits to userspace so far, over all vCPUs.
     pub fn exit_count(&self) -> u64 {
-        self.stats.iter().map(|s| s.exits.load(Ordering::Relaxed)).sum()
+        self.stats
+            .iter()
+            .map(|s| s.exits.load(Ordering::Relaxed))
+            .sum()
     }
 
     /// Why the VM stopped, if it has.

@@ -57,7 +57,10 @@ pub enum ExitReason {
 impl ExitReason {
     /// True for a guest that shut itself down normally.
     pub fn is_clean(&self) -> bool {
-        matches!(self, ExitReason::Reset | ExitReason::PowerOff | ExitReason::Stopped)
+        matches!(
+            self,
+            ExitReason::Reset | ExitReason::PowerOff | ExitReason::Stopped
+        )
     }
 }
 

@@ -7,7 +7,15 @@ fn mount(source: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: &
     let c = |s: &str| CString::new(s).expect("no NUL in mount arguments");
     let (source, target_c, fstype, data) = (c(source), c(target), c(fstype), c(data));
     // SAFETY: all pointers are valid NUL-terminated strings for the duration of the call.
-    let rc = unsafe { libc::mount(source.as_ptr(), target_c.as_ptr(), fstype.as_ptr(), flags, data.as_ptr().cast()) };
+    let rc = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target_c.as_ptr(),
+            fstype.as_ptr(),
+            flags,
+            data.as_ptr().cast(),
+        )
+    };
     if rc != 0 {
         let e = std::io::Error::last_os_error();
         if e.raw_os_error() != Some(libc::EBUSY) {
@@ -22,8 +30,20 @@ pub fn setup() {
     mount("proc", "/proc", "proc", nosuid_nodev_noexec, "");
     mount("sysfs", "/sys", "sysfs", nosuid_nodev_noexec, "");
     mount("devtmpfs", "/dev", "devtmpfs", libc::MS_NOSUID, "mode=0755");
-    mount("tmpfs", "/tmp", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV, "mode=1777");
-    mount("tmpfs", "/run", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV, "mode=0755");
+    mount(
+        "tmpfs",
+        "/tmp",
+        "tmpfs",
+        libc::MS_NOSUID | libc::MS_NODEV,
+        "mode=1777",
+    );
+    mount(
+        "tmpfs",
+        "/run",
+        "tmpfs",
+        libc::MS_NOSUID | libc::MS_NODEV,
+        "mode=0755",
+    );
 }
 
 /// Syncs and powers the guest off (the VMM sees the kernel's "Power down").

@@ -32,7 +32,11 @@ fn serve() -> ExitCode {
     let started = sys::boottime_ns();
     match vsock::VsockListener::bind(zygote_agent_api::AGENT_PORT) {
         Ok(listener) => {
-            eprintln!("zygote-agent {}: listening on vsock port {}", zygote_agent_api::VERSION, zygote_agent_api::AGENT_PORT);
+            eprintln!(
+                "zygote-agent {}: listening on vsock port {}",
+                zygote_agent_api::VERSION,
+                zygote_agent_api::AGENT_PORT
+            );
             server::serve(listener, started);
         }
         Err(e) => eprintln!("zygote-agent: cannot listen on vsock: {e}"),

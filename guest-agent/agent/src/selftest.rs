@@ -32,7 +32,9 @@ pub fn validate(t: &SelfTest) -> Result<(), String> {
         return Err(format!("rounds must be 1..={MAX_ROUNDS}"));
     }
     if t.bytes > MAX_BYTES {
-        return Err(format!("bytes must be 0..={MAX_BYTES} (0: only the exit status is checked)"));
+        return Err(format!(
+            "bytes must be 0..={MAX_BYTES} (0: only the exit status is checked)"
+        ));
     }
     if t.parallel > MAX_PARALLEL {
         return Err(format!("parallel must be at most {MAX_PARALLEL}"));
@@ -74,7 +76,14 @@ impl Tally {
     }
 }
 
-fn one_round(exe: &std::path::Path, echo: &[String], round: u32, threaded: bool, bytes: usize, tally: &Tally) {
+fn one_round(
+    exe: &std::path::Path,
+    echo: &[String],
+    round: u32,
+    threaded: bool,
+    bytes: usize,
+    tally: &Tally,
+) {
     let mut command = match (threaded, echo) {
         (false, [program, args @ ..]) => {
             let mut c = Command::new(program);
@@ -83,12 +92,20 @@ fn one_round(exe: &std::path::Path, echo: &[String], round: u32, threaded: bool,
         }
         _ => {
             let mut c = Command::new(exe);
-            c.arg(if threaded { "stress-threads" } else { "stress-echo" });
+            c.arg(if threaded {
+                "stress-threads"
+            } else {
+                "stress-echo"
+            });
             c
         }
     };
     let mode = if threaded { "threads" } else { "echo" };
-    let child = command.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn();
+    let child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn();
     let mut child = match child {
         Ok(c) => c,
         Err(e) => {
@@ -120,7 +137,10 @@ fn one_round(exe: &std::path::Path, echo: &[String], round: u32, threaded: bool,
     let status = child.wait();
     let _ = done.send(());
     if killer.join().unwrap_or(false) {
-        tally.fail(&tally.other, format!("round {round} ({mode}): hung, killed after {CHILD_TIMEOUT:?}"));
+        tally.fail(
+            &tally.other,
+            format!("round {round} ({mode}): hung, killed after {CHILD_TIMEOUT:?}"),
+        );
         return;
     }
     let status = match status {
@@ -131,21 +151,33 @@ fn one_round(exe: &std::path::Path, echo: &[String], round: u32, threaded: bool,
         }
     };
     match status.signal() {
-        Some(libc::SIGSEGV) => tally.fail(&tally.segfaults, format!("round {round} ({mode}): SIGSEGV")),
-        Some(sig) => tally.fail(&tally.other, format!("round {round} ({mode}): killed by signal {sig}")),
-        None if status.code() == Some(i32::from(EXIT_TLS_CORRUPT)) => {
-            tally.fail(&tally.tls, format!("round {round} ({mode}): TLS image corrupted at start-up"))
+        Some(libc::SIGSEGV) => {
+            tally.fail(&tally.segfaults, format!("round {round} ({mode}): SIGSEGV"))
         }
+        Some(sig) => tally.fail(
+            &tally.other,
+            format!("round {round} ({mode}): killed by signal {sig}"),
+        ),
+        None if status.code() == Some(i32::from(EXIT_TLS_CORRUPT)) => tally.fail(
+            &tally.tls,
+            format!("round {round} ({mode}): TLS image corrupted at start-up"),
+        ),
         // A shell running a pipeline reports a member's SIGSEGV as 128 + 11.
-        None if status.code() == Some(128 + libc::SIGSEGV) => {
-            tally.fail(&tally.segfaults, format!("round {round} ({mode}): exit 139, a SIGSEGV reported by the child"))
-        }
-        None if !status.success() => {
-            tally.fail(&tally.other, format!("round {round} ({mode}): exit {:?}", status.code()))
-        }
-        None if wrote.is_err() || read.is_err() || echoed != data => {
-            tally.fail(&tally.other, format!("round {round} ({mode}): data corrupted ({} of {bytes} bytes back)", echoed.len()))
-        }
+        None if status.code() == Some(128 + libc::SIGSEGV) => tally.fail(
+            &tally.segfaults,
+            format!("round {round} ({mode}): exit 139, a SIGSEGV reported by the child"),
+        ),
+        None if !status.success() => tally.fail(
+            &tally.other,
+            format!("round {round} ({mode}): exit {:?}", status.code()),
+        ),
+        None if wrote.is_err() || read.is_err() || echoed != data => tally.fail(
+            &tally.other,
+            format!(
+                "round {round} ({mode}): data corrupted ({} of {bytes} bytes back)",
+                echoed.len()
+            ),
+        ),
         None => {
             tally.ok.fetch_add(1, Ordering::Relaxed);
             if threaded {
@@ -228,17 +260,25 @@ pub fn child_echo(threaded: bool) -> ExitCode {
         return ExitCode::from(EXIT_TLS_CORRUPT);
     }
     let workers: Vec<_> = if threaded {
-        (0..CHILD_THREADS).map(|i| std::thread::spawn(move || thread_check(i as u64))).collect()
+        (0..CHILD_THREADS)
+            .map(|i| std::thread::spawn(move || thread_check(i as u64)))
+            .collect()
     } else {
         Vec::new()
     };
     let mut data = Vec::new();
-    let copied = std::io::stdin().read_to_end(&mut data).and_then(|_| std::io::stdout().write_all(&data));
+    let copied = std::io::stdin()
+        .read_to_end(&mut data)
+        .and_then(|_| std::io::stdout().write_all(&data));
     let worker_codes: Vec<u8> = workers.into_iter().map(|w| w.join().unwrap_or(1)).collect();
     if worker_codes.contains(&EXIT_TLS_CORRUPT) {
         return ExitCode::from(EXIT_TLS_CORRUPT);
     }
-    if copied.is_ok() && worker_codes.iter().all(|&c| c == 0) { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+    if copied.is_ok() && worker_codes.iter().all(|&c| c == 0) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }
 
 thread_local! {
@@ -272,12 +312,42 @@ mod tests {
 
     #[test]
     fn bounds_are_checked() {
-        let ok = SelfTest { rounds: 1, threads_every: 0, parallel: 1, bytes: 1, command: vec![] };
+        let ok = SelfTest {
+            rounds: 1,
+            threads_every: 0,
+            parallel: 1,
+            bytes: 1,
+            command: vec![],
+        };
         assert!(validate(&ok).is_ok());
-        assert!(validate(&SelfTest { rounds: 0, ..ok.clone() }).is_err());
-        assert!(validate(&SelfTest { bytes: 0, ..ok.clone() }).is_ok());
-        assert!(validate(&SelfTest { bytes: MAX_BYTES + 1, ..ok.clone() }).is_err());
-        assert!(validate(&SelfTest { parallel: MAX_PARALLEL + 1, ..ok }).is_err());
+        assert!(
+            validate(&SelfTest {
+                rounds: 0,
+                ..ok.clone()
+            })
+            .is_err()
+        );
+        assert!(
+            validate(&SelfTest {
+                bytes: 0,
+                ..ok.clone()
+            })
+            .is_ok()
+        );
+        assert!(
+            validate(&SelfTest {
+                bytes: MAX_BYTES + 1,
+                ..ok.clone()
+            })
+            .is_err()
+        );
+        assert!(
+            validate(&SelfTest {
+                parallel: MAX_PARALLEL + 1,
+                ..ok
+            })
+            .is_err()
+        );
     }
 
     #[test]

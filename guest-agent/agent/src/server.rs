@@ -45,7 +45,10 @@ pub fn serve_connection<S: Read + Write>(mut stream: S, agent_started_ns: u64) {
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return,
             Err(e) => {
                 // A malformed frame cannot be resynchronized: answer once, then drop the client.
-                let _ = write_frame(&mut stream, &error_response(0, Code::InvalidArgument, &e.to_string()));
+                let _ = write_frame(
+                    &mut stream,
+                    &error_response(0, Code::InvalidArgument, &e.to_string()),
+                );
                 return;
             }
         };
@@ -62,7 +65,10 @@ pub fn serve_connection<S: Read + Write>(mut stream: S, agent_started_ns: u64) {
 fn error_response(id: u64, code: Code, message: &str) -> Response {
     Response {
         id,
-        body: Some(response::Body::Error(Error { code: code as i32, message: message.into() })),
+        body: Some(response::Body::Error(Error {
+            code: code as i32,
+            message: message.into(),
+        })),
     }
 }
 
@@ -81,17 +87,39 @@ pub fn handle(req: Request, agent_started_ns: u64) -> (Response, After) {
         ),
         Some(request::Body::SelfTest(t)) => match selftest::validate(&t) {
             Ok(()) => (response::Body::SelfTest(selftest::run(&t)), After::Continue),
-            Err(msg) => return (error_response(id, Code::InvalidArgument, &msg), After::Continue),
+            Err(msg) => {
+                return (
+                    error_response(id, Code::InvalidArgument, &msg),
+                    After::Continue,
+                );
+            }
         },
         Some(request::Body::Shutdown(_)) => {
             if std::process::id() != 1 {
-                return (error_response(id, Code::Unimplemented, "shutdown only as PID 1"), After::Continue);
+                return (
+                    error_response(id, Code::Unimplemented, "shutdown only as PID 1"),
+                    After::Continue,
+                );
             }
-            (response::Body::ShutdownAck(zygote_agent_api::Empty {}), After::PowerOff)
+            (
+                response::Body::ShutdownAck(zygote_agent_api::Empty {}),
+                After::PowerOff,
+            )
         }
-        None => return (error_response(id, Code::InvalidArgument, "empty or unknown request"), After::Continue),
+        None => {
+            return (
+                error_response(id, Code::InvalidArgument, "empty or unknown request"),
+                After::Continue,
+            );
+        }
     };
-    (Response { id, body: Some(body) }, after)
+    (
+        Response {
+            id,
+            body: Some(body),
+        },
+        after,
+    )
 }
 
 #[cfg(test)]
@@ -104,7 +132,14 @@ mod tests {
     fn ping_over_a_stream_and_bad_frames() {
         let (mut host, guest) = UnixStream::pair().unwrap();
         let server = std::thread::spawn(move || serve_connection(guest, 42));
-        write_frame(&mut host, &Request { id: 9, body: Some(request::Body::Ping(Ping {})) }).unwrap();
+        write_frame(
+            &mut host,
+            &Request {
+                id: 9,
+                body: Some(request::Body::Ping(Ping {})),
+            },
+        )
+        .unwrap();
         let resp: Response = read_frame(&mut host).unwrap();
         assert_eq!(resp.id, 9);
         match resp.body {
@@ -119,11 +154,22 @@ mod tests {
         // An empty request is an error, and the connection goes on.
         write_frame(&mut host, &Request { id: 10, body: None }).unwrap();
         let resp: Response = read_frame(&mut host).unwrap();
-        assert!(matches!(resp.body, Some(response::Body::Error(ref e)) if e.code == Code::InvalidArgument as i32));
+        assert!(
+            matches!(resp.body, Some(response::Body::Error(ref e)) if e.code == Code::InvalidArgument as i32)
+        );
         // Shutdown is refused outside PID 1.
-        write_frame(&mut host, &Request { id: 11, body: Some(request::Body::Shutdown(Default::default())) }).unwrap();
+        write_frame(
+            &mut host,
+            &Request {
+                id: 11,
+                body: Some(request::Body::Shutdown(Default::default())),
+            },
+        )
+        .unwrap();
         let resp: Response = read_frame(&mut host).unwrap();
-        assert!(matches!(resp.body, Some(response::Body::Error(ref e)) if e.code == Code::Unimplemented as i32));
+        assert!(
+            matches!(resp.body, Some(response::Body::Error(ref e)) if e.code == Code::Unimplemented as i32)
+        );
         // A huge length: one error, then the server drops this client.
         host.write_all(&u32::MAX.to_be_bytes()).unwrap();
         let resp: Response = read_frame(&mut host).unwrap();

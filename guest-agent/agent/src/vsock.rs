@@ -14,7 +14,8 @@ impl VsockListener {
     /// Listens on `port` for any CID.
     pub fn bind(port: u32) -> io::Result<Self> {
         // SAFETY: plain socket(2) call; the result is checked.
-        let raw = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+        let raw =
+            unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
         if raw < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -44,7 +45,12 @@ impl VsockListener {
         loop {
             // SAFETY: accepting on a listening socket; peer address not requested.
             let raw = unsafe {
-                libc::accept4(self.fd.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC)
+                libc::accept4(
+                    self.fd.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                    libc::SOCK_CLOEXEC,
+                )
             };
             if raw >= 0 {
                 // SAFETY: `raw` is a fresh connected socket owned by nothing else.

@@ -10,14 +10,31 @@ fn agent() -> &'static std::path::Path {
 
 #[test]
 fn selftest_children_echo_and_threads_pass_on_the_host() {
-    let t = SelfTest { rounds: 8, threads_every: 2, parallel: 2, bytes: 4096, command: vec![] };
+    let t = SelfTest {
+        rounds: 8,
+        threads_every: 2,
+        parallel: 2,
+        bytes: 4096,
+        command: vec![],
+    };
     let r = run_with(agent(), &t);
-    assert_eq!((r.execs, r.ok, r.threaded, r.segfaults, r.other_failures), (8, 8, 4, 0, 0), "{:?}", r.failures);
+    assert_eq!(
+        (r.execs, r.ok, r.threaded, r.segfaults, r.other_failures),
+        (8, 8, 4, 0, 0),
+        "{:?}",
+        r.failures
+    );
 }
 
 #[test]
 fn selftest_with_another_echo_program() {
-    let t = SelfTest { rounds: 2, threads_every: 0, parallel: 1, bytes: 1000, command: vec!["/bin/cat".into()] };
+    let t = SelfTest {
+        rounds: 2,
+        threads_every: 0,
+        parallel: 1,
+        bytes: 1000,
+        command: vec!["/bin/cat".into()],
+    };
     let r = run_with(agent(), &t);
     assert_eq!(r.ok, 2, "{:?}", r.failures);
 }
@@ -25,23 +42,51 @@ fn selftest_with_another_echo_program() {
 #[test]
 fn selftest_counts_failures_without_retrying() {
     // Exit status only (bytes 0): `false` fails every round, a shell reporting 139 is a segfault.
-    let t = SelfTest { rounds: 3, threads_every: 0, parallel: 1, bytes: 0, command: vec!["/bin/false".into()] };
+    let t = SelfTest {
+        rounds: 3,
+        threads_every: 0,
+        parallel: 1,
+        bytes: 0,
+        command: vec!["/bin/false".into()],
+    };
     let r = run_with(agent(), &t);
     assert_eq!((r.execs, r.ok, r.other_failures), (3, 0, 3));
     assert!(r.failures[0].contains("exit"), "{:?}", r.failures);
 
     let sh = |script: &str| vec!["/bin/sh".to_string(), "-c".into(), script.into()];
-    let t = SelfTest { rounds: 2, threads_every: 0, parallel: 1, bytes: 0, command: sh("exit 139") };
+    let t = SelfTest {
+        rounds: 2,
+        threads_every: 0,
+        parallel: 1,
+        bytes: 0,
+        command: sh("exit 139"),
+    };
     let r = run_with(agent(), &t);
     assert_eq!((r.segfaults, r.other_failures), (2, 0));
 
-    let t = SelfTest { rounds: 1, threads_every: 0, parallel: 1, bytes: 0, command: sh("kill -SEGV $$") };
+    let t = SelfTest {
+        rounds: 1,
+        threads_every: 0,
+        parallel: 1,
+        bytes: 0,
+        command: sh("kill -SEGV $$"),
+    };
     let r = run_with(agent(), &t);
     assert_eq!(r.segfaults, 1, "{:?}", r.failures);
 
-    let t = SelfTest { rounds: 1, threads_every: 0, parallel: 1, bytes: 16, command: sh("head -c 3") };
+    let t = SelfTest {
+        rounds: 1,
+        threads_every: 0,
+        parallel: 1,
+        bytes: 16,
+        command: sh("head -c 3"),
+    };
     let r = run_with(agent(), &t);
-    assert_eq!(r.other_failures, 1, "short echo is corruption: {:?}", r.failures);
+    assert_eq!(
+        r.other_failures, 1,
+        "short echo is corruption: {:?}",
+        r.failures
+    );
 }
 
 #[test]

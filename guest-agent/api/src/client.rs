@@ -54,8 +54,10 @@ pub struct AgentClient {
 
 /// Opens a hybrid-vsock stream to guest `port` through the socket at `uds`.
 pub fn connect_vsock(uds: &Path, port: u32, timeout: Duration) -> Result<UnixStream, ClientError> {
-    let stream =
-        UnixStream::connect(uds).map_err(|source| ClientError::Connect { path: uds.into(), source })?;
+    let stream = UnixStream::connect(uds).map_err(|source| ClientError::Connect {
+        path: uds.into(),
+        source,
+    })?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
     (&stream).write_all(format!("CONNECT {port}\n").as_bytes())?;
@@ -65,7 +67,12 @@ pub fn connect_vsock(uds: &Path, port: u32, timeout: Duration) -> Result<UnixStr
     match reader.read_line(&mut line) {
         Ok(n) if n > 0 && line.starts_with("OK ") => Ok(stream),
         Ok(_) => Err(ClientError::Handshake { port }),
-        Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
             Err(ClientError::Handshake { port })
         }
         Err(e) => Err(e.into()),
@@ -80,7 +87,11 @@ impl AgentClient {
     }
 
     /// Connects, retrying every `interval` until `deadline` (the guest may still be booting).
-    pub fn connect_until(uds: &Path, deadline: Instant, interval: Duration) -> Result<Self, ClientError> {
+    pub fn connect_until(
+        uds: &Path,
+        deadline: Instant,
+        interval: Duration,
+    ) -> Result<Self, ClientError> {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -88,7 +99,9 @@ impl AgentClient {
             }
             match Self::connect(uds, left.min(Duration::from_secs(5))) {
                 Ok(c) => return Ok(c),
-                Err(ClientError::Handshake { .. } | ClientError::Connect { .. }) => std::thread::sleep(interval),
+                Err(ClientError::Handshake { .. } | ClientError::Connect { .. }) => {
+                    std::thread::sleep(interval)
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -104,13 +117,22 @@ impl AgentClient {
     pub fn call(&mut self, body: request::Body) -> Result<response::Body, ClientError> {
         let id = self.next_id;
         self.next_id += 1;
-        write_frame(&mut self.stream, &Request { id, body: Some(body) })?;
+        write_frame(
+            &mut self.stream,
+            &Request {
+                id,
+                body: Some(body),
+            },
+        )?;
         let resp: Response = read_frame(&mut self.stream)?;
         if resp.id != id {
             return Err(ClientError::Unexpected);
         }
         match resp.body {
-            Some(response::Body::Error(e)) => Err(ClientError::Agent { code: e.code, message: e.message }),
+            Some(response::Body::Error(e)) => Err(ClientError::Agent {
+                code: e.code,
+                message: e.message,
+            }),
             Some(b) => Ok(b),
             None => Err(ClientError::Unexpected),
         }

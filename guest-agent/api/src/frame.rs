@@ -10,7 +10,10 @@ use crate::MAX_FRAME;
 pub fn write_frame<M: Message, W: Write>(w: &mut W, msg: &M) -> io::Result<()> {
     let len = msg.encoded_len();
     if len > MAX_FRAME {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("frame of {len} bytes exceeds {MAX_FRAME}")));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("frame of {len} bytes exceeds {MAX_FRAME}"),
+        ));
     }
     let mut buf = Vec::with_capacity(4 + len);
     buf.extend_from_slice(&(len as u32).to_be_bytes());
@@ -25,7 +28,10 @@ pub fn read_frame<M: Message + Default, R: Read>(r: &mut R) -> io::Result<M> {
     r.read_exact(&mut len)?;
     let len = u32::from_be_bytes(len) as usize;
     if len > MAX_FRAME {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("frame of {len} bytes exceeds {MAX_FRAME}")));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("frame of {len} bytes exceeds {MAX_FRAME}"),
+        ));
     }
     let mut buf = vec![0u8; len];
     r.read_exact(&mut buf)?;
@@ -39,7 +45,10 @@ mod tests {
 
     #[test]
     fn round_trip_and_limits() {
-        let req = Request { id: 7, body: Some(request::Body::Ping(Ping {})) };
+        let req = Request {
+            id: 7,
+            body: Some(request::Body::Ping(Ping {})),
+        };
         let mut buf = Vec::new();
         write_frame(&mut buf, &req).unwrap();
         let back: Request = read_frame(&mut buf.as_slice()).unwrap();
@@ -50,7 +59,17 @@ mod tests {
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
 
         let garbage = [0, 0, 0, 3, 0xff, 0xff, 0xff];
-        assert_eq!(read_frame::<Request, _>(&mut garbage.as_slice()).unwrap_err().kind(), io::ErrorKind::InvalidData);
-        assert_eq!(read_frame::<Request, _>(&mut [0u8, 0].as_slice()).unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
+        assert_eq!(
+            read_frame::<Request, _>(&mut garbage.as_slice())
+                .unwrap_err()
+                .kind(),
+            io::ErrorKind::InvalidData
+        );
+        assert_eq!(
+            read_frame::<Request, _>(&mut [0u8, 0].as_slice())
+                .unwrap_err()
+                .kind(),
+            io::ErrorKind::UnexpectedEof
+        );
     }
 }

@@ -8,9 +8,14 @@ use std::process::ExitCode;
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     if args.iter().any(|a| a == "-v" || a == "--version") {
-        println!("containerd-shim-zygote-v2 {} (shim not implemented yet)", env!("CARGO_PKG_VERSION"));
+        println!(
+            "containerd-shim-zygote-v2 {} (shim not implemented yet)",
+            env!("CARGO_PKG_VERSION")
+        );
         return ExitCode::SUCCESS;
     }
-    eprintln!("containerd-shim-zygote-v2: the containerd shim is not implemented yet; use `zygote boot` to start a VM");
+    eprintln!(
+        "containerd-shim-zygote-v2: the containerd shim is not implemented yet; use `zygote boot` to start a VM"
+    );
     ExitCode::FAILURE
 }

@@ -15,7 +15,11 @@ use zygote::{doctor, paths};
 use zygote_agent_api::{SelfTest, request, response};
 
 #[derive(Parser)]
-#[command(name = "zygote", version, about = "zygote: containers in forked KVM microVMs")]
+#[command(
+    name = "zygote",
+    version,
+    about = "zygote: containers in forked KVM microVMs"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -135,7 +139,10 @@ fn handle_termination_signals() {
 fn main() -> ExitCode {
     handle_termination_signals();
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("ZYGOTE_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("ZYGOTE_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
@@ -157,10 +164,19 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 println!("{}", serde_json::to_string(&checks)?);
             } else {
                 for c in &checks {
-                    println!("{} {:8} {}", if c.ok { "ok  " } else { "FAIL" }, c.name, c.detail);
+                    println!(
+                        "{} {:8} {}",
+                        if c.ok { "ok  " } else { "FAIL" },
+                        c.name,
+                        c.detail
+                    );
                 }
             }
-            Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Command::Boot { vm, json } => {
             let sandbox = Sandbox::boot(&vm.config()).context("boot failed")?;
@@ -171,19 +187,39 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             println!(
                 "booted on {kind} KVM: vmm setup {:.1} ms, kernel entry {:.1} ms, agent start {:.1} ms, \
                  agent ready {:.1} ms (guest kernel {release}, {:.1} ms inside KVM_RUN); stopped: {reason:?}",
-                t.vmm_setup_ms, t.kernel_entry_ms, t.agent_start_ms, t.agent_ready_ms, t.guest_run_ms
+                t.vmm_setup_ms,
+                t.kernel_entry_ms,
+                t.agent_start_ms,
+                t.agent_ready_ms,
+                t.guest_run_ms
             );
             if json {
                 println!("{}", serde_json::to_string(&t)?);
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Selftest { vm, rounds, threads_every, parallel, bytes, child, json } => {
+        Command::Selftest {
+            vm,
+            rounds,
+            threads_every,
+            parallel,
+            bytes,
+            child,
+            json,
+        } => {
             let sandbox = Sandbox::boot(&vm.config()).context("boot failed")?;
             let mut client = sandbox.client()?;
             client.set_timeout(Duration::from_secs(3600))?;
-            let body = client.call(request::Body::SelfTest(SelfTest { rounds, threads_every, parallel, bytes, command: child }))?;
-            let response::Body::SelfTest(report) = body else { anyhow::bail!("unexpected answer to SelfTest") };
+            let body = client.call(request::Body::SelfTest(SelfTest {
+                rounds,
+                threads_every,
+                parallel,
+                bytes,
+                command: child,
+            }))?;
+            let response::Body::SelfTest(report) = body else {
+                anyhow::bail!("unexpected answer to SelfTest")
+            };
             sandbox.shutdown(Duration::from_secs(30));
             println!("selftest: {}", report.summary());
             for f in &report.failures {
@@ -200,7 +236,11 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                     })
                 );
             }
-            Ok(if report.ok == report.execs { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            Ok(if report.ok == report.execs {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
     }
 }

@@ -42,7 +42,10 @@ impl std::fmt::Debug for Bus {
 impl Bus {
     /// Adds `device` at `[base, base + len)`.
     pub fn insert(&mut self, device: SharedDevice, base: u64, len: u64) -> Result<(), BusError> {
-        let end = base.checked_add(len).filter(|_| len > 0).ok_or(BusError::Overlap { base, len })?;
+        let end = base
+            .checked_add(len)
+            .filter(|_| len > 0)
+            .ok_or(BusError::Overlap { base, len })?;
         let before = self.devices.range(..end).next_back();
         if let Some((b, (l, _))) = before {
             if b + l > base {
@@ -101,8 +104,20 @@ mod tests {
         let mut bus = Bus::default();
         let dev = Arc::new(Mutex::new(Recorder::default()));
         bus.insert(dev.clone(), 0x100, 0x10).unwrap();
-        assert_eq!(bus.insert(dev.clone(), 0x10f, 1), Err(BusError::Overlap { base: 0x10f, len: 1 }));
-        assert_eq!(bus.insert(dev.clone(), 0xf8, 0x10), Err(BusError::Overlap { base: 0xf8, len: 0x10 }));
+        assert_eq!(
+            bus.insert(dev.clone(), 0x10f, 1),
+            Err(BusError::Overlap {
+                base: 0x10f,
+                len: 1
+            })
+        );
+        assert_eq!(
+            bus.insert(dev.clone(), 0xf8, 0x10),
+            Err(BusError::Overlap {
+                base: 0xf8,
+                len: 0x10
+            })
+        );
         assert!(bus.insert(dev.clone(), 0x110, 0).is_err());
         bus.insert(dev.clone(), 0x110, 1).unwrap();
         let mut buf = [0u8; 2];

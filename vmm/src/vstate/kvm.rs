@@ -106,7 +106,10 @@ impl KvmHandle {
                 return Err(KvmError::MissingCap(cap));
             }
         }
-        Ok(KvmHandle { kvm, kind: KvmKind::detect() })
+        Ok(KvmHandle {
+            kvm,
+            kind: KvmKind::detect(),
+        })
     }
 }
 

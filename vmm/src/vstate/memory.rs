@@ -57,7 +57,11 @@ pub fn ram_regions(size: u64) -> Vec<(GuestAddress, u64, u64)> {
     } else {
         vec![
             (GuestAddress(0), MMIO_GAP_START, 0),
-            (GuestAddress(MMIO_GAP_END), size - MMIO_GAP_START, MMIO_GAP_START),
+            (
+                GuestAddress(MMIO_GAP_END),
+                size - MMIO_GAP_START,
+                MMIO_GAP_START,
+            ),
         ]
     }
 }
@@ -90,8 +94,10 @@ impl GuestRam {
         }
         // SAFETY: `fd` was just created and is owned by nothing else.
         let file = unsafe { File::from_raw_fd(fd) };
-        file.set_len(size)
-            .map_err(|source| MemoryError::Truncate { bytes: size, source })?;
+        file.set_len(size).map_err(|source| MemoryError::Truncate {
+            bytes: size,
+            source,
+        })?;
         let ranges = ram_regions(size)
             .into_iter()
             .map(|(addr, len, offset)| {
@@ -117,7 +123,11 @@ impl GuestRam {
             // SAFETY: `host` and `len` describe exactly one live mapping owned by
             // `self.memory`; MADV_POPULATE_WRITE only faults pages in.
             let rc = unsafe {
-                libc::madvise(host.cast(), region.len() as usize, libc::MADV_POPULATE_WRITE)
+                libc::madvise(
+                    host.cast(),
+                    region.len() as usize,
+                    libc::MADV_POPULATE_WRITE,
+                )
             };
             if rc != 0 {
                 return Err(MemoryError::Prefault(std::io::Error::last_os_error()));
@@ -144,7 +154,10 @@ mod tests {
 
     #[test]
     fn small_guest_is_one_region() {
-        assert_eq!(ram_regions(128 << 20), vec![(GuestAddress(0), 128 << 20, 0)]);
+        assert_eq!(
+            ram_regions(128 << 20),
+            vec![(GuestAddress(0), 128 << 20, 0)]
+        );
     }
 
     #[test]
@@ -158,7 +171,10 @@ mod tests {
 
     #[test]
     fn sizes_out_of_range_are_refused() {
-        assert!(matches!(GuestRam::new(1, false), Err(MemoryError::InvalidSize { mib: 1 })));
+        assert!(matches!(
+            GuestRam::new(1, false),
+            Err(MemoryError::InvalidSize { mib: 1 })
+        ));
         assert!(matches!(
             GuestRam::new(MAX_MEMORY_MIB + 1, false),
             Err(MemoryError::InvalidSize { .. })
@@ -168,7 +184,9 @@ mod tests {
     #[test]
     fn ram_is_backed_by_its_file() {
         let ram = GuestRam::new(16, true).unwrap();
-        ram.memory.write_obj(0xfeed_u32, GuestAddress(0x1000)).unwrap();
+        ram.memory
+            .write_obj(0xfeed_u32, GuestAddress(0x1000))
+            .unwrap();
         let mut buf = [0u8; 4];
         use std::os::unix::fs::FileExt;
         ram.file.read_exact_at(&mut buf, 0x1000).unwrap();

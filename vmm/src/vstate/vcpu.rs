@@ -69,7 +69,12 @@ pub fn stop_threads(threads: &mut Vec<std::thread::JoinHandle<()>>, stop: &Atomi
         for t in threads.iter().filter(|t| !t.is_finished()) {
             // SAFETY: the thread is alive (not finished, not joined), so its pthread_t
             // is valid; the signal has a no-op handler installed.
-            unsafe { libc::pthread_kill(std::os::unix::thread::JoinHandleExt::as_pthread_t(t), signal) };
+            unsafe {
+                libc::pthread_kill(
+                    std::os::unix::thread::JoinHandleExt::as_pthread_t(t),
+                    signal,
+                )
+            };
         }
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
@@ -100,12 +105,20 @@ impl Vcpu {
         let fd = vm
             .fd()
             .create_vcpu(u64::from(index))
-            .map_err(|source| VcpuError::Kvm { op: "KVM_CREATE_VCPU", index, source })?;
+            .map_err(|source| VcpuError::Kvm {
+                op: "KVM_CREATE_VCPU",
+                index,
+                source,
+            })?;
         Ok(Vcpu { fd, index })
     }
 
     fn kvm_err(&self, op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError + '_ {
-        move |source| VcpuError::Kvm { op, index: self.index, source }
+        move |source| VcpuError::Kvm {
+            op,
+            index: self.index,
+            source,
+        }
     }
 
     /// Sets CPUID, MSRs and the local APIC; the boot vCPU also gets the entry registers.
@@ -121,26 +134,46 @@ impl Vcpu {
             .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
             .map_err(self.kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         cpuid::configure(&mut cpuid, self.index, count);
-        self.fd.set_cpuid2(&cpuid).map_err(self.kvm_err("KVM_SET_CPUID2"))?;
+        self.fd
+            .set_cpuid2(&cpuid)
+            .map_err(self.kvm_err("KVM_SET_CPUID2"))?;
 
-        let supported = kvm.kvm.get_msr_index_list().map_err(self.kvm_err("KVM_GET_MSR_INDEX_LIST"))?;
+        let supported = kvm
+            .kvm
+            .get_msr_index_list()
+            .map_err(self.kvm_err("KVM_GET_MSR_INDEX_LIST"))?;
         let msrs = msr::boot_msrs(supported.as_slice());
-        let set = self.fd.set_msrs(&msrs).map_err(self.kvm_err("KVM_SET_MSRS"))?;
+        let set = self
+            .fd
+            .set_msrs(&msrs)
+            .map_err(self.kvm_err("KVM_SET_MSRS"))?;
         if set != msrs.as_slice().len() {
             let index = msrs.as_slice()[set].index;
-            tracing::warn!(vcpu = self.index, msr = format_args!("{index:#x}"), "KVM refused a boot MSR");
+            tracing::warn!(
+                vcpu = self.index,
+                msr = format_args!("{index:#x}"),
+                "KVM refused a boot MSR"
+            );
         }
 
         let mut lapic = self.fd.get_lapic().map_err(self.kvm_err("KVM_GET_LAPIC"))?;
         regs::configure_lint(&mut lapic);
-        self.fd.set_lapic(&lapic).map_err(self.kvm_err("KVM_SET_LAPIC"))?;
+        self.fd
+            .set_lapic(&lapic)
+            .map_err(self.kvm_err("KVM_SET_LAPIC"))?;
 
-        self.fd.set_fpu(&regs::boot_fpu()).map_err(self.kvm_err("KVM_SET_FPU"))?;
+        self.fd
+            .set_fpu(&regs::boot_fpu())
+            .map_err(self.kvm_err("KVM_SET_FPU"))?;
         if self.index == 0 {
             let mut sregs = self.fd.get_sregs().map_err(self.kvm_err("KVM_GET_SREGS"))?;
-            regs::setup_sregs(mem, kernel.mode, &mut sregs)
-                .map_err(|source| VcpuError::Regs { index: self.index, source })?;
-            self.fd.set_sregs(&sregs).map_err(self.kvm_err("KVM_SET_SREGS"))?;
+            regs::setup_sregs(mem, kernel.mode, &mut sregs).map_err(|source| VcpuError::Regs {
+                index: self.index,
+                source,
+            })?;
+            self.fd
+                .set_sregs(&sregs)
+                .map_err(self.kvm_err("KVM_SET_SREGS"))?;
             let r = regs::boot_regs(kernel.mode, kernel.entry.0);
             self.fd.set_regs(&r).map_err(self.kvm_err("KVM_SET_REGS"))?;
         }
@@ -149,12 +182,21 @@ impl Vcpu {
 
     /// Runs the vCPU until the VM stops. Returns when `stop` is set (after a kick)
     /// or when this vCPU raised an exit.
-    pub fn run(mut self, pio: Bus, mmio: Bus, exit: ExitSignal, stop: Arc<AtomicBool>, stats: Arc<VcpuStats>) {
+    pub fn run(
+        mut self,
+        pio: Bus,
+        mmio: Bus,
+        exit: ExitSignal,
+        stop: Arc<AtomicBool>,
+        stats: Arc<VcpuStats>,
+    ) {
         let index = self.index;
         while !stop.load(Ordering::Acquire) {
             let entered = Instant::now();
             let result = self.fd.run();
-            stats.run_ns.fetch_add(entered.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            stats
+                .run_ns
+                .fetch_add(entered.elapsed().as_nanos() as u64, Ordering::Relaxed);
             stats.exits.fetch_add(1, Ordering::Relaxed);
             let reason = match result {
                 Ok(VcpuExit::IoIn(port, data)) => {
@@ -185,14 +227,28 @@ impl Vcpu {
                 }),
                 Ok(VcpuExit::InternalError) => {
                     // SAFETY: after KVM_EXIT_INTERNAL_ERROR the `internal` member is the one KVM filled.
-                    let suberror = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
+                    let suberror =
+                        unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
                     let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(0);
-                    Some(ExitReason::InternalError { suberror, vcpu: index, rip })
+                    Some(ExitReason::InternalError {
+                        suberror,
+                        vcpu: index,
+                        rip,
+                    })
                 }
-                Ok(VcpuExit::FailEntry(reason, _cpu)) => Some(ExitReason::FailEntry { reason, vcpu: index }),
-                Ok(other) => Some(ExitReason::UnhandledExit { vcpu: index, exit: format!("{other:?}") }),
+                Ok(VcpuExit::FailEntry(reason, _cpu)) => Some(ExitReason::FailEntry {
+                    reason,
+                    vcpu: index,
+                }),
+                Ok(other) => Some(ExitReason::UnhandledExit {
+                    vcpu: index,
+                    exit: format!("{other:?}"),
+                }),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
-                Err(e) => Some(ExitReason::RunFailed { vcpu: index, errno: e.errno() }),
+                Err(e) => Some(ExitReason::RunFailed {
+                    vcpu: index,
+                    errno: e.errno(),
+                }),
             };
             if let Some(reason) = reason {
                 tracing::debug!(vcpu = index, ?reason, "vCPU stops the VM");
@@ -246,7 +302,9 @@ mod tests {
         let kvm = KvmHandle::open().expect("/dev/kvm is needed for the VMM tests");
         let ram = GuestRam::new(16, false).unwrap();
         let vm = Vm::new(&kvm, &ram.memory).unwrap();
-        ram.memory.write_slice(code, GuestAddress(HIMEM_START)).unwrap();
+        ram.memory
+            .write_slice(code, GuestAddress(HIMEM_START))
+            .unwrap();
         let kernel = LoadedKernel {
             entry: GuestAddress(HIMEM_START),
             mode: EntryMode::Pvh,
@@ -260,13 +318,22 @@ mod tests {
         let mmio_log = Arc::new(Mutex::new(Recorder::default()));
         let mut pio = Bus::default();
         pio.insert(pio_log.clone(), 0x3f8, 8).unwrap();
-        pio.insert(Arc::new(Mutex::new(I8042::new(exit.clone()))), 0x60, 5).unwrap();
+        pio.insert(Arc::new(Mutex::new(I8042::new(exit.clone()))), 0x60, 5)
+            .unwrap();
         let mut mmio = Bus::default();
         mmio.insert(mmio_log.clone(), 0xd000_0000, 0x1000).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let (e, s) = (exit.clone(), stop.clone());
         let thread = std::thread::spawn(move || vcpu.run(pio, mmio, e, s, Arc::default()));
-        TinyVm { _ram: ram, _vm: vm, exit, stop, threads: vec![thread], pio_log, mmio_log }
+        TinyVm {
+            _ram: ram,
+            _vm: vm,
+            exit,
+            stop,
+            threads: vec![thread],
+            pio_log,
+            mmio_log,
+        }
     }
 
     #[test]
@@ -286,13 +353,20 @@ mod tests {
         stop_threads(&mut vm.threads, &vm.stop);
         assert_eq!(reason, Some(ExitReason::Reset));
         assert_eq!(vm.pio_log.lock().unwrap().0, vec![(0, vec![b'Z'])]);
-        assert_eq!(vm.mmio_log.lock().unwrap().0, vec![(8, vec![0x10, 0x11, 0x12, 0x13])]);
+        assert_eq!(
+            vm.mmio_log.lock().unwrap().0,
+            vec![(8, vec![0x10, 0x11, 0x12, 0x13])]
+        );
     }
 
     #[test]
     fn a_spinning_guest_is_stopped_by_a_kick() {
         let mut vm = run_tiny(&[0xeb, 0xfe]); // jmp $
-        assert_eq!(vm.exit.wait_timeout(Duration::from_millis(200)), None, "still running");
+        assert_eq!(
+            vm.exit.wait_timeout(Duration::from_millis(200)),
+            None,
+            "still running"
+        );
         stop_threads(&mut vm.threads, &vm.stop);
         assert!(vm.threads.is_empty());
         assert_eq!(vm.exit.reason(), None, "a host stop is not a guest exit");

@@ -37,12 +37,18 @@ impl Vm {
     /// Creates the VM and registers `mem` with it.
     pub fn new(kvm_handle: &KvmHandle, mem: &GuestMemoryMmap) -> Result<Self, VmError> {
         let fd = kvm_handle.kvm.create_vm().map_err(kvm("KVM_CREATE_VM"))?;
-        fd.set_tss_address(KVM_TSS_ADDRESS as usize).map_err(kvm("KVM_SET_TSS_ADDR"))?;
+        fd.set_tss_address(KVM_TSS_ADDRESS as usize)
+            .map_err(kvm("KVM_SET_TSS_ADDR"))?;
         fd.create_irq_chip().map_err(kvm("KVM_CREATE_IRQCHIP"))?;
-        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
         fd.create_pit2(pit).map_err(kvm("KVM_CREATE_PIT2"))?;
         for (slot, region) in mem.iter().enumerate() {
-            let host = mem.get_host_address(region.start_addr()).expect("region start is in memory");
+            let host = mem
+                .get_host_address(region.start_addr())
+                .expect("region start is in memory");
             let region = kvm_userspace_memory_region {
                 slot: slot as u32,
                 guest_phys_addr: region.start_addr().raw_value(),
@@ -52,7 +58,8 @@ impl Vm {
             };
             // SAFETY: the region is a live mapping owned by `mem`, which the caller
             // keeps alive for as long as the VM (the machine owns both).
-            unsafe { fd.set_user_memory_region(region) }.map_err(kvm("KVM_SET_USER_MEMORY_REGION"))?;
+            unsafe { fd.set_user_memory_region(region) }
+                .map_err(kvm("KVM_SET_USER_MEMORY_REGION"))?;
         }
         Ok(Vm { fd })
     }

@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 
 use linux_loader::cmdline::Cmdline;
 use linux_loader::loader::bootparam::{boot_params, setup_header};
-use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info};
+use linux_loader::loader::elf::start_info::{
+    hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
+};
 use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::{BzImage, KernelLoader, load_cmdline};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
@@ -110,17 +112,30 @@ pub struct LoadedInitramfs {
 
 /// Loads `path` (ELF vmlinux or bzImage) into `mem` at 1 MiB or above.
 pub fn load_kernel<M: GuestMemoryBackend>(mem: &M, path: &Path) -> Result<LoadedKernel, BootError> {
-    let open = || File::open(path).map_err(|source| BootError::KernelOpen { path: path.into(), source });
+    let open = || {
+        File::open(path).map_err(|source| BootError::KernelOpen {
+            path: path.into(),
+            source,
+        })
+    };
     let mut file = open()?;
     let himem = Some(GuestAddress(HIMEM_START));
     let elf = match Elf::load(mem, None, &mut file, himem) {
         Ok(r) => {
             let end = GuestAddress(r.kernel_end);
             return Ok(match r.pvh_boot_cap {
-                PvhBootCapability::PvhEntryPresent(entry) => {
-                    LoadedKernel { entry, mode: EntryMode::Pvh, setup_header: None, end }
-                }
-                _ => LoadedKernel { entry: r.kernel_load, mode: EntryMode::Linux64, setup_header: None, end },
+                PvhBootCapability::PvhEntryPresent(entry) => LoadedKernel {
+                    entry,
+                    mode: EntryMode::Pvh,
+                    setup_header: None,
+                    end,
+                },
+                _ => LoadedKernel {
+                    entry: r.kernel_load,
+                    mode: EntryMode::Linux64,
+                    setup_header: None,
+                    end,
+                },
             });
         }
         Err(e) => e,
@@ -133,7 +148,11 @@ pub fn load_kernel<M: GuestMemoryBackend>(mem: &M, path: &Path) -> Result<Loaded
             setup_header: r.setup_header,
             end: GuestAddress(r.kernel_end),
         }),
-        Err(bzimage) => Err(BootError::KernelFormat { path: path.into(), elf, bzimage }),
+        Err(bzimage) => Err(BootError::KernelFormat {
+            path: path.into(),
+            elf,
+            bzimage,
+        }),
     }
 }
 
@@ -149,7 +168,10 @@ pub fn load_initramfs<M: GuestMemoryBackend>(
     path: &Path,
     kernel: &LoadedKernel,
 ) -> Result<LoadedInitramfs, BootError> {
-    let read_err = |source| BootError::InitramfsRead { path: path.into(), source };
+    let read_err = |source| BootError::InitramfsRead {
+        path: path.into(),
+        source,
+    };
     let mut file = File::open(path).map_err(read_err)?;
     let size = file.metadata().map_err(read_err)?.len();
     let max = kernel
@@ -165,7 +187,10 @@ pub fn load_initramfs<M: GuestMemoryBackend>(
         .ok_or(BootError::InitramfsTooLarge { size, limit })?;
     mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
         .map_err(|e| read_err(std::io::Error::other(e)))?;
-    Ok(LoadedInitramfs { addr: GuestAddress(addr), size })
+    Ok(LoadedInitramfs {
+        addr: GuestAddress(addr),
+        size,
+    })
 }
 
 /// The guest's RAM map, as `(start, length)` pairs.
@@ -185,7 +210,9 @@ fn ram_map<M: GuestMemoryBackend>(mem: &M) -> Vec<(u64, u64)> {
 pub fn build_cmdline(parts: &[&str]) -> Result<Cmdline, BootError> {
     let mut cmdline = Cmdline::new(CMDLINE_MAX_SIZE).map_err(BootError::Cmdline)?;
     for part in parts.iter().filter(|p| !p.trim().is_empty()) {
-        cmdline.insert_str(part.trim()).map_err(BootError::Cmdline)?;
+        cmdline
+            .insert_str(part.trim())
+            .map_err(BootError::Cmdline)?;
     }
     Ok(cmdline)
 }
@@ -198,7 +225,11 @@ pub fn write_boot_data<M: GuestMemoryBackend>(
     initramfs: Option<LoadedInitramfs>,
 ) -> Result<(), BootError> {
     load_cmdline(mem, GuestAddress(CMDLINE_START), cmdline).map_err(BootError::CmdlineWrite)?;
-    let cmdline_size = cmdline.as_cstring().map_err(BootError::Cmdline)?.as_bytes_with_nul().len();
+    let cmdline_size = cmdline
+        .as_cstring()
+        .map_err(BootError::Cmdline)?
+        .as_bytes_with_nul()
+        .len();
     let write = |addr: u64, f: &dyn Fn() -> Result<(), vm_memory::GuestMemoryError>| {
         f().map_err(|source| BootError::Write { addr, source })
     };
@@ -213,7 +244,12 @@ pub fn write_boot_data<M: GuestMemoryBackend>(
             };
             let memmap: Vec<hvm_memmap_table_entry> = ram_map(mem)
                 .into_iter()
-                .map(|(addr, size)| hvm_memmap_table_entry { addr, size, type_: E820_RAM, reserved: 0 })
+                .map(|(addr, size)| hvm_memmap_table_entry {
+                    addr,
+                    size,
+                    type_: E820_RAM,
+                    reserved: 0,
+                })
                 .collect();
             info.memmap_entries = memmap.len() as u32;
             if let Some(initrd) = initramfs {
@@ -228,10 +264,13 @@ pub fn write_boot_data<M: GuestMemoryBackend>(
                 info.modlist_paddr = modlist;
             }
             for (i, entry) in memmap.iter().enumerate() {
-                let addr = PVH_MEMMAP_START + (i * std::mem::size_of::<hvm_memmap_table_entry>()) as u64;
+                let addr =
+                    PVH_MEMMAP_START + (i * std::mem::size_of::<hvm_memmap_table_entry>()) as u64;
                 write(addr, &|| mem.write_obj(*entry, GuestAddress(addr)))?;
             }
-            write(PVH_INFO_START, &|| mem.write_obj(info, GuestAddress(PVH_INFO_START)))?;
+            write(PVH_INFO_START, &|| {
+                mem.write_obj(info, GuestAddress(PVH_INFO_START))
+            })?;
         }
         EntryMode::Linux64 => {
             let mut params = boot_params::default();
@@ -255,7 +294,9 @@ pub fn write_boot_data<M: GuestMemoryBackend>(
                 params.e820_table[i].r#type = E820_RAM;
             }
             params.e820_entries = map.len() as u8;
-            write(ZERO_PAGE_START, &|| mem.write_obj(params, GuestAddress(ZERO_PAGE_START)))?;
+            write(ZERO_PAGE_START, &|| {
+                mem.write_obj(params, GuestAddress(ZERO_PAGE_START))
+            })?;
         }
     }
     Ok(())
@@ -311,9 +352,13 @@ mod tests {
         let cmdline = build_cmdline(&["console=ttyS0", "", "quiet"]).unwrap();
         write_boot_data(&m, &kernel, &cmdline, Some(initrd)).unwrap();
         let info: hvm_start_info = m.read_obj(GuestAddress(PVH_INFO_START)).unwrap();
-        assert_eq!((info.magic, info.nr_modules, info.memmap_entries), (XEN_HVM_START_MAGIC, 1, 2));
+        assert_eq!(
+            (info.magic, info.nr_modules, info.memmap_entries),
+            (XEN_HVM_START_MAGIC, 1, 2)
+        );
         let mut text = [0u8; 20];
-        m.read_slice(&mut text, GuestAddress(CMDLINE_START)).unwrap();
+        m.read_slice(&mut text, GuestAddress(CMDLINE_START))
+            .unwrap();
         assert_eq!(&text, b"console=ttyS0 quiet\0");
     }
 

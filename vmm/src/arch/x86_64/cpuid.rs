@@ -16,7 +16,8 @@ pub fn configure(cpuid: &mut CpuId, index: u8, count: u8) {
     for entry in cpuid.as_mut_slice() {
         match entry.function {
             0x1 => {
-                entry.ebx = (entry.ebx & 0x0000_ffff) | (u32::from(index) << 24) | (u32::from(count) << 16);
+                entry.ebx =
+                    (entry.ebx & 0x0000_ffff) | (u32::from(index) << 24) | (u32::from(count) << 16);
                 entry.ecx |= LEAF1_ECX_HYPERVISOR;
                 if count > 1 {
                     entry.edx |= LEAF1_EDX_HTT;
@@ -45,8 +46,15 @@ mod tests {
     #[test]
     fn sets_apic_id_and_hypervisor_bit() {
         let mut cpuid = CpuId::from_entries(&[
-            kvm_cpuid_entry2 { function: 1, ebx: 0xff00_1234, ..Default::default() },
-            kvm_cpuid_entry2 { function: 0xb, ..Default::default() },
+            kvm_cpuid_entry2 {
+                function: 1,
+                ebx: 0xff00_1234,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: 0xb,
+                ..Default::default()
+            },
         ])
         .unwrap();
         configure(&mut cpuid, 3, 4);

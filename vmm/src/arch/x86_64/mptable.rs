@@ -96,7 +96,8 @@ pub fn build(cpus: u8) -> Result<Vec<u8>, MptableError> {
 /// Writes the MP table for `cpus` vCPUs into guest memory.
 pub fn setup<M: GuestMemoryBackend>(mem: &M, cpus: u8) -> Result<(), MptableError> {
     let bytes = build(cpus)?;
-    mem.write_slice(&bytes, GuestAddress(MPTABLE_START)).map_err(MptableError::Write)
+    mem.write_slice(&bytes, GuestAddress(MPTABLE_START))
+        .map_err(MptableError::Write)
 }
 
 #[cfg(test)]
@@ -123,6 +124,9 @@ mod tests {
     #[test]
     fn bad_cpu_counts() {
         assert!(matches!(build(0), Err(MptableError::NoCpus)));
-        assert!(matches!(build(MAX_VCPUS + 1), Err(MptableError::TooManyCpus(_))));
+        assert!(matches!(
+            build(MAX_VCPUS + 1),
+            Err(MptableError::TooManyCpus(_))
+        ));
     }
 }

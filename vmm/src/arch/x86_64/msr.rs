@@ -33,7 +33,11 @@ pub fn boot_msrs(supported: &[u32]) -> Msrs {
     let entries: Vec<kvm_msr_entry> = wanted
         .iter()
         .filter(|(index, _)| supported.contains(index))
-        .map(|&(index, data)| kvm_msr_entry { index, data, ..Default::default() })
+        .map(|&(index, data)| kvm_msr_entry {
+            index,
+            data,
+            ..Default::default()
+        })
         .collect();
     Msrs::from_entries(&entries).expect("fewer MSRs than the FAM limit")
 }
@@ -46,6 +50,12 @@ mod tests {
     fn only_supported_msrs_are_set() {
         let msrs = boot_msrs(&[MSR_LSTAR, MSR_IA32_MISC_ENABLE, 0x1234]);
         let set: Vec<_> = msrs.as_slice().iter().map(|e| (e.index, e.data)).collect();
-        assert_eq!(set, vec![(MSR_LSTAR, 0), (MSR_IA32_MISC_ENABLE, MISC_ENABLE_FAST_STRING)]);
+        assert_eq!(
+            set,
+            vec![
+                (MSR_LSTAR, 0),
+                (MSR_IA32_MISC_ENABLE, MISC_ENABLE_FAST_STRING)
+            ]
+        );
     }
 }

@@ -54,7 +54,11 @@ pub fn segment_from_gdt(entry: u64, index: u8) -> kvm_segment {
     let present = ((entry >> 47) & 1) as u8;
     kvm_segment {
         base: ((entry >> 16) & 0x00ff_ffff) | ((entry >> 32) & 0xff00_0000),
-        limit: if granular { ((raw_limit << 12) | 0xfff) as u32 } else { raw_limit as u32 },
+        limit: if granular {
+            ((raw_limit << 12) | 0xfff) as u32
+        } else {
+            raw_limit as u32
+        },
         selector: u16::from(index) * 8,
         type_: ((entry >> 40) & 0xf) as u8,
         present,
@@ -72,15 +76,24 @@ pub fn segment_from_gdt(entry: u64, index: u8) -> kvm_segment {
 /// The boot GDT: null, code, data, TSS.
 fn boot_gdt(mode: EntryMode) -> [u64; 4] {
     let code = match mode {
-        EntryMode::Pvh => gdt_entry(0xc09b, 0, 0xfffff),     // 32-bit, 4 KiB granular
+        EntryMode::Pvh => gdt_entry(0xc09b, 0, 0xfffff), // 32-bit, 4 KiB granular
         EntryMode::Linux64 => gdt_entry(0xa09b, 0, 0xfffff), // 64-bit
     };
-    [0, code, gdt_entry(0xc093, 0, 0xfffff), gdt_entry(0x808b, 0, 0xfffff)]
+    [
+        0,
+        code,
+        gdt_entry(0xc093, 0, 0xfffff),
+        gdt_entry(0x808b, 0, 0xfffff),
+    ]
 }
 
 /// General-purpose registers at the kernel entry.
 pub fn boot_regs(mode: EntryMode, entry: u64) -> kvm_regs {
-    let mut regs = kvm_regs { rflags: 0x2, rip: entry, ..Default::default() };
+    let mut regs = kvm_regs {
+        rflags: 0x2,
+        rip: entry,
+        ..Default::default()
+    };
     match mode {
         EntryMode::Pvh => regs.rbx = PVH_INFO_START,
         EntryMode::Linux64 => {
@@ -105,7 +118,10 @@ pub fn setup_sregs<M: GuestMemoryBackend>(
             .map_err(|source| RegsError::WriteTables { addr, source })?;
     }
     mem.write_obj(0u64, GuestAddress(BOOT_IDT_START))
-        .map_err(|source| RegsError::WriteTables { addr: BOOT_IDT_START, source })?;
+        .map_err(|source| RegsError::WriteTables {
+            addr: BOOT_IDT_START,
+            source,
+        })?;
 
     sregs.gdt.base = BOOT_GDT_START;
     sregs.gdt.limit = (std::mem::size_of_val(&gdt) - 1) as u16;
@@ -154,7 +170,11 @@ fn write_identity_page_tables<M: GuestMemoryBackend>(mem: &M) -> Result<(), Regs
 
 /// The FPU at reset: x87 control word and MXCSR defaults.
 pub fn boot_fpu() -> kvm_fpu {
-    kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() }
+    kvm_fpu {
+        fcw: 0x37f,
+        mxcsr: 0x1f80,
+        ..Default::default()
+    }
 }
 
 const APIC_LVT0: usize = 0x350;
@@ -190,7 +210,10 @@ mod tests {
     #[test]
     fn gdt_entries_round_trip_to_segments() {
         let code64 = segment_from_gdt(gdt_entry(0xa09b, 0, 0xfffff), 1);
-        assert_eq!((code64.l, code64.db, code64.type_, code64.present), (1, 0, 0xb, 1));
+        assert_eq!(
+            (code64.l, code64.db, code64.type_, code64.present),
+            (1, 0, 0xb, 1)
+        );
         assert_eq!(code64.limit, 0xffff_ffff);
         assert_eq!(code64.selector, 8);
         let code32 = segment_from_gdt(gdt_entry(0xc09b, 0, 0xfffff), 1);

@@ -58,7 +58,13 @@ pub struct ConsoleLog {
 impl ConsoleLog {
     /// A sink writing to `file` (if any) and reporting to `exit`.
     pub fn new(file: Option<File>, exit: ExitSignal) -> Self {
-        ConsoleLog { file, written: 0, tail: Arc::default(), line: Vec::new(), exit }
+        ConsoleLog {
+            file,
+            written: 0,
+            tail: Arc::default(),
+            line: Vec::new(),
+            exit,
+        }
     }
 
     /// A handle to the last bytes of output.
@@ -87,7 +93,8 @@ impl Write for ConsoleLog {
                     self.written += n as u64;
                 }
                 if self.written == CONSOLE_LOG_LIMIT {
-                    let _ = file.write_all(b"\n[zygote: console log limit reached, output dropped]\n");
+                    let _ =
+                        file.write_all(b"\n[zygote: console log limit reached, output dropped]\n");
                 }
             }
         }
@@ -134,7 +141,9 @@ pub struct SerialConsole {
 impl SerialConsole {
     /// A console raising `irq` and writing to `out`.
     pub fn new(irq: EventFd, out: ConsoleLog) -> Self {
-        SerialConsole { serial: Serial::new(IrqTrigger(irq), out) }
+        SerialConsole {
+            serial: Serial::new(IrqTrigger(irq), out),
+        }
     }
 }
 
@@ -163,7 +172,8 @@ mod tests {
     fn markers_are_reported() {
         let exit = ExitSignal::default();
         let mut log = ConsoleLog::new(None, exit.clone());
-        log.write_all(b"[ 1.0] Kernel panic - not syncing: Attempted to kill init!\n").unwrap();
+        log.write_all(b"[ 1.0] Kernel panic - not syncing: Attempted to kill init!\n")
+            .unwrap();
         assert_eq!(exit.reason(), None);
         exit.raise(ExitReason::Reset);
         assert_eq!(exit.wait_timeout(Duration::ZERO), Some(ExitReason::Panic));
@@ -187,7 +197,10 @@ mod tests {
         }
         let len = std::fs::metadata(&path).unwrap().len();
         std::fs::remove_file(&path).unwrap();
-        assert!(len >= CONSOLE_LOG_LIMIT && len < CONSOLE_LOG_LIMIT + 128, "{len}");
+        assert!(
+            (CONSOLE_LOG_LIMIT..CONSOLE_LOG_LIMIT + 128).contains(&len),
+            "{len}"
+        );
         assert_eq!(tail.lock().unwrap().len(), TAIL_LEN);
     }
 

@@ -42,7 +42,11 @@ pub struct MmioTransport {
 
 impl MmioTransport {
     /// Wraps `device`; its interrupt is raised through `irqfd`.
-    pub fn new(device: Box<dyn VirtioDevice>, mem: GuestMemoryMmap, irqfd: EventFd) -> std::io::Result<Self> {
+    pub fn new(
+        device: Box<dyn VirtioDevice>,
+        mem: GuestMemoryMmap,
+        irqfd: EventFd,
+    ) -> std::io::Result<Self> {
         let queues = Self::fresh_queues(device.as_ref());
         let queue_evts = queues
             .iter()
@@ -119,9 +123,12 @@ impl MmioTransport {
         let ok = match new {
             DEVICE_STATUS_ACKNOWLEDGE => self.status == 0,
             DEVICE_STATUS_DRIVER => self.status == DEVICE_STATUS_ACKNOWLEDGE,
-            DEVICE_STATUS_FEATURES_OK => self.status == DEVICE_STATUS_ACKNOWLEDGE | DEVICE_STATUS_DRIVER,
+            DEVICE_STATUS_FEATURES_OK => {
+                self.status == DEVICE_STATUS_ACKNOWLEDGE | DEVICE_STATUS_DRIVER
+            }
             DEVICE_STATUS_DRIVER_OK => {
-                self.status == DEVICE_STATUS_ACKNOWLEDGE | DEVICE_STATUS_DRIVER | DEVICE_STATUS_FEATURES_OK
+                self.status
+                    == DEVICE_STATUS_ACKNOWLEDGE | DEVICE_STATUS_DRIVER | DEVICE_STATUS_FEATURES_OK
             }
             DEVICE_STATUS_FAILED => true,
             _ => false,
@@ -141,13 +148,16 @@ impl MmioTransport {
 
     fn activate(&mut self) {
         let valid = self.queues.iter().all(|q| q.is_valid(&self.mem));
-        let evts: std::io::Result<Vec<EventFd>> = self.queue_evts.iter().map(EventFd::try_clone).collect();
+        let evts: std::io::Result<Vec<EventFd>> =
+            self.queue_evts.iter().map(EventFd::try_clone).collect();
         let result = match (valid, evts) {
             (true, Ok(queue_evts)) => {
                 let queues = self
                     .queues
                     .iter()
-                    .map(|q| Queue::try_from(q.state()).expect("a valid queue's state converts back"))
+                    .map(|q| {
+                        Queue::try_from(q.state()).expect("a valid queue's state converts back")
+                    })
                     .collect();
                 self.device.activate(ActivateArgs {
                     mem: self.mem.clone(),
@@ -157,7 +167,10 @@ impl MmioTransport {
                 })
             }
             (false, _) => {
-                tracing::warn!(device = self.device.device_type(), "driver set up an invalid queue");
+                tracing::warn!(
+                    device = self.device.device_type(),
+                    "driver set up an invalid queue"
+                );
                 self.status |= DEVICE_STATUS_NEEDS_RESET;
                 return;
             }
@@ -206,8 +219,14 @@ impl MmioTransport {
             0x20 => {
                 if self.status & DEVICE_STATUS_FEATURES_OK == 0 {
                     match self.driver_features_select {
-                        0 => self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(v),
-                        1 => self.driver_features = (self.driver_features & 0xffff_ffff) | (u64::from(v) << 32),
+                        0 => {
+                            self.driver_features =
+                                (self.driver_features & !0xffff_ffff) | u64::from(v)
+                        }
+                        1 => {
+                            self.driver_features =
+                                (self.driver_features & 0xffff_ffff) | (u64::from(v) << 32)
+                        }
                         _ => {}
                     }
                 }
@@ -311,7 +330,10 @@ pub(crate) mod tests {
 
     pub fn transport_with(device: Box<dyn VirtioDevice>) -> (MmioTransport, GuestMemoryMmap) {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        (MmioTransport::new(device, mem.clone(), EventFd::new(0).unwrap()).unwrap(), mem)
+        (
+            MmioTransport::new(device, mem.clone(), EventFd::new(0).unwrap()).unwrap(),
+            mem,
+        )
     }
 
     /// Drives the driver side of the handshake with queues at fixed addresses.
@@ -320,7 +342,11 @@ pub(crate) mod tests {
         write32(t, 0x70, DEVICE_STATUS_ACKNOWLEDGE | DEVICE_STATUS_DRIVER);
         write32(t, 0x24, 1);
         write32(t, 0x20, 1); // VERSION_1
-        write32(t, 0x70, DEVICE_STATUS_ACKNOWLEDGE | DEVICE_STATUS_DRIVER | DEVICE_STATUS_FEATURES_OK);
+        write32(
+            t,
+            0x70,
+            DEVICE_STATUS_ACKNOWLEDGE | DEVICE_STATUS_DRIVER | DEVICE_STATUS_FEATURES_OK,
+        );
         for q in 0..queues {
             let base = 0x10000 * (q as u64 + 1);
             write32(t, 0x30, q);
@@ -333,7 +359,10 @@ pub(crate) mod tests {
         write32(
             t,
             0x70,
-            DEVICE_STATUS_ACKNOWLEDGE | DEVICE_STATUS_DRIVER | DEVICE_STATUS_FEATURES_OK | DEVICE_STATUS_DRIVER_OK,
+            DEVICE_STATUS_ACKNOWLEDGE
+                | DEVICE_STATUS_DRIVER
+                | DEVICE_STATUS_FEATURES_OK
+                | DEVICE_STATUS_DRIVER_OK,
         );
     }
 
@@ -348,7 +377,11 @@ pub(crate) mod tests {
         write32(&mut t, 0x30, 1);
         assert_eq!(read32(&mut t, 0x34), 16);
         write32(&mut t, 0x30, 7);
-        assert_eq!(read32(&mut t, 0x34), 0, "a queue that does not exist has size 0");
+        assert_eq!(
+            read32(&mut t, 0x34),
+            0,
+            "a queue that does not exist has size 0"
+        );
         let mut odd = [0xffu8; 2];
         t.read(0x1, &mut odd);
         assert_eq!(odd, [0, 0], "unaligned register reads give zeros");
@@ -357,11 +390,17 @@ pub(crate) mod tests {
     #[test]
     fn handshake_activates_and_reset_resets() {
         let activations = Arc::new(Mutex::new(Vec::new()));
-        let probe = Probe { activations: activations.clone(), ..Default::default() };
+        let probe = Probe {
+            activations: activations.clone(),
+            ..Default::default()
+        };
         let (mut t, _) = transport_with(Box::new(probe));
         bring_up(&mut t, 2);
         assert_eq!(*activations.lock().unwrap(), vec![2]);
-        assert_eq!(read32(&mut t, 0x70) & DEVICE_STATUS_DRIVER_OK, DEVICE_STATUS_DRIVER_OK);
+        assert_eq!(
+            read32(&mut t, 0x70) & DEVICE_STATUS_DRIVER_OK,
+            DEVICE_STATUS_DRIVER_OK
+        );
         // Queue set-up is frozen after DRIVER_OK.
         write32(&mut t, 0x30, 0);
         write32(&mut t, 0x44, 0);
@@ -374,21 +413,35 @@ pub(crate) mod tests {
     #[test]
     fn out_of_order_status_and_bad_queues_do_not_activate() {
         let activations = Arc::new(Mutex::new(Vec::new()));
-        let probe = Probe { activations: activations.clone(), ..Default::default() };
+        let probe = Probe {
+            activations: activations.clone(),
+            ..Default::default()
+        };
         let (mut t, _) = transport_with(Box::new(probe));
         write32(&mut t, 0x70, DEVICE_STATUS_DRIVER_OK);
         assert_eq!(read32(&mut t, 0x70), 0);
         // Queues never set up: DRIVER_OK must not activate the device.
         write32(&mut t, 0x70, DEVICE_STATUS_ACKNOWLEDGE);
-        write32(&mut t, 0x70, DEVICE_STATUS_ACKNOWLEDGE | DEVICE_STATUS_DRIVER);
-        write32(&mut t, 0x70, DEVICE_STATUS_ACKNOWLEDGE | DEVICE_STATUS_DRIVER | DEVICE_STATUS_FEATURES_OK);
+        write32(
+            &mut t,
+            0x70,
+            DEVICE_STATUS_ACKNOWLEDGE | DEVICE_STATUS_DRIVER,
+        );
+        write32(
+            &mut t,
+            0x70,
+            DEVICE_STATUS_ACKNOWLEDGE | DEVICE_STATUS_DRIVER | DEVICE_STATUS_FEATURES_OK,
+        );
         write32(&mut t, 0x30, 0);
         write32(&mut t, 0x80, 0xffff_f000); // outside guest memory
         write32(&mut t, 0x44, 1);
         write32(
             &mut t,
             0x70,
-            DEVICE_STATUS_ACKNOWLEDGE | DEVICE_STATUS_DRIVER | DEVICE_STATUS_FEATURES_OK | DEVICE_STATUS_DRIVER_OK,
+            DEVICE_STATUS_ACKNOWLEDGE
+                | DEVICE_STATUS_DRIVER
+                | DEVICE_STATUS_FEATURES_OK
+                | DEVICE_STATUS_DRIVER_OK,
         );
         assert!(activations.lock().unwrap().is_empty());
         assert_ne!(read32(&mut t, 0x70) & DEVICE_STATUS_NEEDS_RESET, 0);

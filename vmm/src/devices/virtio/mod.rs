@@ -7,9 +7,9 @@
 
 pub mod mmio;
 pub mod rng;
-pub mod vsock;
 #[cfg(test)]
 pub(crate) mod test_utils;
+pub mod vsock;
 mod worker;
 
 use std::sync::Arc;
@@ -89,12 +89,16 @@ pub struct Interrupt {
 impl Interrupt {
     /// An interrupt raised through `irqfd`.
     pub fn new(irqfd: EventFd) -> Self {
-        Interrupt { status: AtomicU32::new(0), irqfd }
+        Interrupt {
+            status: AtomicU32::new(0),
+            irqfd,
+        }
     }
 
     /// Tells the driver a queue has used buffers.
     pub fn signal_used_queue(&self) {
-        self.status.fetch_or(VIRTIO_MMIO_INT_VRING, Ordering::SeqCst);
+        self.status
+            .fetch_or(VIRTIO_MMIO_INT_VRING, Ordering::SeqCst);
         // An irqfd write fails only if its counter would overflow: the interrupt is pending anyway.
         let _ = self.irqfd.write(1);
     }

@@ -23,11 +23,25 @@ pub struct TestQueue {
 impl TestQueue {
     /// A queue of `size` entries with its rings from `base` (needs 3 pages).
     pub fn new(base: u64, size: u16) -> Self {
-        TestQueue { desc: base, avail: base + 0x1000, used: base + 0x2000, size, avail_idx: 0 }
+        TestQueue {
+            desc: base,
+            avail: base + 0x1000,
+            used: base + 0x2000,
+            size,
+            avail_idx: 0,
+        }
     }
 
     /// Writes descriptor `index`.
-    pub fn desc(&self, mem: &GuestMemoryMmap, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
+    pub fn desc(
+        &self,
+        mem: &GuestMemoryMmap,
+        index: u16,
+        addr: u64,
+        len: u32,
+        flags: u16,
+        next: u16,
+    ) {
         let at = GuestAddress(self.desc + 16 * u64::from(index));
         mem.write_obj(addr, at).unwrap();
         mem.write_obj(len, GuestAddress(at.0 + 8)).unwrap();
@@ -38,9 +52,11 @@ impl TestQueue {
     /// Offers the chain starting at `head` to the device.
     pub fn publish(&mut self, mem: &GuestMemoryMmap, head: u16) {
         let slot = u64::from(self.avail_idx % self.size);
-        mem.write_obj(head, GuestAddress(self.avail + 4 + 2 * slot)).unwrap();
+        mem.write_obj(head, GuestAddress(self.avail + 4 + 2 * slot))
+            .unwrap();
         self.avail_idx = self.avail_idx.wrapping_add(1);
-        mem.write_obj(self.avail_idx, GuestAddress(self.avail + 2)).unwrap();
+        mem.write_obj(self.avail_idx, GuestAddress(self.avail + 2))
+            .unwrap();
     }
 
     /// How many buffers the device has returned.
@@ -51,7 +67,10 @@ impl TestQueue {
     /// Used element `i`: (head, bytes written).
     pub fn used_elem(&self, mem: &GuestMemoryMmap, i: u16) -> (u32, u32) {
         let at = self.used + 4 + 8 * u64::from(i % self.size);
-        (mem.read_obj(GuestAddress(at)).unwrap(), mem.read_obj(GuestAddress(at + 4)).unwrap())
+        (
+            mem.read_obj(GuestAddress(at)).unwrap(),
+            mem.read_obj(GuestAddress(at + 4)).unwrap(),
+        )
     }
 
     /// The device's view of this queue.

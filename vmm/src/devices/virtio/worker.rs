@@ -13,11 +13,19 @@ pub struct Worker<T> {
 
 impl<T: Send + 'static> Worker<T> {
     /// Spawns `name` running `body(kill_evt)`; `body` must return when the kill eventfd fires.
-    pub fn spawn(name: &str, body: impl FnOnce(EventFd) -> T + Send + 'static) -> std::io::Result<Self> {
+    pub fn spawn(
+        name: &str,
+        body: impl FnOnce(EventFd) -> T + Send + 'static,
+    ) -> std::io::Result<Self> {
         let kill = EventFd::new(libc::EFD_NONBLOCK)?;
         let theirs = kill.try_clone()?;
-        let handle = std::thread::Builder::new().name(name.into()).spawn(move || body(theirs))?;
-        Ok(Worker { kill, handle: Some(handle) })
+        let handle = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || body(theirs))?;
+        Ok(Worker {
+            kill,
+            handle: Some(handle),
+        })
     }
 
     /// Asks the thread to stop and returns what it gave back (`None` if it panicked).

@@ -55,7 +55,8 @@ fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
     let mut filled = 0;
     while filled < buf.len() {
         // SAFETY: the pointer and length describe the unfilled part of `buf`.
-        let n = unsafe { libc::getrandom(buf[filled..].as_mut_ptr().cast(), buf.len() - filled, 0) };
+        let n =
+            unsafe { libc::getrandom(buf[filled..].as_mut_ptr().cast(), buf.len() - filled, 0) };
         if n < 0 {
             let e = std::io::Error::last_os_error();
             if e.kind() != std::io::ErrorKind::Interrupted {
@@ -92,9 +93,17 @@ impl VirtioDevice for Rng {
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
 
     fn activate(&mut self, args: ActivateArgs) -> Result<(), ActivateError> {
-        let ActivateArgs { mem, mut queues, mut queue_evts, interrupt } = args;
+        let ActivateArgs {
+            mem,
+            mut queues,
+            mut queue_evts,
+            interrupt,
+        } = args;
         if queues.len() != 1 || queue_evts.len() != 1 {
-            return Err(ActivateError::QueueCount { expected: 1, got: queues.len() });
+            return Err(ActivateError::QueueCount {
+                expected: 1,
+                got: queues.len(),
+            });
         }
         let queue = queues.remove(0);
         let evt = queue_evts.remove(0);

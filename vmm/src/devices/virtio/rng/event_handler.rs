@@ -13,11 +13,25 @@ use crate::vstate::memory::GuestMemoryMmap;
 const QUEUE: u64 = 0;
 const KILL: u64 = 1;
 
-pub(super) fn run(mem: GuestMemoryMmap, mut queue: Queue, evt: EventFd, interrupt: Arc<Interrupt>, kill: EventFd) {
+pub(super) fn run(
+    mem: GuestMemoryMmap,
+    mut queue: Queue,
+    evt: EventFd,
+    interrupt: Arc<Interrupt>,
+    kill: EventFd,
+) {
     let setup = || -> std::io::Result<Epoll> {
         let epoll = Epoll::new()?;
-        epoll.ctl(ControlOperation::Add, evt.as_raw_fd(), EpollEvent::new(EventSet::IN, QUEUE))?;
-        epoll.ctl(ControlOperation::Add, kill.as_raw_fd(), EpollEvent::new(EventSet::IN, KILL))?;
+        epoll.ctl(
+            ControlOperation::Add,
+            evt.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, QUEUE),
+        )?;
+        epoll.ctl(
+            ControlOperation::Add,
+            kill.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, KILL),
+        )?;
         Ok(epoll)
     };
     let epoll = match setup() {

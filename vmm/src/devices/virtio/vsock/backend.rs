@@ -229,7 +229,13 @@ impl VsockBackend {
                     }
                     let fd = stream.as_raw_fd();
                     self.watch(fd, EventSet::IN, ControlOperation::Add);
-                    self.handshakes.insert(fd, Handshake { stream, buf: Vec::new() });
+                    self.handshakes.insert(
+                        fd,
+                        Handshake {
+                            stream,
+                            buf: Vec::new(),
+                        },
+                    );
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
@@ -247,7 +253,9 @@ impl VsockBackend {
             self.handle_handshake(fd);
             return;
         }
-        let Some(&key) = self.by_fd.get(&fd) else { return };
+        let Some(&key) = self.by_fd.get(&fd) else {
+            return;
+        };
         if events.intersects(EventSet::OUT) {
             let conn = self.conns.get_mut(&key).expect("by_fd and conns agree");
             if conn.flush().is_err() {
@@ -261,7 +269,9 @@ impl VsockBackend {
             }
             self.maybe_credit_update(key);
         }
-        if events.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR | EventSet::READ_HANG_UP) {
+        if events
+            .intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR | EventSet::READ_HANG_UP)
+        {
             // Stop watching for input until the data has been moved to the guest.
             if self.rx_ready.insert(key) {
                 let conn = &self.conns[&key];
@@ -276,7 +286,9 @@ impl VsockBackend {
         let n = match hs.stream.read(&mut buf[..HANDSHAKE_MAX - hs.buf.len()]) {
             Ok(0) => 0,
             Ok(n) => n,
-            Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => return,
+            Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {
+                return;
+            }
             Err(_) => 0,
         };
         if n == 0 {
@@ -312,7 +324,11 @@ impl VsockBackend {
         self.watch(fd, EventSet::empty(), ControlOperation::Modify);
         self.by_fd.insert(fd, key);
         self.conns.insert(key, conn);
-        self.control.push_back(Control { key, op: op::REQUEST, flags: 0 });
+        self.control.push_back(Control {
+            key,
+            op: op::REQUEST,
+            flags: 0,
+        });
     }
 
     fn drop_handshake(&mut self, fd: RawFd) {
@@ -325,7 +341,10 @@ impl VsockBackend {
     fn allocate_local_port(&mut self, peer_port: u32) -> u32 {
         loop {
             let port = self.next_local_port;
-            self.next_local_port = self.next_local_port.checked_add(1).unwrap_or(FIRST_LOCAL_PORT);
+            self.next_local_port = self
+                .next_local_port
+                .checked_add(1)
+                .unwrap_or(FIRST_LOCAL_PORT);
             if !self.conns.contains_key(&(port, peer_port)) {
                 return port;
             }
@@ -335,7 +354,11 @@ impl VsockBackend {
     /// Closes a connection and tells the guest.
     fn reset(&mut self, key: Key) {
         self.remove(key);
-        self.control.push_back(Control { key, op: op::RST, flags: 0 });
+        self.control.push_back(Control {
+            key,
+            op: op::RST,
+            flags: 0,
+        });
     }
 
     fn remove(&mut self, key: Key) {
@@ -351,9 +374,16 @@ impl VsockBackend {
     fn maybe_credit_update(&mut self, key: Key) {
         if let Some(conn) = self.conns.get(&key) {
             if (conn.fwd_cnt - conn.fwd_cnt_sent).0 >= CREDIT_UPDATE_THRESHOLD
-                && !self.control.iter().any(|c| c.key == key && c.op == op::CREDIT_UPDATE)
+                && !self
+                    .control
+                    .iter()
+                    .any(|c| c.key == key && c.op == op::CREDIT_UPDATE)
             {
-                self.control.push_back(Control { key, op: op::CREDIT_UPDATE, flags: 0 });
+                self.control.push_back(Control {
+                    key,
+                    op: op::CREDIT_UPDATE,
+                    flags: 0,
+                });
             }
         }
     }
@@ -384,14 +414,20 @@ impl VsockBackend {
     pub fn process_tx(&mut self) {
         loop {
             let mem = self.mem.clone();
-            let Some(chain) = self.queues[TXQ].iter(&mem).ok().and_then(|mut it| it.next()) else {
+            let Some(chain) = self.queues[TXQ]
+                .iter(&mem)
+                .ok()
+                .and_then(|mut it| it.next())
+            else {
                 break;
             };
             let head = chain.head_index();
             match chain.reader(&mem) {
                 Ok(mut reader) => {
                     let mut hdr_bytes = [0u8; HDR_LEN];
-                    if reader.available_bytes() >= HDR_LEN && reader.read_exact(&mut hdr_bytes).is_ok() {
+                    if reader.available_bytes() >= HDR_LEN
+                        && reader.read_exact(&mut hdr_bytes).is_ok()
+                    {
                         let hdr = Header::from_bytes(&hdr_bytes);
                         let len = hdr.len as usize;
                         if len > MAX_PAYLOAD || len > reader.available_bytes() {
@@ -429,7 +465,11 @@ impl VsockBackend {
 
     fn handle_guest_packet(&mut self, hdr: Header, data: &[u8]) {
         if hdr.src_cid != self.cid || hdr.dst_cid != HOST_CID {
-            tracing::debug!(src = hdr.src_cid, dst = hdr.dst_cid, "vsock: packet with foreign addresses dropped");
+            tracing::debug!(
+                src = hdr.src_cid,
+                dst = hdr.dst_cid,
+                "vsock: packet with foreign addresses dropped"
+            );
             return;
         }
         if hdr.type_ != TYPE_STREAM {
@@ -449,7 +489,8 @@ impl VsockBackend {
         match (hdr.op, conn.state) {
             (op::RESPONSE, ConnState::AwaitingResponse) => {
                 conn.state = ConnState::Established;
-                conn.pending.extend_from_slice(format!("OK {}\n", key.0).as_bytes());
+                conn.pending
+                    .extend_from_slice(format!("OK {}\n", key.0).as_bytes());
                 // The OK line is not guest data: keep it out of the credit count.
                 conn.fwd_cnt -= Wrapping(conn.pending.len() as u32);
                 if !conn.rx_prefix.is_empty() {
@@ -459,7 +500,8 @@ impl VsockBackend {
                 self.rearm(key);
             }
             (op::RW, ConnState::Established) => {
-                if conn.peer_shut_send || conn.pending.len() + data.len() > CONN_BUF_ALLOC as usize {
+                if conn.peer_shut_send || conn.pending.len() + data.len() > CONN_BUF_ALLOC as usize
+                {
                     tracing::debug!("vsock: guest sent past its credit or after shutdown");
                     self.reset(key);
                     return;
@@ -468,7 +510,11 @@ impl VsockBackend {
                 self.flush_conn(key);
             }
             (op::CREDIT_UPDATE, _) => {}
-            (op::CREDIT_REQUEST, _) => self.control.push_back(Control { key, op: op::CREDIT_UPDATE, flags: 0 }),
+            (op::CREDIT_REQUEST, _) => self.control.push_back(Control {
+                key,
+                op: op::CREDIT_UPDATE,
+                flags: 0,
+            }),
             (op::SHUTDOWN, _) => {
                 if hdr.flags & SHUTDOWN_SEND != 0 {
                     conn.peer_shut_send = true;
@@ -489,14 +535,18 @@ impl VsockBackend {
 
     /// Writes pending guest data to the host; watches for writability if it backs up.
     fn flush_conn(&mut self, key: Key) {
-        let Some(conn) = self.conns.get_mut(&key) else { return };
+        let Some(conn) = self.conns.get_mut(&key) else {
+            return;
+        };
         if conn.flush().is_err() {
             self.reset(key);
             return;
         }
         if !conn.pending.is_empty() && !conn.watching_out {
             conn.watching_out = true;
-            let reading = conn.state == ConnState::Established && !conn.host_eof && !self.rx_ready.contains(&key);
+            let reading = conn.state == ConnState::Established
+                && !conn.host_eof
+                && !self.rx_ready.contains(&key);
             let (fd, ev) = (conn.stream.as_raw_fd(), Self::conn_events(conn, reading));
             self.watch(fd, ev, ControlOperation::Modify);
         }
@@ -506,15 +556,25 @@ impl VsockBackend {
     /// Watches a connection's host stream for input again.
     fn rearm(&self, key: Key) {
         if let Some(conn) = self.conns.get(&key) {
-            let reading = conn.state == ConnState::Established && !conn.host_eof && !self.rx_ready.contains(&key);
-            self.watch(conn.stream.as_raw_fd(), Self::conn_events(conn, reading), ControlOperation::Modify);
+            let reading = conn.state == ConnState::Established
+                && !conn.host_eof
+                && !self.rx_ready.contains(&key);
+            self.watch(
+                conn.stream.as_raw_fd(),
+                Self::conn_events(conn, reading),
+                ControlOperation::Modify,
+            );
         }
     }
 
     /// The guest connects to host port `key.0`: reach `<uds_path>_<port>`.
     fn guest_connect(&mut self, key: Key, hdr: &Header) {
         if self.conns.contains_key(&key) || self.conns.len() >= MAX_CONNECTIONS {
-            self.control.push_back(Control { key, op: op::RST, flags: 0 });
+            self.control.push_back(Control {
+                key,
+                op: op::RST,
+                flags: 0,
+            });
             return;
         }
         let mut path = self.uds_path.clone().into_os_string();
@@ -522,7 +582,11 @@ impl VsockBackend {
         let stream = match UnixStream::connect(&path) {
             Ok(s) if s.set_nonblocking(true).is_ok() => s,
             _ => {
-                self.control.push_back(Control { key, op: op::RST, flags: 0 });
+                self.control.push_back(Control {
+                    key,
+                    op: op::RST,
+                    flags: 0,
+                });
                 return;
             }
         };
@@ -532,19 +596,31 @@ impl VsockBackend {
         self.watch(fd, EventSet::IN, ControlOperation::Add);
         self.by_fd.insert(fd, key);
         self.conns.insert(key, conn);
-        self.control.push_back(Control { key, op: op::RESPONSE, flags: 0 });
+        self.control.push_back(Control {
+            key,
+            op: op::RESPONSE,
+            flags: 0,
+        });
     }
 
     fn has_rx_work(&self) -> bool {
         !self.control.is_empty()
-            || self.rx_ready.iter().any(|k| self.conns.get(k).is_some_and(|c| c.host_eof || c.peer_credit() > 0))
+            || self.rx_ready.iter().any(|k| {
+                self.conns
+                    .get(k)
+                    .is_some_and(|c| c.host_eof || c.peer_credit() > 0)
+            })
     }
 
     /// Moves control packets and host data into the guest's receive buffers.
     pub fn process_rx(&mut self) {
         while self.has_rx_work() {
             let mem = self.mem.clone();
-            let Some(chain) = self.queues[RXQ].iter(&mem).ok().and_then(|mut it| it.next()) else {
+            let Some(chain) = self.queues[RXQ]
+                .iter(&mem)
+                .ok()
+                .and_then(|mut it| it.next())
+            else {
                 return;
             };
             let head = chain.head_index();
@@ -577,7 +653,10 @@ impl VsockBackend {
             if writer.write_all(&hdr.to_bytes()).is_ok() && writer.write_all(&data).is_ok() {
                 written = HDR_LEN + data.len();
             }
-            if self.queues[RXQ].add_used(&mem, head, written as u32).is_err() {
+            if self.queues[RXQ]
+                .add_used(&mem, head, written as u32)
+                .is_err()
+            {
                 return;
             }
             self.used_any = true;
@@ -589,10 +668,11 @@ impl VsockBackend {
         if let Some(c) = self.control.pop_front() {
             return Some((self.header(c.key, c.op, c.flags, 0), Vec::new()));
         }
-        let key = *self
-            .rx_ready
-            .iter()
-            .find(|k| self.conns.get(k).is_some_and(|c| c.host_eof || c.peer_credit() > 0))?;
+        let key = *self.rx_ready.iter().find(|k| {
+            self.conns
+                .get(k)
+                .is_some_and(|c| c.host_eof || c.peer_credit() > 0)
+        })?;
         let conn = self.conns.get_mut(&key).expect("filtered");
         if conn.host_eof {
             self.rx_ready.remove(&key);
@@ -642,7 +722,9 @@ impl VsockBackend {
         for ev in &events[..n] {
             match ev.data() {
                 TOKEN_LISTENER => self.handle_listener(),
-                t if t >= TOKEN_STREAM => self.handle_stream((t - TOKEN_STREAM) as RawFd, ev.event_set()),
+                t if t >= TOKEN_STREAM => {
+                    self.handle_stream((t - TOKEN_STREAM) as RawFd, ev.event_set())
+                }
                 _ => {}
             }
         }
@@ -681,7 +763,8 @@ mod tests {
 
     impl Harness {
         fn new(name: &str) -> Self {
-            let dir = std::env::temp_dir().join(format!("zygote-vsock-{name}-{}", std::process::id()));
+            let dir =
+                std::env::temp_dir().join(format!("zygote-vsock-{name}-{}", std::process::id()));
             let _ = std::fs::remove_dir_all(&dir);
             std::fs::create_dir_all(&dir).unwrap();
             let path = dir.join("v.sock");
@@ -692,8 +775,25 @@ mod tests {
             let ev = TestQueue::new(0x30000, 16);
             let interrupt = Arc::new(Interrupt::new(EventFd::new(0).unwrap()));
             let queues = vec![rx.queue(), tx.queue(), ev.queue()];
-            let backend = VsockBackend::new(GUEST_CID, path.clone(), listener, mem.clone(), queues, interrupt).unwrap();
-            Harness { dir, path, mem, rx, tx, backend, rx_seen: 0, tx_head: 0 }
+            let backend = VsockBackend::new(
+                GUEST_CID,
+                path.clone(),
+                listener,
+                mem.clone(),
+                queues,
+                interrupt,
+            )
+            .unwrap();
+            Harness {
+                dir,
+                path,
+                mem,
+                rx,
+                tx,
+                backend,
+                rx_seen: 0,
+                tx_head: 0,
+            }
         }
 
         fn hdr(&self, op: u16, src_port: u32, dst_port: u32, len: u32) -> Header {
@@ -715,10 +815,16 @@ mod tests {
         fn send(&mut self, hdr: Header, data: &[u8]) {
             let head = self.tx_head % 16;
             self.tx_head = self.tx_head.wrapping_add(2);
-            self.mem.write_slice(&hdr.to_bytes(), GuestAddress(BUF)).unwrap();
-            self.mem.write_slice(data, GuestAddress(BUF + 0x1000)).unwrap();
-            self.tx.desc(&self.mem, head, BUF, HDR_LEN as u32, NEXT, head + 1);
-            self.tx.desc(&self.mem, head + 1, BUF + 0x1000, data.len() as u32, 0, 0);
+            self.mem
+                .write_slice(&hdr.to_bytes(), GuestAddress(BUF))
+                .unwrap();
+            self.mem
+                .write_slice(data, GuestAddress(BUF + 0x1000))
+                .unwrap();
+            self.tx
+                .desc(&self.mem, head, BUF, HDR_LEN as u32, NEXT, head + 1);
+            self.tx
+                .desc(&self.mem, head + 1, BUF + 0x1000, data.len() as u32, 0, 0);
             self.tx.publish(&self.mem, head);
             self.backend.process_tx();
         }
@@ -736,7 +842,9 @@ mod tests {
             let (_, len) = self.rx.used_elem(&self.mem, self.rx_seen);
             self.rx_seen += 1;
             let mut bytes = vec![0u8; len as usize];
-            self.mem.read_slice(&mut bytes, GuestAddress(RX_BUF)).unwrap();
+            self.mem
+                .read_slice(&mut bytes, GuestAddress(RX_BUF))
+                .unwrap();
             let hdr = Header::from_bytes(bytes[..HDR_LEN].try_into().unwrap());
             Some((hdr, bytes[HDR_LEN..].to_vec()))
         }
@@ -750,11 +858,18 @@ mod tests {
         /// A host client connected to guest `port`, with the REQUEST seen by the guest.
         fn host_connect(&mut self, port: u32) -> (UnixStream, u32) {
             let mut client = UnixStream::connect(&self.path).unwrap();
-            client.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-            client.write_all(format!("CONNECT {port}\n").as_bytes()).unwrap();
+            client
+                .set_read_timeout(Some(Duration::from_secs(2)))
+                .unwrap();
+            client
+                .write_all(format!("CONNECT {port}\n").as_bytes())
+                .unwrap();
             self.pump();
             let (req, _) = self.recv().expect("REQUEST");
-            assert_eq!((req.op, req.dst_port, req.src_cid, req.dst_cid), (op::REQUEST, port, HOST_CID, GUEST_CID));
+            assert_eq!(
+                (req.op, req.dst_port, req.src_cid, req.dst_cid),
+                (op::REQUEST, port, HOST_CID, GUEST_CID)
+            );
             (client, req.src_port)
         }
     }
@@ -790,15 +905,25 @@ mod tests {
         client.write_all(b"world").unwrap();
         h.pump();
         let (hdr, data) = h.recv().expect("RW");
-        assert_eq!((hdr.op, hdr.src_port, hdr.dst_port, data.as_slice()), (op::RW, local, 1024, &b"world"[..]));
+        assert_eq!(
+            (hdr.op, hdr.src_port, hdr.dst_port, data.as_slice()),
+            (op::RW, local, 1024, &b"world"[..])
+        );
 
         h.send(h.hdr(op::CREDIT_REQUEST, 1024, local, 0), &[]);
         let (hdr, _) = h.recv().expect("CREDIT_UPDATE");
-        assert_eq!((hdr.op, hdr.buf_alloc, hdr.fwd_cnt), (op::CREDIT_UPDATE, CONN_BUF_ALLOC, 5));
+        assert_eq!(
+            (hdr.op, hdr.buf_alloc, hdr.fwd_cnt),
+            (op::CREDIT_UPDATE, CONN_BUF_ALLOC, 5)
+        );
 
         h.send(h.hdr(op::RST, 1024, local, 0), &[]);
         assert_eq!(h.backend.connection_count(), 0);
-        assert_eq!(client.read(&mut buf).unwrap(), 0, "the host sees EOF after a guest reset");
+        assert_eq!(
+            client.read(&mut buf).unwrap(),
+            0,
+            "the host sees EOF after a guest reset"
+        );
     }
 
     #[test]
@@ -831,7 +956,10 @@ mod tests {
         assert_eq!(data.len(), 4);
         h.pump();
         let (hdr, _) = h.recv().expect("SHUTDOWN at host EOF");
-        assert_eq!((hdr.op, hdr.flags), (op::SHUTDOWN, SHUTDOWN_RCV | SHUTDOWN_SEND));
+        assert_eq!(
+            (hdr.op, hdr.flags),
+            (op::SHUTDOWN, SHUTDOWN_RCV | SHUTDOWN_SEND)
+        );
     }
 
     #[test]
@@ -840,7 +968,10 @@ mod tests {
         let host_side = UnixListener::bind(format!("{}_5000", h.path.display())).unwrap();
         h.send(h.hdr(op::REQUEST, 3000, 5000, 0), &[]);
         let (hdr, _) = h.recv().expect("RESPONSE");
-        assert_eq!((hdr.op, hdr.src_port, hdr.dst_port), (op::RESPONSE, 5000, 3000));
+        assert_eq!(
+            (hdr.op, hdr.src_port, hdr.dst_port),
+            (op::RESPONSE, 5000, 3000)
+        );
         let (mut accepted, _) = host_side.accept().unwrap();
         h.send(h.hdr(op::RW, 3000, 5000, 3), b"abc");
         let mut buf = [0u8; 3];
@@ -886,15 +1017,24 @@ mod tests {
         assert!(h.tx.used_idx(&h.mem).wrapping_sub(before) >= 3);
 
         // A receive buffer smaller than a header is returned unused.
-        h.backend.control.push_back(Control { key: (1, 2), op: op::RST, flags: 0 });
+        h.backend.control.push_back(Control {
+            key: (1, 2),
+            op: op::RST,
+            flags: 0,
+        });
         // (A buffer the harness offered earlier, when nothing was pending, is still
         // posted ahead of it and takes the RST.)
         h.rx.desc(&h.mem, 15, RX_BUF + 0x4000, 8, WRITE, 0);
         h.rx.publish(&h.mem, 15);
         h.backend.process_rx();
-        let used: Vec<_> = (h.rx_seen..h.rx.used_idx(&h.mem)).map(|i| h.rx.used_elem(&h.mem, i)).collect();
+        let used: Vec<_> = (h.rx_seen..h.rx.used_idx(&h.mem))
+            .map(|i| h.rx.used_elem(&h.mem, i))
+            .collect();
         assert!(used.contains(&(15, 0)), "{used:?}");
-        assert!(used.iter().any(|&(_, len)| len == HDR_LEN as u32), "the RST still arrives: {used:?}");
+        assert!(
+            used.iter().any(|&(_, len)| len == HDR_LEN as u32),
+            "the RST still arrives: {used:?}"
+        );
     }
 
     #[test]
@@ -913,7 +1053,11 @@ mod tests {
         c.write_all(&[b'C'; HANDSHAKE_MAX]).unwrap();
         h.pump();
         let mut b = [0u8; 1];
-        assert_eq!(c.read(&mut b).unwrap(), 0, "an over-long line closes the client");
+        assert_eq!(
+            c.read(&mut b).unwrap(),
+            0,
+            "an over-long line closes the client"
+        );
         assert_eq!(h.backend.connection_count(), 0);
         assert!(h.recv().is_none(), "the guest hears nothing of them");
     }

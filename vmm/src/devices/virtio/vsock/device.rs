@@ -45,9 +45,17 @@ impl Vsock {
         if uds_path.symlink_metadata().is_ok() {
             return Err(VsockError::PathExists(uds_path.into()));
         }
-        let listener = UnixListener::bind(uds_path)
-            .map_err(|source| VsockError::Bind { path: uds_path.into(), source })?;
-        Ok(Vsock { cid, uds_path: uds_path.into(), listener: Some(listener), worker: None, acked_features: 0 })
+        let listener = UnixListener::bind(uds_path).map_err(|source| VsockError::Bind {
+            path: uds_path.into(),
+            source,
+        })?;
+        Ok(Vsock {
+            cid,
+            uds_path: uds_path.into(),
+            listener: Some(listener),
+            worker: None,
+            acked_features: 0,
+        })
     }
 
     /// The guest's CID.
@@ -99,15 +107,28 @@ impl VirtioDevice for Vsock {
 
     fn activate(&mut self, args: ActivateArgs) -> Result<(), ActivateError> {
         if args.queues.len() != 3 {
-            return Err(ActivateError::QueueCount { expected: 3, got: args.queues.len() });
+            return Err(ActivateError::QueueCount {
+                expected: 3,
+                got: args.queues.len(),
+            });
         }
         let Some(listener) = self.listener.take() else {
-            return Err(ActivateError::Worker(std::io::Error::other("vsock listener already in use")));
+            return Err(ActivateError::Worker(std::io::Error::other(
+                "vsock listener already in use",
+            )));
         };
-        let backend = VsockBackend::new(self.cid, self.uds_path.clone(), listener, args.mem, args.queues, args.interrupt)
-            .map_err(ActivateError::Worker)?;
+        let backend = VsockBackend::new(
+            self.cid,
+            self.uds_path.clone(),
+            listener,
+            args.mem,
+            args.queues,
+            args.interrupt,
+        )
+        .map_err(ActivateError::Worker)?;
         let worker = Worker::spawn("zygote-vsock", move |kill| {
-            super::event_handler::run(backend, args.queue_evts, kill).map(VsockBackend::into_listener)
+            super::event_handler::run(backend, args.queue_evts, kill)
+                .map(VsockBackend::into_listener)
         })
         .map_err(ActivateError::Worker)?;
         self.worker = Some(worker);
@@ -138,10 +159,16 @@ mod tests {
         let mut past = [0xffu8; 4];
         dev.read_config(8, &mut past);
         assert_eq!(past, [0; 4]);
-        assert!(matches!(Vsock::new(5, &path), Err(VsockError::PathExists(_))));
+        assert!(matches!(
+            Vsock::new(5, &path),
+            Err(VsockError::PathExists(_))
+        ));
         drop(dev);
         assert!(!path.exists(), "the socket is removed with the device");
-        assert!(matches!(Vsock::new(2, &path), Err(VsockError::InvalidCid(2))));
+        assert!(matches!(
+            Vsock::new(2, &path),
+            Err(VsockError::InvalidCid(2))
+        ));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

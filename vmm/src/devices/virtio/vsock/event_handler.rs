@@ -10,9 +10,17 @@ use super::{EVQ, RXQ, TXQ, VsockBackend};
 
 /// Serves the device until `kill` fires; returns the backend (for its listener),
 /// or `None` if the thread could not be set up.
-pub(super) fn run(mut backend: VsockBackend, queue_evts: Vec<EventFd>, kill: EventFd) -> Option<VsockBackend> {
+pub(super) fn run(
+    mut backend: VsockBackend,
+    queue_evts: Vec<EventFd>,
+    kill: EventFd,
+) -> Option<VsockBackend> {
     let register = |fd: RawFd, token: u64| {
-        backend.epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, token))
+        backend.epoll.ctl(
+            ControlOperation::Add,
+            fd,
+            EpollEvent::new(EventSet::IN, token),
+        )
     };
     let registered = register(kill.as_raw_fd(), TOKEN_KILL).and_then(|()| {
         queue_evts
@@ -54,7 +62,9 @@ pub(super) fn run(mut backend: VsockBackend, queue_evts: Vec<EventFd>, kill: Eve
                 t if t == TOKEN_QUEUE + EVQ as u64 => {
                     let _ = queue_evts[EVQ].read();
                 }
-                t if t >= TOKEN_STREAM => backend.handle_stream((t - TOKEN_STREAM) as RawFd, ev.event_set()),
+                t if t >= TOKEN_STREAM => {
+                    backend.handle_stream((t - TOKEN_STREAM) as RawFd, ev.event_set())
+                }
                 _ => {}
             }
         }
