@@ -52,10 +52,18 @@ pub fn own_run_dirs() -> Vec<PathBuf> {
         .unwrap_or_default()
 }
 
-/// Threads of this process right now.
-pub fn thread_count() -> usize {
+/// Threads of this process that the VMM started (named `zygote-*`: vCPUs and
+/// device threads). The test harness's own threads come and go, so they are not counted.
+pub fn vmm_thread_count() -> usize {
     std::fs::read_dir("/proc/self/task")
-        .map(|rd| rd.count())
+        .map(|rd| {
+            rd.filter_map(Result::ok)
+                .filter(|t| {
+                    std::fs::read_to_string(t.path().join("comm"))
+                        .is_ok_and(|c| c.starts_with("zygote-"))
+                })
+                .count()
+        })
         .unwrap_or(0)
 }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use zygote::sandbox::{Sandbox, SandboxConfig, SandboxError};
 use zygote_agent_api::{SelfTest, request, response};
-use zygote_tests::{TempFile, fd_count, guest_available, own_run_dirs, thread_count, vm_lock};
+use zygote_tests::{TempFile, fd_count, guest_available, own_run_dirs, vm_lock, vmm_thread_count};
 use zygote_vmm::{BuildError, ExitReason};
 
 /// Boots the real kernel with 2 vCPUs (MP table, APs brought up), pings, powers off.
@@ -127,7 +127,6 @@ fn bad_inputs_fail_clearly_and_leave_nothing() {
         return;
     }
     let _lock = vm_lock();
-    let threads = thread_count();
     let fds = fd_count();
 
     let missing = SandboxConfig {
@@ -197,6 +196,6 @@ fn bad_inputs_fail_clearly_and_leave_nothing() {
         "left behind: {:?}",
         own_run_dirs()
     );
-    assert_eq!(thread_count(), threads, "no thread left running");
+    assert_eq!(vmm_thread_count(), 0, "no VMM thread left running");
     assert_eq!(fd_count(), fds, "no fd left open");
 }
