@@ -20,9 +20,9 @@ apt_install() {
 	done
 	[ ${#missing[@]} -eq 0 ] && return 0
 	log "installing ${missing[*]}"
-	if [ ! -f /var/lib/zygote/.apt-updated ]; then
+	if [ ! -f "$ZYGOTE_HOME/.apt-updated" ]; then
 		apt-get update -qq
-		mkdir -p /var/lib/zygote && touch /var/lib/zygote/.apt-updated
+		mkdir -p "$ZYGOTE_HOME" && touch "$ZYGOTE_HOME/.apt-updated"
 	fi
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 }

@@ -154,6 +154,8 @@ pub struct VsockBackend {
     rx_ready: BTreeSet<Key>,
     next_local_port: u32,
     used_any: bool,
+    /// Payload buffer for one packet, either direction (reused: no allocation per packet).
+    scratch: Vec<u8>,
 }
 
 impl VsockBackend {
@@ -188,6 +190,7 @@ impl VsockBackend {
             rx_ready: BTreeSet::new(),
             next_local_port: FIRST_LOCAL_PORT,
             used_any: false,
+            scratch: vec![0u8; MAX_PAYLOAD],
         })
     }
 
@@ -412,8 +415,9 @@ impl VsockBackend {
 
     /// Handles every packet the guest has queued for the host.
     pub fn process_tx(&mut self) {
+        let mem = self.mem.clone();
+        let mut data = std::mem::take(&mut self.scratch);
         loop {
-            let mem = self.mem.clone();
             let Some(chain) = self.queues[TXQ]
                 .iter(&mem)
                 .ok()
@@ -434,9 +438,8 @@ impl VsockBackend {
                             tracing::debug!(len, "vsock: packet length exceeds its buffers");
                             self.refuse(&hdr);
                         } else {
-                            let mut data = vec![0u8; len];
-                            if reader.read_exact(&mut data).is_ok() {
-                                self.handle_guest_packet(hdr, &data);
+                            if reader.read_exact(&mut data[..len]).is_ok() {
+                                self.handle_guest_packet(hdr, &data[..len]);
                             }
                         }
                     } else {
@@ -450,6 +453,7 @@ impl VsockBackend {
             }
             self.used_any = true;
         }
+        self.scratch = data;
     }
 
     /// Answers a packet the device cannot take with RST (unless it was an RST).
@@ -614,8 +618,8 @@ impl VsockBackend {
 
     /// Moves control packets and host data into the guest's receive buffers.
     pub fn process_rx(&mut self) {
+        let mem = self.mem.clone();
         while self.has_rx_work() {
-            let mem = self.mem.clone();
             let Some(chain) = self.queues[RXQ]
                 .iter(&mem)
                 .ok()
@@ -637,7 +641,7 @@ impl VsockBackend {
             };
             let capacity = writer.available_bytes() - HDR_LEN;
             let ready_before = self.rx_ready.len();
-            let (hdr, data) = match self.next_rx_packet(capacity) {
+            let (hdr, len) = match self.next_rx_packet(capacity) {
                 Some(p) => p,
                 None => {
                     // Nothing could be read after all: give the buffer back, and
@@ -650,8 +654,9 @@ impl VsockBackend {
                 }
             };
             let mut written = 0;
-            if writer.write_all(&hdr.to_bytes()).is_ok() && writer.write_all(&data).is_ok() {
-                written = HDR_LEN + data.len();
+            let data = &self.scratch[..len];
+            if writer.write_all(&hdr.to_bytes()).is_ok() && writer.write_all(data).is_ok() {
+                written = HDR_LEN + len;
             }
             if self.queues[RXQ]
                 .add_used(&mem, head, written as u32)
@@ -663,10 +668,11 @@ impl VsockBackend {
         }
     }
 
-    /// The next packet for the guest, with at most `capacity` bytes of payload.
-    fn next_rx_packet(&mut self, capacity: usize) -> Option<(Header, Vec<u8>)> {
+    /// The next packet for the guest, with at most `capacity` bytes of payload,
+    /// which is left in `scratch`; returns the header and the payload length.
+    fn next_rx_packet(&mut self, capacity: usize) -> Option<(Header, usize)> {
         if let Some(c) = self.control.pop_front() {
-            return Some((self.header(c.key, c.op, c.flags, 0), Vec::new()));
+            return Some((self.header(c.key, c.op, c.flags, 0), 0));
         }
         let key = *self.rx_ready.iter().find(|k| {
             self.conns
@@ -679,26 +685,25 @@ impl VsockBackend {
             return self.next_rx_packet(capacity);
         }
         let max = capacity.min(conn.peer_credit() as usize).min(MAX_PAYLOAD);
-        let mut buf = vec![0u8; max];
+        let buf = &mut self.scratch[..max];
         let read = if !conn.rx_prefix.is_empty() {
             let n = conn.rx_prefix.len().min(max);
             buf[..n].copy_from_slice(&conn.rx_prefix[..n]);
             conn.rx_prefix.drain(..n);
             Ok(n)
         } else {
-            conn.stream.read(&mut buf)
+            conn.stream.read(buf)
         };
         match read {
             Ok(0) if max > 0 => {
                 conn.host_eof = true;
                 self.rx_ready.remove(&key);
                 let flags = SHUTDOWN_RCV | SHUTDOWN_SEND;
-                Some((self.header(key, op::SHUTDOWN, flags, 0), Vec::new()))
+                Some((self.header(key, op::SHUTDOWN, flags, 0), 0))
             }
             Ok(n) if n > 0 => {
-                buf.truncate(n);
                 conn.rx_cnt += Wrapping(n as u32);
-                Some((self.header(key, op::RW, 0, n as u32), buf))
+                Some((self.header(key, op::RW, 0, n as u32), n))
             }
             Ok(_) => None,
             Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {
@@ -708,7 +713,7 @@ impl VsockBackend {
             }
             Err(_) => {
                 self.remove(key);
-                Some((self.header(key, op::RST, 0, 0), Vec::new()))
+                Some((self.header(key, op::RST, 0, 0), 0))
             }
         }
     }
