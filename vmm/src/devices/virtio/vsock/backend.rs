@@ -417,14 +417,11 @@ impl VsockBackend {
     pub fn process_tx(&mut self) {
         let mem = self.mem.clone();
         let mut data = std::mem::take(&mut self.scratch);
-        loop {
-            let Some(chain) = self.queues[TXQ]
-                .iter(&mem)
-                .ok()
-                .and_then(|mut it| it.next())
-            else {
-                break;
-            };
+        while let Some(chain) = self.queues[TXQ]
+            .iter(&mem)
+            .ok()
+            .and_then(|mut it| it.next())
+        {
             let head = chain.head_index();
             match chain.reader(&mem) {
                 Ok(mut reader) => {
