@@ -6,20 +6,24 @@
 //! does not, and removes the run directory. Dropping a sandbox also stops the VM
 //! and removes its directory: nothing is left behind on any path.
 
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use zygote_agent_api::{AgentClient, ClientError, Pong, request};
+
+use zygote_agent_api::{AgentClient, ClientError, Pong, READY_PORT, request};
 use zygote_vmm::{BuildError, ExitReason, KvmKind, Machine, VmConfig};
 
 use crate::paths;
 
 /// The guest CID. Each VM's hybrid vsock is its own namespace, so all use the same.
 pub const GUEST_CID: u64 = 3;
-/// How long to wait between attempts to reach a booting agent.
-const CONNECT_INTERVAL: Duration = Duration::from_millis(20);
+/// How often the host checks (on the host side only) whether the agent said it is ready.
+const WAIT_INTERVAL: Duration = Duration::from_millis(2);
+/// How often the host probes the guest for an agent that did not say it is ready.
+const PROBE_INTERVAL: Duration = Duration::from_secs(2);
 /// Console lines quoted in errors.
 const TAIL_LINES: usize = 30;
 
@@ -193,8 +197,18 @@ impl Sandbox {
             ),
             prefault: config.prefault,
         };
+        // The agent connects here once it listens; until then the host only waits,
+        // instead of probing the guest (each probe costs guest kernel work).
+        let ready_path = PathBuf::from(format!("{}_{}", vsock.display(), READY_PORT));
+        let ready = UnixListener::bind(&ready_path)
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .map_err(|source| SandboxError::RunDir {
+                path: ready_path.clone(),
+                source,
+            })?;
         let machine = Machine::boot(&vm_config)?;
         let deadline = machine.started() + config.agent_timeout;
+        let mut next_probe = Instant::now() + PROBE_INTERVAL;
         let pong = loop {
             if let Some(reason) = machine.exit_reason() {
                 return Err(SandboxError::GuestExited {
@@ -208,12 +222,24 @@ impl Sandbox {
                     console: machine.console_tail(TAIL_LINES),
                 });
             }
-            match AgentClient::connect(&vsock, Duration::from_secs(5)) {
-                Ok(mut client) => break client.ping()?,
-                Err(ClientError::Handshake { .. }) => std::thread::sleep(CONNECT_INTERVAL),
-                Err(e) => return Err(e.into()),
+            let signalled = match ready.accept() {
+                Ok(_) => true,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => false,
+                Err(e) => return Err(ClientError::Io(e).into()),
+            };
+            // A rare probe as well, for an agent that cannot reach the ready socket.
+            if signalled || Instant::now() >= next_probe {
+                next_probe = Instant::now() + PROBE_INTERVAL;
+                match AgentClient::connect(&vsock, Duration::from_secs(5)) {
+                    Ok(mut client) => break client.ping()?,
+                    Err(ClientError::Handshake { .. }) => {}
+                    Err(e) => return Err(e.into()),
+                }
             }
+            std::thread::sleep(WAIT_INTERVAL);
         };
+        drop(ready);
+        let _ = std::fs::remove_file(&ready_path);
         let ready = machine.started().elapsed();
         let uptime = Duration::from_nanos(pong.uptime_ns);
         let agent_age = Duration::from_nanos(pong.uptime_ns.saturating_sub(pong.agent_started_ns));

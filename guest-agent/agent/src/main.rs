@@ -37,6 +37,9 @@ fn serve() -> ExitCode {
                 zygote_agent_api::VERSION,
                 zygote_agent_api::AGENT_PORT
             );
+            if let Err(e) = vsock::notify_host(zygote_agent_api::READY_PORT) {
+                eprintln!("zygote-agent: no host listening for the ready signal: {e}");
+            }
             server::serve(listener, started);
         }
         Err(e) => eprintln!("zygote-agent: cannot listen on vsock: {e}"),

@@ -17,6 +17,9 @@ pub use messages::*;
 
 /// The vsock port the agent listens on.
 pub const AGENT_PORT: u32 = 1024;
+/// The host port the agent connects to once it listens, to say it is ready (the
+/// host listens on `<vsock socket>_<port>`), so the host need not poll a booting guest.
+pub const READY_PORT: u32 = 1024;
 /// Largest frame either side accepts.
 pub const MAX_FRAME: usize = 4 << 20;
 /// The agent's version, as reported in [`Pong`].
