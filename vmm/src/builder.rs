@@ -7,7 +7,7 @@
 
 use std::fs::File;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -33,8 +33,8 @@ use crate::vstate::vm::{Vm, VmError};
 /// The kernel command line every guest gets; KVM-kind parameters and devices follow.
 pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet";
 
-const SERIAL_PORT: u64 = 0x3f8;
-const I8042_PORT: u64 = 0x60;
+pub(crate) const SERIAL_PORT: u64 = 0x3f8;
+pub(crate) const I8042_PORT: u64 = 0x60;
 
 /// What to boot.
 #[derive(Debug, Clone)]
@@ -114,23 +114,85 @@ fn os(what: &'static str) -> impl FnOnce(std::io::Error) -> BuildError {
     move |source| BuildError::Os { what, source }
 }
 
+/// A virtio-mmio device slot: where it is, its line, its transport.
+#[derive(Debug)]
+pub(crate) struct VirtioSlot {
+    pub(crate) base: u64,
+    pub(crate) irq: u32,
+    pub(crate) transport: Arc<Mutex<MmioTransport>>,
+}
+
 /// A running VM.
 #[derive(Debug)]
 pub struct Machine {
-    kind: KvmKind,
-    exit: ExitSignal,
-    stop: Arc<AtomicBool>,
-    vcpu_threads: Vec<JoinHandle<()>>,
-    stats: Vec<Arc<VcpuStats>>,
-    console_tail: Arc<Mutex<Vec<u8>>>,
+    pub(crate) kind: KvmKind,
+    pub(crate) exit: ExitSignal,
+    pub(crate) stop: Arc<AtomicBool>,
+    pub(crate) vcpu_threads: Vec<JoinHandle<Vcpu>>,
+    pub(crate) stats: Vec<Arc<VcpuStats>>,
+    pub(crate) console_tail: Arc<Mutex<Vec<u8>>>,
+    pub(crate) serial: Arc<Mutex<SerialConsole>>,
+    pub(crate) i8042: Arc<Mutex<I8042>>,
     /// Devices live as long as the machine; dropping them stops their threads.
-    devices: Vec<Arc<Mutex<MmioTransport>>>,
-    cmdline: String,
-    started: Instant,
-    setup: Duration,
+    pub(crate) devices: Vec<VirtioSlot>,
+    pub(crate) cmdline: String,
+    pub(crate) started: Instant,
+    pub(crate) setup: Duration,
+    pub(crate) fork_phases: Option<crate::snapshot::ForkPhases>,
+    pub(crate) kvm: KvmHandle,
     // Dropped last: the VM and the memory the vCPUs and devices use.
-    _vm: Vm,
-    _ram: GuestRam,
+    pub(crate) vm: Vm,
+    pub(crate) ram: GuestRam,
+}
+
+/// Opens the console log (truncated, mode 0600) and makes the console's sink.
+pub(crate) fn console_sink(
+    path: Option<&Path>,
+    exit: &ExitSignal,
+) -> Result<ConsoleLog, BuildError> {
+    let file = match path {
+        Some(path) => Some(
+            File::options()
+                .create(true)
+                .write(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(|source| BuildError::ConsoleLog {
+                    path: path.into(),
+                    source,
+                })?,
+        ),
+        None => None,
+    };
+    Ok(ConsoleLog::new(file, exit.clone()))
+}
+
+/// A fresh irqfd wired to `gsi`.
+pub(crate) fn irqfd(vm: &Vm, gsi: u32) -> Result<EventFd, BuildError> {
+    let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(os("an irqfd"))?;
+    vm.register_irqfd(&evt, gsi)?;
+    Ok(evt)
+}
+
+/// The port I/O bus: the console and the i8042.
+pub(crate) fn legacy_bus(
+    serial: &Arc<Mutex<SerialConsole>>,
+    i8042: &Arc<Mutex<I8042>>,
+) -> Result<Bus, BusError> {
+    let mut pio = Bus::default();
+    pio.insert(serial.clone(), SERIAL_PORT, 8)?;
+    pio.insert(i8042.clone(), I8042_PORT, 5)?;
+    Ok(pio)
+}
+
+/// The MMIO bus of the virtio slots.
+pub(crate) fn virtio_bus(devices: &[VirtioSlot]) -> Result<Bus, BusError> {
+    let mut mmio = Bus::default();
+    for slot in devices {
+        mmio.insert(slot.transport.clone(), slot.base, VIRTIO_MMIO_SIZE)?;
+    }
+    Ok(mmio)
 }
 
 impl Machine {
@@ -155,43 +217,18 @@ impl Machine {
         mptable::setup(mem, config.vcpus)?;
 
         let exit = ExitSignal::default();
-        let console_file = match &config.console_log {
-            Some(path) => Some(
-                File::options()
-                    .create(true)
-                    .write(true)
-                    .truncate(true)
-                    .mode(0o600)
-                    .open(path)
-                    .map_err(|source| BuildError::ConsoleLog {
-                        path: path.clone(),
-                        source,
-                    })?,
-            ),
-            None => None,
-        };
-        let console_out = ConsoleLog::new(console_file, exit.clone());
+        let console_out = console_sink(config.console_log.as_deref(), &exit)?;
         let console_tail = console_out.tail();
-
-        let mut pio = Bus::default();
-        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(os("an irqfd"))?;
-        vm.register_irqfd(&serial_irq, SERIAL_IRQ)?;
-        pio.insert(
-            Arc::new(Mutex::new(SerialConsole::new(serial_irq, console_out))),
-            SERIAL_PORT,
-            8,
-        )?;
-        pio.insert(
-            Arc::new(Mutex::new(I8042::new(exit.clone()))),
-            I8042_PORT,
-            5,
-        )?;
+        let serial = Arc::new(Mutex::new(SerialConsole::new(
+            irqfd(&vm, SERIAL_IRQ)?,
+            console_out,
+        )));
+        let i8042 = Arc::new(Mutex::new(I8042::new(exit.clone())));
 
         let mut virtio: Vec<Box<dyn VirtioDevice>> = vec![Box::new(Rng::new())];
         if let Some((cid, path)) = &config.vsock {
             virtio.push(Box::new(Vsock::new(*cid, path)?));
         }
-        let mut mmio = Bus::default();
         let mut devices = Vec::new();
         let mut cmdline_devices = Vec::new();
         for (i, device) in virtio.into_iter().enumerate() {
@@ -200,13 +237,13 @@ impl Machine {
                 return Err(BuildError::OutOfIrqs);
             }
             let base = VIRTIO_MMIO_START + i as u64 * VIRTIO_MMIO_SIZE;
-            let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(os("an irqfd"))?;
-            vm.register_irqfd(&irqfd, irq)?;
-            let transport = Arc::new(Mutex::new(
-                MmioTransport::new(device, mem.clone(), irqfd).map_err(os("a virtio transport"))?,
-            ));
-            mmio.insert(transport.clone(), base, VIRTIO_MMIO_SIZE)?;
-            devices.push(transport);
+            let transport = MmioTransport::new(device, mem.clone(), irqfd(&vm, irq)?)
+                .map_err(os("a virtio transport"))?;
+            devices.push(VirtioSlot {
+                base,
+                irq,
+                transport: Arc::new(Mutex::new(transport)),
+            });
             cmdline_devices.push(format!("virtio_mmio.device=4K@{base:#x}:{irq}"));
         }
 
@@ -224,14 +261,15 @@ impl Machine {
             })
             .collect::<Result<Vec<_>, VcpuError>>()?;
 
-        let stop = Arc::new(AtomicBool::new(false));
         let mut machine = Machine {
             kind: kvm.kind,
             exit,
-            stop,
+            stop: Arc::new(AtomicBool::new(false)),
             vcpu_threads: Vec::new(),
             stats: Vec::new(),
             console_tail,
+            serial,
+            i8042,
             devices,
             cmdline: cmdline
                 .as_cstring()
@@ -239,28 +277,38 @@ impl Machine {
                 .unwrap_or_default(),
             started: start,
             setup: Duration::ZERO,
-            _vm: vm,
-            _ram: ram,
+            fork_phases: None,
+            kvm,
+            vm,
+            ram,
         };
+        machine.start_vcpus(vcpus)?;
+        machine.setup = start.elapsed();
+        tracing::info!(kind = %machine.kind, setup_us = machine.setup.as_micros() as u64, "VM started");
+        Ok(machine)
+    }
+
+    /// Starts one thread per vCPU, with the machine's buses.
+    pub(crate) fn start_vcpus(&mut self, vcpus: Vec<Vcpu>) -> Result<(), BuildError> {
+        let pio = legacy_bus(&self.serial, &self.i8042)?;
+        let mmio = virtio_bus(&self.devices)?;
         for vcpu in vcpus {
             let stats = Arc::new(VcpuStats::default());
             let (pio, mmio, exit, stop) = (
                 pio.clone(),
                 mmio.clone(),
-                machine.exit.clone(),
-                machine.stop.clone(),
+                self.exit.clone(),
+                self.stop.clone(),
             );
             let thread_stats = stats.clone();
             let handle = std::thread::Builder::new()
                 .name("zygote-vcpu".into())
                 .spawn(move || vcpu.run(pio, mmio, exit, stop, thread_stats))
                 .map_err(os("a vCPU thread"))?;
-            machine.vcpu_threads.push(handle);
-            machine.stats.push(stats);
+            self.vcpu_threads.push(handle);
+            self.stats.push(stats);
         }
-        machine.setup = start.elapsed();
-        tracing::info!(kind = %machine.kind, setup_us = machine.setup.as_micros() as u64, "VM started");
-        Ok(machine)
+        Ok(())
     }
 
     /// Which KVM runs this machine.
@@ -327,8 +375,8 @@ impl Machine {
     fn stop_threads(&mut self) -> ExitReason {
         self.exit.raise(ExitReason::Stopped);
         vcpu::stop_threads(&mut self.vcpu_threads, &self.stop);
-        for device in self.devices.drain(..) {
-            if let Ok(mut transport) = device.lock() {
+        for slot in self.devices.drain(..) {
+            if let Ok(mut transport) = slot.transport.lock() {
                 transport.device_mut().reset();
             }
         }

@@ -15,6 +15,8 @@ pub mod arch;
 pub mod builder;
 pub mod devices;
 pub mod exit;
+pub mod persist;
+pub mod snapshot;
 pub mod vstate;
 
 pub use builder::{BuildError, Machine, VmConfig};

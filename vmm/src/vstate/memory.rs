@@ -47,6 +47,18 @@ pub enum MemoryError {
     /// Pre-faulting the mapping failed.
     #[error("cannot pre-fault guest memory")]
     Prefault(#[source] std::io::Error),
+    /// A memory file is shorter than the guest RAM it must back (mapping it would
+    /// end in SIGBUS when the guest touches the missing part).
+    #[error("memory file holds {found} bytes, the guest needs {needed}")]
+    FileTooShort {
+        /// Bytes needed.
+        needed: u64,
+        /// Bytes in the file.
+        found: u64,
+    },
+    /// The memory file could not be examined.
+    #[error("cannot examine the memory file")]
+    Stat(#[source] std::io::Error),
 }
 
 /// Guest RAM regions `(guest address, length, offset in the memory file)` for a
@@ -75,6 +87,9 @@ pub struct GuestRam {
     pub file: File,
     /// Total size in bytes.
     pub size: u64,
+    /// Mapped `MAP_PRIVATE` from a template: the guest's writes are its own
+    /// copies and `file` does not hold them.
+    pub private: bool,
 }
 
 impl GuestRam {
@@ -106,11 +121,65 @@ impl GuestRam {
             })
             .collect::<Result<Vec<_>, MemoryError>>()?;
         let memory = GuestMemoryMmap::from_ranges_with_files(ranges).map_err(MemoryError::Mmap)?;
-        let ram = GuestRam { memory, file, size };
+        let ram = GuestRam {
+            memory,
+            file,
+            size,
+            private: false,
+        };
         if prefault {
             ram.prefault()?;
         }
         Ok(ram)
+    }
+
+    /// Maps a template's memory file copy-on-write (`MAP_PRIVATE`) as `size` bytes
+    /// of guest RAM. The file's length is checked first: every region must be
+    /// backed. Nothing is read: pages come from the page cache when touched.
+    pub fn map_private(file: &File, size: u64) -> Result<Self, MemoryError> {
+        if !(MIN_MEMORY_MIB << 20..=MAX_MEMORY_MIB << 20).contains(&size) {
+            return Err(MemoryError::InvalidSize { mib: size >> 20 });
+        }
+        let found = file.metadata().map_err(MemoryError::Stat)?.len();
+        if found < size {
+            return Err(MemoryError::FileTooShort {
+                needed: size,
+                found,
+            });
+        }
+        let regions = ram_regions(size)
+            .into_iter()
+            .map(|(addr, len, offset)| {
+                let fd = file.try_clone().map_err(MemoryError::Memfd)?;
+                let mapping = vm_memory::MmapRegion::build(
+                    Some(FileOffset::new(fd, offset)),
+                    len as usize,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_NORESERVE,
+                )
+                .map_err(|e| MemoryError::Mmap(vm_memory::mmap::FromRangesError::MmapRegion(e)))?;
+                Ok(vm_memory::GuestRegionMmap::new(mapping, addr)
+                    .expect("regions of ram_regions do not overflow"))
+            })
+            .collect::<Result<Vec<_>, MemoryError>>()?;
+        let memory = GuestMemoryMmap::from_regions(regions)
+            .map_err(|e| MemoryError::Mmap(vm_memory::mmap::FromRangesError::Collection(e)))?;
+        Ok(GuestRam {
+            memory,
+            file: file.try_clone().map_err(MemoryError::Memfd)?,
+            size,
+            private: true,
+        })
+    }
+
+    /// The parts of the memory file that hold data, as `(offset, len)`: the guest
+    /// never touched the holes between them, which read as zeros. A private
+    /// mapping's writes are not in the file, so all of it counts as data.
+    pub fn data_ranges(&self) -> Result<Vec<(u64, u64)>, MemoryError> {
+        if self.private {
+            return Ok(vec![(0, self.size)]);
+        }
+        file_data_ranges(&self.file, self.size).map_err(MemoryError::Stat)
     }
 
     /// Allocates and maps every page of guest RAM in the VMM's page tables.
@@ -145,6 +214,39 @@ impl GuestRam {
     pub fn fd(&self) -> i32 {
         self.file.as_raw_fd()
     }
+}
+
+/// The data (non-hole) ranges of the first `len` bytes of `file`, from
+/// `SEEK_DATA`/`SEEK_HOLE`; a file system without them reports all of it as data.
+pub fn file_data_ranges(file: &File, len: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    let fd = file.as_raw_fd();
+    let seek = |offset: u64, whence: i32| -> std::io::Result<Option<u64>> {
+        // SAFETY: lseek on an fd we own; it only moves the file offset.
+        let r = unsafe { libc::lseek(fd, offset as libc::off_t, whence) };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            return if e.raw_os_error() == Some(libc::ENXIO) {
+                Ok(None)
+            } else {
+                Err(e)
+            };
+        }
+        Ok(Some(r as u64))
+    };
+    let mut ranges = Vec::new();
+    let mut pos = 0;
+    while pos < len {
+        let Some(start) = seek(pos, libc::SEEK_DATA)? else {
+            break;
+        };
+        if start >= len {
+            break;
+        }
+        let end = seek(start, libc::SEEK_HOLE)?.unwrap_or(len).min(len);
+        ranges.push((start, end - start));
+        pos = end;
+    }
+    Ok(ranges)
 }
 
 #[cfg(test)]

@@ -43,6 +43,14 @@ pub enum VcpuError {
         #[source]
         source: regs::RegsError,
     },
+    /// KVM refused to restore an MSR of the snapshot.
+    #[error("KVM refused to restore MSR {msr:#x} on vCPU {index}")]
+    MsrRefused {
+        /// The vCPU.
+        index: u8,
+        /// The MSR.
+        msr: u32,
+    },
 }
 
 /// The real-time signal that kicks a vCPU thread out of `KVM_RUN`.
@@ -62,7 +70,7 @@ pub fn install_kick_handler() -> std::io::Result<()> {
 /// Stops vCPU threads: sets `stop`, kicks each thread out of `KVM_RUN` until it
 /// has finished (a kick can land just before the thread re-enters, so it repeats),
 /// then joins them.
-pub fn stop_threads(threads: &mut Vec<std::thread::JoinHandle<()>>, stop: &AtomicBool) {
+pub fn stop_threads<T>(threads: &mut Vec<std::thread::JoinHandle<T>>, stop: &AtomicBool) -> Vec<T> {
     stop.store(true, Ordering::Release);
     let signal = vcpu_kick_signal();
     while threads.iter().any(|t| !t.is_finished()) {
@@ -78,9 +86,7 @@ pub fn stop_threads(threads: &mut Vec<std::thread::JoinHandle<()>>, stop: &Atomi
         }
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
-    for t in threads.drain(..) {
-        let _ = t.join();
-    }
+    threads.drain(..).filter_map(|t| t.join().ok()).collect()
 }
 
 /// Counters a vCPU thread keeps for the machine's timeline.
@@ -113,7 +119,37 @@ impl Vcpu {
         Ok(Vcpu { fd, index })
     }
 
-    fn kvm_err(&self, op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError + '_ {
+    /// The vCPU's index (its APIC id).
+    pub fn index(&self) -> u8 {
+        self.index
+    }
+
+    pub(super) fn fd(&self) -> &VcpuFd {
+        &self.fd
+    }
+
+    /// Lets KVM finish a port or MMIO access the vCPU exited for, without running
+    /// guest code: `KVM_RUN` with `immediate_exit` set completes the instruction
+    /// and returns `EINTR`. Needed before saving the vCPU's registers.
+    pub fn complete_pending_io(&mut self) -> Result<(), VcpuError> {
+        self.fd.set_kvm_immediate_exit(1);
+        let result = self.fd.run().map(|_| ());
+        self.fd.set_kvm_immediate_exit(0);
+        match result {
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(()),
+            Ok(()) => Ok(()),
+            Err(source) => Err(VcpuError::Kvm {
+                op: "KVM_RUN (immediate exit)",
+                index: self.index,
+                source,
+            }),
+        }
+    }
+
+    pub(super) fn kvm_err(
+        &self,
+        op: &'static str,
+    ) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError + '_ {
         move |source| VcpuError::Kvm {
             op,
             index: self.index,
@@ -180,8 +216,8 @@ impl Vcpu {
         Ok(())
     }
 
-    /// Runs the vCPU until the VM stops. Returns when `stop` is set (after a kick)
-    /// or when this vCPU raised an exit.
+    /// Runs the vCPU until the VM stops. Returns the vCPU when `stop` is set (after
+    /// a kick) or when this vCPU raised an exit.
     pub fn run(
         mut self,
         pio: Bus,
@@ -189,7 +225,7 @@ impl Vcpu {
         exit: ExitSignal,
         stop: Arc<AtomicBool>,
         stats: Arc<VcpuStats>,
-    ) {
+    ) -> Self {
         let index = self.index;
         while !stop.load(Ordering::Acquire) {
             let entered = Instant::now();
@@ -253,9 +289,10 @@ impl Vcpu {
             if let Some(reason) = reason {
                 tracing::debug!(vcpu = index, ?reason, "vCPU stops the VM");
                 exit.raise(reason);
-                return;
+                return self;
             }
         }
+        self
     }
 }
 
@@ -290,7 +327,7 @@ mod tests {
         _vm: Vm,
         exit: ExitSignal,
         stop: Arc<AtomicBool>,
-        threads: Vec<std::thread::JoinHandle<()>>,
+        threads: Vec<std::thread::JoinHandle<Vcpu>>,
         pio_log: Arc<Mutex<Recorder>>,
         mmio_log: Arc<Mutex<Recorder>>,
     }

@@ -135,7 +135,7 @@ impl Trigger for IrqTrigger {
 /// COM1 on the port I/O bus.
 #[derive(Debug)]
 pub struct SerialConsole {
-    serial: Serial<IrqTrigger, NoEvents, ConsoleLog>,
+    pub(super) serial: Serial<IrqTrigger, NoEvents, ConsoleLog>,
 }
 
 impl SerialConsole {

@@ -26,18 +26,18 @@ const CONFIG_SPACE_OFFSET: u64 = 0x100;
 /// virtio-mmio registers of one device, and the queues the driver configures.
 #[derive(Debug)]
 pub struct MmioTransport {
-    device: Box<dyn VirtioDevice>,
-    mem: GuestMemoryMmap,
-    interrupt: Arc<Interrupt>,
-    queues: Vec<Queue>,
-    queue_evts: Vec<EventFd>,
-    queue_select: u32,
-    device_features_select: u32,
-    driver_features_select: u32,
-    driver_features: u64,
-    status: u32,
-    config_generation: u32,
-    activated: bool,
+    pub(super) device: Box<dyn VirtioDevice>,
+    pub(super) mem: GuestMemoryMmap,
+    pub(super) interrupt: Arc<Interrupt>,
+    pub(super) queues: Vec<Queue>,
+    pub(super) queue_evts: Vec<EventFd>,
+    pub(super) queue_select: u32,
+    pub(super) device_features_select: u32,
+    pub(super) driver_features_select: u32,
+    pub(super) driver_features: u64,
+    pub(super) status: u32,
+    pub(super) config_generation: u32,
+    pub(super) activated: bool,
 }
 
 impl MmioTransport {
@@ -147,40 +147,49 @@ impl MmioTransport {
     }
 
     fn activate(&mut self) {
-        let valid = self.queues.iter().all(|q| q.is_valid(&self.mem));
-        let evts: std::io::Result<Vec<EventFd>> =
-            self.queue_evts.iter().map(EventFd::try_clone).collect();
-        let result = match (valid, evts) {
-            (true, Ok(queue_evts)) => {
-                let queues = self
-                    .queues
-                    .iter()
-                    .map(|q| {
-                        Queue::try_from(q.state()).expect("a valid queue's state converts back")
-                    })
-                    .collect();
-                self.device.activate(ActivateArgs {
-                    mem: self.mem.clone(),
-                    queues,
-                    queue_evts,
-                    interrupt: self.interrupt.clone(),
-                })
-            }
-            (false, _) => {
-                tracing::warn!(
-                    device = self.device.device_type(),
-                    "driver set up an invalid queue"
-                );
-                self.status |= DEVICE_STATUS_NEEDS_RESET;
-                return;
-            }
-            (true, Err(e)) => Err(super::ActivateError::Worker(e)),
-        };
-        match result {
-            Ok(()) => self.activated = true,
-            Err(e) => {
-                tracing::error!(device = self.device.device_type(), error = %e, "device activation failed");
-                self.status |= DEVICE_STATUS_NEEDS_RESET;
+        if !self.queues.iter().all(|q| q.is_valid(&self.mem)) {
+            tracing::warn!(
+                device = self.device.device_type(),
+                "driver set up an invalid queue"
+            );
+            self.status |= DEVICE_STATUS_NEEDS_RESET;
+            return;
+        }
+        if let Err(e) = self.try_activate() {
+            tracing::error!(device = self.device.device_type(), error = %e, "device activation failed");
+            self.status |= DEVICE_STATUS_NEEDS_RESET;
+        }
+    }
+
+    /// Hands the (valid) queues to the device.
+    pub(super) fn try_activate(&mut self) -> Result<(), super::ActivateError> {
+        let queue_evts = self
+            .queue_evts
+            .iter()
+            .map(EventFd::try_clone)
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(super::ActivateError::Worker)?;
+        let queues = self
+            .queues
+            .iter()
+            .map(|q| Queue::try_from(q.state()).expect("a valid queue's state converts back"))
+            .collect();
+        self.device.activate(ActivateArgs {
+            mem: self.mem.clone(),
+            queues,
+            queue_evts,
+            interrupt: self.interrupt.clone(),
+        })?;
+        self.activated = true;
+        Ok(())
+    }
+
+    /// Stops the device and takes its queues back as they are now, for a
+    /// snapshot. Afterwards the transport is only saved or dropped.
+    pub fn pause(&mut self) {
+        if self.activated {
+            if let Some(queues) = self.device.quiesce() {
+                self.queues = queues;
             }
         }
     }
@@ -315,6 +324,12 @@ pub(crate) mod tests {
         }
         fn reset(&mut self) {
             self.resets += 1;
+        }
+        fn quiesce(&mut self) -> Option<Vec<Queue>> {
+            None
+        }
+        fn state(&self) -> crate::devices::virtio::DeviceState {
+            crate::devices::virtio::DeviceState::Test
         }
     }
 

@@ -6,6 +6,7 @@
 //! structs, which is what lets a VM be snapshotted and forked.
 
 pub mod mmio;
+pub mod persist;
 pub mod rng;
 #[cfg(test)]
 pub(crate) mod test_utils;
@@ -21,6 +22,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::vstate::memory::GuestMemoryMmap;
 
 pub use mmio::MmioTransport;
+pub use persist::{DeviceState, MmioState};
 pub use worker::Worker;
 
 /// Feature bit: the device conforms to virtio 1.x.
@@ -77,6 +79,12 @@ pub trait VirtioDevice: Send + std::fmt::Debug {
     fn activate(&mut self, args: ActivateArgs) -> Result<(), ActivateError>;
     /// Stops serving the queues; the device can be activated again.
     fn reset(&mut self);
+    /// Stops serving the queues and gives them back as they are now (`None` if
+    /// the device was not active), so that they can be saved. The device is then
+    /// only saved or dropped.
+    fn quiesce(&mut self) -> Option<Vec<Queue>>;
+    /// The device's own state, for a snapshot.
+    fn state(&self) -> DeviceState;
 }
 
 /// A device's interrupt: the status register the driver reads and an irqfd.
@@ -101,6 +109,20 @@ impl Interrupt {
             .fetch_or(VIRTIO_MMIO_INT_VRING, Ordering::SeqCst);
         // An irqfd write fails only if its counter would overflow: the interrupt is pending anyway.
         let _ = self.irqfd.write(1);
+    }
+
+    /// Raises the interrupt line again if status bits are pending (after a
+    /// restore: an edge may have been in flight when the snapshot was taken; a
+    /// spurious interrupt is harmless, the driver reads the status first).
+    pub fn resignal_pending(&self) {
+        if self.status() != 0 {
+            let _ = self.irqfd.write(1);
+        }
+    }
+
+    /// Sets the status bits (restore).
+    pub(crate) fn set_status(&self, bits: u32) {
+        self.status.store(bits, Ordering::SeqCst);
     }
 
     /// The current status bits.

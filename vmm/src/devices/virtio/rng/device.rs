@@ -9,8 +9,8 @@ use crate::vstate::memory::GuestMemoryMmap;
 /// A virtio-rng device.
 #[derive(Debug, Default)]
 pub struct Rng {
-    acked_features: u64,
-    worker: Option<Worker<()>>,
+    pub(super) acked_features: u64,
+    worker: Option<Worker<Option<Queue>>>,
 }
 
 impl Rng {
@@ -119,6 +119,15 @@ impl VirtioDevice for Rng {
         if let Some(w) = self.worker.take() {
             w.stop();
         }
+    }
+
+    fn quiesce(&mut self) -> Option<Vec<Queue>> {
+        let queue = self.worker.take()?.stop().flatten()?;
+        Some(vec![queue])
+    }
+
+    fn state(&self) -> crate::devices::virtio::DeviceState {
+        crate::devices::virtio::DeviceState::Rng(crate::persist::Persist::save(self))
     }
 }
 

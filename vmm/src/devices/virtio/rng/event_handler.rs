@@ -19,7 +19,7 @@ pub(super) fn run(
     evt: EventFd,
     interrupt: Arc<Interrupt>,
     kill: EventFd,
-) {
+) -> Option<Queue> {
     let setup = || -> std::io::Result<Epoll> {
         let epoll = Epoll::new()?;
         epoll.ctl(
@@ -38,7 +38,7 @@ pub(super) fn run(
         Ok(e) => e,
         Err(e) => {
             tracing::error!(error = %e, "rng: cannot set up epoll");
-            return;
+            return None;
         }
     };
     // Requests may already be queued when the driver said DRIVER_OK.
@@ -50,12 +50,12 @@ pub(super) fn run(
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => {
                 tracing::error!(error = %e, "rng: epoll failed");
-                return;
+                return Some(queue);
             }
         };
         for ev in &events[..n] {
             match ev.data() {
-                KILL => return,
+                KILL => return Some(queue),
                 _ => {
                     let _ = evt.read();
                     super::device::serve(&mem, &mut queue, &interrupt);

@@ -2,8 +2,10 @@
 
 mod device;
 mod event_handler;
+mod persist;
 
 pub use device::Rng;
+pub use persist::RngState;
 
 /// virtio device id of an entropy source.
 pub const VIRTIO_ID_RNG: u32 = 4;

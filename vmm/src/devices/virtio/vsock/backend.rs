@@ -19,7 +19,10 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::packet::{HDR_LEN, Header, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM, op};
-use super::{CONN_BUF_ALLOC, FIRST_LOCAL_PORT, HOST_CID, MAX_CONNECTIONS, MAX_PAYLOAD, RXQ, TXQ};
+use super::{
+    CONN_BUF_ALLOC, EVENT_TRANSPORT_RESET, EVQ, FIRST_LOCAL_PORT, HOST_CID, MAX_CONNECTIONS,
+    MAX_PAYLOAD, RXQ, TXQ,
+};
 use crate::devices::virtio::Interrupt;
 use crate::vstate::memory::GuestMemoryMmap;
 
@@ -197,6 +200,36 @@ impl VsockBackend {
     /// Gives the listener back (when the device is reset); connections are dropped.
     pub fn into_listener(self) -> UnixListener {
         self.listener
+    }
+
+    /// Gives the listener and the queues back (when the device is quiesced for a
+    /// snapshot); connections are dropped.
+    pub fn into_parts(self) -> (UnixListener, Vec<Queue>) {
+        (self.listener, self.queues)
+    }
+
+    /// Tells the guest that every connection it had is gone
+    /// (`VIRTIO_VSOCK_EVENT_TRANSPORT_RESET` on the event queue). Its listening
+    /// sockets stay; it also re-reads its CID. Sent once after a restore.
+    pub fn send_transport_reset(&mut self) -> bool {
+        let mem = &self.mem;
+        let queue = &mut self.queues[EVQ];
+        let Some(chain) = queue.iter(mem).ok().and_then(|mut it| it.next()) else {
+            tracing::warn!("vsock: no event buffer for the transport reset");
+            return false;
+        };
+        let head = chain.head_index();
+        let written = match chain.writer(mem) {
+            Ok(mut w) if w.available_bytes() >= 4 => {
+                std::io::Write::write(&mut w, &EVENT_TRANSPORT_RESET.to_le_bytes()).unwrap_or(0)
+            }
+            _ => 0,
+        };
+        if queue.add_used(mem, head, written as u32).is_err() {
+            return false;
+        }
+        self.used_any = true;
+        written == 4
     }
 
     /// Number of open connections (for tests and stats).

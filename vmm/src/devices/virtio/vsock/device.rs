@@ -29,11 +29,13 @@ pub enum VsockError {
 /// A virtio-vsock device whose host side is a Unix socket.
 #[derive(Debug)]
 pub struct Vsock {
-    cid: u64,
-    uds_path: PathBuf,
+    pub(super) cid: u64,
+    pub(super) uds_path: PathBuf,
     listener: Option<UnixListener>,
-    worker: Option<Worker<Option<UnixListener>>>,
-    acked_features: u64,
+    worker: Option<Worker<Option<VsockBackend>>>,
+    pub(super) acked_features: u64,
+    /// Send the guest a transport reset when activated (set on restore).
+    pub(super) reset_on_activate: bool,
 }
 
 impl Vsock {
@@ -55,6 +57,7 @@ impl Vsock {
             listener: Some(listener),
             worker: None,
             acked_features: 0,
+            reset_on_activate: false,
         })
     }
 
@@ -126,9 +129,9 @@ impl VirtioDevice for Vsock {
             args.interrupt,
         )
         .map_err(ActivateError::Worker)?;
+        let reset = std::mem::take(&mut self.reset_on_activate);
         let worker = Worker::spawn("zygote-vsock", move |kill| {
-            super::event_handler::run(backend, args.queue_evts, kill)
-                .map(VsockBackend::into_listener)
+            super::event_handler::run(backend, args.queue_evts, kill, reset)
         })
         .map_err(ActivateError::Worker)?;
         self.worker = Some(worker);
@@ -138,8 +141,18 @@ impl VirtioDevice for Vsock {
     fn reset(&mut self) {
         if let Some(worker) = self.worker.take() {
             // Connections end with the backend; the listener is kept for the next activation.
-            self.listener = worker.stop().flatten();
+            self.listener = worker.stop().flatten().map(VsockBackend::into_listener);
         }
+    }
+
+    fn quiesce(&mut self) -> Option<Vec<virtio_queue::Queue>> {
+        let (listener, queues) = self.worker.take()?.stop().flatten()?.into_parts();
+        self.listener = Some(listener);
+        Some(queues)
+    }
+
+    fn state(&self) -> crate::devices::virtio::DeviceState {
+        crate::devices::virtio::DeviceState::Vsock(crate::persist::Persist::save(self))
     }
 }
 

@@ -14,6 +14,7 @@ pub(super) fn run(
     mut backend: VsockBackend,
     queue_evts: Vec<EventFd>,
     kill: EventFd,
+    transport_reset: bool,
 ) -> Option<VsockBackend> {
     let register = |fd: RawFd, token: u64| {
         backend.epoll.ctl(
@@ -31,6 +32,9 @@ pub(super) fn run(
     if let Err(e) = registered {
         tracing::error!(error = %e, "vsock: cannot set up epoll");
         return None;
+    }
+    if transport_reset {
+        backend.send_transport_reset();
     }
     // The driver may have queued buffers before DRIVER_OK; host clients may be waiting.
     backend.handle_listener();

@@ -13,9 +13,11 @@ mod backend;
 mod device;
 mod event_handler;
 pub mod packet;
+mod persist;
 
 pub use backend::VsockBackend;
 pub use device::{Vsock, VsockError};
+pub use persist::{VsockArgs, VsockState};
 
 /// virtio device id of a socket device.
 pub const VIRTIO_ID_VSOCK: u32 = 19;
@@ -37,3 +39,5 @@ pub const MAX_PAYLOAD: usize = 64 << 10;
 pub const FIRST_LOCAL_PORT: u32 = 1 << 30;
 /// At most this many connections per VM.
 pub const MAX_CONNECTIONS: usize = 1024;
+/// Event id of a transport reset (`struct virtio_vsock_event`).
+pub const EVENT_TRANSPORT_RESET: u32 = 0;
