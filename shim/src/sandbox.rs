@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use zygote_agent_api::{AgentClient, ClientError, Pong, READY_PORT, request};
+use zygote_vmm::snapshot::{ForkConfig, ForkError, SnapshotError, SnapshotInfo, Template};
 use zygote_vmm::{BuildError, ExitReason, KvmKind, Machine, VmConfig};
 
 use crate::paths;
@@ -81,6 +82,15 @@ pub enum SandboxError {
     /// The VM could not be built.
     #[error("cannot boot the VM")]
     Build(#[from] BuildError),
+    /// The VM could not be forked from its template.
+    #[error("cannot fork template {template}")]
+    Fork {
+        /// The template's directory.
+        template: PathBuf,
+        /// Cause.
+        #[source]
+        source: ForkError,
+    },
     /// The guest stopped before its agent answered.
     #[error("the guest stopped before its agent answered ({reason:?}); console:\n{console}")]
     GuestExited {
@@ -114,6 +124,27 @@ pub struct Timeline {
     /// When the agent answered the first Ping.
     pub agent_ready_ms: f64,
     /// Total vCPU time spent inside KVM_RUN until then (guest-side work).
+    pub guest_run_ms: f64,
+}
+
+/// Where a fork's time went, in milliseconds from the fork request.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct ForkTimeline {
+    /// Host-side work: request → all vCPUs running (map, VM, restore, devices, threads).
+    pub host_ms: f64,
+    /// Of which: mapping the memory file and opening KVM.
+    pub map_ms: f64,
+    /// Of which: KVM_CREATE_VM, irqchip, PIT, memory slots.
+    pub create_vm_ms: f64,
+    /// Of which: vCPUs created, VM and vCPU state restored.
+    pub restore_ms: f64,
+    /// Of which: devices restored.
+    pub devices_ms: f64,
+    /// Of which: vCPU threads started.
+    pub start_ms: f64,
+    /// Request → the agent answered a Ping over a new vsock connection.
+    pub ready_ms: f64,
+    /// vCPU time inside KVM_RUN until then (guest-side work).
     pub guest_run_ms: f64,
 }
 
@@ -164,8 +195,10 @@ pub struct Sandbox {
     machine: Machine,
     run_dir: RunDir,
     vsock: PathBuf,
-    /// Boot timeline.
-    pub timeline: Timeline,
+    /// Boot timeline (a booted sandbox).
+    pub boot: Option<Timeline>,
+    /// Fork timeline (a forked sandbox).
+    pub fork: Option<ForkTimeline>,
     /// The agent's first answer.
     pub pong: Pong,
 }
@@ -254,9 +287,76 @@ impl Sandbox {
             machine,
             run_dir,
             vsock,
-            timeline,
+            boot: Some(timeline),
+            fork: None,
             pong,
         })
+    }
+
+    /// Forks a VM from `template` and waits (up to `timeout`) until its agent
+    /// answers a Ping on a new connection.
+    pub fn fork(template: &Template, timeout: Duration) -> Result<Sandbox, SandboxError> {
+        let run_dir = RunDir::create()?;
+        let vsock = run_dir.0.join("vsock.sock");
+        let config = ForkConfig {
+            vsock_path: Some(vsock.clone()),
+            console_log: Some(run_dir.0.join("console.log")),
+        };
+        let machine = Machine::fork(template, &config).map_err(|source| SandboxError::Fork {
+            template: template.dir().into(),
+            source,
+        })?;
+        let deadline = machine.started() + timeout;
+        let pong = loop {
+            if let Some(reason) = machine.exit_reason() {
+                return Err(SandboxError::GuestExited {
+                    reason,
+                    console: machine.console_tail(TAIL_LINES),
+                });
+            }
+            if Instant::now() >= deadline {
+                return Err(SandboxError::AgentTimeout {
+                    timeout,
+                    console: machine.console_tail(TAIL_LINES),
+                });
+            }
+            match AgentClient::connect(
+                &vsock,
+                deadline
+                    .saturating_duration_since(Instant::now())
+                    .max(Duration::from_millis(10)),
+            ) {
+                Ok(mut client) => break client.ping()?,
+                Err(ClientError::Handshake { .. }) => std::thread::sleep(WAIT_INTERVAL),
+                Err(e) => return Err(e.into()),
+            }
+        };
+        let ready = machine.started().elapsed();
+        let phases = machine.fork_phases().unwrap_or_default();
+        let fork = ForkTimeline {
+            host_ms: ms(machine.setup_time()),
+            map_ms: ms(phases.map),
+            create_vm_ms: ms(phases.create_vm),
+            restore_ms: ms(phases.restore),
+            devices_ms: ms(phases.devices),
+            start_ms: ms(phases.start),
+            ready_ms: ms(ready),
+            guest_run_ms: ms(machine.guest_run_time()),
+        };
+        Ok(Sandbox {
+            machine,
+            run_dir,
+            vsock,
+            boot: None,
+            fork: Some(fork),
+            pong,
+        })
+    }
+
+    /// Snapshots the VM into `dir` (see [`Machine::snapshot`]), then stops it and
+    /// removes its run directory.
+    pub fn snapshot_into(mut self, dir: &Path) -> Result<SnapshotInfo, SnapshotError> {
+        self.machine.snapshot(dir)
     }
 
     /// A new connection to the agent.

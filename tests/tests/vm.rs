@@ -53,7 +53,7 @@ fn boot_ping_stress_and_power_off() {
         "{}",
         pong.kernel_release
     );
-    let t = sandbox.timeline;
+    let t = sandbox.boot.expect("booted");
     assert!(t.vmm_setup_ms > 0.0 && t.vmm_setup_ms <= t.kernel_entry_ms);
     assert!(t.kernel_entry_ms <= t.agent_start_ms && t.agent_start_ms <= t.agent_ready_ms);
 

@@ -6,7 +6,7 @@ use zygote_agent_api::frame::{read_frame, write_frame};
 use zygote_agent_api::{Code, Error, Pong, Request, Response, request, response};
 
 use crate::vsock::VsockListener;
-use crate::{init, selftest, sys};
+use crate::{exec, init, selftest, sys};
 
 /// Accepts connections forever, one thread each.
 pub fn serve(listener: VsockListener, agent_started_ns: u64) {
@@ -90,6 +90,15 @@ pub fn handle(req: Request, agent_started_ns: u64) -> (Response, After) {
             Err(msg) => {
                 return (
                     error_response(id, Code::InvalidArgument, &msg),
+                    After::Continue,
+                );
+            }
+        },
+        Some(request::Body::Exec(e)) => match exec::run(&e) {
+            Ok(result) => (response::Body::Exec(result), After::Continue),
+            Err(e) => {
+                return (
+                    error_response(id, e.code(), &e.to_string()),
                     After::Continue,
                 );
             }

@@ -7,7 +7,7 @@ pub struct Request {
     #[prost(uint64, tag = "1")]
     pub id: u64,
     /// What is asked.
-    #[prost(oneof = "request::Body", tags = "2, 3, 4")]
+    #[prost(oneof = "request::Body", tags = "2, 3, 4, 5")]
     pub body: Option<request::Body>,
 }
 
@@ -25,6 +25,9 @@ pub mod request {
         /// Power the guest off.
         #[prost(message, tag = "4")]
         Shutdown(super::Shutdown),
+        /// Run one command and collect its output.
+        #[prost(message, tag = "5")]
+        Exec(super::Exec),
     }
 }
 
@@ -35,7 +38,7 @@ pub struct Response {
     #[prost(uint64, tag = "1")]
     pub id: u64,
     /// The answer.
-    #[prost(oneof = "response::Body", tags = "2, 3, 4, 15")]
+    #[prost(oneof = "response::Body", tags = "2, 3, 4, 5, 15")]
     pub body: Option<response::Body>,
 }
 
@@ -53,6 +56,9 @@ pub mod response {
         /// Answer to [`super::Shutdown`], sent before powering off.
         #[prost(message, tag = "4")]
         ShutdownAck(super::Empty),
+        /// Answer to [`super::Exec`].
+        #[prost(message, tag = "5")]
+        Exec(super::ExecResult),
         /// The request failed.
         #[prost(message, tag = "15")]
         Error(super::Error),
@@ -158,6 +164,38 @@ impl SelfTestReport {
 /// Power the guest off.
 #[derive(Clone, Copy, PartialEq, Eq, prost::Message)]
 pub struct Shutdown {}
+
+/// Run a command in the guest (outside any container: an operator's and the
+/// tests' tool) and return its exit status and output.
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct Exec {
+    /// Program (absolute path) and arguments.
+    #[prost(string, repeated, tag = "1")]
+    pub argv: Vec<String>,
+    /// Environment as `KEY=value`; empty: `PATH=/bin:/sbin:/usr/bin:/usr/sbin` only.
+    #[prost(string, repeated, tag = "2")]
+    pub env: Vec<String>,
+    /// Kill the command after this long (0: 60 s).
+    #[prost(uint32, tag = "3")]
+    pub timeout_ms: u32,
+}
+
+/// How a command ended.
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct ExecResult {
+    /// Exit code, or 128 + signal number if it was killed by a signal.
+    #[prost(int32, tag = "1")]
+    pub exit_code: i32,
+    /// Standard output (at most 1 MiB kept).
+    #[prost(bytes = "vec", tag = "2")]
+    pub stdout: Vec<u8>,
+    /// Standard error (at most 1 MiB kept).
+    #[prost(bytes = "vec", tag = "3")]
+    pub stderr: Vec<u8>,
+    /// It ran past its timeout and was killed.
+    #[prost(bool, tag = "4")]
+    pub timed_out: bool,
+}
 
 /// Error codes, as in gRPC.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, prost::Enumeration)]

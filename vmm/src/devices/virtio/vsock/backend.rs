@@ -208,6 +208,25 @@ impl VsockBackend {
         (self.listener, self.queues)
     }
 
+    /// Starts or stops accepting host clients (they wait in the socket's backlog
+    /// meanwhile).
+    pub fn set_listening(&self, on: bool) {
+        let fd = self.listener.as_raw_fd();
+        let result = if on {
+            self.epoll.ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, TOKEN_LISTENER),
+            )
+        } else {
+            self.epoll
+                .ctl(ControlOperation::Delete, fd, EpollEvent::default())
+        };
+        if let Err(e) = result {
+            tracing::warn!(error = %e, on, "vsock: cannot change listening");
+        }
+    }
+
     /// Tells the guest that every connection it had is gone
     /// (`VIRTIO_VSOCK_EVENT_TRANSPORT_RESET` on the event queue). Its listening
     /// sockets stay; it also re-reads its CID. Sent once after a restore.
@@ -791,6 +810,7 @@ mod tests {
         mem: GuestMemoryMmap,
         rx: TestQueue,
         tx: TestQueue,
+        ev: TestQueue,
         backend: VsockBackend,
         rx_seen: u16,
         tx_head: u16,
@@ -825,6 +845,7 @@ mod tests {
                 mem,
                 rx,
                 tx,
+                ev,
                 backend,
                 rx_seen: 0,
                 tx_head: 0,
@@ -922,6 +943,29 @@ mod tests {
             out.push(b[0]);
         }
         String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn transport_reset_goes_to_the_event_queue_once_per_buffer() {
+        let mut h = Harness::new("reset");
+        assert!(!h.backend.send_transport_reset(), "no event buffer yet");
+        h.mem
+            .write_obj(0xffff_ffff_u32, GuestAddress(0x50000))
+            .unwrap();
+        h.ev.desc(&h.mem, 0, 0x50000, 4, WRITE, 0);
+        h.ev.publish(&h.mem, 0);
+        assert!(h.backend.send_transport_reset());
+        assert_eq!(h.ev.used_elem(&h.mem, 0), (0, 4));
+        let id: u32 = h.mem.read_obj(GuestAddress(0x50000)).unwrap();
+        assert_eq!(id, EVENT_TRANSPORT_RESET);
+        assert!(!h.backend.send_transport_reset(), "the buffer was used");
+        // While not listening a host client waits; once listening it is taken.
+        h.backend.set_listening(false);
+        let _client = UnixStream::connect(&h.path).unwrap();
+        h.backend.set_listening(true);
+        h.backend.handle_listener();
+        assert_eq!(h.backend.handshakes.len(), 1);
+        std::fs::remove_dir_all(&h.dir).unwrap();
     }
 
     #[test]

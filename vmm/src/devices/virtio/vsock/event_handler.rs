@@ -33,11 +33,18 @@ pub(super) fn run(
         tracing::error!(error = %e, "vsock: cannot set up epoll");
         return None;
     }
-    if transport_reset {
-        backend.send_transport_reset();
+    // After a restore the guest first hears that its old connections are gone.
+    // Host clients wait (in the listener's backlog) until the guest has handled
+    // that event and given the buffer back: a connection accepted before would be
+    // torn down by the reset it overtook.
+    let mut awaiting_reset_ack = transport_reset && backend.send_transport_reset();
+    if awaiting_reset_ack {
+        backend.set_listening(false);
+    } else {
+        // Host clients may already be waiting.
+        backend.handle_listener();
     }
-    // The driver may have queued buffers before DRIVER_OK; host clients may be waiting.
-    backend.handle_listener();
+    // The driver may have queued buffers before DRIVER_OK.
     backend.process_tx();
     backend.process_rx();
     backend.notify_guest();
@@ -65,6 +72,10 @@ pub(super) fn run(
                 }
                 t if t == TOKEN_QUEUE + EVQ as u64 => {
                     let _ = queue_evts[EVQ].read();
+                    if std::mem::take(&mut awaiting_reset_ack) {
+                        backend.set_listening(true);
+                        backend.handle_listener();
+                    }
                 }
                 t if t >= TOKEN_STREAM => {
                     backend.handle_stream((t - TOKEN_STREAM) as RawFd, ev.event_set())

@@ -3,6 +3,11 @@
 //! - `zygote doctor`: checks KVM, the kernel and the guest image; exits 1 if something is missing.
 //! - `zygote boot`: boots a VM, waits for the agent's Ping, prints the timeline, powers it off.
 //! - `zygote selftest`: boots a VM and runs the exec/pipe stress inside it.
+//! - `zygote template build|ls|rm|verify`: templates (a warm VM saved to disk).
+//! - `zygote fork`: forks VMs from a template; `zygote bench fork` measures it.
+
+mod fork;
+mod templates;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -13,6 +18,7 @@ use clap::{Args, Parser, Subcommand};
 use zygote::sandbox::{Sandbox, SandboxConfig};
 use zygote::{doctor, paths};
 use zygote_agent_api::{SelfTest, request, response};
+use zygote_vmm::snapshot::TemplateStore;
 
 #[derive(Parser)]
 #[command(
@@ -21,12 +27,15 @@ use zygote_agent_api::{SelfTest, request, response};
     about = "zygote: containers in forked KVM microVMs"
 )]
 struct Cli {
+    /// Template store (default: $ZYGOTE_TEMPLATES or $ZYGOTE_HOME/templates).
+    #[arg(long, global = true)]
+    templates: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Args, Clone)]
-struct VmArgs {
+pub(crate) struct VmArgs {
     /// vCPUs.
     #[arg(long, default_value_t = 1)]
     vcpus: u8,
@@ -54,7 +63,7 @@ struct VmArgs {
 }
 
 impl VmArgs {
-    fn config(&self) -> SandboxConfig {
+    pub(crate) fn config(&self) -> SandboxConfig {
         SandboxConfig {
             vcpus: self.vcpus,
             memory_mib: self.memory,
@@ -108,6 +117,53 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Build, list, remove and verify templates.
+    Template {
+        #[command(subcommand)]
+        command: templates::TemplateCommand,
+    },
+    /// Fork VMs from a template, wait for their agents, print per-fork timings.
+    Fork {
+        /// Template name.
+        template: String,
+        /// VMs to fork at once.
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+        /// Print the timings as JSON (last line of stdout).
+        #[arg(long)]
+        json: bool,
+        /// Keep the VMs running until stdin closes (or a signal).
+        #[arg(long)]
+        keep: bool,
+        /// Seconds to wait for each agent.
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+    },
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Fork-to-agent-ready latency, host-side time, PSS per fork, and a cold boot of
+    /// the same VM in the same run.
+    Fork {
+        /// Template name.
+        #[arg(long)]
+        template: String,
+        /// Forks (each in its own process, one after another).
+        #[arg(long, default_value_t = 10)]
+        count: usize,
+        /// Print the figures as JSON (last line of stdout).
+        #[arg(long)]
+        json: bool,
+        /// Seconds to wait for each agent.
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+    },
 }
 
 /// Blocks SIGINT, SIGTERM and SIGHUP in every thread and handles them on one:
@@ -146,7 +202,8 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    match run(cli.command) {
+    let store = TemplateStore::new(cli.templates.unwrap_or_else(paths::templates));
+    match run(&store, cli.command) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("zygote: error: {e:#}");
@@ -155,8 +212,32 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(command: Command) -> anyhow::Result<ExitCode> {
+fn run(store: &TemplateStore, command: Command) -> anyhow::Result<ExitCode> {
     match command {
+        Command::Template { command } => templates::run(store, command),
+        Command::Fork {
+            template,
+            count,
+            json,
+            keep,
+            timeout,
+        } => fork::fork(
+            store,
+            &template,
+            count,
+            json,
+            keep,
+            Duration::from_secs(timeout),
+        ),
+        Command::Bench {
+            command:
+                BenchCommand::Fork {
+                    template,
+                    count,
+                    json,
+                    timeout,
+                },
+        } => fork::bench(store, &template, count, json, Duration::from_secs(timeout)),
         Command::Doctor { json } => {
             let checks = doctor::run(&paths::kernel(), &paths::initramfs());
             let ok = checks.iter().all(|c| c.ok);
@@ -180,7 +261,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Boot { vm, json } => {
             let sandbox = Sandbox::boot(&vm.config()).context("boot failed")?;
-            let t = sandbox.timeline;
+            let t = sandbox.boot.expect("a booted sandbox has a boot timeline");
             let kind = sandbox.kind();
             let release = sandbox.pong.kernel_release.clone();
             let reason = sandbox.shutdown(Duration::from_secs(30));

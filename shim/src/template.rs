@@ -1,0 +1,224 @@
+//! Templates as zygote builds them: boot a VM, wait for its agent, optionally
+//! warm it with commands, let it go idle, snapshot it into the store.
+//!
+//! Builders of one name serialize on the store's lock; one that finds the
+//! template already built reuses it (unless asked to rebuild).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::{Deserialize, Serialize};
+use zygote_agent_api::{Exec, request, response};
+use zygote_vmm::KvmKind;
+use zygote_vmm::snapshot::template::META_FILE;
+use zygote_vmm::snapshot::{
+    InstallError, STATE_VERSION, SnapshotError, StoreError, TemplateName, TemplateStore,
+};
+
+use crate::sandbox::{Sandbox, SandboxConfig, SandboxError};
+
+/// What to build.
+#[derive(Debug, Clone)]
+pub struct BuildSpec {
+    /// Template name.
+    pub name: TemplateName,
+    /// The VM to boot.
+    pub sandbox: SandboxConfig,
+    /// Commands run in the guest (through the agent) before the snapshot.
+    pub warm: Vec<Vec<String>>,
+    /// How long the guest is left alone before the snapshot, so that the agent
+    /// has finished with the host's connections and is idle.
+    pub settle: Duration,
+    /// Rebuild even if the template exists.
+    pub force: bool,
+}
+
+/// What a template is, for people and listings (`template.json`). A fork does
+/// not trust it: the state file is the truth.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TemplateMeta {
+    /// Name.
+    pub name: String,
+    /// State file format version.
+    pub format_version: u32,
+    /// KVM kind it was taken on.
+    pub kind: KvmKind,
+    /// vCPUs.
+    pub vcpus: u8,
+    /// Guest RAM, MiB.
+    pub memory_mib: u64,
+    /// Guest kernel it booted.
+    pub kernel: PathBuf,
+    /// Initramfs it booted.
+    pub initramfs: PathBuf,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// When it was written (Unix seconds).
+    pub created_unix_s: u64,
+    /// Guest CLOCK_BOOTTIME at which its agent started (every fork reports the same).
+    pub agent_started_ns: u64,
+    /// Boot to agent ready, ms.
+    pub boot_ms: f64,
+    /// Stopping vCPUs and devices, ms.
+    pub pause_ms: f64,
+    /// Saving vCPU, VM and device state, ms.
+    pub save_ms: f64,
+    /// Writing and flushing the memory file, ms.
+    pub memory_write_ms: f64,
+    /// Bytes of the memory file that hold data (the rest are holes).
+    pub memory_data_bytes: u64,
+    /// CRC-32 of the memory file.
+    pub memory_crc32: u32,
+}
+
+/// Errors building a template.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// The store failed (lock, rename, permissions).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The template VM did not come up.
+    #[error("template VM failed")]
+    Sandbox(#[from] SandboxError),
+    /// A warm-up command failed.
+    #[error("warm-up command {argv:?} failed: {detail}")]
+    Warm {
+        /// The command.
+        argv: Vec<String>,
+        /// How.
+        detail: String,
+    },
+    /// The snapshot could not be taken or written (e.g. the disk is full).
+    #[error("cannot snapshot the template VM")]
+    Snapshot(#[from] SnapshotError),
+    /// `template.json` could not be written.
+    #[error("cannot write {path}")]
+    Meta {
+        /// The file.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl From<InstallError<BuildError>> for BuildError {
+    fn from(e: InstallError<BuildError>) -> Self {
+        match e {
+            InstallError::Store(e) => BuildError::Store(e),
+            InstallError::Fill(e) => e,
+        }
+    }
+}
+
+/// The outcome of [`build`].
+#[derive(Debug, Clone)]
+pub struct BuildReport {
+    /// Where the template is.
+    pub dir: PathBuf,
+    /// It existed already (built by someone else, or before) and was reused.
+    pub reused: bool,
+    /// Its metadata.
+    pub meta: TemplateMeta,
+    /// Time this call took, ms (including waiting for another builder).
+    pub total_ms: f64,
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Reads a template's `template.json`.
+pub fn read_meta(dir: &Path) -> Result<TemplateMeta, std::io::Error> {
+    let text = std::fs::read_to_string(dir.join(META_FILE))?;
+    serde_json::from_str(&text).map_err(std::io::Error::other)
+}
+
+/// Builds template `spec.name` in `store`, or reuses it if it exists.
+pub fn build(store: &TemplateStore, spec: &BuildSpec) -> Result<BuildReport, BuildError> {
+    let start = Instant::now();
+    let lock = store.lock(&spec.name)?;
+    let dir = store.dir(&spec.name);
+    if !spec.force && store.exists(&spec.name) {
+        if let Ok(meta) = read_meta(&dir) {
+            return Ok(BuildReport {
+                dir,
+                reused: true,
+                meta,
+                total_ms: ms(start.elapsed()),
+            });
+        }
+    }
+    let sandbox = Sandbox::boot(&spec.sandbox)?;
+    for argv in &spec.warm {
+        warm(&sandbox, argv)?;
+    }
+    std::thread::sleep(spec.settle);
+    let boot = sandbox.boot.expect("a booted sandbox has a boot timeline");
+    let agent_started_ns = sandbox.pong.agent_started_ns;
+    let kind = sandbox.kind();
+    let cmdline = sandbox.machine().cmdline().to_string();
+    let meta = store.install(&lock, |tmp: &Path| -> Result<TemplateMeta, BuildError> {
+        let info = sandbox.snapshot_into(tmp)?;
+        let meta = TemplateMeta {
+            name: spec.name.to_string(),
+            format_version: STATE_VERSION,
+            kind,
+            vcpus: spec.sandbox.vcpus,
+            memory_mib: spec.sandbox.memory_mib,
+            kernel: std::fs::canonicalize(&spec.sandbox.kernel)
+                .unwrap_or_else(|_| spec.sandbox.kernel.clone()),
+            initramfs: std::fs::canonicalize(&spec.sandbox.initramfs)
+                .unwrap_or_else(|_| spec.sandbox.initramfs.clone()),
+            cmdline,
+            created_unix_s: SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            agent_started_ns,
+            boot_ms: boot.agent_ready_ms,
+            pause_ms: ms(info.pause),
+            save_ms: ms(info.save),
+            memory_write_ms: ms(info.memory_write),
+            memory_data_bytes: info.memory.data_bytes,
+            memory_crc32: info.memory.crc32,
+        };
+        let path = tmp.join(META_FILE);
+        let text = serde_json::to_string_pretty(&meta).expect("plain data serializes");
+        std::fs::write(&path, text).map_err(|source| BuildError::Meta { path, source })?;
+        Ok(meta)
+    })?;
+    tracing::info!(template = %spec.name, ms = ms(start.elapsed()), "template built");
+    Ok(BuildReport {
+        dir,
+        reused: false,
+        meta,
+        total_ms: ms(start.elapsed()),
+    })
+}
+
+fn warm(sandbox: &Sandbox, argv: &[String]) -> Result<(), BuildError> {
+    let fail = |detail: String| BuildError::Warm {
+        argv: argv.to_vec(),
+        detail,
+    };
+    let mut client = sandbox.client()?;
+    client
+        .set_timeout(Duration::from_secs(120))
+        .map_err(|e| fail(e.to_string()))?;
+    let body = client
+        .call(request::Body::Exec(Exec {
+            argv: argv.to_vec(),
+            env: vec![],
+            timeout_ms: 110_000,
+        }))
+        .map_err(|e| fail(e.to_string()))?;
+    match body {
+        response::Body::Exec(r) if r.exit_code == 0 => Ok(()),
+        response::Body::Exec(r) => Err(fail(format!(
+            "exit {}: {}",
+            r.exit_code,
+            String::from_utf8_lossy(&r.stderr).trim()
+        ))),
+        other => Err(fail(format!("unexpected answer {other:?}"))),
+    }
+}
