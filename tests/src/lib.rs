@@ -97,3 +97,124 @@ impl Drop for TempFile {
         let _ = std::fs::remove_file(&self.0);
     }
 }
+
+/// What every fork of the test template finds in `/tmp/marker`.
+pub const TEMPLATE_MARKER: &str = "template-was-here";
+
+/// The shared test template: the busybox image booted, `/tmp/marker` written
+/// by a warm-up command, snapshotted. Built once into
+/// `$ZYGOTE_HOME/test-templates` under a name derived from the kernel and image
+/// (so a new image gets a new template) and reused by every test binary and
+/// run — the store's build lock makes concurrent builders share one build.
+pub fn test_template() -> &'static (
+    zygote_vmm::snapshot::TemplateStore,
+    zygote_vmm::snapshot::TemplateName,
+) {
+    use std::hash::{Hash, Hasher};
+    use std::os::unix::fs::MetadataExt;
+    static TEMPLATE: std::sync::OnceLock<(
+        zygote_vmm::snapshot::TemplateStore,
+        zygote_vmm::snapshot::TemplateName,
+    )> = std::sync::OnceLock::new();
+    TEMPLATE.get_or_init(|| {
+        let kernel = std::fs::canonicalize(zygote::paths::kernel()).expect("guest kernel");
+        let image = busybox_initramfs();
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        for p in [&kernel, &image] {
+            let m = std::fs::metadata(p).expect("guest kernel and busybox image");
+            (p, m.len(), m.mtime(), m.mtime_nsec()).hash(&mut h);
+        }
+        let name = zygote_vmm::snapshot::TemplateName::new(&format!("test-bb-{:016x}", h.finish()))
+            .expect("valid name");
+        let store =
+            zygote_vmm::snapshot::TemplateStore::new(zygote::paths::home().join("test-templates"));
+        let spec = zygote::template::BuildSpec {
+            name: name.clone(),
+            sandbox: zygote::sandbox::SandboxConfig {
+                kernel,
+                initramfs: image,
+                ..Default::default()
+            },
+            warm: vec![vec![
+                "/bin/busybox".into(),
+                "sh".into(),
+                "-c".into(),
+                format!("echo {TEMPLATE_MARKER} > /tmp/marker"),
+            ]],
+            settle: std::time::Duration::from_secs(1),
+            force: false,
+        };
+        let _guard = vm_lock();
+        let report = zygote::template::build(&store, &spec).expect("test template builds");
+        // Templates of older kernels or images are not used again.
+        for old in store.list().unwrap_or_default() {
+            if old.as_str().starts_with("test-bb-") && old != name {
+                let _ = store.remove(&old);
+            }
+        }
+        eprintln!(
+            "test template {} ({}; boot {:.0} ms)",
+            report.dir.display(),
+            if report.reused { "reused" } else { "built" },
+            report.meta.boot_ms
+        );
+        (store, name)
+    })
+}
+
+/// The `zygote` binary built beside the test binaries (`cargo test --workspace`
+/// builds it for the shim's own tests).
+pub fn zygote_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps")
+        .join("zygote");
+    assert!(
+        bin.exists(),
+        "{} missing: build with `cargo test --workspace`",
+        bin.display()
+    );
+    bin
+}
+
+/// A tmpfs mounted for a test (e.g. a small disk that fills up), unmounted and
+/// removed on drop.
+#[derive(Debug)]
+pub struct Tmpfs(pub PathBuf);
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `mib` MiB at a fresh directory.
+    pub fn mount(name: &str, mib: u64) -> Self {
+        let dir = std::env::temp_dir().join(format!("zygote-tmpfs-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mount point");
+        let status = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={mib}m,mode=0700"),
+                "zygote-test",
+            ])
+            .arg(&dir)
+            .status()
+            .expect("mount");
+        assert!(
+            status.success(),
+            "mount tmpfs at {} (tests run as root)",
+            dir.display()
+        );
+        Tmpfs(dir)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

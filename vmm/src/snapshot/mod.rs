@@ -22,6 +22,8 @@ use crate::vstate::kvm::KvmKind;
 use crate::vstate::memory::{GuestRam, MemoryError};
 use crate::vstate::persist::{VcpuState, VmState};
 
+/// An MSR as saved (re-exported for tools that inspect or edit a state).
+pub use kvm_bindings::kvm_msr_entry as KvmMsrEntry;
 pub use machine::{ForkConfig, ForkError, ForkPhases, SnapshotError, SnapshotInfo};
 pub use memory_file::{MemoryFileError, MemoryFileInfo};
 pub use state_file::{STATE_VERSION, StateFileError};
