@@ -57,6 +57,9 @@ pub struct TemplateMeta {
     pub created_unix_s: u64,
     /// Guest CLOCK_BOOTTIME at which its agent started (every fork reports the same).
     pub agent_started_ns: u64,
+    /// Guest CLOCK_BOOTTIME when the snapshot was taken (within the host's
+    /// scheduling noise): a fork's clock continues from here.
+    pub snapshot_uptime_ns: u64,
     /// Boot to agent ready, ms.
     pub boot_ms: f64,
     /// Stopping vCPUs and devices, ms.
@@ -156,6 +159,12 @@ pub fn build(store: &TemplateStore, spec: &BuildSpec) -> Result<BuildReport, Bui
     std::thread::sleep(spec.settle);
     let boot = sandbox.boot.expect("a booted sandbox has a boot timeline");
     let agent_started_ns = sandbox.pong.agent_started_ns;
+    let since_pong = sandbox
+        .machine()
+        .started()
+        .elapsed()
+        .saturating_sub(Duration::from_secs_f64(boot.agent_ready_ms / 1000.0));
+    let snapshot_uptime_ns = sandbox.pong.uptime_ns + since_pong.as_nanos() as u64;
     let kind = sandbox.kind();
     let cmdline = sandbox.machine().cmdline().to_string();
     let meta = store.install(&lock, |tmp: &Path| -> Result<TemplateMeta, BuildError> {
@@ -175,6 +184,7 @@ pub fn build(store: &TemplateStore, spec: &BuildSpec) -> Result<BuildReport, Bui
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
             agent_started_ns,
+            snapshot_uptime_ns,
             boot_ms: boot.agent_ready_ms,
             pause_ms: ms(info.pause),
             save_ms: ms(info.save),

@@ -124,6 +124,11 @@ pub fn test_template() -> &'static (
             let m = std::fs::metadata(p).expect("guest kernel and busybox image");
             (p, m.len(), m.mtime(), m.mtime_nsec()).hash(&mut h);
         }
+        (
+            zygote_vmm::builder::BASE_CMDLINE,
+            zygote_vmm::snapshot::STATE_VERSION,
+        )
+            .hash(&mut h);
         let name = zygote_vmm::snapshot::TemplateName::new(&format!("test-bb-{:016x}", h.finish()))
             .expect("valid name");
         let store =

@@ -80,11 +80,27 @@ fn a_fork_runs_from_where_the_template_stopped() {
     }
     let t = template();
     let meta = read_meta(t.dir()).unwrap();
+    // Let the template age, so that a clock that jumped by its age would show.
+    let age = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        .saturating_sub(meta.created_unix_s);
+    if age < 5 {
+        std::thread::sleep(Duration::from_secs(5 - age));
+    }
     let _vm = vm_lock();
     let fork = Sandbox::fork(&t, AGENT_TIMEOUT).expect("fork");
     // The same agent process, continuing: its start time is the template's.
     assert_eq!(fork.pong.agent_started_ns, meta.agent_started_ns);
-    assert!(fork.pong.uptime_ns > meta.agent_started_ns);
+    // The guest's clock continues from the snapshot: it did not jump by the
+    // template's age (≥ 5 s); it only ran for the fork's own time.
+    let ran = Duration::from_nanos(fork.pong.uptime_ns.saturating_sub(meta.snapshot_uptime_ns));
+    assert!(fork.pong.uptime_ns + 500_000_000 > meta.snapshot_uptime_ns);
+    assert!(
+        ran < Duration::from_secs(4),
+        "guest uptime jumped by {ran:?} over the snapshot (template {age} s old)"
+    );
     let timeline = fork.fork.expect("fork timeline");
     eprintln!(
         "fork ready in {:.1} ms (host {:.2} ms)",

@@ -31,7 +31,12 @@ use crate::vstate::vcpu::{self, Vcpu, VcpuError, VcpuStats};
 use crate::vstate::vm::{Vm, VmError};
 
 /// The kernel command line every guest gets; KVM-kind parameters and devices follow.
-pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet";
+///
+/// `clocksource=kvm-clock`: the guest keeps time by kvmclock, which a fork
+/// restores frozen (no monotonic jump however long the template was stored).
+/// The TSC clocksource would jump on PVM, where the guest reads the host's TSC
+/// without an offset (measured: a fork's uptime grew by the template's age).
+pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet clocksource=kvm-clock";
 
 pub(crate) const SERIAL_PORT: u64 = 0x3f8;
 pub(crate) const I8042_PORT: u64 = 0x60;
