@@ -203,6 +203,23 @@ pub struct Sandbox {
     pub pong: Pong,
 }
 
+/// Fails if the guest stopped, or if `timeout` has passed since the machine started.
+fn still_waiting(machine: &Machine, timeout: Duration) -> Result<(), SandboxError> {
+    if let Some(reason) = machine.exit_reason() {
+        return Err(SandboxError::GuestExited {
+            reason,
+            console: machine.console_tail(TAIL_LINES),
+        });
+    }
+    if machine.started().elapsed() >= timeout {
+        return Err(SandboxError::AgentTimeout {
+            timeout,
+            console: machine.console_tail(TAIL_LINES),
+        });
+    }
+    Ok(())
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
@@ -240,21 +257,9 @@ impl Sandbox {
                 source,
             })?;
         let machine = Machine::boot(&vm_config)?;
-        let deadline = machine.started() + config.agent_timeout;
         let mut next_probe = Instant::now() + PROBE_INTERVAL;
         let pong = loop {
-            if let Some(reason) = machine.exit_reason() {
-                return Err(SandboxError::GuestExited {
-                    reason,
-                    console: machine.console_tail(TAIL_LINES),
-                });
-            }
-            if Instant::now() >= deadline {
-                return Err(SandboxError::AgentTimeout {
-                    timeout: config.agent_timeout,
-                    console: machine.console_tail(TAIL_LINES),
-                });
-            }
+            still_waiting(&machine, config.agent_timeout)?;
             let signalled = match ready.accept() {
                 Ok(_) => true,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => false,
@@ -308,18 +313,7 @@ impl Sandbox {
         })?;
         let deadline = machine.started() + timeout;
         let pong = loop {
-            if let Some(reason) = machine.exit_reason() {
-                return Err(SandboxError::GuestExited {
-                    reason,
-                    console: machine.console_tail(TAIL_LINES),
-                });
-            }
-            if Instant::now() >= deadline {
-                return Err(SandboxError::AgentTimeout {
-                    timeout,
-                    console: machine.console_tail(TAIL_LINES),
-                });
-            }
+            still_waiting(&machine, timeout)?;
             match AgentClient::connect(
                 &vsock,
                 deadline

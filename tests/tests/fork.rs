@@ -406,10 +406,10 @@ fn a_full_disk_while_writing_a_template_leaves_the_old_one_usable() {
     }
     let (store, name) = test_template();
     let source = store.dir(name);
-    let used_mib = std::fs::metadata(source.join(MEMORY_FILE))
+    let used_mib = (std::fs::metadata(source.join(MEMORY_FILE))
         .unwrap()
         .blocks()
-        * 512
+        * 512)
         >> 20;
     // Room for the old template and 8 MiB more: a second one cannot fit.
     let disk = Tmpfs::mount("full", used_mib + 8);

@@ -127,6 +127,16 @@ pub(crate) struct VirtioSlot {
     pub(crate) transport: Arc<Mutex<MmioTransport>>,
 }
 
+/// The devices of a machine being put together.
+#[derive(Debug)]
+pub(crate) struct LiveDevices {
+    pub(crate) exit: ExitSignal,
+    pub(crate) console_tail: Arc<Mutex<Vec<u8>>>,
+    pub(crate) serial: Arc<Mutex<SerialConsole>>,
+    pub(crate) i8042: Arc<Mutex<I8042>>,
+    pub(crate) virtio: Vec<VirtioSlot>,
+}
+
 /// A running VM.
 #[derive(Debug)]
 pub struct Machine {
@@ -266,20 +276,44 @@ impl Machine {
             })
             .collect::<Result<Vec<_>, VcpuError>>()?;
 
-        let mut machine = Machine {
-            kind: kvm.kind,
+        let cmdline = cmdline
+            .as_cstring()
+            .map(|c| c.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let devices = LiveDevices {
             exit,
-            stop: Arc::new(AtomicBool::new(false)),
-            vcpu_threads: Vec::new(),
-            stats: Vec::new(),
             console_tail,
             serial,
             i8042,
-            devices,
-            cmdline: cmdline
-                .as_cstring()
-                .map(|c| c.to_string_lossy().into_owned())
-                .unwrap_or_default(),
+            virtio: devices,
+        };
+        let machine = Machine::assemble(kvm, vm, ram, devices, cmdline, start, vcpus)?;
+        tracing::info!(kind = %machine.kind, setup_us = machine.setup.as_micros() as u64, "VM started");
+        Ok(machine)
+    }
+
+    /// Puts a machine together from its parts and starts its vCPUs; `setup` is
+    /// the time since `start`.
+    pub(crate) fn assemble(
+        kvm: KvmHandle,
+        vm: Vm,
+        ram: GuestRam,
+        devices: LiveDevices,
+        cmdline: String,
+        start: Instant,
+        vcpus: Vec<Vcpu>,
+    ) -> Result<Machine, BuildError> {
+        let mut machine = Machine {
+            kind: kvm.kind,
+            exit: devices.exit,
+            stop: Arc::new(AtomicBool::new(false)),
+            vcpu_threads: Vec::new(),
+            stats: Vec::new(),
+            console_tail: devices.console_tail,
+            serial: devices.serial,
+            i8042: devices.i8042,
+            devices: devices.virtio,
+            cmdline,
             started: start,
             setup: Duration::ZERO,
             fork_phases: None,
@@ -289,7 +323,6 @@ impl Machine {
         };
         machine.start_vcpus(vcpus)?;
         machine.setup = start.elapsed();
-        tracing::info!(kind = %machine.kind, setup_us = machine.setup.as_micros() as u64, "VM started");
         Ok(machine)
     }
 

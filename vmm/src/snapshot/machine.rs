@@ -1,7 +1,6 @@
 //! Saving a running machine, and making new machines from a template.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -13,7 +12,7 @@ use crate::arch::x86_64::layout::{
     IRQ_BASE, IRQ_MAX, SERIAL_IRQ, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START,
 };
 use crate::arch::x86_64::mptable::MAX_VCPUS;
-use crate::builder::{BuildError, Machine, VirtioSlot, console_sink, irqfd};
+use crate::builder::{BuildError, LiveDevices, Machine, VirtioSlot, console_sink, irqfd};
 use crate::devices::legacy::persist::SerialRestoreError;
 use crate::devices::legacy::{I8042, SerialArgs, SerialConsole};
 use crate::devices::virtio::MmioTransport;
@@ -269,26 +268,15 @@ impl Machine {
             .collect::<Result<Vec<_>, ForkError>>()?;
         let t_devices = start.elapsed();
 
-        let mut machine = Machine {
-            kind: kvm.kind,
+        let devices = LiveDevices {
             exit,
-            stop: Arc::new(AtomicBool::new(false)),
-            vcpu_threads: Vec::new(),
-            stats: Vec::new(),
             console_tail,
             serial: Arc::new(Mutex::new(serial)),
             i8042: Arc::new(Mutex::new(i8042)),
-            devices,
-            cmdline: state.cmdline.clone(),
-            started: start,
-            setup: Duration::ZERO,
-            fork_phases: None,
-            kvm,
-            vm,
-            ram,
+            virtio: devices,
         };
-        machine.start_vcpus(vcpus)?;
-        machine.setup = start.elapsed();
+        let cmdline = state.cmdline.clone();
+        let mut machine = Machine::assemble(kvm, vm, ram, devices, cmdline, start, vcpus)?;
         machine.fork_phases = Some(ForkPhases {
             map: t_map,
             create_vm: t_vm - t_map,

@@ -230,7 +230,8 @@ impl TemplateStore {
             .join(format!(".tmp-{name}-{}", std::process::id()));
         std::fs::rename(&dir, &trash).map_err(io("remove", &dir))?;
         std::fs::remove_dir_all(&trash).map_err(io("remove", &trash))?;
-        let _ = std::fs::remove_file(self.root.join(format!(".{name}.lock")));
+        // The lock file stays: a builder waiting on it must lock the same file
+        // the next builder opens.
         drop(lock);
         Ok(())
     }
