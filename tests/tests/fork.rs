@@ -444,3 +444,83 @@ fn a_full_disk_while_writing_a_template_leaves_the_old_one_usable() {
     drop(old_t);
     assert!(own_run_dirs().is_empty());
 }
+
+#[test]
+fn a_two_vcpu_template_built_by_the_cli_forks_with_both_cpus_running() {
+    if !guest_available() {
+        return;
+    }
+    let store = TemplateStore::new(
+        std::env::temp_dir().join(format!("zygote-two-vcpus-{}", std::process::id())),
+    );
+    let _ = std::fs::remove_dir_all(store.root());
+    let _vm = vm_lock();
+    let out = Command::new(zygote_bin())
+        .arg("--templates")
+        .arg(store.root())
+        .args([
+            "template",
+            "build",
+            "--name",
+            "two",
+            "--vcpus",
+            "2",
+            "--json",
+            "--initramfs",
+        ])
+        .arg(zygote_tests::busybox_initramfs())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let built: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(built["vcpus"], 2);
+    assert_eq!(built["reused"], false);
+    // A second build of the same name reuses it.
+    let again = Command::new(zygote_bin())
+        .arg("--templates")
+        .arg(store.root())
+        .args([
+            "template", "build", "--name", "two", "--vcpus", "2", "--json",
+        ])
+        .output()
+        .unwrap();
+    let again: serde_json::Value = serde_json::from_str(
+        String::from_utf8_lossy(&again.stdout)
+            .lines()
+            .last()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(again["reused"], true);
+
+    let t = Template::open(&store.dir(&TemplateName::new("two").unwrap())).unwrap();
+    assert_eq!(t.state().vcpus.len(), 2);
+    let fork = Sandbox::fork(&t, AGENT_TIMEOUT).expect("fork");
+    let ticks = |f: &Sandbox| -> Vec<u64> {
+        stdout_of(f, "grep -E '^cpu[01] ' /proc/stat")
+            .lines()
+            .map(|l| {
+                l.split_whitespace()
+                    .skip(1)
+                    .map(|n| n.parse::<u64>().unwrap())
+                    .sum()
+            })
+            .collect()
+    };
+    assert_eq!(stdout_of(&fork, "grep -c ^processor /proc/cpuinfo"), "2");
+    let before = ticks(&fork);
+    std::thread::sleep(Duration::from_secs(2));
+    let after = ticks(&fork);
+    assert_eq!(before.len(), 2);
+    assert!(
+        before.iter().zip(&after).all(|(b, a)| a > b),
+        "both vCPUs' clocks tick after the fork: {before:?} -> {after:?}"
+    );
+    drop(fork);
+    std::fs::remove_dir_all(store.root()).unwrap();
+}
