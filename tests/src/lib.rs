@@ -223,3 +223,30 @@ impl Drop for Tmpfs {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// The Go test program (`tests/go/gorand`) built with Debian's Go into `dir`:
+/// `(normal, stripped)` — the second with `-ldflags=-s -w`.
+pub fn build_gorand(dir: &Path) -> (PathBuf, PathBuf) {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("go/gorand");
+    std::fs::create_dir_all(dir).expect("build dir");
+    let build = |out: &Path, flags: &[&str]| {
+        let status = std::process::Command::new("go")
+            .arg("build")
+            .args(flags)
+            .arg("-o")
+            .arg(out)
+            .arg(".")
+            .current_dir(&src)
+            .env("CGO_ENABLED", "0")
+            .env("GOCACHE", dir.join("gocache"))
+            .env("GOFLAGS", "-mod=mod")
+            .status()
+            .expect("go (golang-go) must be installed: hack/test installs it");
+        assert!(status.success(), "go build {flags:?}");
+    };
+    let normal = dir.join("gorand");
+    let stripped = dir.join("gorand-stripped");
+    build(&normal, &[]);
+    build(&stripped, &["-ldflags=-s -w"]);
+    (normal, stripped)
+}

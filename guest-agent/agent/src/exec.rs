@@ -3,7 +3,8 @@
 use std::io::Read;
 use std::os::unix::process::ExitStatusExt;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+
+use std::time::Duration;
 
 use zygote_agent_api::{Code, Exec, ExecResult};
 
@@ -11,7 +12,6 @@ use zygote_agent_api::{Code, Exec, ExecResult};
 const OUTPUT_MAX: usize = 1 << 20;
 /// Timeout when none is given.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
-const POLL: Duration = Duration::from_millis(20);
 
 /// Why a command could not be run.
 #[derive(Debug, thiserror::Error)]
@@ -86,27 +86,24 @@ pub fn run(req: &Exec) -> Result<ExecResult, ExecError> {
             .ok_or_else(|| ExecError::BadEnv(kv.clone()))?;
         cmd.env(k, v);
     }
-    let mut child = cmd.spawn().map_err(|source| ExecError::Spawn {
+    let mut child = crate::procs::spawn(&mut cmd).map_err(|source| ExecError::Spawn {
         program: program.clone(),
         source,
     })?;
-    let out = drain(child.stdout.take().expect("piped"));
-    let err = drain(child.stderr.take().expect("piped"));
+    let out = drain(child.inner.stdout.take().expect("piped"));
+    let err = drain(child.inner.stderr.take().expect("piped"));
     let timeout = match req.timeout_ms {
         0 => DEFAULT_TIMEOUT,
         ms => Duration::from_millis(u64::from(ms)),
     };
-    let deadline = Instant::now() + timeout;
     let mut timed_out = false;
-    let status = loop {
-        if let Some(status) = child.try_wait().map_err(ExecError::Wait)? {
-            break status;
-        }
-        if Instant::now() >= deadline && !timed_out {
+    let status = match child.wait_timeout(Some(timeout)).map_err(ExecError::Wait)? {
+        Some(status) => status,
+        None => {
             timed_out = true;
-            let _ = child.kill();
+            child.signal(libc::SIGKILL);
+            child.wait().map_err(ExecError::Wait)?
         }
-        std::thread::sleep(POLL);
     };
     let exit_code = status
         .code()

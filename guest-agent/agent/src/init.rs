@@ -24,7 +24,7 @@ fn mount(source: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: &
     }
 }
 
-/// Mounts /proc, /sys, /dev, /tmp and /run.
+/// Mounts /proc, /sys, the cgroup2 hierarchy (and the workload cgroup), /dev, /tmp and /run.
 pub fn setup() {
     let nosuid_nodev_noexec = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
     mount("proc", "/proc", "proc", nosuid_nodev_noexec, "");
@@ -37,6 +37,14 @@ pub fn setup() {
         libc::MS_NOSUID | libc::MS_NODEV,
         "mode=1777",
     );
+    mount(
+        "cgroup2",
+        "/sys/fs/cgroup",
+        "cgroup2",
+        nosuid_nodev_noexec,
+        "",
+    );
+    crate::workload::setup_cgroup();
     mount(
         "tmpfs",
         "/run",

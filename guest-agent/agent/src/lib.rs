@@ -9,9 +9,13 @@
 //! Run outside a VM (not PID 1) with `serve`, it serves on vsock without
 //! mounting anything; the host tests drive its handlers directly.
 
+pub mod detect;
 pub mod exec;
 pub mod init;
+pub mod procs;
+pub mod reconcile;
 pub mod selftest;
 pub mod server;
 pub mod sys;
 pub mod vsock;
+pub mod workload;

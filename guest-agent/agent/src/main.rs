@@ -9,6 +9,7 @@ fn main() -> ExitCode {
     // command line: ignore them.
     if std::process::id() == 1 {
         init::setup();
+        zygote_agent::procs::start_reaper();
         return serve();
     }
     let args: Vec<String> = std::env::args().collect();

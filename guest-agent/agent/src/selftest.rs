@@ -101,11 +101,12 @@ fn one_round(
         }
     };
     let mode = if threaded { "threads" } else { "echo" };
-    let child = command
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn();
+    let child = crate::procs::spawn(
+        command
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null()),
+    );
     let mut child = match child {
         Ok(c) => c,
         Err(e) => {
@@ -120,7 +121,7 @@ fn one_round(
     let data = pattern(round, bytes);
     // A child that hangs is killed after CHILD_TIMEOUT and reported, not waited for forever.
     let (done, watchdog) = std::sync::mpsc::channel::<()>();
-    let pid = child.id() as libc::pid_t;
+    let pid = child.pid() as libc::pid_t;
     let killer = std::thread::spawn(move || {
         let timed_out = watchdog.recv_timeout(CHILD_TIMEOUT).is_err();
         if timed_out {
@@ -129,11 +130,16 @@ fn one_round(
         }
         timed_out
     });
-    let mut stdin = child.stdin.take().expect("piped");
+    let mut stdin = child.inner.stdin.take().expect("piped");
     let wrote = stdin.write_all(&data);
     drop(stdin);
     let mut echoed = Vec::with_capacity(bytes);
-    let read = child.stdout.take().expect("piped").read_to_end(&mut echoed);
+    let read = child
+        .inner
+        .stdout
+        .take()
+        .expect("piped")
+        .read_to_end(&mut echoed);
     let status = child.wait();
     let _ = done.send(());
     if killer.join().unwrap_or(false) {

@@ -6,7 +6,7 @@ use zygote_agent_api::frame::{read_frame, write_frame};
 use zygote_agent_api::{Code, Error, Pong, Request, Response, request, response};
 
 use crate::vsock::VsockListener;
-use crate::{exec, init, selftest, sys};
+use crate::{exec, init, reconcile, selftest, sys, workload};
 
 /// Accepts connections forever, one thread each.
 pub fn serve(listener: VsockListener, agent_started_ns: u64) {
@@ -103,6 +103,39 @@ pub fn handle(req: Request, agent_started_ns: u64) -> (Response, After) {
                 );
             }
         },
+        Some(request::Body::Spawn(spec)) => match workload::spawn(&spec) {
+            Ok(pid) => (
+                response::Body::Spawned(zygote_agent_api::Spawned { pid }),
+                After::Continue,
+            ),
+            Err(e) => {
+                let code = match e {
+                    workload::SpawnError::BadArgv | workload::SpawnError::BadEnv(_) => {
+                        Code::InvalidArgument
+                    }
+                    _ => Code::Internal,
+                };
+                return (error_response(id, code, &e.to_string()), After::Continue);
+            }
+        },
+        Some(request::Body::Reconcile(r)) => {
+            let received = std::time::Instant::now();
+            match reconcile::validate(&r) {
+                Ok(()) => (
+                    response::Body::Reconciled(reconcile::apply(&r, received)),
+                    After::Continue,
+                ),
+                Err(e) => {
+                    return (
+                        error_response(id, Code::InvalidArgument, &e.to_string()),
+                        After::Continue,
+                    );
+                }
+            }
+        }
+        Some(request::Body::Sample(_)) => {
+            (response::Body::Sample(reconcile::sample()), After::Continue)
+        }
         Some(request::Body::Shutdown(_)) => {
             if std::process::id() != 1 {
                 return (

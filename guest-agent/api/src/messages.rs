@@ -7,7 +7,7 @@ pub struct Request {
     #[prost(uint64, tag = "1")]
     pub id: u64,
     /// What is asked.
-    #[prost(oneof = "request::Body", tags = "2, 3, 4, 5")]
+    #[prost(oneof = "request::Body", tags = "2, 3, 4, 5, 6, 7, 8")]
     pub body: Option<request::Body>,
 }
 
@@ -28,6 +28,15 @@ pub mod request {
         /// Run one command and collect its output.
         #[prost(message, tag = "5")]
         Exec(super::Exec),
+        /// Start a long-running process the agent remembers (and can restart).
+        #[prost(message, tag = "6")]
+        Spawn(super::Spawn),
+        /// Turn this fork into its own machine.
+        #[prost(message, tag = "7")]
+        Reconcile(super::Reconcile),
+        /// Read the guest's clocks, identity and fresh random bytes.
+        #[prost(message, tag = "8")]
+        Sample(super::Empty),
     }
 }
 
@@ -38,7 +47,7 @@ pub struct Response {
     #[prost(uint64, tag = "1")]
     pub id: u64,
     /// The answer.
-    #[prost(oneof = "response::Body", tags = "2, 3, 4, 5, 15")]
+    #[prost(oneof = "response::Body", tags = "2, 3, 4, 5, 6, 7, 8, 15")]
     pub body: Option<response::Body>,
 }
 
@@ -59,6 +68,15 @@ pub mod response {
         /// Answer to [`super::Exec`].
         #[prost(message, tag = "5")]
         Exec(super::ExecResult),
+        /// Answer to [`super::Spawn`].
+        #[prost(message, tag = "6")]
+        Spawned(super::Spawned),
+        /// Answer to [`super::Reconcile`].
+        #[prost(message, tag = "7")]
+        Reconciled(super::ReconcileReport),
+        /// Answer to a sample request.
+        #[prost(message, tag = "8")]
+        Sample(super::SampleResult),
         /// The request failed.
         #[prost(message, tag = "15")]
         Error(super::Error),
@@ -222,4 +240,221 @@ pub struct Error {
     /// What went wrong.
     #[prost(string, tag = "2")]
     pub message: String,
+}
+
+/// Start a long-running process that the agent tracks: it can be restarted by
+/// the reconcile with the same argv, env, cwd and user.
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct Spawn {
+    /// Program (absolute path) and arguments.
+    #[prost(string, repeated, tag = "1")]
+    pub argv: Vec<String>,
+    /// Environment as `KEY=value`.
+    #[prost(string, repeated, tag = "2")]
+    pub env: Vec<String>,
+    /// Working directory (default `/`).
+    #[prost(string, tag = "3")]
+    pub cwd: String,
+    /// User and group id.
+    #[prost(uint32, tag = "4")]
+    pub uid: u32,
+    /// Group id.
+    #[prost(uint32, tag = "5")]
+    pub gid: u32,
+    /// File its stdout and stderr are appended to (default: discarded).
+    #[prost(string, tag = "6")]
+    pub output: String,
+}
+
+/// A started process.
+#[derive(Clone, Copy, PartialEq, Eq, prost::Message)]
+pub struct Spawned {
+    /// Its pid in the guest.
+    #[prost(uint32, tag = "1")]
+    pub pid: u32,
+}
+
+/// What to do with a process of a class that existed at the fork point.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum Action {
+    /// The class's default (Go: restart; everything else: keep).
+    Default = 0,
+    /// Leave it running as it is.
+    Keep = 1,
+    /// Kill it and start it again with the same argv/env/cwd/user (only for
+    /// processes the agent started; others are kept and reported).
+    Restart = 2,
+    /// Send it a signal (`PolicyRule::signal`, default SIGHUP) so that it can reseed.
+    Notify = 3,
+}
+
+/// The action for one class of process.
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct PolicyRule {
+    /// `go`, `jvm`, `python`, `node`, `openssl` or `native`.
+    #[prost(string, tag = "1")]
+    pub class: String,
+    /// What to do.
+    #[prost(enumeration = "Action", tag = "2")]
+    pub action: i32,
+    /// For `Notify`: the signal number (0: SIGHUP).
+    #[prost(int32, tag = "3")]
+    pub signal: i32,
+}
+
+/// A network interface's identity (applied when the VM has a network device).
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct Interface {
+    /// Name in the guest.
+    #[prost(string, tag = "1")]
+    pub name: String,
+    /// MAC address.
+    #[prost(string, tag = "2")]
+    pub mac: String,
+    /// Addresses in CIDR form.
+    #[prost(string, repeated, tag = "3")]
+    pub addresses: Vec<String>,
+}
+
+/// A route.
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct Route {
+    /// Destination in CIDR form (`0.0.0.0/0` for the default route).
+    #[prost(string, tag = "1")]
+    pub destination: String,
+    /// Gateway address.
+    #[prost(string, tag = "2")]
+    pub gateway: String,
+}
+
+/// Turn a fork into a correct, unique machine (see DESIGN.md, "The reconcile").
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct Reconcile {
+    /// The host's generation for this VM; a repeated generation is a no-op.
+    #[prost(uint64, tag = "1")]
+    pub generation: u64,
+    /// Host CLOCK_REALTIME, ns, when the request was sent.
+    #[prost(uint64, tag = "2")]
+    pub host_realtime_ns: u64,
+    /// Round trip host → agent → host measured just before, ns (half of it is
+    /// added to `host_realtime_ns`).
+    #[prost(uint64, tag = "3")]
+    pub rtt_ns: u64,
+    /// Bytes from the host's CSPRNG (at least 64).
+    #[prost(bytes = "vec", tag = "4")]
+    pub entropy: Vec<u8>,
+    /// Hostname.
+    #[prost(string, tag = "5")]
+    pub hostname: String,
+    /// Machine id: 32 lowercase hex digits.
+    #[prost(string, tag = "6")]
+    pub machine_id: String,
+    /// Nameservers for /etc/resolv.conf.
+    #[prost(string, repeated, tag = "7")]
+    pub dns: Vec<String>,
+    /// Per-class actions; classes without a rule get their default.
+    #[prost(message, repeated, tag = "8")]
+    pub policy: Vec<PolicyRule>,
+    /// Network identity.
+    #[prost(message, repeated, tag = "9")]
+    pub interfaces: Vec<Interface>,
+    /// Routes.
+    #[prost(message, repeated, tag = "10")]
+    pub routes: Vec<Route>,
+}
+
+/// One step of the reconcile.
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct ReconcileStep {
+    /// `freeze`, `entropy`, `clock`, `identity`, `network`, `audit`, `thaw`, `restart`.
+    #[prost(string, tag = "1")]
+    pub name: String,
+    /// How long it took, ns.
+    #[prost(uint64, tag = "2")]
+    pub elapsed_ns: u64,
+    /// What it did.
+    #[prost(string, tag = "3")]
+    pub detail: String,
+}
+
+/// A process found at the fork point and what was done with it.
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct ProcessReport {
+    /// Its pid.
+    #[prost(uint32, tag = "1")]
+    pub pid: u32,
+    /// `/proc/PID/exe`.
+    #[prost(string, tag = "2")]
+    pub exe: String,
+    /// `go`, `jvm`, `python`, `node`, `openssl` or `native`.
+    #[prost(string, tag = "3")]
+    pub class: String,
+    /// The runtime's version when known (Go: from its build info).
+    #[prost(string, tag = "4")]
+    pub runtime_version: String,
+    /// How it was recognized (e.g. `.go.buildinfo section`, `libjvm.so mapped`).
+    #[prost(string, tag = "5")]
+    pub evidence: String,
+    /// What was done.
+    #[prost(enumeration = "Action", tag = "6")]
+    pub action: i32,
+    /// The outcome (e.g. `restarted as pid 42`, `kept: not started by the agent`).
+    #[prost(string, tag = "7")]
+    pub result: String,
+    /// The new pid after a restart.
+    #[prost(uint32, tag = "8")]
+    pub new_pid: u32,
+}
+
+/// What the reconcile did.
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct ReconcileReport {
+    /// The generation now in force.
+    #[prost(uint64, tag = "1")]
+    pub generation: u64,
+    /// The request repeated the current generation: nothing was done.
+    #[prost(bool, tag = "2")]
+    pub unchanged: bool,
+    /// Each step, in order.
+    #[prost(message, repeated, tag = "3")]
+    pub steps: Vec<ReconcileStep>,
+    /// Every process that existed at the fork point.
+    #[prost(message, repeated, tag = "4")]
+    pub processes: Vec<ProcessReport>,
+    /// How far CLOCK_REALTIME was stepped, ns (positive: forward).
+    #[prost(int64, tag = "5")]
+    pub clock_step_ns: i64,
+    /// Total time, ns.
+    #[prost(uint64, tag = "6")]
+    pub total_ns: u64,
+}
+
+/// The guest's clocks, identity and fresh randomness.
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct SampleResult {
+    /// CLOCK_REALTIME, ns.
+    #[prost(uint64, tag = "1")]
+    pub realtime_ns: u64,
+    /// CLOCK_MONOTONIC, ns.
+    #[prost(uint64, tag = "2")]
+    pub monotonic_ns: u64,
+    /// CLOCK_BOOTTIME, ns.
+    #[prost(uint64, tag = "3")]
+    pub boottime_ns: u64,
+    /// 32 bytes from getrandom(2).
+    #[prost(bytes = "vec", tag = "4")]
+    pub random: Vec<u8>,
+    /// `/proc/sys/kernel/random/uuid`.
+    #[prost(string, tag = "5")]
+    pub uuid: String,
+    /// The hostname.
+    #[prost(string, tag = "6")]
+    pub hostname: String,
+    /// `/etc/machine-id`.
+    #[prost(string, tag = "7")]
+    pub machine_id: String,
+    /// The reconcile generation in force.
+    #[prost(uint64, tag = "8")]
+    pub generation: u64,
 }

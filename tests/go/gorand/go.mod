@@ -1,0 +1,3 @@
+module zygote.invalid/gorand
+
+go 1.19
