@@ -11,5 +11,6 @@
 pub mod doctor;
 pub mod paths;
 pub mod procmem;
+pub mod reconcile;
 pub mod sandbox;
 pub mod template;

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
-use zygote_agent_api::{Exec, request, response};
+use zygote_agent_api::{Exec, Spawn, request, response};
 use zygote_vmm::KvmKind;
 use zygote_vmm::snapshot::template::META_FILE;
 use zygote_vmm::snapshot::{
@@ -24,6 +24,9 @@ pub struct BuildSpec {
     pub name: TemplateName,
     /// The VM to boot.
     pub sandbox: SandboxConfig,
+    /// Long-running processes started in the guest before the warm-up commands
+    /// (they are in every fork; the reconcile audits them).
+    pub spawn: Vec<Spawn>,
     /// Commands run in the guest (through the agent) before the snapshot.
     pub warm: Vec<Vec<String>>,
     /// How long the guest is left alone before the snapshot, so that the agent
@@ -153,6 +156,9 @@ pub fn build(store: &TemplateStore, spec: &BuildSpec) -> Result<BuildReport, Bui
         }
     }
     let sandbox = Sandbox::boot(&spec.sandbox)?;
+    for process in &spec.spawn {
+        start_process(&sandbox, process)?;
+    }
     for argv in &spec.warm {
         warm(&sandbox, argv)?;
     }
@@ -204,6 +210,19 @@ pub fn build(store: &TemplateStore, spec: &BuildSpec) -> Result<BuildReport, Bui
         meta,
         total_ms: ms(start.elapsed()),
     })
+}
+
+fn start_process(sandbox: &Sandbox, spec: &Spawn) -> Result<(), BuildError> {
+    let fail = |detail: String| BuildError::Warm {
+        argv: spec.argv.clone(),
+        detail,
+    };
+    let mut client = sandbox.client()?;
+    match client.call(request::Body::Spawn(spec.clone())) {
+        Ok(response::Body::Spawned(_)) => Ok(()),
+        Ok(other) => Err(fail(format!("unexpected answer {other:?}"))),
+        Err(e) => Err(fail(e.to_string())),
+    }
 }
 
 fn warm(sandbox: &Sandbox, argv: &[String]) -> Result<(), BuildError> {

@@ -140,6 +140,7 @@ pub fn test_template() -> &'static (
                 initramfs: image,
                 ..Default::default()
             },
+            spawn: vec![],
             warm: vec![vec![
                 "/bin/busybox".into(),
                 "sh".into(),
@@ -249,4 +250,27 @@ pub fn build_gorand(dir: &Path) -> (PathBuf, PathBuf) {
     build(&normal, &[]);
     build(&stripped, &["-ldflags=-s -w"]);
     (normal, stripped)
+}
+
+/// An initramfs: the busybox test image with `files` (guest path, host file)
+/// appended as a second newc archive (the kernel unpacks both).
+pub fn initramfs_with(name: &str, files: &[(&str, &Path)]) -> TempFile {
+    let stage = std::env::temp_dir().join(format!("zygote-stage-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&stage);
+    for (guest, host) in files {
+        let dest = stage.join(guest.trim_start_matches('/'));
+        std::fs::create_dir_all(dest.parent().expect("a file path")).expect("stage dir");
+        std::fs::copy(host, &dest).expect("stage file");
+    }
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("find . | LC_ALL=C sort | cpio -o -H newc --quiet")
+        .current_dir(&stage)
+        .output()
+        .expect("cpio");
+    assert!(out.status.success(), "cpio failed");
+    let mut bytes = std::fs::read(busybox_initramfs()).expect("busybox initramfs");
+    bytes.extend_from_slice(&out.stdout);
+    std::fs::remove_dir_all(&stage).expect("stage cleanup");
+    TempFile::new(&format!("{name}.cpio"), &bytes)
 }

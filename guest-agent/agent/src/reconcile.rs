@@ -396,7 +396,7 @@ pub fn sample() -> SampleResult {
         boottime_ns: clock_ns(libc::CLOCK_BOOTTIME),
         random,
         uuid: read("/proc/sys/kernel/random/uuid"),
-        hostname: read("/proc/sys/kernel/hostname"),
+        hostname: crate::sys::hostname(),
         machine_id: read("/etc/machine-id"),
         generation: GENERATION.load(Ordering::SeqCst),
     }

@@ -13,14 +13,22 @@ pub fn boottime_ns() -> u64 {
 
 /// The kernel release (`uname -r`).
 pub fn kernel_release() -> String {
+    uname_field(|u| &u.release)
+}
+
+/// The hostname (`uname -n`).
+pub fn hostname() -> String {
+    uname_field(|u| &u.nodename)
+}
+
+fn uname_field(field: fn(&libc::utsname) -> &[libc::c_char; 65]) -> String {
     // SAFETY: utsname is plain data; uname fills it.
     let mut uts: libc::utsname = unsafe { std::mem::zeroed() };
     // SAFETY: `uts` is a valid utsname to fill.
     if unsafe { libc::uname(&mut uts) } != 0 {
         return String::new();
     }
-    let bytes: Vec<u8> = uts
-        .release
+    let bytes: Vec<u8> = field(&uts)
         .iter()
         .take_while(|&&c| c != 0)
         .map(|&c| c as u8)

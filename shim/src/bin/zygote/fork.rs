@@ -7,8 +7,10 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use serde::Serialize;
 use zygote::procmem::MemUsage;
+use zygote::reconcile::{ReconcileOutcome, ReconcileSpec, ReportJson, reconcile};
 use zygote::sandbox::{ForkTimeline, Sandbox, SandboxConfig};
 use zygote::template::read_meta;
+use zygote_agent_api::{Action, PolicyRule};
 use zygote_vmm::snapshot::{Template, TemplateName, TemplateStore};
 
 /// One fork's figures as `zygote fork --json` prints them.
@@ -19,6 +21,50 @@ struct ForkLine {
     timeline: ForkTimelineOwned,
     agent_started_ns: u64,
     uptime_ns: u64,
+    /// Hex of 32 bytes the guest read with getrandom after the reconcile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    entropy_sample: Option<String>,
+    /// Guest CLOCK_REALTIME − host CLOCK_REALTIME after the reconcile, ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    realtime_skew_ms: Option<f64>,
+    /// Host time for reconcile + sample, ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    reconcile_ms: Option<f64>,
+    /// The agent's reconcile report (with --reconcile-report).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    report: Option<serde_json::Value>,
+}
+
+/// How `zygote fork` reconciles each fork.
+pub struct ReconcileOpts {
+    /// Reconcile at all.
+    pub enabled: bool,
+    /// Print the reports.
+    pub report: bool,
+    /// Per-class actions, `class=action[:signal]`.
+    pub policy: Vec<PolicyRule>,
+}
+
+/// Parses `class=keep|restart|notify[:signal]`.
+pub fn parse_policy(rule: &str) -> anyhow::Result<PolicyRule> {
+    let (class, action) = rule
+        .split_once('=')
+        .with_context(|| format!("policy {rule:?}: expected CLASS=ACTION"))?;
+    let (action, signal) = match action.split_once(':') {
+        Some((a, s)) => (a, s.parse::<i32>().context("signal number")?),
+        None => (action, 0),
+    };
+    let action = match action {
+        "keep" => Action::Keep,
+        "restart" => Action::Restart,
+        "notify" => Action::Notify,
+        other => bail!("policy {rule:?}: unknown action {other:?} (keep, restart, notify)"),
+    };
+    Ok(PolicyRule {
+        class: class.into(),
+        action: action as i32,
+        signal,
+    })
 }
 
 /// [`ForkTimeline`] as read back from a child's JSON.
@@ -70,15 +116,28 @@ pub fn fork(
     json: bool,
     keep: bool,
     timeout: Duration,
+    opts: &ReconcileOpts,
 ) -> anyhow::Result<ExitCode> {
     if count == 0 {
         bail!("--count must be at least 1");
     }
     let template = open_template(store, name)?;
-    let results: Vec<_> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..count)
-            .map(|_| s.spawn(|| Sandbox::fork(&template, timeout)))
-            .collect();
+    let fork_one = |i: usize| -> anyhow::Result<(Sandbox, Option<ReconcileOutcome>)> {
+        let sandbox = Sandbox::fork(&template, timeout)?;
+        if !opts.enabled {
+            return Ok((sandbox, None));
+        }
+        let spec = ReconcileSpec {
+            generation: 1,
+            hostname: format!("zygote-{}-{i}", std::process::id()),
+            policy: opts.policy.clone(),
+            dns: vec![],
+        };
+        let outcome = reconcile(&mut sandbox.client()?, &spec).context("reconcile")?;
+        Ok((sandbox, Some(outcome)))
+    };
+    let results: Vec<anyhow::Result<_>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..count).map(|i| s.spawn(move || fork_one(i))).collect();
         handles
             .into_iter()
             .map(|h| h.join().expect("fork thread"))
@@ -91,13 +150,13 @@ pub fn fork(
             Ok(sb) => sandboxes.push((i, sb)),
             Err(e) => {
                 failed += 1;
-                eprintln!("zygote: fork {i} failed: {:#}", anyhow::Error::from(e));
+                eprintln!("zygote: fork {i} failed: {e:#}");
             }
         }
     }
     let usage = MemUsage::of(None).unwrap_or_default();
     let mut lines = Vec::new();
-    for (i, sb) in &sandboxes {
+    for (i, (sb, outcome)) in &sandboxes {
         let t = sb.fork.expect("a forked sandbox has a fork timeline");
         println!(
             "fork {i}: ready in {:.1} ms (host {:.2} ms: map {:.2}, vm {:.2}, restore {:.2}, devices {:.2}, start {:.2}; \
@@ -112,11 +171,52 @@ pub fn fork(
             t.guest_run_ms,
             sb.pong.agent_started_ns as f64 / 1e9
         );
+        if let Some(o) = outcome {
+            let r = &o.report;
+            let steps: Vec<String> = r
+                .steps
+                .iter()
+                .map(|s| format!("{} {:.1}", s.name, s.elapsed_ns as f64 / 1e6))
+                .collect();
+            println!(
+                "  reconciled in {:.1} ms (host {:.1} ms; {} ms), realtime skew {:+.1} ms, clock stepped {:.3} s",
+                r.total_ns as f64 / 1e6,
+                o.host_ms,
+                steps.join(", "),
+                o.realtime_skew_ms,
+                r.clock_step_ns as f64 / 1e9
+            );
+            if opts.report {
+                for p in &r.processes {
+                    println!(
+                        "  pid {} {} [{}{}] ({}): {}",
+                        p.pid,
+                        p.exe,
+                        p.class,
+                        if p.runtime_version.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" {}", p.runtime_version)
+                        },
+                        p.evidence,
+                        p.result
+                    );
+                }
+            }
+        }
+        let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
         lines.push(ForkLine {
             index: *i,
             timeline: t.into(),
             agent_started_ns: sb.pong.agent_started_ns,
             uptime_ns: sb.pong.uptime_ns,
+            entropy_sample: outcome.as_ref().map(|o| hex(&o.sample.random)),
+            realtime_skew_ms: outcome.as_ref().map(|o| o.realtime_skew_ms),
+            reconcile_ms: outcome.as_ref().map(|o| o.host_ms),
+            report: outcome
+                .as_ref()
+                .filter(|_| opts.report)
+                .map(|o| serde_json::to_value(ReportJson::from(&o.report)).expect("plain data")),
         });
     }
     println!(
@@ -180,7 +280,15 @@ fn spawn_holder(store: &TemplateStore, name: &str, timeout: Duration) -> anyhow:
     let mut child = Command::new(exe)
         .arg("--templates")
         .arg(store.root())
-        .args(["fork", name, "--count", "1", "--json", "--keep"])
+        .args([
+            "fork",
+            name,
+            "--count",
+            "1",
+            "--json",
+            "--keep",
+            "--no-reconcile",
+        ])
         .arg("--timeout")
         .arg(timeout.as_secs().to_string())
         .stdin(Stdio::piped())

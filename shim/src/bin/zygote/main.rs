@@ -138,6 +138,17 @@ enum Command {
         /// Seconds to wait for each agent.
         #[arg(long, default_value_t = 120)]
         timeout: u64,
+        /// Do not reconcile the forks (they keep the template's entropy, clock and identity).
+        #[arg(long)]
+        no_reconcile: bool,
+        /// Print each fork's reconcile report (and include it in the JSON).
+        #[arg(long)]
+        reconcile_report: bool,
+        /// What to do with a class of process that existed at the fork point:
+        /// CLASS=keep|restart|notify[:SIGNAL] (classes: go, jvm, python, node, openssl,
+        /// native; default: go=restart, the rest keep). Repeatable.
+        #[arg(long = "policy")]
+        policy: Vec<String>,
     },
     /// Benchmarks.
     Bench {
@@ -221,14 +232,21 @@ fn run(store: &TemplateStore, command: Command) -> anyhow::Result<ExitCode> {
             json,
             keep,
             timeout,
-        } => fork::fork(
-            store,
-            &template,
-            count,
-            json,
-            keep,
-            Duration::from_secs(timeout),
-        ),
+            no_reconcile,
+            reconcile_report,
+            policy,
+        } => {
+            let opts = fork::ReconcileOpts {
+                enabled: !no_reconcile,
+                report: reconcile_report,
+                policy: policy
+                    .iter()
+                    .map(|p| fork::parse_policy(p))
+                    .collect::<anyhow::Result<_>>()?,
+            };
+            let timeout = Duration::from_secs(timeout);
+            fork::fork(store, &template, count, json, keep, timeout, &opts)
+        }
         Command::Bench {
             command:
                 BenchCommand::Fork {

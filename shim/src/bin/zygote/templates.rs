@@ -67,6 +67,7 @@ pub fn run(store: &TemplateStore, command: TemplateCommand) -> anyhow::Result<Ex
             let spec = BuildSpec {
                 name: TemplateName::new(&name)?,
                 sandbox: vm.config(),
+                spawn: vec![],
                 warm: if warm.is_empty() { vec![] } else { vec![warm] },
                 settle: Duration::from_secs_f64(settle.max(0.0)),
                 force,

@@ -1,0 +1,261 @@
+//! The reconcile on real forks: two forks of one template (taken ≥ 5 s
+//! earlier) get different entropy, the host's time, their own identity, and a
+//! Go program started in the template — detected by its build info, not its
+//! name — is restarted so that the two forks' values differ (with `keep` they
+//! do not). busybox is classified native and kept.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use zygote::reconcile::{ReconcileOutcome, ReconcileSpec, reconcile};
+use zygote::sandbox::{Sandbox, SandboxConfig};
+use zygote::template::{BuildSpec, TemplateMeta, build};
+use zygote_agent_api::{Action, Exec, PolicyRule, Spawn, request, response};
+use zygote_tests::{build_gorand, guest_available, initramfs_with, vm_lock};
+use zygote_vmm::snapshot::{Template, TemplateName, TemplateStore};
+
+const TIMEOUT: Duration = Duration::from_secs(120);
+
+struct Fixture {
+    template: Template,
+    meta: TemplateMeta,
+    go_version: String,
+}
+
+fn spawn_spec(argv: &[&str]) -> Spawn {
+    Spawn {
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        env: vec!["GOMAXPROCS=1".into()],
+        cwd: "/tmp".into(),
+        ..Default::default()
+    }
+}
+
+/// A template with two Go programs (normal and stripped) and a busybox sleep
+/// running, at least 5 s old when returned.
+fn fixture() -> &'static Fixture {
+    static F: OnceLock<Fixture> = OnceLock::new();
+    F.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("zygote-reconcile-{}", std::process::id()));
+        let (normal, stripped) = build_gorand(&dir.join("go"));
+        let image = initramfs_with(
+            "gorand",
+            &[
+                ("/opt/gorand", &normal),
+                ("/opt/gorand-stripped", &stripped),
+            ],
+        );
+        // The image file must outlive the fixture's build only.
+        let store = TemplateStore::new(dir.join("templates"));
+        let name = TemplateName::new("gorand").unwrap();
+        let spec = BuildSpec {
+            name: name.clone(),
+            sandbox: SandboxConfig {
+                initramfs: image.path().into(),
+                ..Default::default()
+            },
+            spawn: vec![
+                spawn_spec(&["/opt/gorand", "/tmp/g1"]),
+                spawn_spec(&["/opt/gorand-stripped", "/tmp/g2"]),
+                spawn_spec(&["/bin/busybox", "sleep", "1000000"]),
+            ],
+            warm: vec![vec![
+                "/bin/busybox".into(),
+                "sh".into(),
+                "-c".into(),
+                "i=0; while [ ! -s /tmp/g1.out -o ! -s /tmp/g2.out ]; do i=$((i+1)); \
+                 [ $i -gt 300 ] && exit 1; sleep 0.2; done"
+                    .into(),
+            ]],
+            settle: Duration::from_secs(1),
+            force: true,
+        };
+        let report = {
+            let _vm = vm_lock();
+            build(&store, &spec).expect("template with Go programs")
+        };
+        drop(image);
+        // The template must be at least 5 s old when forked.
+        std::thread::sleep(Duration::from_secs(5));
+        let out = std::process::Command::new("go")
+            .arg("version")
+            .output()
+            .unwrap();
+        let go_version = String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .nth(2)
+            .unwrap()
+            .to_string();
+        Fixture {
+            template: Template::open(&report.dir).unwrap(),
+            meta: report.meta,
+            go_version,
+        }
+    })
+}
+
+fn sh(sandbox: &Sandbox, script: &str) -> String {
+    let mut c = sandbox.client().unwrap();
+    c.set_timeout(Duration::from_secs(120)).unwrap();
+    let body = c
+        .call(request::Body::Exec(Exec {
+            argv: vec![
+                "/bin/busybox".into(),
+                "sh".into(),
+                "-c".into(),
+                script.into(),
+            ],
+            env: vec![],
+            timeout_ms: 100_000,
+        }))
+        .unwrap();
+    let response::Body::Exec(r) = body else {
+        panic!("{body:?}")
+    };
+    assert_eq!(
+        r.exit_code,
+        0,
+        "{script}: {}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    String::from_utf8_lossy(&r.stdout).trim().to_string()
+}
+
+/// Asks gorand at `base` for a value and returns it.
+fn go_value(sandbox: &Sandbox, base: &str) -> String {
+    sh(
+        sandbox,
+        &format!(
+            "touch {base}.req; i=0; while [ -e {base}.req ]; do i=$((i+1)); [ $i -gt 300 ] && exit 1; \
+             sleep 0.1; done; sleep 0.3; grep value {base}.out | tail -n 1"
+        ),
+    )
+}
+
+fn fork_and_reconcile(
+    f: &Fixture,
+    host: &str,
+    policy: Vec<PolicyRule>,
+) -> (Sandbox, ReconcileOutcome) {
+    let sandbox = Sandbox::fork(&f.template, TIMEOUT).expect("fork");
+    let spec = ReconcileSpec {
+        generation: 1,
+        hostname: host.into(),
+        policy,
+        dns: vec!["10.0.0.53".into()],
+    };
+    let outcome = reconcile(&mut sandbox.client().unwrap(), &spec).expect("reconcile");
+    (sandbox, outcome)
+}
+
+#[test]
+fn two_forks_become_two_machines_and_go_is_restarted() {
+    if !guest_available() {
+        return;
+    }
+    let f = fixture();
+    let _vm = vm_lock();
+    let (a, ra) = fork_and_reconcile(f, "fork-a", vec![]);
+    let (b, rb) = fork_and_reconcile(f, "fork-b", vec![]);
+    for (fork, r, host) in [(&a, &ra, "fork-a"), (&b, &rb, "fork-b")] {
+        let report = &r.report;
+        eprintln!("{host}: {report:#?}\nskew {:.1} ms", r.realtime_skew_ms);
+        assert!(!report.unchanged);
+        // Clock: the host's time, within 50 ms; monotonic continued from the snapshot.
+        assert!(
+            r.realtime_skew_ms.abs() < 50.0,
+            "skew {} ms",
+            r.realtime_skew_ms
+        );
+        let ran = r
+            .sample
+            .boottime_ns
+            .saturating_sub(f.meta.snapshot_uptime_ns);
+        assert!(
+            ran < 30_000_000_000,
+            "boottime jumped by {ran} ns over the snapshot"
+        );
+        // Identity.
+        assert_eq!(r.sample.hostname, host);
+        assert_eq!(r.sample.machine_id, r.machine_id);
+        assert_eq!(sh(fork, "cat /etc/resolv.conf"), "nameserver 10.0.0.53");
+        // Processes: both Go programs found by what they are, restarted; busybox kept.
+        let go: Vec<_> = report
+            .processes
+            .iter()
+            .filter(|p| p.class == "go")
+            .collect();
+        assert_eq!(go.len(), 2, "{:?}", report.processes);
+        for p in &go {
+            assert_eq!(p.runtime_version, f.go_version);
+            assert_eq!(p.evidence, ".go.buildinfo section");
+            assert_eq!(p.action, Action::Restart as i32);
+            assert!(p.new_pid != 0 && p.new_pid != p.pid, "{p:?}");
+        }
+        let native: Vec<_> = report
+            .processes
+            .iter()
+            .filter(|p| p.exe.ends_with("busybox"))
+            .collect();
+        assert_eq!(native.len(), 1, "{:?}", report.processes);
+        assert_eq!(native[0].class, "native");
+        assert_eq!(native[0].action, Action::Keep as i32);
+        // The same generation again changes nothing.
+        let again = reconcile(
+            &mut fork.client().unwrap(),
+            &ReconcileSpec {
+                generation: 1,
+                hostname: host.into(),
+                policy: vec![],
+                dns: vec![],
+            },
+        )
+        .unwrap();
+        assert!(again.report.unchanged);
+    }
+    // Entropy: the two kernels' outputs differ.
+    assert_ne!(ra.sample.random, rb.sample.random);
+    assert_ne!(ra.sample.uuid, rb.sample.uuid);
+    // The restarted Go programs were seeded anew in each fork.
+    for base in ["/tmp/g1", "/tmp/g2"] {
+        let (va, vb) = (go_value(&a, base), go_value(&b, base));
+        eprintln!("{base}: {va} / {vb}");
+        assert!(va.starts_with("value "));
+        assert_ne!(va, vb, "{base}: restarted programs must differ");
+    }
+}
+
+#[test]
+fn with_keep_the_go_programs_stay_clones() {
+    if !guest_available() {
+        return;
+    }
+    let f = fixture();
+    let keep = vec![PolicyRule {
+        class: "go".into(),
+        action: Action::Keep as i32,
+        signal: 0,
+    }];
+    let _vm = vm_lock();
+    let (c, rc) = fork_and_reconcile(f, "fork-c", keep.clone());
+    let (d, _rd) = fork_and_reconcile(f, "fork-d", keep);
+    let go: Vec<_> = rc
+        .report
+        .processes
+        .iter()
+        .filter(|p| p.class == "go")
+        .collect();
+    assert_eq!(go.len(), 2);
+    assert!(
+        go.iter()
+            .all(|p| p.action == Action::Keep as i32 && p.new_pid == 0)
+    );
+    for base in ["/tmp/g1", "/tmp/g2"] {
+        let (vc, vd) = (go_value(&c, base), go_value(&d, base));
+        assert!(vc.starts_with("value "));
+        assert_eq!(
+            vc, vd,
+            "{base}: kept programs are clones and print the same value"
+        );
+    }
+}
