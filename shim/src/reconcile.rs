@@ -7,7 +7,7 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::Serialize;
 use zygote_agent_api::{
     Action, AgentClient, ClientError, PolicyRule, Reconcile, ReconcileReport, SampleResult,
-    request, response,
+    StepClock, request, response,
 };
 
 /// What the host asks of one fork.
@@ -34,6 +34,8 @@ pub struct ReconcileOutcome {
     pub sample: SampleResult,
     /// Guest CLOCK_REALTIME − host CLOCK_REALTIME at the sample (midpoint of the call), ms.
     pub realtime_skew_ms: f64,
+    /// Offsets measured after the reconcile's step and corrected, ms (empty: none needed).
+    pub clock_corrections_ms: Vec<f64>,
     /// Host time for the whole exchange, ms.
     pub host_ms: f64,
 }
@@ -77,6 +79,46 @@ pub fn host_random(buf: &mut [u8]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The guest clock's offset that is corrected after the reconcile's step.
+pub const CLOCK_TOLERANCE: Duration = Duration::from_millis(5);
+
+/// Round trips per offset measurement; the one with the least delay is used.
+const SAMPLES: usize = 4;
+
+/// Sends `body` (answered with a sample) and returns the sample, the guest's
+/// realtime offset against the midpoint of the round trip, and the round trip, ns.
+fn exchange(
+    client: &mut AgentClient,
+    body: request::Body,
+) -> Result<(SampleResult, i64, u64), ReconcileError> {
+    let before = realtime_ns();
+    let answer = client.call(body)?;
+    let after = realtime_ns();
+    match answer {
+        response::Body::Sample(s) => {
+            let mid = before / 2 + after / 2;
+            let offset = s.realtime_ns as i64 - mid as i64;
+            Ok((s, offset, after.saturating_sub(before)))
+        }
+        other => Err(ReconcileError::Unexpected(format!("{other:?}"))),
+    }
+}
+
+/// The guest's realtime offset: of [`SAMPLES`] exchanges, the one with the
+/// shortest round trip (its midpoint is the least uncertain, as in NTP's clock
+/// filter). Returns the sample and the offset, ns.
+fn measure(client: &mut AgentClient) -> Result<(SampleResult, i64), ReconcileError> {
+    let mut best: Option<(SampleResult, i64, u64)> = None;
+    for _ in 0..SAMPLES {
+        let e = exchange(client, request::Body::Sample(Default::default()))?;
+        if best.as_ref().is_none_or(|b| e.2 < b.2) {
+            best = Some(e);
+        }
+    }
+    let (sample, offset, _) = best.expect("at least one sample");
+    Ok((sample, offset))
+}
+
 /// Reconciles the VM behind `client` and samples it.
 pub fn reconcile(
     client: &mut AgentClient,
@@ -114,18 +156,21 @@ pub fn reconcile(
         response::Body::Reconciled(r) => r,
         other => return Err(ReconcileError::Unexpected(format!("{other:?}"))),
     };
-    let before = realtime_ns();
-    let body = client.call(request::Body::Sample(Default::default()))?;
-    let after = realtime_ns();
-    let sample = match body {
-        response::Body::Sample(s) => s,
-        other => return Err(ReconcileError::Unexpected(format!("{other:?}"))),
-    };
-    let host_mid = before / 2 + after / 2;
+    // The step above assumed the request took half the round trip; the guest's
+    // actual offset is measured against the midpoint of a sample's round trip
+    // and corrected (as NTP does) until it is within CLOCK_TOLERANCE.
+    let (mut sample, mut offset_ns) = measure(client)?;
+    let mut corrections = Vec::new();
+    while offset_ns.unsigned_abs() > CLOCK_TOLERANCE.as_nanos() as u64 && corrections.len() < 3 {
+        corrections.push(offset_ns as f64 / 1e6);
+        exchange(client, request::Body::StepClock(StepClock { delta_ns: -offset_ns }))?;
+        (sample, offset_ns) = measure(client)?;
+    }
     Ok(ReconcileOutcome {
         report,
         machine_id,
-        realtime_skew_ms: (sample.realtime_ns as f64 - host_mid as f64) / 1e6,
+        realtime_skew_ms: offset_ns as f64 / 1e6,
+        clock_corrections_ms: corrections,
         sample,
         host_ms: start.elapsed().as_secs_f64() * 1000.0,
     })

@@ -159,7 +159,10 @@ fn two_forks_become_two_machines_and_go_is_restarted() {
     let (b, rb) = fork_and_reconcile(f, "fork-b", vec![]);
     for (fork, r, host) in [(&a, &ra, "fork-a"), (&b, &rb, "fork-b")] {
         let report = &r.report;
-        eprintln!("{host}: {report:#?}\nskew {:.1} ms", r.realtime_skew_ms);
+        eprintln!(
+            "{host}: {report:#?}\nskew {:.1} ms after corrections {:?} ms",
+            r.realtime_skew_ms, r.clock_corrections_ms
+        );
         assert!(!report.unchanged);
         // Clock: the host's time, within 50 ms; monotonic continued from the snapshot.
         assert!(

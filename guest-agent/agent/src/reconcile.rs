@@ -378,6 +378,19 @@ pub fn apply(req: &Reconcile, received: Instant) -> ReconcileReport {
     }
 }
 
+/// Steps CLOCK_REALTIME by `delta_ns` (bounded to ±1 day: a larger correction
+/// is a host bug, not drift).
+pub fn step_clock(delta_ns: i64) -> Result<(), String> {
+    const DAY: i64 = 86_400 * 1_000_000_000;
+    if !(-DAY..=DAY).contains(&delta_ns) {
+        return Err(format!("clock step of {delta_ns} ns refused (limit ±1 day)"));
+    }
+    let now = clock_ns(libc::CLOCK_REALTIME) as i64;
+    set_realtime((now + delta_ns) as u64)
+        .map(|_| ())
+        .map_err(|e| format!("clock_settime: {e}"))
+}
+
 /// The guest's clocks, identity and 32 fresh random bytes.
 pub fn sample() -> SampleResult {
     let mut random = vec![0u8; 32];

@@ -133,6 +133,18 @@ pub fn handle(req: Request, agent_started_ns: u64) -> (Response, After) {
                 }
             }
         }
+        Some(request::Body::StepClock(step)) => match reconcile::step_clock(step.delta_ns) {
+            Ok(()) => (
+                response::Body::Sample(reconcile::sample()),
+                After::Continue,
+            ),
+            Err(msg) => {
+                return (
+                    error_response(id, Code::InvalidArgument, &msg),
+                    After::Continue,
+                );
+            }
+        },
         Some(request::Body::Sample(_)) => {
             (response::Body::Sample(reconcile::sample()), After::Continue)
         }

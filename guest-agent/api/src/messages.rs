@@ -7,7 +7,7 @@ pub struct Request {
     #[prost(uint64, tag = "1")]
     pub id: u64,
     /// What is asked.
-    #[prost(oneof = "request::Body", tags = "2, 3, 4, 5, 6, 7, 8")]
+    #[prost(oneof = "request::Body", tags = "2, 3, 4, 5, 6, 7, 8, 9")]
     pub body: Option<request::Body>,
 }
 
@@ -37,6 +37,9 @@ pub mod request {
         /// Read the guest's clocks, identity and fresh random bytes.
         #[prost(message, tag = "8")]
         Sample(super::Empty),
+        /// Step CLOCK_REALTIME by an offset the host measured; answered with a sample.
+        #[prost(message, tag = "9")]
+        StepClock(super::StepClock),
     }
 }
 
@@ -457,4 +460,13 @@ pub struct SampleResult {
     /// The reconcile generation in force.
     #[prost(uint64, tag = "8")]
     pub generation: u64,
+}
+
+/// Move CLOCK_REALTIME by `delta_ns` (the host's correction after measuring the
+/// guest's offset against the midpoint of a round trip, as NTP does).
+#[derive(Clone, Copy, PartialEq, Eq, prost::Message)]
+pub struct StepClock {
+    /// Nanoseconds to add (negative: back).
+    #[prost(int64, tag = "1")]
+    pub delta_ns: i64,
 }

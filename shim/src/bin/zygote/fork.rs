@@ -179,12 +179,14 @@ pub fn fork(
                 .map(|s| format!("{} {:.1}", s.name, s.elapsed_ns as f64 / 1e6))
                 .collect();
             println!(
-                "  reconciled in {:.1} ms (host {:.1} ms; {} ms), realtime skew {:+.1} ms, clock stepped {:.3} s",
+                "  reconciled in {:.1} ms (host {:.1} ms; {} ms), clock stepped {:.3} s, \
+                 offsets corrected {:?} ms, realtime skew {:+.1} ms",
                 r.total_ns as f64 / 1e6,
                 o.host_ms,
                 steps.join(", "),
+                r.clock_step_ns as f64 / 1e9,
+                o.clock_corrections_ms,
                 o.realtime_skew_ms,
-                r.clock_step_ns as f64 / 1e9
             );
             if opts.report {
                 for p in &r.processes {
