@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Subcommand;
 use zygote::template::{BuildSpec, build, read_meta};
+use zygote_agent_api::Spawn;
 use zygote_vmm::snapshot::template::MEMORY_FILE;
 use zygote_vmm::snapshot::{Template, TemplateName, TemplateStore};
 
@@ -25,6 +26,11 @@ pub enum TemplateCommand {
         /// Rebuild even if it exists (forks of the old one keep running).
         #[arg(long)]
         force: bool,
+        /// A long-running process to start in the guest before the snapshot
+        /// (space-separated argv, absolute program path); repeatable. Forks
+        /// inherit it and the reconcile audits it.
+        #[arg(long = "spawn")]
+        spawn: Vec<String>,
         /// Seconds to leave the guest idle before the snapshot.
         #[arg(long, default_value_t = 1.0)]
         settle: f64,
@@ -63,11 +69,19 @@ pub fn run(store: &TemplateStore, command: TemplateCommand) -> anyhow::Result<Ex
             settle,
             json,
             warm,
+            spawn,
         } => {
             let spec = BuildSpec {
                 name: TemplateName::new(&name)?,
                 sandbox: vm.config(),
-                spawn: vec![],
+                spawn: spawn
+                    .iter()
+                    .map(|line| Spawn {
+                        argv: line.split_whitespace().map(String::from).collect(),
+                        cwd: "/".into(),
+                        ..Default::default()
+                    })
+                    .collect(),
                 warm: if warm.is_empty() { vec![] } else { vec![warm] },
                 settle: Duration::from_secs_f64(settle.max(0.0)),
                 force,
