@@ -163,7 +163,12 @@ pub fn reconcile(
     let mut corrections = Vec::new();
     while offset_ns.unsigned_abs() > CLOCK_TOLERANCE.as_nanos() as u64 && corrections.len() < 3 {
         corrections.push(offset_ns as f64 / 1e6);
-        exchange(client, request::Body::StepClock(StepClock { delta_ns: -offset_ns }))?;
+        exchange(
+            client,
+            request::Body::StepClock(StepClock {
+                delta_ns: -offset_ns,
+            }),
+        )?;
         (sample, offset_ns) = measure(client)?;
     }
     Ok(ReconcileOutcome {

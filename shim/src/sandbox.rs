@@ -47,6 +47,8 @@ pub struct SandboxConfig {
     pub agent_timeout: Duration,
     /// Keep the console log here (default: in the run directory, removed with it).
     pub console_log: Option<PathBuf>,
+    /// Read-only disk images (`/dev/vda`, ...).
+    pub disks: Vec<PathBuf>,
 }
 
 impl Default for SandboxConfig {
@@ -60,6 +62,7 @@ impl Default for SandboxConfig {
             extra_cmdline: String::new(),
             agent_timeout: Duration::from_secs(180),
             console_log: None,
+            disks: Vec::new(),
         }
     }
 }
@@ -246,6 +249,7 @@ impl Sandbox {
                     .unwrap_or_else(|| run_dir.0.join("console.log")),
             ),
             prefault: config.prefault,
+            disks: config.disks.clone(),
         };
         // The agent connects here once it listens; until then the host only waits,
         // instead of probing the guest (each probe costs guest kernel work).
@@ -306,6 +310,7 @@ impl Sandbox {
         let config = ForkConfig {
             vsock_path: Some(vsock.clone()),
             console_log: Some(run_dir.0.join("console.log")),
+            disks: Vec::new(),
         };
         let machine = Machine::fork(template, &config).map_err(|source| SandboxError::Fork {
             template: template.dir().into(),

@@ -21,6 +21,7 @@ use crate::arch::x86_64::layout::{
 use crate::arch::x86_64::{boot, mptable};
 use crate::devices::bus::{Bus, BusError};
 use crate::devices::legacy::{ConsoleLog, I8042, SerialConsole};
+use crate::devices::virtio::block::Block;
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::{Vsock, VsockError};
 use crate::devices::virtio::{MmioTransport, VirtioDevice};
@@ -60,6 +61,8 @@ pub struct VmConfig {
     pub console_log: Option<PathBuf>,
     /// Fault all guest RAM in before the guest runs.
     pub prefault: bool,
+    /// Read-only disk images (virtio-blk: `/dev/vda`, `/dev/vdb`, ...).
+    pub disks: Vec<PathBuf>,
 }
 
 /// Errors building a machine. Nothing is left running or on disk when one is returned.
@@ -86,6 +89,9 @@ pub enum BuildError {
     /// The vsock device could not be created.
     #[error(transparent)]
     Vsock(#[from] VsockError),
+    /// A disk image could not be attached.
+    #[error(transparent)]
+    Block(#[from] crate::devices::virtio::block::BlockError),
     /// A vCPU could not be set up.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
@@ -243,6 +249,9 @@ impl Machine {
         let mut virtio: Vec<Box<dyn VirtioDevice>> = vec![Box::new(Rng::new())];
         if let Some((cid, path)) = &config.vsock {
             virtio.push(Box::new(Vsock::new(*cid, path)?));
+        }
+        for disk in &config.disks {
+            virtio.push(Box::new(Block::new(disk)?));
         }
         let mut devices = Vec::new();
         let mut cmdline_devices = Vec::new();

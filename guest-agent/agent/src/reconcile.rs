@@ -383,7 +383,9 @@ pub fn apply(req: &Reconcile, received: Instant) -> ReconcileReport {
 pub fn step_clock(delta_ns: i64) -> Result<(), String> {
     const DAY: i64 = 86_400 * 1_000_000_000;
     if !(-DAY..=DAY).contains(&delta_ns) {
-        return Err(format!("clock step of {delta_ns} ns refused (limit ±1 day)"));
+        return Err(format!(
+            "clock step of {delta_ns} ns refused (limit ±1 day)"
+        ));
     }
     let now = clock_ns(libc::CLOCK_REALTIME) as i64;
     set_realtime((now + delta_ns) as u64)

@@ -134,10 +134,7 @@ pub fn handle(req: Request, agent_started_ns: u64) -> (Response, After) {
             }
         }
         Some(request::Body::StepClock(step)) => match reconcile::step_clock(step.delta_ns) {
-            Ok(()) => (
-                response::Body::Sample(reconcile::sample()),
-                After::Continue,
-            ),
+            Ok(()) => (response::Body::Sample(reconcile::sample()), After::Continue),
             Err(msg) => {
                 return (
                     error_response(id, Code::InvalidArgument, &msg),

@@ -15,8 +15,8 @@ use crate::arch::x86_64::mptable::MAX_VCPUS;
 use crate::builder::{BuildError, LiveDevices, Machine, VirtioSlot, console_sink, irqfd};
 use crate::devices::legacy::persist::SerialRestoreError;
 use crate::devices::legacy::{I8042, SerialArgs, SerialConsole};
-use crate::devices::virtio::MmioTransport;
 use crate::devices::virtio::persist::{DeviceArgs, MmioArgs, RestoreError};
+use crate::devices::virtio::{DeviceState, MmioTransport};
 use crate::exit::{ExitReason, ExitSignal};
 use crate::persist::Persist;
 use crate::vstate::kvm::{KvmError, KvmHandle, KvmKind};
@@ -67,6 +67,9 @@ pub struct ForkConfig {
     pub vsock_path: Option<PathBuf>,
     /// The fork's console log (a fresh file).
     pub console_log: Option<PathBuf>,
+    /// Disk images for the template's block devices, in order (default: the
+    /// images the template was built with; they must not have changed).
+    pub disks: Vec<PathBuf>,
 }
 
 /// Errors forking. Nothing is left running or on disk when one is returned.
@@ -248,17 +251,37 @@ impl Machine {
             &state.serial,
         )?;
         let i8042 = I8042::restore(exit.clone(), &state.i8042).expect("infallible");
+        // Disks: the fork's own paths if given, else the images the template used.
+        let disks: Vec<PathBuf> = if config.disks.is_empty() {
+            state
+                .virtio
+                .iter()
+                .filter_map(|slot| match &slot.transport.device {
+                    DeviceState::Block(b) => Some(b.path.clone()),
+                    _ => None,
+                })
+                .collect()
+        } else {
+            config.disks.clone()
+        };
+        let device_args = DeviceArgs {
+            vsock_path: config.vsock_path.clone(),
+            disks,
+        };
+        let mut disk = 0;
         let devices = state
             .virtio
             .iter()
             .map(|slot| {
                 let args = MmioArgs {
-                    device: DeviceArgs {
-                        vsock_path: config.vsock_path.clone(),
-                    },
+                    device: device_args.clone(),
+                    disk,
                     mem: ram.memory.clone(),
                     irqfd: irqfd(&vm, slot.irq)?,
                 };
+                if matches!(slot.transport.device, DeviceState::Block(_)) {
+                    disk += 1;
+                }
                 Ok(VirtioSlot {
                     base: slot.base,
                     irq: slot.irq,

@@ -60,6 +60,9 @@ pub(crate) struct VmArgs {
     /// Write the guest console here and keep it (default: discarded with the VM).
     #[arg(long)]
     console: Option<PathBuf>,
+    /// A read-only disk image for the guest (/dev/vda, /dev/vdb, ... in order); repeatable.
+    #[arg(long = "disk")]
+    disks: Vec<PathBuf>,
 }
 
 impl VmArgs {
@@ -73,6 +76,7 @@ impl VmArgs {
             extra_cmdline: self.cmdline.clone(),
             agent_timeout: Duration::from_secs(self.timeout),
             console_log: self.console.clone(),
+            disks: self.disks.clone(),
         }
     }
 }

@@ -5,6 +5,7 @@
 //! Devices are userspace only (no vhost): their state is guest memory plus small
 //! structs, which is what lets a VM be snapshotted and forked.
 
+pub mod block;
 pub mod mmio;
 pub mod persist;
 pub mod rng;
@@ -23,7 +24,7 @@ use crate::vstate::memory::GuestMemoryMmap;
 
 pub use mmio::MmioTransport;
 pub use persist::{DeviceState, MmioState};
-pub use worker::Worker;
+pub use worker::{Worker, single_queue_loop};
 
 /// Feature bit: the device conforms to virtio 1.x.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueState, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::block::{Block, BlockArgs, BlockError, BlockState};
 use super::mmio::MmioTransport;
 use super::rng::{Rng, RngState};
 use super::vsock::{Vsock, VsockArgs, VsockError, VsockState};
@@ -76,6 +77,8 @@ pub enum DeviceState {
     Rng(RngState),
     /// virtio-vsock.
     Vsock(VsockState),
+    /// virtio-blk (read-only image).
+    Block(BlockState),
     /// A test device (unit tests only).
     #[cfg(test)]
     Test,
@@ -86,6 +89,8 @@ pub enum DeviceState {
 pub struct DeviceArgs {
     /// Where the vsock device listens for host clients.
     pub vsock_path: Option<PathBuf>,
+    /// The disk images, in the order of the snapshot's block devices.
+    pub disks: Vec<PathBuf>,
 }
 
 /// Errors restoring a transport and its device.
@@ -108,6 +113,12 @@ pub enum RestoreError {
     /// The vsock device could not be created.
     #[error(transparent)]
     Vsock(#[from] VsockError),
+    /// A disk image could not be attached.
+    #[error(transparent)]
+    Block(#[from] BlockError),
+    /// The snapshot has more block devices than images were given.
+    #[error("the snapshot has a disk #{0} but no image was given for it")]
+    NoDisk(usize),
     /// The snapshot has a vsock device but no socket path was given.
     #[error("the snapshot has a vsock device: a socket path is needed")]
     NoVsockPath,
@@ -124,13 +135,21 @@ pub enum RestoreError {
 }
 
 impl DeviceState {
-    /// Rebuilds the device.
-    pub fn restore(&self, args: &DeviceArgs) -> Result<Box<dyn VirtioDevice>, RestoreError> {
+    /// Rebuilds the device; `disk` is the index of this device among the block devices.
+    pub fn restore(
+        &self,
+        args: &DeviceArgs,
+        disk: usize,
+    ) -> Result<Box<dyn VirtioDevice>, RestoreError> {
         Ok(match self {
             DeviceState::Rng(state) => Box::new(Rng::restore((), state).expect("infallible")),
             DeviceState::Vsock(state) => {
                 let uds_path = args.vsock_path.clone().ok_or(RestoreError::NoVsockPath)?;
                 Box::new(Vsock::restore(VsockArgs { uds_path }, state)?)
+            }
+            DeviceState::Block(state) => {
+                let path = args.disks.get(disk).ok_or(RestoreError::NoDisk(disk))?;
+                Box::new(Block::restore(BlockArgs { path: path.clone() }, state)?)
             }
             #[cfg(test)]
             DeviceState::Test => return Err(RestoreError::Test),
@@ -168,6 +187,8 @@ pub struct MmioState {
 pub struct MmioArgs {
     /// The device's own arguments.
     pub device: DeviceArgs,
+    /// Index of this device among the block devices (which image it gets).
+    pub disk: usize,
     /// Guest memory of the new VM.
     pub mem: GuestMemoryMmap,
     /// The interrupt line.
@@ -195,7 +216,7 @@ impl Persist for MmioTransport {
     }
 
     fn restore(args: MmioArgs, state: &MmioState) -> Result<Self, RestoreError> {
-        let device = state.device.restore(&args.device)?;
+        let device = state.device.restore(&args.device, args.disk)?;
         let actual = device.queue_max_sizes().len();
         if actual != state.queues.len() {
             return Err(RestoreError::QueueCount {
@@ -277,6 +298,7 @@ mod tests {
         assert_eq!(decoded, saved);
         let args = MmioArgs {
             device: DeviceArgs::default(),
+            disk: 0,
             mem: mem.clone(),
             irqfd: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
         };
@@ -295,7 +317,11 @@ mod tests {
         .unwrap();
         let saved = t.save();
         let args = |path: Option<PathBuf>| MmioArgs {
-            device: DeviceArgs { vsock_path: path },
+            device: DeviceArgs {
+                vsock_path: path,
+                disks: vec![],
+            },
+            disk: 0,
             mem: mem.clone(),
             irqfd: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
         };
@@ -321,6 +347,7 @@ mod tests {
             MmioTransport::restore(
                 MmioArgs {
                     device: DeviceArgs::default(),
+                    disk: 0,
                     mem: ram.memory.clone(),
                     irqfd: EventFd::new(libc::EFD_NONBLOCK).unwrap()
                 },

@@ -108,7 +108,9 @@ impl VirtioDevice for Rng {
         let queue = queues.remove(0);
         let evt = queue_evts.remove(0);
         let worker = Worker::spawn("zygote-rng", move |kill| {
-            super::event_handler::run(mem, queue, evt, interrupt, kill)
+            crate::devices::virtio::single_queue_loop("rng", queue, evt, kill, |q| {
+                serve(&mem, q, &interrupt)
+            })
         })
         .map_err(ActivateError::Worker)?;
         self.worker = Some(worker);

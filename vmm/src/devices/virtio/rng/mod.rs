@@ -1,7 +1,6 @@
 //! virtio-rng: entropy for the guest kernel, from the host's `getrandom`.
 
 mod device;
-mod event_handler;
 mod persist;
 
 pub use device::Rng;

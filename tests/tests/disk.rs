@@ -1,0 +1,105 @@
+//! A read-only image on virtio-blk: mounted in the template, read in a fork
+//! (its pages come from the template's page cache or the image), never written;
+//! a fork of a template whose image changed is refused.
+
+use std::process::Command;
+use std::time::Duration;
+
+use zygote::sandbox::{Sandbox, SandboxConfig};
+use zygote::template::{BuildSpec, build};
+use zygote_agent_api::{Exec, ExecResult, request, response};
+use zygote_tests::{busybox_initramfs, guest_available, own_run_dirs, vm_lock};
+use zygote_vmm::snapshot::{Template, TemplateName, TemplateStore};
+
+fn sh(sandbox: &Sandbox, script: &str) -> ExecResult {
+    let mut c = sandbox.client().unwrap();
+    c.set_timeout(Duration::from_secs(120)).unwrap();
+    let body = c
+        .call(request::Body::Exec(Exec {
+            argv: vec![
+                "/bin/busybox".into(),
+                "sh".into(),
+                "-c".into(),
+                script.into(),
+            ],
+            env: vec![],
+            timeout_ms: 100_000,
+        }))
+        .unwrap();
+    match body {
+        response::Body::Exec(r) => r,
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn an_image_mounted_in_the_template_is_read_in_forks() {
+    if !guest_available() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("zygote-disk-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let stage = dir.join("rootfs");
+    std::fs::create_dir_all(stage.join("etc")).unwrap();
+    std::fs::write(stage.join("etc/hello.txt"), "hello from the image\n").unwrap();
+    let image = dir.join("image.erofs");
+    let status = Command::new("mkfs.erofs")
+        .arg("--quiet")
+        .arg(&image)
+        .arg(&stage)
+        .status()
+        .expect("mkfs.erofs (erofs-utils; hack/test installs it)");
+    assert!(status.success());
+
+    let store = TemplateStore::new(dir.join("templates"));
+    let spec = BuildSpec {
+        name: TemplateName::new("disk").unwrap(),
+        sandbox: SandboxConfig {
+            initramfs: busybox_initramfs(),
+            disks: vec![image.clone()],
+            ..Default::default()
+        },
+        spawn: vec![],
+        warm: vec![vec![
+            "/bin/busybox".into(),
+            "sh".into(),
+            "-c".into(),
+            "mkdir -p /mnt/image && mount -t erofs -o ro /dev/vda /mnt/image && \
+             cat /mnt/image/etc/hello.txt > /dev/null"
+                .into(),
+        ]],
+        settle: Duration::from_secs(1),
+        force: true,
+    };
+    let _vm = vm_lock();
+    let report = build(&store, &spec).expect("template with a disk");
+    let template = Template::open(&report.dir).unwrap();
+
+    let fork = Sandbox::fork(&template, Duration::from_secs(120)).expect("fork");
+    let r = sh(&fork, "cat /mnt/image/etc/hello.txt");
+    assert_eq!(r.exit_code, 0, "{}", String::from_utf8_lossy(&r.stderr));
+    assert_eq!(String::from_utf8_lossy(&r.stdout), "hello from the image\n");
+    let w = sh(&fork, "echo x > /mnt/image/etc/new");
+    assert_ne!(w.exit_code, 0, "the image is read-only");
+    let dd = sh(&fork, "dd if=/dev/zero of=/dev/vda bs=512 count=1 2>&1");
+    assert_ne!(
+        dd.exit_code,
+        0,
+        "the disk refuses writes: {}",
+        String::from_utf8_lossy(&dd.stdout)
+    );
+    drop(fork);
+
+    // The image changed under the template: a fork is refused, nothing started.
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&image)
+        .unwrap()
+        .set_len(std::fs::metadata(&image).unwrap().len() + 4096)
+        .unwrap();
+    let err = Sandbox::fork(&template, Duration::from_secs(120)).unwrap_err();
+    let text = format!("{:#}", anyhow::Error::from(err));
+    assert!(text.contains("the snapshot had"), "{text}");
+    assert!(own_run_dirs().is_empty());
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -1,0 +1,400 @@
+//! The block device model and its requests.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+
+use super::{MAX_REQUEST, QUEUE_SIZE, SECTOR_SIZE, VIRTIO_BLK_F_RO, VIRTIO_ID_BLOCK};
+use crate::devices::virtio::{
+    ActivateArgs, ActivateError, DeviceState, Interrupt, VirtioDevice, Worker, single_queue_loop,
+};
+use crate::vstate::memory::GuestMemoryMmap;
+
+const REQ_IN: u32 = 0;
+const REQ_OUT: u32 = 1;
+const REQ_FLUSH: u32 = 4;
+const REQ_GET_ID: u32 = 8;
+const STATUS_OK: u8 = 0;
+const STATUS_IOERR: u8 = 1;
+const STATUS_UNSUPP: u8 = 2;
+/// Length of the id string `GET_ID` returns.
+const ID_LEN: usize = 20;
+
+/// Errors opening the image.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    /// The image could not be opened or examined.
+    #[error("cannot open disk image {path}")]
+    Open {
+        /// The image.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The image is empty or not a whole number of sectors.
+    #[error("disk image {path} is {len} bytes: not a positive multiple of 512")]
+    Size {
+        /// The image.
+        path: PathBuf,
+        /// Its length.
+        len: u64,
+    },
+    /// A restored disk is not the size the snapshot saw.
+    #[error("disk image {path} is {found} bytes; the snapshot had {expected}")]
+    Changed {
+        /// The image.
+        path: PathBuf,
+        /// Saved length.
+        expected: u64,
+        /// Current length.
+        found: u64,
+    },
+}
+
+/// A read-only virtio-blk device backed by an image file.
+#[derive(Debug)]
+pub struct Block {
+    pub(super) path: PathBuf,
+    pub(super) file: File,
+    pub(super) capacity: u64,
+    pub(super) acked_features: u64,
+    worker: Option<Worker<Option<Queue>>>,
+}
+
+impl Block {
+    /// Opens `path` read-only as a disk.
+    pub fn new(path: &Path) -> Result<Self, BlockError> {
+        let open = |source| BlockError::Open {
+            path: path.into(),
+            source,
+        };
+        let file = File::open(path).map_err(open)?;
+        let len = file.metadata().map_err(open)?.len();
+        if len == 0 || len % SECTOR_SIZE != 0 {
+            return Err(BlockError::Size {
+                path: path.into(),
+                len,
+            });
+        }
+        Ok(Block {
+            path: path.into(),
+            file,
+            capacity: len / SECTOR_SIZE,
+            acked_features: 0,
+            worker: None,
+        })
+    }
+
+    /// The image.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Size in 512-byte sectors.
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+}
+
+/// Serves every available request; returns whether any was completed.
+pub(super) fn process_requests(
+    mem: &GuestMemoryMmap,
+    queue: &mut Queue,
+    file: &File,
+    capacity: u64,
+    buf: &mut Vec<u8>,
+) -> bool {
+    let mut used = false;
+    while let Some(chain) = queue.iter(mem).ok().and_then(|mut it| it.next()) {
+        let head = chain.head_index();
+        let written = handle(mem, chain, file, capacity, buf);
+        if queue.add_used(mem, head, written).is_err() {
+            break;
+        }
+        used = true;
+    }
+    used
+}
+
+/// Handles one request; returns the bytes written to the guest (data + status).
+fn handle(
+    mem: &GuestMemoryMmap,
+    chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
+    file: &File,
+    capacity: u64,
+    buf: &mut Vec<u8>,
+) -> u32 {
+    let (Ok(mut reader), Ok(mut writer)) = (chain.clone().reader(mem), chain.writer(mem)) else {
+        tracing::debug!("block: malformed request chain");
+        return 0;
+    };
+    let mut header = [0u8; 16];
+    if reader.read_exact(&mut header).is_err() || writer.available_bytes() == 0 {
+        tracing::debug!("block: request without header or status");
+        return 0;
+    }
+    let kind = u32::from_le_bytes(header[..4].try_into().expect("4 bytes"));
+    let sector = u64::from_le_bytes(header[8..].try_into().expect("8 bytes"));
+    // The last writable byte is the status; everything before it is data.
+    let data_len = (writer.available_bytes() - 1) as u64;
+    let mut data_written = 0u64;
+    let status = match kind {
+        REQ_IN => {
+            let start = sector.checked_mul(SECTOR_SIZE);
+            let end = start.and_then(|s| s.checked_add(data_len));
+            match (start, end) {
+                (Some(start), Some(end))
+                    if end <= capacity * SECTOR_SIZE && data_len <= MAX_REQUEST =>
+                {
+                    let mut status = STATUS_OK;
+                    let mut off = start;
+                    while off < end {
+                        let n = (end - off).min(64 << 10) as usize;
+                        buf.resize(n, 0);
+                        if file.read_exact_at(&mut buf[..n], off).is_err()
+                            || writer.write_all(&buf[..n]).is_err()
+                        {
+                            status = STATUS_IOERR;
+                            break;
+                        }
+                        data_written += n as u64;
+                        off += n as u64;
+                    }
+                    status
+                }
+                _ => STATUS_IOERR,
+            }
+        }
+        REQ_GET_ID => {
+            let mut id = [0u8; ID_LEN];
+            let name = b"zygote-ro";
+            id[..name.len()].copy_from_slice(name);
+            let n = (data_len as usize).min(ID_LEN);
+            if writer.write_all(&id[..n]).is_ok() {
+                data_written = n as u64;
+                STATUS_OK
+            } else {
+                STATUS_IOERR
+            }
+        }
+        // A read-only disk: nothing to write or flush.
+        REQ_OUT => STATUS_IOERR,
+        REQ_FLUSH => STATUS_OK,
+        _ => STATUS_UNSUPP,
+    };
+    // Skip unwritten data bytes so the status lands in the last byte.
+    let skip = data_len - data_written;
+    if skip > 0 {
+        let mut split = writer.split_at(skip as usize).ok();
+        if let Some(status_writer) = split.as_mut() {
+            let _ = status_writer.write_all(&[status]);
+        }
+    } else {
+        let _ = writer.write_all(&[status]);
+    }
+    (data_written + 1) as u32
+}
+
+impl Drop for Block {
+    fn drop(&mut self) {
+        self.reset();
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn avail_features(&self) -> u64 {
+        VIRTIO_BLK_F_RO
+    }
+
+    fn set_acked_features(&mut self, features: u64) {
+        self.acked_features = features;
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        // Configuration space: le64 capacity (sectors); nothing else is offered.
+        let config = self.capacity.to_le_bytes();
+        data.fill(0);
+        if let Some(src) = config.get(offset as usize..) {
+            let n = src.len().min(data.len());
+            data[..n].copy_from_slice(&src[..n]);
+        }
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+
+    fn activate(&mut self, args: ActivateArgs) -> Result<(), ActivateError> {
+        let ActivateArgs {
+            mem,
+            mut queues,
+            mut queue_evts,
+            interrupt,
+        } = args;
+        if queues.len() != 1 || queue_evts.len() != 1 {
+            return Err(ActivateError::QueueCount {
+                expected: 1,
+                got: queues.len(),
+            });
+        }
+        let (queue, evt) = (queues.remove(0), queue_evts.remove(0));
+        let file = self.file.try_clone().map_err(ActivateError::Worker)?;
+        let capacity = self.capacity;
+        let worker = Worker::spawn("zygote-block", move |kill| {
+            let mut buf = Vec::new();
+            single_queue_loop("block", queue, evt, kill, |q| {
+                if process_requests(&mem, q, &file, capacity, &mut buf) {
+                    Interrupt::signal_used_queue(&interrupt);
+                }
+            })
+        })
+        .map_err(ActivateError::Worker)?;
+        self.worker = Some(worker);
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        if let Some(w) = self.worker.take() {
+            w.stop();
+        }
+    }
+
+    fn quiesce(&mut self) -> Option<Vec<Queue>> {
+        let queue = self.worker.take()?.stop().flatten()?;
+        Some(vec![queue])
+    }
+
+    fn state(&self) -> DeviceState {
+        DeviceState::Block(crate::persist::Persist::save(self))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::test_utils::{NEXT, TestQueue, WRITE, test_memory};
+    use vm_memory::{Bytes, GuestAddress};
+
+    const HDR: u64 = 0x40000;
+    const DATA: u64 = 0x41000;
+    const STATUS: u64 = 0x48000;
+
+    fn image(tag: &str, sectors: u64) -> PathBuf {
+        let p = std::env::temp_dir().join(format!("zygote-blk-{tag}-{}", std::process::id()));
+        let bytes: Vec<u8> = (0..sectors * SECTOR_SIZE)
+            .map(|i| (i / SECTOR_SIZE) as u8)
+            .collect();
+        std::fs::write(&p, bytes).unwrap();
+        p
+    }
+
+    /// Publishes header + data (len) + status as one chain at `head`.
+    fn request(
+        mem: &GuestMemoryMmap,
+        q: &mut TestQueue,
+        head: u16,
+        kind: u32,
+        sector: u64,
+        len: u32,
+    ) {
+        let mut hdr = [0u8; 16];
+        hdr[..4].copy_from_slice(&kind.to_le_bytes());
+        hdr[8..].copy_from_slice(&sector.to_le_bytes());
+        mem.write_slice(&hdr, GuestAddress(HDR)).unwrap();
+        mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+        q.desc(mem, head, HDR, 16, NEXT, head + 1);
+        q.desc(mem, head + 1, DATA, len, WRITE | NEXT, head + 2);
+        q.desc(mem, head + 2, STATUS, 1, WRITE, 0);
+        q.publish(mem, head);
+    }
+
+    #[test]
+    fn reads_refuses_writes_and_bad_ranges() {
+        let path = image("rw", 8);
+        let dev = Block::new(&path).unwrap();
+        assert_eq!(dev.capacity(), 8);
+        let mut cap = [0u8; 8];
+        dev.read_config(0, &mut cap);
+        assert_eq!(u64::from_le_bytes(cap), 8);
+        let mem = test_memory();
+        let mut tq = TestQueue::new(0x10000, 16);
+        let mut q = tq.queue();
+        let mut buf = Vec::new();
+        let status = || mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap();
+
+        request(&mem, &mut tq, 0, REQ_IN, 3, 1024);
+        assert!(process_requests(
+            &mem,
+            &mut q,
+            &dev.file,
+            dev.capacity,
+            &mut buf
+        ));
+        assert_eq!(status(), STATUS_OK);
+        let mut got = [0u8; 1024];
+        mem.read_slice(&mut got, GuestAddress(DATA)).unwrap();
+        assert!(got[..512].iter().all(|&b| b == 3) && got[512..].iter().all(|&b| b == 4));
+        assert_eq!(tq.used_elem(&mem, 0), (0, 1025));
+
+        request(&mem, &mut tq, 3, REQ_IN, 7, 1024); // past the end
+        process_requests(&mem, &mut q, &dev.file, dev.capacity, &mut buf);
+        assert_eq!(status(), STATUS_IOERR);
+        request(&mem, &mut tq, 6, REQ_IN, u64::MAX / 2, 512); // overflowing sector
+        process_requests(&mem, &mut q, &dev.file, dev.capacity, &mut buf);
+        assert_eq!(status(), STATUS_IOERR);
+
+        // A write: header + data (device-readable) + status.
+        mem.write_slice(
+            &[1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            GuestAddress(HDR),
+        )
+        .unwrap();
+        tq.desc(&mem, 9, HDR, 16, NEXT, 10);
+        tq.desc(&mem, 10, DATA, 512, NEXT, 11);
+        tq.desc(&mem, 11, STATUS, 1, WRITE, 0);
+        tq.publish(&mem, 9);
+        process_requests(&mem, &mut q, &dev.file, dev.capacity, &mut buf);
+        assert_eq!(status(), STATUS_IOERR, "read-only");
+        assert_eq!(std::fs::read(&path).unwrap()[3 * 512], 3, "image untouched");
+
+        request(&mem, &mut tq, 12, 99, 0, 16);
+        process_requests(&mem, &mut q, &dev.file, dev.capacity, &mut buf);
+        assert_eq!(status(), STATUS_UNSUPP);
+
+        // No header at all: returned empty, nothing written.
+        tq.desc(&mem, 15, STATUS, 1, WRITE, 0);
+        tq.publish(&mem, 15);
+        process_requests(&mem, &mut q, &dev.file, dev.capacity, &mut buf);
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn bad_images_are_refused() {
+        let odd = std::env::temp_dir().join(format!("zygote-blk-odd-{}", std::process::id()));
+        std::fs::write(&odd, [0u8; 100]).unwrap();
+        assert!(matches!(
+            Block::new(&odd),
+            Err(BlockError::Size { len: 100, .. })
+        ));
+        std::fs::write(&odd, []).unwrap();
+        assert!(matches!(
+            Block::new(&odd),
+            Err(BlockError::Size { len: 0, .. })
+        ));
+        std::fs::remove_file(&odd).unwrap();
+        assert!(matches!(
+            Block::new(Path::new("/nonexistent.img")),
+            Err(BlockError::Open { .. })
+        ));
+    }
+}

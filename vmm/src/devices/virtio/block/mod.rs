@@ -1,0 +1,23 @@
+//! virtio-blk, read-only: an image (e.g. a container image's erofs or ext4
+//! rootfs) given to the guest as a disk. Reads are served from the image file
+//! with `pread`; writes are refused; the guest sees a read-only disk.
+//!
+//! `device.rs` is the model and its request handling, `persist.rs` its saved
+//! state. It shares the one-queue I/O loop of [`super::single_queue_loop`].
+
+mod device;
+mod persist;
+
+pub use device::{Block, BlockError};
+pub use persist::{BlockArgs, BlockState};
+
+/// virtio device id of a block device.
+pub const VIRTIO_ID_BLOCK: u32 = 2;
+/// Queue size.
+pub const QUEUE_SIZE: u16 = 256;
+/// Sector size of the virtio-blk protocol.
+pub const SECTOR_SIZE: u64 = 512;
+/// Feature bit: the device is read-only.
+pub const VIRTIO_BLK_F_RO: u64 = 1 << 5;
+/// Largest data transfer of one request the device serves.
+pub const MAX_REQUEST: u64 = 4 << 20;
