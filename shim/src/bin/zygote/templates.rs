@@ -22,7 +22,7 @@ pub enum TemplateCommand {
         #[arg(long, default_value = "default")]
         name: String,
         #[command(flatten)]
-        vm: VmArgs,
+        vm: Box<VmArgs>,
         /// Rebuild even if it exists (forks of the old one keep running).
         #[arg(long)]
         force: bool,
