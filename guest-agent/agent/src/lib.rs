@@ -9,6 +9,7 @@
 //! Run outside a VM (not PID 1) with `serve`, it serves on vsock without
 //! mounting anything; the host tests drive its handlers directly.
 
+pub mod container;
 pub mod detect;
 pub mod exec;
 pub mod init;

@@ -1,0 +1,312 @@
+//! The container's init: `zygote-agent container-init CONFIG_JSON`, started by
+//! the agent with the container's stdio. A fresh, single-threaded process, so
+//! it may fork freely: it enters new mount, UTS, IPC and PID namespaces, forks
+//! the container's PID 1, which sets up the root file system (mounts,
+//! `pivot_root`), hostname, rlimits, user and `no_new_privs` and execs the
+//! process; the init waits for it and exits with its status (128 + N for a
+//! signal), which is what the agent reports.
+
+use std::ffi::CString;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use super::spec::{LaunchConfig, MountSpec};
+
+/// Exit status when the container's process could not be started.
+pub const EXIT_SETUP_FAILED: u8 = 127;
+
+fn cstr(s: impl AsRef<std::ffi::OsStr>) -> CString {
+    use std::os::unix::ffi::OsStrExt;
+    CString::new(s.as_ref().as_bytes()).unwrap_or_else(|_| c"".into())
+}
+
+fn check(rc: libc::c_int, what: &str) -> Result<(), String> {
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(format!("{what}: {}", std::io::Error::last_os_error()))
+    }
+}
+
+fn mount(
+    source: &str,
+    target: &Path,
+    fstype: &str,
+    flags: libc::c_ulong,
+    data: &str,
+) -> Result<(), String> {
+    let (s, t, f, d) = (cstr(source), cstr(target), cstr(fstype), cstr(data));
+    // SAFETY: valid NUL-terminated strings for the duration of the call.
+    let rc = unsafe {
+        libc::mount(
+            s.as_ptr(),
+            t.as_ptr(),
+            if fstype.is_empty() {
+                std::ptr::null()
+            } else {
+                f.as_ptr()
+            },
+            flags,
+            if data.is_empty() {
+                std::ptr::null()
+            } else {
+                d.as_ptr().cast()
+            },
+        )
+    };
+    check(rc, &format!("mount {fstype} on {}", target.display()))
+}
+
+/// Splits OCI mount options into mount flags and file-system data.
+fn mount_flags(options: &[String]) -> (libc::c_ulong, String) {
+    let mut flags = 0;
+    let mut data = Vec::new();
+    for o in options {
+        match o.as_str() {
+            "ro" => flags |= libc::MS_RDONLY,
+            "rw" => {}
+            "nosuid" => flags |= libc::MS_NOSUID,
+            "nodev" => flags |= libc::MS_NODEV,
+            "noexec" => flags |= libc::MS_NOEXEC,
+            "relatime" => flags |= libc::MS_RELATIME,
+            "strictatime" => flags |= libc::MS_STRICTATIME,
+            "bind" => flags |= libc::MS_BIND,
+            "rbind" => flags |= libc::MS_BIND | libc::MS_REC,
+            "private" | "rprivate" | "slave" | "rslave" | "shared" | "rshared" => {}
+            other => data.push(other.to_string()),
+        }
+    }
+    (flags, data.join(","))
+}
+
+/// `path` below `root`, never above it (the spec was checked for `..`).
+fn inside(root: &Path, path: &Path) -> PathBuf {
+    root.join(path.strip_prefix("/").unwrap_or(path))
+}
+
+fn mount_one(root: &Path, m: &MountSpec) -> Result<(), String> {
+    let target = inside(root, &m.destination);
+    let (flags, data) = mount_flags(&m.options);
+    let bind = m.fstype == "bind" || flags & libc::MS_BIND != 0;
+    if bind && Path::new(&m.source).is_file() {
+        if let Some(parent) = target.parent() {
+            let _ = std::fs::create_dir_all(parent);
+        }
+        let _ = std::fs::File::create(&target);
+    } else {
+        let _ = std::fs::create_dir_all(&target);
+    }
+    if bind {
+        mount(&m.source, &target, "", flags | libc::MS_BIND, "")?;
+        if flags & libc::MS_RDONLY != 0 {
+            mount(
+                "",
+                &target,
+                "",
+                flags | libc::MS_BIND | libc::MS_REMOUNT,
+                "",
+            )?;
+        }
+        Ok(())
+    } else {
+        let fstype = m.fstype.as_str();
+        let source = if m.source.is_empty() {
+            fstype
+        } else {
+            m.source.as_str()
+        };
+        mount(source, &target, fstype, flags, &data)
+    }
+}
+
+/// Minimal devices when the spec mounts a tmpfs on /dev (as OCI specs do):
+/// bind mounts of the guest's own nodes.
+fn populate_dev(root: &Path) -> Result<(), String> {
+    let dev = inside(root, Path::new("/dev"));
+    for name in ["null", "zero", "full", "random", "urandom", "tty"] {
+        let target = dev.join(name);
+        if std::fs::File::create(&target).is_ok() {
+            mount(&format!("/dev/{name}"), &target, "", libc::MS_BIND, "")?;
+        }
+    }
+    for (link, to) in [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
+        let _ = std::os::unix::fs::symlink(to, dev.join(link));
+    }
+    Ok(())
+}
+
+fn setup_and_exec(c: &LaunchConfig) -> String {
+    let result = (|| -> Result<(), String> {
+        let root = &c.rootfs;
+        mount("", Path::new("/"), "", libc::MS_REC | libc::MS_PRIVATE, "")?;
+        mount(
+            &root.to_string_lossy(),
+            root,
+            "",
+            libc::MS_BIND | libc::MS_REC,
+            "",
+        )?;
+        for m in &c.mounts {
+            mount_one(root, m)?;
+        }
+        if c.mounts.iter().any(|m| m.destination == Path::new("/dev")) {
+            populate_dev(root)?;
+        }
+        let root_c = cstr(root);
+        // SAFETY: a valid path string.
+        check(unsafe { libc::chdir(root_c.as_ptr()) }, "chdir rootfs")?;
+        // pivot_root(".", "."): the old root ends up on top and is detached next.
+        // SAFETY: valid path strings; the calling process is in its own mount namespace.
+        check(
+            unsafe {
+                libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) as libc::c_int
+            },
+            "pivot_root",
+        )?;
+        // SAFETY: a valid path string.
+        check(
+            unsafe { libc::umount2(c".".as_ptr(), libc::MNT_DETACH) },
+            "detach old root",
+        )?;
+        // SAFETY: a valid path string.
+        check(unsafe { libc::chdir(c"/".as_ptr()) }, "chdir /")?;
+        if c.readonly_root {
+            mount(
+                "",
+                Path::new("/"),
+                "",
+                libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
+                "",
+            )?;
+        }
+        if let Some(h) = &c.hostname {
+            // SAFETY: the pointer and length describe the hostname.
+            check(
+                unsafe { libc::sethostname(h.as_ptr().cast(), h.len()) },
+                "sethostname",
+            )?;
+        }
+        for &(resource, soft, hard) in &c.rlimits {
+            let lim = libc::rlimit {
+                rlim_cur: soft,
+                rlim_max: hard,
+            };
+            // SAFETY: a valid rlimit.
+            check(unsafe { libc::setrlimit(resource as _, &lim) }, "setrlimit")?;
+        }
+        let groups: Vec<libc::gid_t> = c.additional_gids.clone();
+        // SAFETY: the pointer and length describe `groups`.
+        check(
+            unsafe { libc::setgroups(groups.len(), groups.as_ptr()) },
+            "setgroups",
+        )?;
+        // SAFETY: plain ids.
+        check(unsafe { libc::setgid(c.gid) }, "setgid")?;
+        // SAFETY: plain ids.
+        check(unsafe { libc::setuid(c.uid) }, "setuid")?;
+        if c.no_new_privileges {
+            // SAFETY: prctl with integer arguments.
+            check(
+                unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) },
+                "no_new_privs",
+            )?;
+        }
+        let cwd = cstr(&c.cwd);
+        // SAFETY: a valid path string.
+        check(
+            unsafe { libc::chdir(cwd.as_ptr()) },
+            &format!("chdir {}", c.cwd.display()),
+        )?;
+        Ok(())
+    })();
+    if let Err(e) = result {
+        return e;
+    }
+    let program = resolve(&c.args[0], &c.env);
+    let argv: Vec<CString> = c.args.iter().map(cstr).collect();
+    let envp: Vec<CString> = c.env.iter().map(cstr).collect();
+    let mut argv_p: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+    argv_p.push(std::ptr::null());
+    let mut envp_p: Vec<*const libc::c_char> = envp.iter().map(|a| a.as_ptr()).collect();
+    envp_p.push(std::ptr::null());
+    let prog = cstr(&program);
+    // SAFETY: NUL-terminated argv/envp arrays of valid strings that outlive the call.
+    unsafe { libc::execve(prog.as_ptr(), argv_p.as_ptr(), envp_p.as_ptr()) };
+    format!(
+        "exec {}: {}",
+        program.display(),
+        std::io::Error::last_os_error()
+    )
+}
+
+/// `args[0]` itself if it has a '/', else the first match on the spec's PATH.
+fn resolve(arg0: &str, env: &[String]) -> PathBuf {
+    if arg0.contains('/') {
+        return arg0.into();
+    }
+    let path = env
+        .iter()
+        .find_map(|e| e.strip_prefix("PATH="))
+        .unwrap_or("/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+    path.split(':')
+        .map(|d| Path::new(d).join(arg0))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| arg0.into())
+}
+
+/// The init's main: namespaces, fork, wait, exit with the process's status.
+pub fn main(config_json: &str) -> ExitCode {
+    let config: LaunchConfig = match serde_json::from_str(config_json) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("zygote container-init: bad config: {e}");
+            return ExitCode::from(EXIT_SETUP_FAILED);
+        }
+    };
+    let flags = libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC | libc::CLONE_NEWPID;
+    // SAFETY: unshare with namespace flags; this process is single-threaded.
+    if unsafe { libc::unshare(flags) } != 0 {
+        eprintln!(
+            "zygote container-init: unshare: {}",
+            std::io::Error::last_os_error()
+        );
+        return ExitCode::from(EXIT_SETUP_FAILED);
+    }
+    // SAFETY: fork in a single-threaded process.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        eprintln!(
+            "zygote container-init: fork: {}",
+            std::io::Error::last_os_error()
+        );
+        return ExitCode::from(EXIT_SETUP_FAILED);
+    }
+    if pid == 0 {
+        let err = setup_and_exec(&config);
+        eprintln!("zygote container-init: {err}");
+        // SAFETY: leaving the child without running the parent's destructors.
+        unsafe { libc::_exit(i32::from(EXIT_SETUP_FAILED)) };
+    }
+    let mut status = 0;
+    loop {
+        // SAFETY: waitpid for our own child with a valid status pointer.
+        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+        if r == pid {
+            break;
+        }
+        if r < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            return ExitCode::from(EXIT_SETUP_FAILED);
+        }
+    }
+    let code = if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else {
+        128 + libc::WTERMSIG(status)
+    };
+    ExitCode::from(code as u8)
+}

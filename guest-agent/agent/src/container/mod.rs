@@ -1,0 +1,46 @@
+//! Containers inside the VM: an OCI runtime spec run in its own namespaces
+//! with its image as root.
+//!
+//! - `spec.rs`: the OCI spec, checked, turned into a [`spec::LaunchConfig`].
+//! - `init.rs`: the container's init (`zygote-agent container-init`), which
+//!   enters the namespaces, sets up the root and execs the process.
+
+pub mod init;
+pub mod spec;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use crate::procs::{self, Child};
+
+/// Starts the container described by `config`: the agent binary `agent_exe` as
+/// its init, with the given stdio. The returned child's exit status is the
+/// container process's (128 + N when killed by signal N).
+pub fn launch(
+    config: &spec::LaunchConfig,
+    agent_exe: &Path,
+    stdin: Stdio,
+    stdout: Stdio,
+    stderr: Stdio,
+) -> std::io::Result<Child> {
+    let json = serde_json::to_string(config).map_err(std::io::Error::other)?;
+    procs::spawn(
+        Command::new(agent_exe)
+            .arg("container-init")
+            .arg(json)
+            .env_clear()
+            .stdin(stdin)
+            .stdout(stdout)
+            .stderr(stderr),
+    )
+}
+
+/// The container's process: the init's one child (its pid in the agent's view).
+pub fn process_pid(init_pid: u32) -> Option<u32> {
+    std::fs::read_to_string(format!("/proc/{init_pid}/task/{init_pid}/children"))
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}

@@ -1,0 +1,293 @@
+//! From an OCI runtime spec to what the container's init needs: checked,
+//! resolved and plain (the init process cannot report errors well, so
+//! everything that can be refused is refused here).
+
+use std::path::{Component, Path, PathBuf};
+
+use oci_spec::runtime::Spec;
+use serde::{Deserialize, Serialize};
+
+/// Errors in a spec.
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    /// Not a runtime spec.
+    #[error("invalid OCI spec: {0}")]
+    Parse(String),
+    /// The spec has no process.
+    #[error("the spec has no process")]
+    NoProcess,
+    /// No arguments.
+    #[error("process.args is empty")]
+    NoArgs,
+    /// A path that must be absolute and plain is not.
+    #[error("{what} {path:?} must be absolute and must not contain '..'")]
+    Path {
+        /// Which field.
+        what: &'static str,
+        /// The value.
+        path: PathBuf,
+    },
+    /// An rlimit this agent does not know.
+    #[error("unknown rlimit {0}")]
+    Rlimit(String),
+    /// An environment entry without '='.
+    #[error("environment entry {0:?} is not KEY=value")]
+    Env(String),
+}
+
+/// A mount inside the container.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MountSpec {
+    /// Where, inside the rootfs.
+    pub destination: PathBuf,
+    /// File system type (`tmpfs`, `proc`, `bind`, ...).
+    pub fstype: String,
+    /// Source.
+    pub source: String,
+    /// Options as in the spec (`nosuid`, `ro`, `size=65536k`, ...).
+    pub options: Vec<String>,
+}
+
+/// Everything the container's init does, resolved.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LaunchConfig {
+    /// The root file system (a directory in the guest).
+    pub rootfs: PathBuf,
+    /// Mount the root read-only.
+    pub readonly_root: bool,
+    /// Program and arguments.
+    pub args: Vec<String>,
+    /// Environment.
+    pub env: Vec<String>,
+    /// Working directory inside the container.
+    pub cwd: PathBuf,
+    /// User.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// Supplementary groups.
+    pub additional_gids: Vec<u32>,
+    /// `(resource, soft, hard)`.
+    pub rlimits: Vec<(u32, u64, u64)>,
+    /// `PR_SET_NO_NEW_PRIVS`.
+    pub no_new_privileges: bool,
+    /// The UTS hostname.
+    pub hostname: Option<String>,
+    /// Mounts after the root, in order.
+    pub mounts: Vec<MountSpec>,
+    /// A terminal was asked for.
+    pub terminal: bool,
+}
+
+/// Whether `p` is absolute and has no `..`.
+pub fn plain_absolute(p: &Path) -> bool {
+    p.is_absolute() && p.components().all(|c| !matches!(c, Component::ParentDir))
+}
+
+fn rlimit(name: &str) -> Result<u32, SpecError> {
+    Ok(match name {
+        "RLIMIT_CPU" => libc::RLIMIT_CPU,
+        "RLIMIT_FSIZE" => libc::RLIMIT_FSIZE,
+        "RLIMIT_DATA" => libc::RLIMIT_DATA,
+        "RLIMIT_STACK" => libc::RLIMIT_STACK,
+        "RLIMIT_CORE" => libc::RLIMIT_CORE,
+        "RLIMIT_RSS" => libc::RLIMIT_RSS,
+        "RLIMIT_NPROC" => libc::RLIMIT_NPROC,
+        "RLIMIT_NOFILE" => libc::RLIMIT_NOFILE,
+        "RLIMIT_MEMLOCK" => libc::RLIMIT_MEMLOCK,
+        "RLIMIT_AS" => libc::RLIMIT_AS,
+        "RLIMIT_LOCKS" => libc::RLIMIT_LOCKS,
+        "RLIMIT_SIGPENDING" => libc::RLIMIT_SIGPENDING,
+        "RLIMIT_MSGQUEUE" => libc::RLIMIT_MSGQUEUE,
+        "RLIMIT_NICE" => libc::RLIMIT_NICE,
+        "RLIMIT_RTPRIO" => libc::RLIMIT_RTPRIO,
+        "RLIMIT_RTTIME" => libc::RLIMIT_RTTIME,
+        other => return Err(SpecError::Rlimit(other.into())),
+    } as u32)
+}
+
+/// Reads `config.json` bytes into a [`LaunchConfig`] for a container whose
+/// root file system is `rootfs` (ignoring `root.path`: the agent decides where
+/// the image is).
+pub fn launch_config(json: &[u8], rootfs: &Path) -> Result<LaunchConfig, SpecError> {
+    let value: serde_json::Value =
+        serde_json::from_slice(json).map_err(|e| SpecError::Parse(e.to_string()))?;
+    if !value.is_object() {
+        return Err(SpecError::Parse("config.json must be a JSON object".into()));
+    }
+    let spec: Spec = serde_json::from_value(value).map_err(|e| SpecError::Parse(e.to_string()))?;
+    let process = spec.process().as_ref().ok_or(SpecError::NoProcess)?;
+    let args = process.args().clone().unwrap_or_default();
+    if args.is_empty() || args[0].is_empty() {
+        return Err(SpecError::NoArgs);
+    }
+    let env = process.env().clone().unwrap_or_default();
+    if let Some(bad) = env.iter().find(|e| !e.contains('=')) {
+        return Err(SpecError::Env(bad.clone()));
+    }
+    let cwd = process.cwd().clone();
+    if !plain_absolute(&cwd) {
+        return Err(SpecError::Path {
+            what: "process.cwd",
+            path: cwd,
+        });
+    }
+    if !plain_absolute(rootfs) {
+        return Err(SpecError::Path {
+            what: "rootfs",
+            path: rootfs.into(),
+        });
+    }
+    let user = process.user();
+    let rlimits = process
+        .rlimits()
+        .clone()
+        .unwrap_or_default()
+        .iter()
+        .map(|r| {
+            let name = serde_json::to_value(r.typ())
+                .ok()
+                .and_then(|v| v.as_str().map(String::from))
+                .unwrap_or_default();
+            Ok((rlimit(&name)?, r.soft(), r.hard()))
+        })
+        .collect::<Result<Vec<_>, SpecError>>()?;
+    let mounts = spec
+        .mounts()
+        .clone()
+        .unwrap_or_default()
+        .iter()
+        .map(|m| {
+            let destination = m.destination().clone();
+            if !plain_absolute(&destination) || destination == Path::new("/") {
+                return Err(SpecError::Path {
+                    what: "mount destination",
+                    path: destination,
+                });
+            }
+            Ok(MountSpec {
+                destination,
+                fstype: m.typ().clone().unwrap_or_else(|| "bind".into()),
+                source: m
+                    .source()
+                    .as_ref()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                options: m.options().clone().unwrap_or_default(),
+            })
+        })
+        .collect::<Result<Vec<_>, SpecError>>()?;
+    Ok(LaunchConfig {
+        rootfs: rootfs.into(),
+        readonly_root: spec
+            .root()
+            .as_ref()
+            .and_then(|r| r.readonly())
+            .unwrap_or(false),
+        args,
+        env,
+        cwd,
+        uid: user.uid(),
+        gid: user.gid(),
+        additional_gids: user.additional_gids().clone().unwrap_or_default(),
+        rlimits,
+        no_new_privileges: process.no_new_privileges().unwrap_or(false),
+        hostname: spec.hostname().clone(),
+        mounts,
+        terminal: process.terminal().unwrap_or(false),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn spec_json(args: &[&str], extra: serde_json::Value) -> Vec<u8> {
+        let mut v = serde_json::json!({
+            "ociVersion": "1.0.2",
+            "root": {"path": "rootfs", "readonly": false},
+            "process": {
+                "args": args, "cwd": "/", "env": ["PATH=/bin"],
+                "user": {"uid": 0, "gid": 0},
+            },
+            "hostname": "box",
+            "mounts": [
+                {"destination": "/proc", "type": "proc", "source": "proc"},
+                {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "size=1m"]}
+            ],
+        });
+        if let (Some(obj), Some(extra)) = (v["process"].as_object_mut(), extra.as_object()) {
+            for (k, val) in extra {
+                obj.insert(k.clone(), val.clone());
+            }
+        }
+        serde_json::to_vec(&v).unwrap()
+    }
+
+    #[test]
+    fn a_spec_becomes_a_launch_config() {
+        let json = spec_json(
+            &["/bin/sh", "-c", "true"],
+            serde_json::json!({
+                "cwd": "/work", "user": {"uid": 1000, "gid": 100, "additionalGids": [5, 6]},
+                "rlimits": [{"type": "RLIMIT_NOFILE", "soft": 64, "hard": 128}],
+                "noNewPrivileges": true, "env": ["A=1", "PATH=/bin"],
+            }),
+        );
+        let c = launch_config(&json, Path::new("/run/c/rootfs")).unwrap();
+        assert_eq!(c.args, ["/bin/sh", "-c", "true"]);
+        assert_eq!(c.cwd, Path::new("/work"));
+        assert_eq!(
+            (c.uid, c.gid, c.additional_gids.clone()),
+            (1000, 100, vec![5, 6])
+        );
+        assert_eq!(c.rlimits, vec![(libc::RLIMIT_NOFILE as u32, 64, 128)]);
+        assert!(c.no_new_privileges);
+        assert_eq!(c.hostname.as_deref(), Some("box"));
+        assert_eq!(c.mounts.len(), 2);
+        assert_eq!(c.mounts[1].options, ["nosuid", "size=1m"]);
+    }
+
+    #[test]
+    fn bad_specs_are_refused() {
+        let root = Path::new("/run/c/rootfs");
+        assert!(matches!(
+            launch_config(b"{", root),
+            Err(SpecError::Parse(_))
+        ));
+        assert!(matches!(
+            launch_config(b"[]", root),
+            Err(SpecError::Parse(_))
+        ));
+        let no_args = spec_json(&[], serde_json::json!({}));
+        assert!(matches!(
+            launch_config(&no_args, root),
+            Err(SpecError::NoArgs)
+        ));
+        let escape = spec_json(&["/bin/sh"], serde_json::json!({"cwd": "/../etc"}));
+        assert!(matches!(
+            launch_config(&escape, root),
+            Err(SpecError::Path { .. })
+        ));
+        let mut v: serde_json::Value =
+            serde_json::from_slice(&spec_json(&["/bin/sh"], serde_json::json!({}))).unwrap();
+        v["mounts"][0]["destination"] = "/proc/../../etc".into();
+        let json = serde_json::to_vec(&v).unwrap();
+        assert!(matches!(
+            launch_config(&json, root),
+            Err(SpecError::Path {
+                what: "mount destination",
+                ..
+            })
+        ));
+        let env = spec_json(&["/bin/sh"], serde_json::json!({"env": ["NOEQUALS"]}));
+        assert!(matches!(launch_config(&env, root), Err(SpecError::Env(_))));
+        assert!(matches!(
+            launch_config(
+                &spec_json(&["/bin/sh"], serde_json::json!({})),
+                Path::new("rel")
+            ),
+            Err(SpecError::Path { what: "rootfs", .. })
+        ));
+    }
+}
