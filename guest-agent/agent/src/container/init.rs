@@ -162,17 +162,13 @@ fn setup_and_exec(c: &LaunchConfig) -> String {
         check(unsafe { libc::chdir(root_c.as_ptr()) }, "chdir rootfs")?;
         // pivot_root(".", "."): the old root ends up on top and is detached next.
         // SAFETY: valid path strings; the calling process is in its own mount namespace.
-        check(
-            unsafe {
-                libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) as libc::c_int
-            },
-            "pivot_root",
-        )?;
+        let rc = unsafe {
+            libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) as libc::c_int
+        };
+        check(rc, "pivot_root")?;
         // SAFETY: a valid path string.
-        check(
-            unsafe { libc::umount2(c".".as_ptr(), libc::MNT_DETACH) },
-            "detach old root",
-        )?;
+        let rc = unsafe { libc::umount2(c".".as_ptr(), libc::MNT_DETACH) };
+        check(rc, "detach old root")?;
         // SAFETY: a valid path string.
         check(unsafe { libc::chdir(c"/".as_ptr()) }, "chdir /")?;
         if c.readonly_root {
@@ -186,10 +182,8 @@ fn setup_and_exec(c: &LaunchConfig) -> String {
         }
         if let Some(h) = &c.hostname {
             // SAFETY: the pointer and length describe the hostname.
-            check(
-                unsafe { libc::sethostname(h.as_ptr().cast(), h.len()) },
-                "sethostname",
-            )?;
+            let rc = unsafe { libc::sethostname(h.as_ptr().cast(), h.len()) };
+            check(rc, "sethostname")?;
         }
         for &(resource, soft, hard) in &c.rlimits {
             let lim = libc::rlimit {
@@ -201,27 +195,21 @@ fn setup_and_exec(c: &LaunchConfig) -> String {
         }
         let groups: Vec<libc::gid_t> = c.additional_gids.clone();
         // SAFETY: the pointer and length describe `groups`.
-        check(
-            unsafe { libc::setgroups(groups.len(), groups.as_ptr()) },
-            "setgroups",
-        )?;
+        let rc = unsafe { libc::setgroups(groups.len(), groups.as_ptr()) };
+        check(rc, "setgroups")?;
         // SAFETY: plain ids.
         check(unsafe { libc::setgid(c.gid) }, "setgid")?;
         // SAFETY: plain ids.
         check(unsafe { libc::setuid(c.uid) }, "setuid")?;
         if c.no_new_privileges {
             // SAFETY: prctl with integer arguments.
-            check(
-                unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) },
-                "no_new_privs",
-            )?;
+            let rc = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
+            check(rc, "no_new_privs")?;
         }
         let cwd = cstr(&c.cwd);
         // SAFETY: a valid path string.
-        check(
-            unsafe { libc::chdir(cwd.as_ptr()) },
-            &format!("chdir {}", c.cwd.display()),
-        )?;
+        let rc = unsafe { libc::chdir(cwd.as_ptr()) };
+        check(rc, &format!("chdir {}", c.cwd.display()))?;
         Ok(())
     })();
     if let Err(e) = result {

@@ -103,7 +103,7 @@ fn rlimit(name: &str) -> Result<u32, SpecError> {
         "RLIMIT_RTPRIO" => libc::RLIMIT_RTPRIO,
         "RLIMIT_RTTIME" => libc::RLIMIT_RTTIME,
         other => return Err(SpecError::Rlimit(other.into())),
-    } as u32)
+    })
 }
 
 /// Reads `config.json` bytes into a [`LaunchConfig`] for a container whose
@@ -241,7 +241,7 @@ mod tests {
             (c.uid, c.gid, c.additional_gids.clone()),
             (1000, 100, vec![5, 6])
         );
-        assert_eq!(c.rlimits, vec![(libc::RLIMIT_NOFILE as u32, 64, 128)]);
+        assert_eq!(c.rlimits, vec![(libc::RLIMIT_NOFILE, 64, 128)]);
         assert!(c.no_new_privileges);
         assert_eq!(c.hostname.as_deref(), Some("box"));
         assert_eq!(c.mounts.len(), 2);
