@@ -42,6 +42,7 @@ fn serve() -> ExitCode {
                 zygote_agent_api::VERSION,
                 zygote_agent_api::AGENT_PORT
             );
+            serve_stdio();
             if let Err(e) = vsock::notify_host(zygote_agent_api::READY_PORT) {
                 eprintln!("zygote-agent: no host listening for the ready signal: {e}");
             }
@@ -54,4 +55,38 @@ fn serve() -> ExitCode {
         init::power_off();
     }
     ExitCode::FAILURE
+}
+
+/// Accepts stdio streams on [`zygote_agent_api::STDIO_PORT`] and attaches each
+/// to its container's process.
+fn serve_stdio() {
+    let listener = match vsock::VsockListener::bind(zygote_agent_api::STDIO_PORT) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("zygote-agent: cannot listen for stdio streams: {e}");
+            return;
+        }
+    };
+    let spawned = std::thread::Builder::new()
+        .name("agent-stdio-accept".into())
+        .spawn(move || {
+            loop {
+                let Ok(mut stream) = listener.accept() else {
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                    continue;
+                };
+                use zygote_agent::container::registry::{Registry, read_stdio_header};
+                match read_stdio_header(&mut stream) {
+                    Ok((id, which)) => {
+                        if let Err(e) = Registry::global().attach(&id, &which, stream) {
+                            eprintln!("zygote-agent: stdio {id} {which}: {e}");
+                        }
+                    }
+                    Err(e) => eprintln!("zygote-agent: stdio stream: {e}"),
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        eprintln!("zygote-agent: cannot start the stdio thread: {e}");
+    }
 }

@@ -5,6 +5,7 @@ use std::io::{Read, Write};
 use zygote_agent_api::frame::{read_frame, write_frame};
 use zygote_agent_api::{Code, Error, Pong, Request, Response, request, response};
 
+use crate::container::registry::{ContainerError, Registry};
 use crate::vsock::VsockListener;
 use crate::{exec, init, reconcile, selftest, sys, workload};
 
@@ -58,6 +59,32 @@ pub fn serve_connection<S: Read + Write>(mut stream: S, agent_started_ns: u64) {
         }
         if after == After::PowerOff {
             init::power_off();
+        }
+    }
+}
+
+/// A container operation's answer: its body, or an error with the matching code.
+fn container_call(
+    id: u64,
+    result: Result<response::Body, ContainerError>,
+) -> (response::Body, After) {
+    match result {
+        Ok(body) => (body, After::Continue),
+        Err(e) => {
+            let code = match e {
+                ContainerError::NotFound(_) => Code::NotFound,
+                ContainerError::InvalidId(_)
+                | ContainerError::Spec(_)
+                | ContainerError::Rootfs(_)
+                | ContainerError::Exists(_)
+                | ContainerError::State { .. } => Code::InvalidArgument,
+                ContainerError::Os { .. } => Code::Internal,
+            };
+            let Some(response::Body::Error(err)) = error_response(id, code, &e.to_string()).body
+            else {
+                unreachable!("error_response makes an error")
+            };
+            (response::Body::Error(err), After::Continue)
         }
     }
 }
@@ -142,6 +169,39 @@ pub fn handle(req: Request, agent_started_ns: u64) -> (Response, After) {
                 );
             }
         },
+        Some(request::Body::CreateContainer(c)) => container_call(
+            id,
+            Registry::global()
+                .create(&c.id, &c.spec_json, &c.rootfs)
+                .map(|()| response::Body::Empty(zygote_agent_api::Empty {})),
+        ),
+        Some(request::Body::StartContainer(c)) => container_call(
+            id,
+            Registry::global()
+                .start(&c.id)
+                .map(|pid| response::Body::Started(zygote_agent_api::Spawned { pid })),
+        ),
+        Some(request::Body::WaitProcess(c)) => container_call(
+            id,
+            Registry::global().wait(&c.id).map(|exit_code| {
+                response::Body::Exited(zygote_agent_api::ProcessExit {
+                    exit_code,
+                    exited_at_ns: reconcile::sample().realtime_ns,
+                })
+            }),
+        ),
+        Some(request::Body::SignalProcess(s)) => container_call(
+            id,
+            Registry::global()
+                .signal(&s.id, s.signal)
+                .map(|()| response::Body::Empty(zygote_agent_api::Empty {})),
+        ),
+        Some(request::Body::RemoveContainer(c)) => container_call(
+            id,
+            Registry::global()
+                .remove(&c.id)
+                .map(|()| response::Body::Empty(zygote_agent_api::Empty {})),
+        ),
         Some(request::Body::Sample(_)) => {
             (response::Body::Sample(reconcile::sample()), After::Continue)
         }

@@ -197,3 +197,77 @@ fn exit_codes_signals_and_start_failures() {
     );
     std::fs::remove_dir_all(&root).unwrap();
 }
+
+#[test]
+fn registry_runs_a_container_with_streams_over_an_overlay() {
+    use std::os::unix::net::UnixStream;
+    use zygote_agent::container::registry::{ContainerError, Registry, read_stdio_header};
+    if !is_root() {
+        return;
+    }
+    let image = busybox_rootfs("registry");
+    let state = std::env::temp_dir().join(format!("zygote-registry-{}", std::process::id()));
+    let registry = Registry::new(&state, Path::new(AGENT));
+    let json = spec(
+        &[
+            "/bin/sh",
+            "-c",
+            "read line; echo \"got $line\"; echo to-err >&2; echo written > /etc/new; exit 7",
+        ],
+        serde_json::json!({}),
+    );
+    registry
+        .create("c1", &json, image.to_str().unwrap())
+        .unwrap();
+    assert!(matches!(
+        registry.create("c1", &json, image.to_str().unwrap()),
+        Err(ContainerError::Exists(_))
+    ));
+    assert!(matches!(
+        registry.create("../x", &json, image.to_str().unwrap()),
+        Err(ContainerError::InvalidId(_))
+    ));
+    assert!(matches!(
+        registry.create("c2", &json, "relative"),
+        Err(ContainerError::Rootfs(_))
+    ));
+    assert!(matches!(
+        registry.start("nope"),
+        Err(ContainerError::NotFound(_))
+    ));
+
+    // Streams attach before start, as the host does: nothing is lost.
+    let attach = |name: &str| {
+        let (host, guest) = UnixStream::pair().unwrap();
+        let mut header = std::io::Cursor::new(format!("c1 {name}\n").into_bytes());
+        let (id, which) = read_stdio_header(&mut header).unwrap();
+        registry.attach(&id, &which, guest).unwrap();
+        host
+    };
+    let mut stdin = attach("stdin");
+    let mut stdout = attach("stdout");
+    let mut stderr = attach("stderr");
+    registry.start("c1").unwrap();
+    use std::io::Write;
+    stdin.write_all(b"hello\n").unwrap();
+    drop(stdin);
+    assert_eq!(registry.wait("c1").unwrap(), 7);
+    let mut out = String::new();
+    stdout.read_to_string(&mut out).unwrap();
+    let mut err = String::new();
+    stderr.read_to_string(&mut err).unwrap();
+    assert_eq!(out, "got hello\n");
+    assert_eq!(err, "to-err\n");
+    // The write went to the container's own layer, not the image.
+    assert!(!image.join("etc/new").exists());
+    assert!(state.join("c1/upper/etc/new").exists());
+    registry.remove("c1").unwrap();
+    assert!(!state.join("c1").exists());
+    assert!(matches!(
+        registry.wait("c1"),
+        Err(ContainerError::NotFound(_))
+    ));
+    assert!(read_stdio_header(&mut std::io::Cursor::new(b"no-newline".to_vec())).is_err());
+    std::fs::remove_dir_all(&image).unwrap();
+    let _ = std::fs::remove_dir_all(&state);
+}

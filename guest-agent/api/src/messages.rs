@@ -7,7 +7,10 @@ pub struct Request {
     #[prost(uint64, tag = "1")]
     pub id: u64,
     /// What is asked.
-    #[prost(oneof = "request::Body", tags = "2, 3, 4, 5, 6, 7, 8, 9")]
+    #[prost(
+        oneof = "request::Body",
+        tags = "2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14"
+    )]
     pub body: Option<request::Body>,
 }
 
@@ -40,6 +43,21 @@ pub mod request {
         /// Step CLOCK_REALTIME by an offset the host measured; answered with a sample.
         #[prost(message, tag = "9")]
         StepClock(super::StepClock),
+        /// Prepare a container (its root and process) without starting it.
+        #[prost(message, tag = "10")]
+        CreateContainer(super::CreateContainer),
+        /// Start a created container's process.
+        #[prost(message, tag = "11")]
+        StartContainer(super::ContainerRef),
+        /// Wait until a container's process exited and its output was drained.
+        #[prost(message, tag = "12")]
+        WaitProcess(super::ContainerRef),
+        /// Send a container's process a signal.
+        #[prost(message, tag = "13")]
+        SignalProcess(super::SignalProcess),
+        /// Stop (if needed) and remove a container and its writable layer.
+        #[prost(message, tag = "14")]
+        RemoveContainer(super::ContainerRef),
     }
 }
 
@@ -50,7 +68,7 @@ pub struct Response {
     #[prost(uint64, tag = "1")]
     pub id: u64,
     /// The answer.
-    #[prost(oneof = "response::Body", tags = "2, 3, 4, 5, 6, 7, 8, 15")]
+    #[prost(oneof = "response::Body", tags = "2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 15")]
     pub body: Option<response::Body>,
 }
 
@@ -80,6 +98,15 @@ pub mod response {
         /// Answer to a sample request.
         #[prost(message, tag = "8")]
         Sample(super::SampleResult),
+        /// A container's process started.
+        #[prost(message, tag = "9")]
+        Started(super::Spawned),
+        /// A container's process exited.
+        #[prost(message, tag = "10")]
+        Exited(super::ProcessExit),
+        /// Done, nothing to report.
+        #[prost(message, tag = "11")]
+        Empty(super::Empty),
         /// The request failed.
         #[prost(message, tag = "15")]
         Error(super::Error),
@@ -469,4 +496,54 @@ pub struct StepClock {
     /// Nanoseconds to add (negative: back).
     #[prost(int64, tag = "1")]
     pub delta_ns: i64,
+}
+
+/// The vsock port where the host attaches a container process's stdio: it
+/// connects, sends one line `<container id> <stream>\n` (`stdin`, `stdout` or
+/// `stderr`), then the stream's bytes flow on that connection alone.
+pub const STDIO_PORT: u32 = 1025;
+
+/// Prepare a container.
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct CreateContainer {
+    /// Container id: 1-64 of `[A-Za-z0-9_.-]`.
+    #[prost(string, tag = "1")]
+    pub id: String,
+    /// The OCI runtime spec (`config.json`).
+    #[prost(bytes = "vec", tag = "2")]
+    pub spec_json: Vec<u8>,
+    /// The image's root file system in the guest (read-only; the container gets
+    /// an overlay with a writable layer on tmpfs over it).
+    #[prost(string, tag = "3")]
+    pub rootfs: String,
+}
+
+/// A container (and its main process).
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct ContainerRef {
+    /// Container id.
+    #[prost(string, tag = "1")]
+    pub id: String,
+}
+
+/// Send a signal.
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct SignalProcess {
+    /// Container id.
+    #[prost(string, tag = "1")]
+    pub id: String,
+    /// Signal number.
+    #[prost(int32, tag = "2")]
+    pub signal: i32,
+}
+
+/// How a process ended.
+#[derive(Clone, Copy, PartialEq, Eq, prost::Message)]
+pub struct ProcessExit {
+    /// Exit code, or 128 + N when killed by signal N.
+    #[prost(int32, tag = "1")]
+    pub exit_code: i32,
+    /// When (guest CLOCK_REALTIME, ns).
+    #[prost(uint64, tag = "2")]
+    pub exited_at_ns: u64,
 }

@@ -6,6 +6,7 @@
 //!   enters the namespaces, sets up the root and execs the process.
 
 pub mod init;
+pub mod registry;
 pub mod spec;
 
 use std::path::Path;
