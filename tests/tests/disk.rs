@@ -103,3 +103,128 @@ fn an_image_mounted_in_the_template_is_read_in_forks() {
     assert!(own_run_dirs().is_empty());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_container_runs_from_its_image_in_a_fork() {
+    use std::io::Read;
+    use zygote_agent_api::{ContainerRef, CreateContainer, attach_stdio};
+    if !guest_available() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("zygote-ctr-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    // A busybox image: the rootfs a locally built OCI image would unpack to.
+    let rootfs = dir.join("rootfs");
+    for d in ["bin", "proc", "dev", "tmp", "etc", "home/app"] {
+        std::fs::create_dir_all(rootfs.join(d)).unwrap();
+    }
+    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).unwrap();
+    for applet in ["sh", "echo", "id", "pwd", "cat", "uname"] {
+        std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
+    }
+    let image = dir.join("image.erofs");
+    assert!(
+        Command::new("mkfs.erofs")
+            .arg("--quiet")
+            .arg(&image)
+            .arg(&rootfs)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let store = TemplateStore::new(dir.join("templates"));
+    let spec = BuildSpec {
+        name: TemplateName::new("ctr").unwrap(),
+        sandbox: SandboxConfig {
+            initramfs: busybox_initramfs(),
+            disks: vec![image.clone()],
+            ..Default::default()
+        },
+        spawn: vec![],
+        warm: vec![vec![
+            "/bin/busybox".into(),
+            "sh".into(),
+            "-c".into(),
+            "mkdir -p /mnt/image && mount -t erofs -o ro /dev/vda /mnt/image".into(),
+        ]],
+        settle: Duration::from_secs(1),
+        force: true,
+    };
+    let _vm = vm_lock();
+    let report = build(&store, &spec).expect("template with the image");
+    let template = Template::open(&report.dir).unwrap();
+    let fork = Sandbox::fork(&template, Duration::from_secs(120)).expect("fork");
+
+    let config = serde_json::json!({
+        "ociVersion": "1.0.2",
+        "root": {"path": "rootfs"},
+        "process": {
+            "args": ["/bin/sh", "-c", "echo \"$GREETING\"; pwd; id -u; uname -r; echo oops >&2; exit 3"],
+            "cwd": "/home/app", "env": ["GREETING=hello from the image", "PATH=/bin"],
+            "user": {"uid": 1000, "gid": 1000}
+        },
+        "hostname": "ctr",
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid"]}
+        ]
+    });
+    let mut client = fork.client().unwrap();
+    client.set_timeout(Duration::from_secs(120)).unwrap();
+    let id = "c1".to_string();
+    let created = client
+        .call(request::Body::CreateContainer(CreateContainer {
+            id: id.clone(),
+            spec_json: serde_json::to_vec(&config).unwrap(),
+            rootfs: "/mnt/image".into(),
+        }))
+        .unwrap();
+    assert!(matches!(created, response::Body::Empty(_)), "{created:?}");
+    let mut out = attach_stdio(fork.vsock_path(), &id, "stdout", Duration::from_secs(30)).unwrap();
+    let mut err = attach_stdio(fork.vsock_path(), &id, "stderr", Duration::from_secs(30)).unwrap();
+    let started = client
+        .call(request::Body::StartContainer(ContainerRef {
+            id: id.clone(),
+        }))
+        .unwrap();
+    assert!(matches!(started, response::Body::Started(_)), "{started:?}");
+    let exited = client
+        .call(request::Body::WaitProcess(ContainerRef { id: id.clone() }))
+        .unwrap();
+    let response::Body::Exited(exit) = exited else {
+        panic!("{exited:?}")
+    };
+    let (mut stdout, mut stderr) = (String::new(), String::new());
+    out.read_to_string(&mut stdout).unwrap();
+    err.read_to_string(&mut stderr).unwrap();
+    assert_eq!(exit.exit_code, 3, "stdout: {stdout}\nstderr: {stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        &lines[..3],
+        ["hello from the image", "/home/app", "1000"],
+        "{stdout}"
+    );
+    assert_eq!(
+        lines[3], fork.pong.kernel_release,
+        "the guest's kernel, not the host's"
+    );
+    assert_eq!(stderr, "oops\n");
+    // Unknown ids and bad specs are errors; the agent keeps serving.
+    let gone = client.call(request::Body::StartContainer(ContainerRef {
+        id: "nope".into(),
+    }));
+    assert!(format!("{gone:?}").contains("not found"), "{gone:?}");
+    let bad = client.call(request::Body::CreateContainer(CreateContainer {
+        id: "c2".into(),
+        spec_json: b"{\"process\": 1}".to_vec(),
+        rootfs: "/mnt/image".into(),
+    }));
+    assert!(format!("{bad:?}").contains("invalid OCI spec"), "{bad:?}");
+    let removed = client
+        .call(request::Body::RemoveContainer(ContainerRef { id }))
+        .unwrap();
+    assert!(matches!(removed, response::Body::Empty(_)));
+    assert!(client.ping().is_ok());
+    drop(fork);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

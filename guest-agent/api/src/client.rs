@@ -79,6 +79,21 @@ pub fn connect_vsock(uds: &Path, port: u32, timeout: Duration) -> Result<UnixStr
     }
 }
 
+/// Opens container `id`'s `stream` (`stdin`, `stdout` or `stderr`) as its own
+/// vsock connection (see [`crate::STDIO_PORT`]).
+pub fn attach_stdio(
+    uds: &Path,
+    id: &str,
+    stream: &str,
+    timeout: Duration,
+) -> Result<UnixStream, ClientError> {
+    let conn = connect_vsock(uds, crate::STDIO_PORT, timeout)?;
+    (&conn).write_all(format!("{id} {stream}\n").as_bytes())?;
+    conn.set_read_timeout(None)?;
+    conn.set_write_timeout(None)?;
+    Ok(conn)
+}
+
 impl AgentClient {
     /// Connects once; fails if the agent is not listening yet.
     pub fn connect(uds: &Path, timeout: Duration) -> Result<Self, ClientError> {

@@ -12,7 +12,7 @@ pub mod client;
 pub mod frame;
 pub mod messages;
 
-pub use client::{AgentClient, ClientError};
+pub use client::{AgentClient, ClientError, attach_stdio};
 pub use messages::*;
 
 /// The vsock port the agent listens on.

@@ -165,10 +165,20 @@ fn setup_and_exec(c: &LaunchConfig) -> String {
         let rc = unsafe {
             libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) as libc::c_int
         };
-        check(rc, "pivot_root")?;
-        // SAFETY: a valid path string.
-        let rc = unsafe { libc::umount2(c".".as_ptr(), libc::MNT_DETACH) };
-        check(rc, "detach old root")?;
+        if rc == 0 {
+            // SAFETY: a valid path string.
+            let rc = unsafe { libc::umount2(c".".as_ptr(), libc::MNT_DETACH) };
+            check(rc, "detach old root")?;
+        } else if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
+            // The guest's own root is the initramfs, which cannot be pivoted away
+            // from: move the container's root over it and chroot (runc's
+            // no-pivot mode). The initramfs stays below, unreachable by path.
+            mount(".", Path::new("/"), "", libc::MS_MOVE, "")?;
+            // SAFETY: a valid path string.
+            check(unsafe { libc::chroot(c".".as_ptr()) }, "chroot")?;
+        } else {
+            check(rc, "pivot_root")?;
+        }
         // SAFETY: a valid path string.
         check(unsafe { libc::chdir(c"/".as_ptr()) }, "chdir /")?;
         if c.readonly_root {
