@@ -7,30 +7,9 @@ use std::time::Duration;
 
 use zygote::sandbox::{Sandbox, SandboxConfig};
 use zygote::template::{BuildSpec, build};
-use zygote_agent_api::{Exec, ExecResult, request, response};
-use zygote_tests::{busybox_initramfs, guest_available, own_run_dirs, vm_lock};
+use zygote_agent_api::{request, response};
+use zygote_tests::{busybox_initramfs, guest_available, guest_sh, own_run_dirs, vm_lock};
 use zygote_vmm::snapshot::{Template, TemplateName, TemplateStore};
-
-fn sh(sandbox: &Sandbox, script: &str) -> ExecResult {
-    let mut c = sandbox.client().unwrap();
-    c.set_timeout(Duration::from_secs(120)).unwrap();
-    let body = c
-        .call(request::Body::Exec(Exec {
-            argv: vec![
-                "/bin/busybox".into(),
-                "sh".into(),
-                "-c".into(),
-                script.into(),
-            ],
-            env: vec![],
-            timeout_ms: 100_000,
-        }))
-        .unwrap();
-    match body {
-        response::Body::Exec(r) => r,
-        other => panic!("{other:?}"),
-    }
-}
 
 #[test]
 fn an_image_mounted_in_the_template_is_read_in_forks() {
@@ -76,12 +55,12 @@ fn an_image_mounted_in_the_template_is_read_in_forks() {
     let template = Template::open(&report.dir).unwrap();
 
     let fork = Sandbox::fork(&template, Duration::from_secs(120)).expect("fork");
-    let r = sh(&fork, "cat /mnt/image/etc/hello.txt");
+    let r = guest_sh(&fork, "cat /mnt/image/etc/hello.txt");
     assert_eq!(r.exit_code, 0, "{}", String::from_utf8_lossy(&r.stderr));
     assert_eq!(String::from_utf8_lossy(&r.stdout), "hello from the image\n");
-    let w = sh(&fork, "echo x > /mnt/image/etc/new");
+    let w = guest_sh(&fork, "echo x > /mnt/image/etc/new");
     assert_ne!(w.exit_code, 0, "the image is read-only");
-    let dd = sh(&fork, "dd if=/dev/zero of=/dev/vda bs=512 count=1 2>&1");
+    let dd = guest_sh(&fork, "dd if=/dev/zero of=/dev/vda bs=512 count=1 2>&1");
     assert_ne!(
         dd.exit_code,
         0,

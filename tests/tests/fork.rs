@@ -10,9 +10,8 @@ use std::time::Duration;
 
 use zygote::sandbox::Sandbox;
 use zygote::template::read_meta;
-use zygote_agent_api::{Exec, ExecResult, request, response};
 use zygote_tests::{
-    TEMPLATE_MARKER, Tmpfs, guest_available, own_run_dirs, test_template, vm_lock,
+    TEMPLATE_MARKER, Tmpfs, guest_available, guest_stdout, own_run_dirs, test_template, vm_lock,
     vmm_thread_count, zygote_bin,
 };
 use zygote_vmm::snapshot::state_file::{read_state, write_state};
@@ -24,39 +23,6 @@ const AGENT_TIMEOUT: Duration = Duration::from_secs(120);
 fn template() -> Template {
     let (store, name) = test_template();
     Template::open(&store.dir(name)).expect("the test template opens")
-}
-
-/// Runs a busybox shell script in the guest through the agent.
-fn sh(sandbox: &Sandbox, script: &str) -> ExecResult {
-    let mut client = sandbox.client().expect("agent connection");
-    client.set_timeout(Duration::from_secs(120)).unwrap();
-    let body = client
-        .call(request::Body::Exec(Exec {
-            argv: vec![
-                "/bin/busybox".into(),
-                "sh".into(),
-                "-c".into(),
-                script.into(),
-            ],
-            env: vec![],
-            timeout_ms: 100_000,
-        }))
-        .expect("Exec call");
-    match body {
-        response::Body::Exec(r) => r,
-        other => panic!("unexpected answer {other:?}"),
-    }
-}
-
-fn stdout_of(sandbox: &Sandbox, script: &str) -> String {
-    let r = sh(sandbox, script);
-    assert_eq!(
-        r.exit_code,
-        0,
-        "{script}: {}",
-        String::from_utf8_lossy(&r.stderr)
-    );
-    String::from_utf8_lossy(&r.stdout).trim().to_string()
 }
 
 /// Copies a template directory (sparse) into `store` under `name`.
@@ -107,7 +73,7 @@ fn a_fork_runs_from_where_the_template_stopped() {
         timeline.ready_ms, timeline.host_ms
     );
     // The template's files (in the guest's tmpfs: its memory) are there.
-    assert_eq!(stdout_of(&fork, "cat /tmp/marker"), TEMPLATE_MARKER);
+    assert_eq!(guest_stdout(&fork, "cat /tmp/marker"), TEMPLATE_MARKER);
     // And the agent keeps serving new connections after the reset.
     for _ in 0..3 {
         let mut c = fork.client().unwrap();
@@ -130,20 +96,20 @@ fn forks_are_isolated_and_the_template_file_never_changes() {
     let a = Sandbox::fork(&t, AGENT_TIMEOUT).expect("fork a");
     let b = Sandbox::fork(&t, AGENT_TIMEOUT).expect("fork b");
     assert_eq!(
-        stdout_of(&a, "echo fork-a > /tmp/marker; cat /tmp/marker"),
+        guest_stdout(&a, "echo fork-a > /tmp/marker; cat /tmp/marker"),
         "fork-a"
     );
     assert_eq!(
-        stdout_of(&b, "cat /tmp/marker"),
+        guest_stdout(&b, "cat /tmp/marker"),
         TEMPLATE_MARKER,
         "B does not see A's write"
     );
     assert_eq!(
-        stdout_of(&b, "echo fork-b > /tmp/marker; cat /tmp/marker"),
+        guest_stdout(&b, "echo fork-b > /tmp/marker; cat /tmp/marker"),
         "fork-b"
     );
     assert_eq!(
-        stdout_of(&a, "cat /tmp/marker"),
+        guest_stdout(&a, "cat /tmp/marker"),
         "fork-a",
         "A does not see B's write"
     );
@@ -152,7 +118,7 @@ fn forks_are_isolated_and_the_template_file_never_changes() {
         let f = Sandbox::fork(&t, AGENT_TIMEOUT).expect("fork");
         let script = format!("cat /tmp/marker; echo fork-{i} > /tmp/marker; cat /tmp/marker");
         assert_eq!(
-            stdout_of(&f, &script),
+            guest_stdout(&f, &script),
             format!("{TEMPLATE_MARKER}\nfork-{i}")
         );
     }
@@ -378,7 +344,7 @@ fn a_removed_template_keeps_its_forks_running() {
     assert!(!mine.dir(&TemplateName::new("doomed").unwrap()).exists());
     // The running fork still reads pages it never touched: its mapping holds the file.
     assert_eq!(
-        stdout_of(&fork, "cat /tmp/marker; ls /bin | wc -l > /dev/null"),
+        guest_stdout(&fork, "cat /tmp/marker; ls /bin | wc -l > /dev/null"),
         TEMPLATE_MARKER
     );
     assert_eq!(
@@ -439,7 +405,7 @@ fn a_full_disk_while_writing_a_template_leaves_the_old_one_usable() {
     old_t.verify().expect("old template intact");
     assert!(read_meta(old_t.dir()).is_ok() && old_t.dir().join(META_FILE).exists());
     let again = Sandbox::fork(&old_t, AGENT_TIMEOUT).expect("fork of the old template");
-    assert_eq!(stdout_of(&again, "cat /tmp/marker"), TEMPLATE_MARKER);
+    assert_eq!(guest_stdout(&again, "cat /tmp/marker"), TEMPLATE_MARKER);
     drop(again);
     drop(old_t);
     assert!(own_run_dirs().is_empty());
@@ -502,7 +468,7 @@ fn a_two_vcpu_template_built_by_the_cli_forks_with_both_cpus_running() {
     assert_eq!(t.state().vcpus.len(), 2);
     let fork = Sandbox::fork(&t, AGENT_TIMEOUT).expect("fork");
     let ticks = |f: &Sandbox| -> Vec<u64> {
-        stdout_of(f, "grep -E '^cpu[01] ' /proc/stat")
+        guest_stdout(f, "grep -E '^cpu[01] ' /proc/stat")
             .lines()
             .map(|l| {
                 l.split_whitespace()
@@ -512,7 +478,7 @@ fn a_two_vcpu_template_built_by_the_cli_forks_with_both_cpus_running() {
             })
             .collect()
     };
-    assert_eq!(stdout_of(&fork, "grep -c ^processor /proc/cpuinfo"), "2");
+    assert_eq!(guest_stdout(&fork, "grep -c ^processor /proc/cpuinfo"), "2");
     let before = ticks(&fork);
     std::thread::sleep(Duration::from_secs(2));
     let after = ticks(&fork);
