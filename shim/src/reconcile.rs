@@ -62,21 +62,7 @@ fn realtime_ns() -> u64 {
 
 /// Fills `buf` from the host's CSPRNG.
 pub fn host_random(buf: &mut [u8]) -> std::io::Result<()> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        // SAFETY: the pointer and length describe the unfilled part of `buf`.
-        let n =
-            unsafe { libc::getrandom(buf[filled..].as_mut_ptr().cast(), buf.len() - filled, 0) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() != std::io::ErrorKind::Interrupted {
-                return Err(e);
-            }
-        } else {
-            filled += n as usize;
-        }
-    }
-    Ok(())
+    zygote_vmm::devices::virtio::rng::getrandom(buf)
 }
 
 /// The guest clock's offset that is corrected after the reconcile's step.

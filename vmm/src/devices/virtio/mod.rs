@@ -88,6 +88,38 @@ pub trait VirtioDevice: Send + std::fmt::Debug {
     fn state(&self) -> DeviceState;
 }
 
+/// Reads `data.len()` bytes of a configuration space `config` at `offset`;
+/// bytes past its end read as zero.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    if let Some(src) = usize::try_from(offset).ok().and_then(|o| config.get(o..)) {
+        let n = src.len().min(data.len());
+        data[..n].copy_from_slice(&src[..n]);
+    }
+}
+
+impl ActivateArgs {
+    /// The parts of a one-queue device's activation: memory, its queue, the
+    /// queue's eventfd and the interrupt.
+    pub fn single_queue(
+        self,
+    ) -> Result<(GuestMemoryMmap, Queue, EventFd, Arc<Interrupt>), ActivateError> {
+        let ActivateArgs {
+            mem,
+            mut queues,
+            mut queue_evts,
+            interrupt,
+        } = self;
+        if queues.len() != 1 || queue_evts.len() != 1 {
+            return Err(ActivateError::QueueCount {
+                expected: 1,
+                got: queues.len(),
+            });
+        }
+        Ok((mem, queues.remove(0), queue_evts.remove(0), interrupt))
+    }
+}
+
 /// A device's interrupt: the status register the driver reads and an irqfd.
 #[derive(Debug)]
 pub struct Interrupt {

@@ -224,30 +224,13 @@ impl VirtioDevice for Block {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // Configuration space: le64 capacity (sectors); nothing else is offered.
-        let config = self.capacity.to_le_bytes();
-        data.fill(0);
-        if let Some(src) = config.get(offset as usize..) {
-            let n = src.len().min(data.len());
-            data[..n].copy_from_slice(&src[..n]);
-        }
+        crate::devices::virtio::read_config_bytes(&self.capacity.to_le_bytes(), offset, data);
     }
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
 
     fn activate(&mut self, args: ActivateArgs) -> Result<(), ActivateError> {
-        let ActivateArgs {
-            mem,
-            mut queues,
-            mut queue_evts,
-            interrupt,
-        } = args;
-        if queues.len() != 1 || queue_evts.len() != 1 {
-            return Err(ActivateError::QueueCount {
-                expected: 1,
-                got: queues.len(),
-            });
-        }
-        let (queue, evt) = (queues.remove(0), queue_evts.remove(0));
+        let (mem, queue, evt, interrupt) = args.single_queue()?;
         let file = self.file.try_clone().map_err(ActivateError::Worker)?;
         let capacity = self.capacity;
         let worker = Worker::spawn("zygote-block", move |kill| {

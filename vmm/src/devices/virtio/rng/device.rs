@@ -51,7 +51,8 @@ pub(super) fn fill_requests(mem: &GuestMemoryMmap, queue: &mut Queue) -> bool {
     used
 }
 
-fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
+/// Fills `buf` from the host's CSPRNG (`getrandom(2)`, retried on EINTR).
+pub fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
     let mut filled = 0;
     while filled < buf.len() {
         // SAFETY: the pointer and length describe the unfilled part of `buf`.
@@ -93,20 +94,7 @@ impl VirtioDevice for Rng {
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
 
     fn activate(&mut self, args: ActivateArgs) -> Result<(), ActivateError> {
-        let ActivateArgs {
-            mem,
-            mut queues,
-            mut queue_evts,
-            interrupt,
-        } = args;
-        if queues.len() != 1 || queue_evts.len() != 1 {
-            return Err(ActivateError::QueueCount {
-                expected: 1,
-                got: queues.len(),
-            });
-        }
-        let queue = queues.remove(0);
-        let evt = queue_evts.remove(0);
+        let (mem, queue, evt, interrupt) = args.single_queue()?;
         let worker = Worker::spawn("zygote-rng", move |kill| {
             crate::devices::virtio::single_queue_loop("rng", queue, evt, kill, |q| {
                 serve(&mem, q, &interrupt)

@@ -3,7 +3,7 @@
 mod device;
 mod persist;
 
-pub use device::Rng;
+pub use device::{Rng, getrandom};
 pub use persist::RngState;
 
 /// virtio device id of an entropy source.

@@ -98,12 +98,7 @@ impl VirtioDevice for Vsock {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // Configuration space: le64 guest_cid.
-        let config = self.cid.to_le_bytes();
-        data.fill(0);
-        if let Some(src) = config.get(offset as usize..) {
-            let n = src.len().min(data.len());
-            data[..n].copy_from_slice(&src[..n]);
-        }
+        crate::devices::virtio::read_config_bytes(&self.cid.to_le_bytes(), offset, data);
     }
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
