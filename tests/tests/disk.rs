@@ -98,7 +98,7 @@ fn a_container_runs_from_its_image_in_a_fork() {
         std::fs::create_dir_all(rootfs.join(d)).unwrap();
     }
     std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).unwrap();
-    for applet in ["sh", "echo", "id", "pwd", "cat", "uname"] {
+    for applet in ["sh", "echo", "id", "pwd", "cat", "uname", "dd"] {
         std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
     }
     let image = dir.join("image.erofs");

@@ -187,6 +187,7 @@ pub fn handle(req: Request, agent_started_ns: u64) -> (Response, After) {
                 response::Body::Exited(zygote_agent_api::ProcessExit {
                     exit_code,
                     exited_at_ns: reconcile::sample().realtime_ns,
+                    oom_killed: Registry::global().oom_killed(&c.id),
                 })
             }),
         ),
@@ -195,6 +196,10 @@ pub fn handle(req: Request, agent_started_ns: u64) -> (Response, After) {
             Registry::global()
                 .signal(&s.id, s.signal)
                 .map(|()| response::Body::Empty(zygote_agent_api::Empty {})),
+        ),
+        Some(request::Body::Stats(c)) => container_call(
+            id,
+            Registry::global().stats(&c.id).map(response::Body::Stats),
         ),
         Some(request::Body::RemoveContainer(c)) => container_call(
             id,

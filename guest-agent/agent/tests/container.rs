@@ -207,7 +207,7 @@ fn registry_runs_a_container_with_streams_over_an_overlay() {
     }
     let image = busybox_rootfs("registry");
     let state = std::env::temp_dir().join(format!("zygote-registry-{}", std::process::id()));
-    let registry = Registry::new(&state, Path::new(AGENT));
+    let registry = Registry::new(&state, Path::new(AGENT), None);
     let json = spec(
         &[
             "/bin/sh",

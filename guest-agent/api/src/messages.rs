@@ -58,6 +58,9 @@ pub mod request {
         /// Stop (if needed) and remove a container and its writable layer.
         #[prost(message, tag = "14")]
         RemoveContainer(super::ContainerRef),
+        /// A container's cgroup counters.
+        #[prost(message, tag = "15")]
+        Stats(super::ContainerRef),
     }
 }
 
@@ -68,7 +71,10 @@ pub struct Response {
     #[prost(uint64, tag = "1")]
     pub id: u64,
     /// The answer.
-    #[prost(oneof = "response::Body", tags = "2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 15")]
+    #[prost(
+        oneof = "response::Body",
+        tags = "2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 15"
+    )]
     pub body: Option<response::Body>,
 }
 
@@ -107,6 +113,9 @@ pub mod response {
         /// Done, nothing to report.
         #[prost(message, tag = "11")]
         Empty(super::Empty),
+        /// A container's counters.
+        #[prost(message, tag = "12")]
+        Stats(super::ContainerStats),
         /// The request failed.
         #[prost(message, tag = "15")]
         Error(super::Error),
@@ -546,4 +555,27 @@ pub struct ProcessExit {
     /// When (guest CLOCK_REALTIME, ns).
     #[prost(uint64, tag = "2")]
     pub exited_at_ns: u64,
+    /// The container's cgroup saw an OOM kill.
+    #[prost(bool, tag = "3")]
+    pub oom_killed: bool,
+}
+
+/// A container's cgroup v2 counters.
+#[derive(Clone, Copy, PartialEq, Eq, prost::Message)]
+pub struct ContainerStats {
+    /// CPU time, µs (`cpu.stat usage_usec`).
+    #[prost(uint64, tag = "1")]
+    pub cpu_usage_usec: u64,
+    /// Memory in use, bytes (`memory.current`).
+    #[prost(uint64, tag = "2")]
+    pub memory_current: u64,
+    /// Memory limit, bytes (`memory.max`; u64::MAX when unlimited).
+    #[prost(uint64, tag = "3")]
+    pub memory_max: u64,
+    /// Processes (`pids.current`).
+    #[prost(uint64, tag = "4")]
+    pub pids_current: u64,
+    /// OOM kills so far (`memory.events oom_kill`).
+    #[prost(uint64, tag = "5")]
+    pub oom_kills: u64,
 }

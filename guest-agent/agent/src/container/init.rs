@@ -266,6 +266,13 @@ pub fn main(config_json: &str) -> ExitCode {
             return ExitCode::from(EXIT_SETUP_FAILED);
         }
     };
+    // Into the container's cgroup first: everything forked from here is limited.
+    if let Some(cgroup) = &config.cgroup {
+        if let Err(e) = std::fs::write(cgroup.join("cgroup.procs"), "0") {
+            eprintln!("zygote container-init: join {}: {e}", cgroup.display());
+            return ExitCode::from(EXIT_SETUP_FAILED);
+        }
+    }
     let flags = libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC | libc::CLONE_NEWPID;
     // SAFETY: unshare with namespace flags; this process is single-threaded.
     if unsafe { libc::unshare(flags) } != 0 {

@@ -5,6 +5,7 @@
 //! - `init.rs`: the container's init (`zygote-agent container-init`), which
 //!   enters the namespaces, sets up the root and execs the process.
 
+pub mod cgroup;
 pub mod init;
 pub mod registry;
 pub mod spec;

@@ -87,6 +87,7 @@ struct Pipes {
 struct Container {
     config: LaunchConfig,
     dir: PathBuf,
+    cgroup: Option<PathBuf>,
     state: Mutex<State>,
     exited: Condvar,
     pipes: Mutex<Pipes>,
@@ -99,6 +100,7 @@ pub struct Registry {
     containers: Mutex<HashMap<String, Arc<Container>>>,
     state_dir: PathBuf,
     agent_exe: PathBuf,
+    cgroup_root: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -180,18 +182,26 @@ fn unmount_and_remove(dir: &Path) {
 
 impl Registry {
     /// A registry keeping state under `state_dir`, with `agent_exe` as the containers' init.
-    pub fn new(state_dir: &Path, agent_exe: &Path) -> Self {
+    /// Containers get a cgroup each when `cgroup_root` is a cgroup2 hierarchy.
+    pub fn new(state_dir: &Path, agent_exe: &Path, cgroup_root: Option<&Path>) -> Self {
         Registry {
             containers: Mutex::default(),
             state_dir: state_dir.into(),
             agent_exe: agent_exe.into(),
+            cgroup_root: cgroup_root.and_then(super::cgroup::v2_root),
         }
     }
 
     /// The agent's registry (PID 1: state in the guest's /run).
     pub fn global() -> &'static Registry {
         static R: OnceLock<Registry> = OnceLock::new();
-        R.get_or_init(|| Registry::new(Path::new(STATE_DIR), Path::new("/proc/self/exe")))
+        R.get_or_init(|| {
+            Registry::new(
+                Path::new(STATE_DIR),
+                Path::new("/proc/self/exe"),
+                Some(Path::new("/sys/fs/cgroup")),
+            )
+        })
     }
 
     fn get(&self, id: &str) -> Result<Arc<Container>, ContainerError> {
@@ -220,13 +230,21 @@ impl Registry {
         if containers.contains_key(id) {
             return Err(ContainerError::Exists(id.into()));
         }
+        let mut cgroup_dir = None;
         let result = (|| {
             let merged = mount_overlay(lower, &dir)?;
-            let config = launch_config(spec_json, &merged)?;
+            let mut config = launch_config(spec_json, &merged)?;
+            if let Some(root) = &self.cgroup_root {
+                let cg = super::cgroup::create(root, id, &config.resources)
+                    .map_err(os(format!("create the cgroup of {id}")))?;
+                cgroup_dir = Some(cg.clone());
+                config.cgroup = Some(cg);
+            }
             let (in_r, in_w) = pipe()?;
             let (out_r, out_w) = pipe()?;
             let (err_r, err_w) = pipe()?;
             Ok(Container {
+                cgroup: config.cgroup.clone(),
                 config,
                 dir: dir.clone(),
                 state: Mutex::new(State::Created),
@@ -246,6 +264,9 @@ impl Registry {
                 Ok(())
             }
             Err(e) => {
+                if let Some(cg) = &cgroup_dir {
+                    super::cgroup::remove(cg);
+                }
                 unmount_and_remove(&dir);
                 Err(e)
             }
@@ -381,7 +402,31 @@ impl Registry {
         }
         self.containers.lock().expect("registry lock").remove(id);
         unmount_and_remove(&c.dir);
+        if let Some(cg) = &c.cgroup {
+            super::cgroup::remove(cg);
+        }
         Ok(())
+    }
+
+    /// The container's cgroup counters (zeros without a cgroup).
+    pub fn stats(&self, id: &str) -> Result<zygote_agent_api::ContainerStats, ContainerError> {
+        use super::cgroup::{keyed, single};
+        let c = self.get(id)?;
+        let Some(cg) = &c.cgroup else {
+            return Ok(Default::default());
+        };
+        Ok(zygote_agent_api::ContainerStats {
+            cpu_usage_usec: keyed(cg, "cpu.stat", "usage_usec"),
+            memory_current: single(cg, "memory.current"),
+            memory_max: single(cg, "memory.max"),
+            pids_current: single(cg, "pids.current"),
+            oom_kills: keyed(cg, "memory.events", "oom_kill"),
+        })
+    }
+
+    /// Whether the container's cgroup saw an OOM kill.
+    pub fn oom_killed(&self, id: &str) -> bool {
+        self.stats(id).is_ok_and(|s| s.oom_kills > 0)
     }
 }
 

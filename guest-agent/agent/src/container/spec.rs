@@ -48,6 +48,21 @@ pub struct MountSpec {
     pub options: Vec<String>,
 }
 
+/// Resource limits from `linux.resources`, applied to the container's cgroup.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resources {
+    /// `memory.max`, bytes.
+    pub memory_max: Option<i64>,
+    /// `pids.max`.
+    pub pids_max: Option<i64>,
+    /// `cpu.max` quota and period, µs.
+    pub cpu_quota: Option<i64>,
+    /// CPU period, µs.
+    pub cpu_period: Option<u64>,
+    /// CPU shares (cgroup v1 units, converted to `cpu.weight`).
+    pub cpu_shares: Option<u64>,
+}
+
 /// Everything the container's init does, resolved.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LaunchConfig {
@@ -77,6 +92,10 @@ pub struct LaunchConfig {
     pub mounts: Vec<MountSpec>,
     /// A terminal was asked for.
     pub terminal: bool,
+    /// Limits for the container's cgroup.
+    pub resources: Resources,
+    /// The cgroup the init joins before anything else (set by the agent).
+    pub cgroup: Option<PathBuf>,
 }
 
 /// Whether `p` is absolute and has no `..`.
@@ -195,6 +214,19 @@ pub fn launch_config(json: &[u8], rootfs: &Path) -> Result<LaunchConfig, SpecErr
         hostname: spec.hostname().clone(),
         mounts,
         terminal: process.terminal().unwrap_or(false),
+        resources: spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.resources().as_ref())
+            .map(|r| Resources {
+                memory_max: r.memory().as_ref().and_then(|m| m.limit()),
+                pids_max: r.pids().as_ref().map(|p| p.limit()),
+                cpu_quota: r.cpu().as_ref().and_then(|c| c.quota()),
+                cpu_period: r.cpu().as_ref().and_then(|c| c.period()),
+                cpu_shares: r.cpu().as_ref().and_then(|c| c.shares()),
+            })
+            .unwrap_or_default(),
+        cgroup: None,
     })
 }
 

@@ -1,0 +1,125 @@
+//! One cgroup (v2) per container: its limits, its counters, its OOM kills.
+
+use std::path::{Path, PathBuf};
+
+use super::spec::Resources;
+
+/// Where container cgroups go below the cgroup2 root.
+const PARENT: &str = "containers";
+const CONTROLLERS: &str = "+memory +pids +cpu";
+
+/// A cgroup2 hierarchy's root if `root` is one (it has `cgroup.controllers`).
+pub fn v2_root(root: &Path) -> Option<PathBuf> {
+    root.join("cgroup.controllers")
+        .exists()
+        .then(|| root.into())
+}
+
+/// Creates the container's cgroup with `resources`; returns its path.
+pub fn create(root: &Path, id: &str, resources: &Resources) -> std::io::Result<PathBuf> {
+    let parent = root.join(PARENT);
+    std::fs::create_dir_all(&parent)?;
+    // Controllers must be enabled at each level down to the container's.
+    std::fs::write(root.join("cgroup.subtree_control"), CONTROLLERS)?;
+    std::fs::write(parent.join("cgroup.subtree_control"), CONTROLLERS)?;
+    let dir = parent.join(id);
+    std::fs::create_dir(&dir)?;
+    let set = |file: &str, value: String| std::fs::write(dir.join(file), value);
+    let result = (|| {
+        if let Some(m) = resources.memory_max.filter(|&m| m > 0) {
+            set("memory.max", m.to_string())?;
+            // No swap in the guest; be explicit for hosts that have it.
+            let _ = set("memory.swap.max", "0".into());
+        }
+        if let Some(p) = resources.pids_max.filter(|&p| p > 0) {
+            set("pids.max", p.to_string())?;
+        }
+        if let Some(q) = resources.cpu_quota.filter(|&q| q > 0) {
+            let period = resources.cpu_period.unwrap_or(100_000);
+            set("cpu.max", format!("{q} {period}"))?;
+        }
+        if let Some(shares) = resources.cpu_shares.filter(|&s| s > 0) {
+            // runc's conversion of v1 shares (2..262144) to v2 weight (1..10000).
+            let weight = 1 + ((shares.clamp(2, 262_144) - 2) * 9999) / 262_142;
+            set("cpu.weight", weight.to_string())?;
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_dir(&dir);
+    }
+    result.map(|()| dir)
+}
+
+/// A counter `key` from a flat-keyed cgroup file (`memory.events`, `cpu.stat`).
+pub fn keyed(dir: &Path, file: &str, key: &str) -> u64 {
+    std::fs::read_to_string(dir.join(file))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            let mut parts = l.split_whitespace();
+            (parts.next() == Some(key)).then(|| parts.next()?.parse().ok())?
+        })
+        .unwrap_or(0)
+}
+
+/// A single-value cgroup file (`memory.current`); `max` reads as `u64::MAX`.
+pub fn single(dir: &Path, file: &str) -> u64 {
+    let text = std::fs::read_to_string(dir.join(file)).unwrap_or_default();
+    match text.trim() {
+        "max" => u64::MAX,
+        v => v.parse().unwrap_or(0),
+    }
+}
+
+/// Removes the cgroup (its processes are gone).
+pub fn remove(dir: &Path) {
+    let _ = std::fs::remove_dir(dir);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_are_written_and_counters_read() {
+        let root = std::env::temp_dir().join(format!("zygote-cgroup-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
+        assert_eq!(
+            v2_root(&root),
+            None,
+            "not a cgroup2 root without cgroup.controllers"
+        );
+        std::fs::write(root.join("cgroup.controllers"), "cpu memory pids").unwrap();
+        assert_eq!(v2_root(&root), Some(root.clone()));
+        let r = Resources {
+            memory_max: Some(8 << 20),
+            pids_max: Some(16),
+            cpu_quota: Some(50_000),
+            cpu_period: None,
+            cpu_shares: Some(1024),
+        };
+        let dir = create(&root, "c1", &r).unwrap();
+        let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap();
+        assert_eq!(read("memory.max"), (8 << 20).to_string());
+        assert_eq!(read("pids.max"), "16");
+        assert_eq!(read("cpu.max"), "50000 100000");
+        assert_eq!(read("cpu.weight"), "39", "runc's conversion of 1024 shares");
+        assert_eq!(read("../cgroup.subtree_control"), CONTROLLERS);
+        std::fs::write(
+            dir.join("memory.events"),
+            "low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n",
+        )
+        .unwrap();
+        assert_eq!(keyed(&dir, "memory.events", "oom_kill"), 1);
+        assert_eq!(keyed(&dir, "memory.events", "absent"), 0);
+        std::fs::write(dir.join("memory.current"), "max\n").unwrap();
+        assert_eq!(single(&dir, "memory.current"), u64::MAX);
+        assert!(
+            create(&root, "c1", &r).is_err(),
+            "an existing cgroup is not reused"
+        );
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+}
