@@ -83,10 +83,19 @@ fn an_image_mounted_in_the_template_is_read_in_forks() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+fn cref(id: &str) -> zygote_agent_api::ContainerRef {
+    zygote_agent_api::ContainerRef {
+        id: id.into(),
+        exec_id: String::new(),
+    }
+}
+
 #[test]
 fn a_container_runs_from_its_image_in_a_fork() {
     use std::io::Read;
-    use zygote_agent_api::{ContainerRef, CreateContainer, attach_stdio};
+    use zygote_agent_api::{
+        ContainerRef, CreateContainer, ExecProcess, SignalProcess, attach_stdio,
+    };
     if !guest_available() {
         return;
     }
@@ -98,7 +107,9 @@ fn a_container_runs_from_its_image_in_a_fork() {
         std::fs::create_dir_all(rootfs.join(d)).unwrap();
     }
     std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).unwrap();
-    for applet in ["sh", "echo", "id", "pwd", "cat", "uname", "dd"] {
+    for applet in [
+        "sh", "echo", "id", "pwd", "cat", "uname", "dd", "sleep", "ls",
+    ] {
         std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
     }
     let image = dir.join("image.erofs");
@@ -162,14 +173,10 @@ fn a_container_runs_from_its_image_in_a_fork() {
     let mut out = attach_stdio(fork.vsock_path(), &id, "stdout", Duration::from_secs(30)).unwrap();
     let mut err = attach_stdio(fork.vsock_path(), &id, "stderr", Duration::from_secs(30)).unwrap();
     let started = client
-        .call(request::Body::StartContainer(ContainerRef {
-            id: id.clone(),
-        }))
+        .call(request::Body::StartContainer(cref(&id)))
         .unwrap();
     assert!(matches!(started, response::Body::Started(_)), "{started:?}");
-    let exited = client
-        .call(request::Body::WaitProcess(ContainerRef { id: id.clone() }))
-        .unwrap();
+    let exited = client.call(request::Body::WaitProcess(cref(&id))).unwrap();
     let response::Body::Exited(exit) = exited else {
         panic!("{exited:?}")
     };
@@ -189,9 +196,7 @@ fn a_container_runs_from_its_image_in_a_fork() {
     );
     assert_eq!(stderr, "oops\n");
     // Unknown ids and bad specs are errors; the agent keeps serving.
-    let gone = client.call(request::Body::StartContainer(ContainerRef {
-        id: "nope".into(),
-    }));
+    let gone = client.call(request::Body::StartContainer(cref("nope")));
     assert!(format!("{gone:?}").contains("not found"), "{gone:?}");
     let bad = client.call(request::Body::CreateContainer(CreateContainer {
         id: "c2".into(),
@@ -200,9 +205,101 @@ fn a_container_runs_from_its_image_in_a_fork() {
     }));
     assert!(format!("{bad:?}").contains("invalid OCI spec"), "{bad:?}");
     let removed = client
-        .call(request::Body::RemoveContainer(ContainerRef { id }))
+        .call(request::Body::RemoveContainer(cref(&id)))
         .unwrap();
     assert!(matches!(removed, response::Body::Empty(_)));
+
+    // A memory limit below what the process needs: the kernel OOM-kills it in its cgroup.
+    let mut call = |body| client.call(body).unwrap();
+    let mut hungry = config.clone();
+    hungry["process"]["args"] = serde_json::json!([
+        "/bin/dd",
+        "if=/dev/zero",
+        "of=/dev/null",
+        "bs=32M",
+        "count=1"
+    ]);
+    hungry["linux"] = serde_json::json!({
+        "resources": {"memory": {"limit": 8 << 20}, "pids": {"limit": 16}}
+    });
+    let created = call(request::Body::CreateContainer(CreateContainer {
+        id: "hungry".into(),
+        spec_json: serde_json::to_vec(&hungry).unwrap(),
+        rootfs: "/mnt/image".into(),
+    }));
+    assert!(matches!(created, response::Body::Empty(_)), "{created:?}");
+    let started = call(request::Body::StartContainer(cref("hungry")));
+    assert!(matches!(started, response::Body::Started(_)), "{started:?}");
+    let response::Body::Exited(exit) = call(request::Body::WaitProcess(cref("hungry"))) else {
+        panic!("hungry wait")
+    };
+    assert_eq!(exit.exit_code, 128 + 9, "killed by SIGKILL");
+    assert!(exit.oom_killed, "reported as an OOM kill");
+    let response::Body::Stats(stats) = call(request::Body::Stats(cref("hungry"))) else {
+        panic!("stats")
+    };
+    eprintln!("OOM-killed container: {stats:?}");
+    assert_eq!(stats.memory_max, 8 << 20);
+    assert!(
+        stats.oom_kills >= 1 && stats.cpu_usage_usec > 0,
+        "{stats:?}"
+    );
+    call(request::Body::RemoveContainer(cref("hungry")));
+
+    // An exec into a running container sees its root and its PID namespace.
+    let mut svc = config.clone();
+    svc["process"]["args"] = serde_json::json!(["/bin/sleep", "1000"]);
+    call(request::Body::CreateContainer(CreateContainer {
+        id: "svc".into(),
+        spec_json: serde_json::to_vec(&svc).unwrap(),
+        rootfs: "/mnt/image".into(),
+    }));
+    call(request::Body::StartContainer(cref("svc")));
+    let exec = serde_json::json!({
+        "args": ["/bin/sh", "-c", "echo in-container; cat /proc/1/cmdline; echo; ls /home"],
+        "cwd": "/", "env": ["PATH=/bin"], "user": {"uid": 0, "gid": 0}
+    });
+    let made = call(request::Body::ExecProcess(ExecProcess {
+        id: "svc".into(),
+        exec_id: "e1".into(),
+        process_json: serde_json::to_vec(&exec).unwrap(),
+    }));
+    assert!(matches!(made, response::Body::Empty(_)), "{made:?}");
+    let mut exec_out = attach_stdio(
+        fork.vsock_path(),
+        "svc/e1",
+        "stdout",
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    let e1 = ContainerRef {
+        id: "svc".into(),
+        exec_id: "e1".into(),
+    };
+    call(request::Body::StartContainer(e1.clone()));
+    let response::Body::Exited(done) = call(request::Body::WaitProcess(e1)) else {
+        panic!("exec wait")
+    };
+    let mut text = String::new();
+    exec_out.read_to_string(&mut text).unwrap();
+    assert_eq!(done.exit_code, 0, "{text}");
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], "in-container");
+    assert!(
+        lines[1].starts_with("/bin/sleep"),
+        "PID 1 is the container's: {text}"
+    );
+    assert_eq!(lines[2], "app");
+    call(request::Body::SignalProcess(SignalProcess {
+        id: "svc".into(),
+        signal: 9,
+        exec_id: String::new(),
+    }));
+    let response::Body::Exited(killed) = call(request::Body::WaitProcess(cref("svc"))) else {
+        panic!("svc wait")
+    };
+    assert_eq!(killed.exit_code, 128 + 9);
+    call(request::Body::RemoveContainer(cref("svc")));
     assert!(client.ping().is_ok());
     drop(fork);
     std::fs::remove_dir_all(&dir).unwrap();

@@ -17,6 +17,10 @@ fn main() -> ExitCode {
         Some("stress-echo") => selftest::child_echo(false),
         Some("stress-threads") => selftest::child_echo(true),
         Some("serve") => serve(),
+        Some("container-exec") => match args.get(2) {
+            Some(config) => zygote_agent::container::init::exec_main(config),
+            None => ExitCode::from(2),
+        },
         Some("container-init") => match args.get(2) {
             Some(config) => zygote_agent::container::init::main(config),
             None => ExitCode::from(2),

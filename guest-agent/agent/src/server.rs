@@ -178,23 +178,29 @@ pub fn handle(req: Request, agent_started_ns: u64) -> (Response, After) {
         Some(request::Body::StartContainer(c)) => container_call(
             id,
             Registry::global()
-                .start(&c.id)
+                .start(&c.key())
                 .map(|pid| response::Body::Started(zygote_agent_api::Spawned { pid })),
         ),
         Some(request::Body::WaitProcess(c)) => container_call(
             id,
-            Registry::global().wait(&c.id).map(|exit_code| {
+            Registry::global().wait(&c.key()).map(|exit_code| {
                 response::Body::Exited(zygote_agent_api::ProcessExit {
                     exit_code,
                     exited_at_ns: reconcile::sample().realtime_ns,
-                    oom_killed: Registry::global().oom_killed(&c.id),
+                    oom_killed: Registry::global().oom_killed(&c.key()),
                 })
             }),
         ),
         Some(request::Body::SignalProcess(s)) => container_call(
             id,
             Registry::global()
-                .signal(&s.id, s.signal)
+                .signal(&zygote_agent_api::process_key(&s.id, &s.exec_id), s.signal)
+                .map(|()| response::Body::Empty(zygote_agent_api::Empty {})),
+        ),
+        Some(request::Body::ExecProcess(e)) => container_call(
+            id,
+            Registry::global()
+                .exec(&e.id, &e.exec_id, &e.process_json)
                 .map(|()| response::Body::Empty(zygote_agent_api::Empty {})),
         ),
         Some(request::Body::Stats(c)) => container_call(
@@ -204,7 +210,7 @@ pub fn handle(req: Request, agent_started_ns: u64) -> (Response, After) {
         Some(request::Body::RemoveContainer(c)) => container_call(
             id,
             Registry::global()
-                .remove(&c.id)
+                .remove(&c.key())
                 .map(|()| response::Body::Empty(zygote_agent_api::Empty {})),
         ),
         Some(request::Body::Sample(_)) => {

@@ -263,6 +263,46 @@ fn registry_runs_a_container_with_streams_over_an_overlay() {
     assert!(state.join("c1/upper/etc/new").exists());
     registry.remove("c1").unwrap();
     assert!(!state.join("c1").exists());
+
+    // An exec joins a running container: its root, hostname and PID namespace.
+    let sleeper = spec(&["/bin/sleep", "100"], serde_json::json!({}));
+    registry
+        .create("svc", &sleeper, image.to_str().unwrap())
+        .unwrap();
+    assert!(
+        matches!(
+            registry.exec("svc", "e1", br#"{"args": ["/bin/true"], "cwd": "/"}"#),
+            Err(ContainerError::State { .. })
+        ),
+        "no exec into a container that is not running"
+    );
+    registry.start("svc").unwrap();
+    let process = br#"{"args": ["/bin/sh", "-c", "hostname; cat /proc/1/cmdline; echo; ls /"], "cwd": "/", "env": ["PATH=/bin"], "user": {"uid": 0, "gid": 0}}"#;
+    let mut tries = 0;
+    while let Err(e) = registry.exec("svc", "e1", process) {
+        tries += 1;
+        assert!(tries < 100, "{e}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (host, guest) = UnixStream::pair().unwrap();
+    registry.attach("svc/e1", "stdout", guest).unwrap();
+    registry.start("svc/e1").unwrap();
+    assert_eq!(registry.wait("svc/e1").unwrap(), 0);
+    let mut text = String::new();
+    let mut host = host;
+    host.read_to_string(&mut text).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], "box");
+    assert!(lines[1].starts_with("/bin/sleep"), "{text}");
+    assert!(
+        text.contains("bin") && !text.contains("zygote-rootfs"),
+        "{text}"
+    );
+    registry.remove("svc").unwrap();
+    assert!(matches!(
+        registry.wait("svc/e1"),
+        Err(ContainerError::NotFound(_))
+    ));
     assert!(matches!(
         registry.wait("c1"),
         Err(ContainerError::NotFound(_))

@@ -61,6 +61,10 @@ pub mod request {
         /// A container's cgroup counters.
         #[prost(message, tag = "15")]
         Stats(super::ContainerRef),
+        /// Prepare another process in a running container (started with
+        /// `StartContainer` naming its exec id).
+        #[prost(message, tag = "16")]
+        ExecProcess(super::ExecProcess),
     }
 }
 
@@ -527,12 +531,46 @@ pub struct CreateContainer {
     pub rootfs: String,
 }
 
-/// A container (and its main process).
+/// A container's process: its main one, or an exec.
 #[derive(Clone, PartialEq, Eq, prost::Message)]
 pub struct ContainerRef {
     /// Container id.
     #[prost(string, tag = "1")]
     pub id: String,
+    /// Exec id (empty: the main process).
+    #[prost(string, tag = "2")]
+    pub exec_id: String,
+}
+
+impl ContainerRef {
+    /// The key of the process: `id`, or `id/exec_id` (also the id its stdio
+    /// streams name).
+    pub fn key(&self) -> String {
+        process_key(&self.id, &self.exec_id)
+    }
+}
+
+/// `id`, or `id/exec_id` for an exec.
+pub fn process_key(id: &str, exec_id: &str) -> String {
+    if exec_id.is_empty() {
+        id.into()
+    } else {
+        format!("{id}/{exec_id}")
+    }
+}
+
+/// Another process in a running container.
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct ExecProcess {
+    /// Container id.
+    #[prost(string, tag = "1")]
+    pub id: String,
+    /// Exec id: 1-64 of `[A-Za-z0-9_.-]`.
+    #[prost(string, tag = "2")]
+    pub exec_id: String,
+    /// The OCI `process` object (JSON).
+    #[prost(bytes = "vec", tag = "3")]
+    pub process_json: Vec<u8>,
 }
 
 /// Send a signal.
@@ -544,6 +582,9 @@ pub struct SignalProcess {
     /// Signal number.
     #[prost(int32, tag = "2")]
     pub signal: i32,
+    /// Exec id (empty: the main process).
+    #[prost(string, tag = "3")]
+    pub exec_id: String,
 }
 
 /// How a process ended.

@@ -190,6 +190,17 @@ fn setup_and_exec(c: &LaunchConfig) -> String {
                 "",
             )?;
         }
+        apply_hostname_and_credentials(c)
+    })();
+    if let Err(e) = result {
+        return e;
+    }
+    exec_process(c)
+}
+
+/// Hostname (if any), rlimits, groups, gid, uid, no_new_privs, cwd.
+fn apply_hostname_and_credentials(c: &LaunchConfig) -> Result<(), String> {
+    {
         if let Some(h) = &c.hostname {
             // SAFETY: the pointer and length describe the hostname.
             let rc = unsafe { libc::sethostname(h.as_ptr().cast(), h.len()) };
@@ -221,10 +232,11 @@ fn setup_and_exec(c: &LaunchConfig) -> String {
         let rc = unsafe { libc::chdir(cwd.as_ptr()) };
         check(rc, &format!("chdir {}", c.cwd.display()))?;
         Ok(())
-    })();
-    if let Err(e) = result {
-        return e;
     }
+}
+
+/// Execs the process; returns why it could not.
+fn exec_process(c: &LaunchConfig) -> String {
     let program = resolve(&c.args[0], &c.env);
     let argv: Vec<CString> = c.args.iter().map(cstr).collect();
     let envp: Vec<CString> = c.env.iter().map(cstr).collect();
@@ -282,18 +294,21 @@ pub fn main(config_json: &str) -> ExitCode {
         );
         return ExitCode::from(EXIT_SETUP_FAILED);
     }
+    fork_and_wait("container-init", || setup_and_exec(&config))
+}
+
+/// Forks; the child runs `child` (which only returns on failure, with the
+/// reason); this process waits and exits with the child's status.
+fn fork_and_wait(what: &str, child: impl FnOnce() -> String) -> ExitCode {
     // SAFETY: fork in a single-threaded process.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
-        eprintln!(
-            "zygote container-init: fork: {}",
-            std::io::Error::last_os_error()
-        );
+        eprintln!("zygote {what}: fork: {}", std::io::Error::last_os_error());
         return ExitCode::from(EXIT_SETUP_FAILED);
     }
     if pid == 0 {
-        let err = setup_and_exec(&config);
-        eprintln!("zygote container-init: {err}");
+        let err = child();
+        eprintln!("zygote {what}: {err}");
         // SAFETY: leaving the child without running the parent's destructors.
         unsafe { libc::_exit(i32::from(EXIT_SETUP_FAILED)) };
     }
@@ -314,4 +329,69 @@ pub fn main(config_json: &str) -> ExitCode {
         128 + libc::WTERMSIG(status)
     };
     ExitCode::from(code as u8)
+}
+
+/// What `zygote-agent container-exec` gets: the process and the container's
+/// PID 1 (whose namespaces and root it joins).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct ExecConfig {
+    /// The process (its `rootfs`, `mounts` and `hostname` are not used).
+    pub process: LaunchConfig,
+    /// The container's PID 1, as the agent sees it.
+    pub target_pid: u32,
+}
+
+/// `zygote-agent container-exec CONFIG_JSON`: joins a running container's
+/// cgroup, namespaces and root, forks the process there, waits for it.
+pub fn exec_main(config_json: &str) -> ExitCode {
+    let config: ExecConfig = match serde_json::from_str(config_json) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("zygote container-exec: bad config: {e}");
+            return ExitCode::from(EXIT_SETUP_FAILED);
+        }
+    };
+    let result = (|| -> Result<std::fs::File, String> {
+        if let Some(cgroup) = &config.process.cgroup {
+            std::fs::write(cgroup.join("cgroup.procs"), "0")
+                .map_err(|e| format!("join {}: {e}", cgroup.display()))?;
+        }
+        let pid = config.target_pid;
+        // The container's root, opened before leaving our mount namespace.
+        let root = std::fs::File::open(format!("/proc/{pid}/root"))
+            .map_err(|e| format!("open the container's root: {e}"))?;
+        for ns in ["ipc", "uts", "pid", "mnt"] {
+            let f = std::fs::File::open(format!("/proc/{pid}/ns/{ns}"))
+                .map_err(|e| format!("open {ns} namespace: {e}"))?;
+            use std::os::fd::AsRawFd;
+            // SAFETY: setns with an fd we own; this process is single-threaded.
+            let rc = unsafe { libc::setns(f.as_raw_fd(), 0) };
+            check(rc, &format!("setns {ns}"))?;
+        }
+        Ok(root)
+    })();
+    let root = match result {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("zygote container-exec: {e}");
+            return ExitCode::from(EXIT_SETUP_FAILED);
+        }
+    };
+    fork_and_wait("container-exec", move || {
+        use std::os::fd::AsRawFd;
+        let entered = (|| -> Result<(), String> {
+            // SAFETY: fchdir to a directory fd we own.
+            let rc = unsafe { libc::fchdir(root.as_raw_fd()) };
+            check(rc, "enter the container's root")?;
+            // SAFETY: a valid path string.
+            check(unsafe { libc::chroot(c".".as_ptr()) }, "chroot")?;
+            let mut process = config.process.clone();
+            process.hostname = None;
+            apply_hostname_and_credentials(&process)
+        })();
+        match entered {
+            Ok(()) => exec_process(&config.process),
+            Err(e) => e,
+        }
+    })
 }

@@ -46,3 +46,28 @@ pub fn process_pid(init_pid: u32) -> Option<u32> {
         .parse()
         .ok()
 }
+
+/// Starts another process in a running container whose PID 1 is `target_pid`.
+pub fn launch_exec(
+    process: &spec::LaunchConfig,
+    target_pid: u32,
+    agent_exe: &Path,
+    stdin: Stdio,
+    stdout: Stdio,
+    stderr: Stdio,
+) -> std::io::Result<Child> {
+    let config = init::ExecConfig {
+        process: process.clone(),
+        target_pid,
+    };
+    let json = serde_json::to_string(&config).map_err(std::io::Error::other)?;
+    procs::spawn(
+        Command::new(agent_exe)
+            .arg("container-exec")
+            .arg(json)
+            .env_clear()
+            .stdin(stdin)
+            .stdout(stdout)
+            .stderr(stderr),
+    )
+}

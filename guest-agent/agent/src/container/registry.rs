@@ -87,7 +87,10 @@ struct Pipes {
 struct Container {
     config: LaunchConfig,
     dir: PathBuf,
+    /// The cgroup this entry created (an exec shares its container's).
     cgroup: Option<PathBuf>,
+    /// For an exec: the container it runs in (it owns no root or cgroup).
+    exec_in: Option<String>,
     state: Mutex<State>,
     exited: Condvar,
     pipes: Mutex<Pipes>,
@@ -245,6 +248,7 @@ impl Registry {
             let (err_r, err_w) = pipe()?;
             Ok(Container {
                 cgroup: config.cgroup.clone(),
+                exec_in: None,
                 config,
                 dir: dir.clone(),
                 state: Mutex::new(State::Created),
@@ -290,13 +294,26 @@ impl Registry {
             .child
             .take()
             .expect("created");
-        let mut child = launch(
-            &c.config,
-            &self.agent_exe,
-            Stdio::from(stdin),
-            Stdio::from(stdout),
-            Stdio::from(stderr),
-        )
+        let mut child = match &c.exec_in {
+            None => launch(
+                &c.config,
+                &self.agent_exe,
+                Stdio::from(stdin),
+                Stdio::from(stdout),
+                Stdio::from(stderr),
+            ),
+            Some(parent) => {
+                let target = self.container_pid(parent)?;
+                super::launch_exec(
+                    &c.config,
+                    target,
+                    &self.agent_exe,
+                    Stdio::from(stdin),
+                    Stdio::from(stdout),
+                    Stdio::from(stderr),
+                )
+            }
+        }
         .map_err(os("start the container's init"))?;
         let init_pid = child.pid();
         *state = State::Running { init_pid };
@@ -318,6 +335,68 @@ impl Registry {
             })
             .map_err(os("start a waiter thread"))?;
         Ok(init_pid)
+    }
+
+    /// The running container `id`'s PID 1 (as the agent sees it).
+    fn container_pid(&self, id: &str) -> Result<u32, ContainerError> {
+        let c = self.get(id)?;
+        let state = c.state.lock().expect("state lock");
+        let State::Running { init_pid } = *state else {
+            return Err(ContainerError::State {
+                id: id.into(),
+                state: state.name(),
+            });
+        };
+        process_pid(init_pid).ok_or(ContainerError::State {
+            id: id.into(),
+            state: "exiting",
+        })
+    }
+
+    /// Prepares process `exec_id` (an OCI `process` object) in the running
+    /// container `id`; it is started with [`Registry::start`] under the key
+    /// `id/exec_id`, and its streams attach under that key.
+    pub fn exec(&self, id: &str, exec_id: &str, process_json: &[u8]) -> Result<(), ContainerError> {
+        if !valid_id(exec_id) {
+            return Err(ContainerError::InvalidId(exec_id.into()));
+        }
+        let parent = self.get(id)?;
+        self.container_pid(id)?;
+        let process: serde_json::Value =
+            serde_json::from_slice(process_json).map_err(|e| SpecError::Parse(e.to_string()))?;
+        let wrapped = serde_json::json!({"ociVersion": "1.0.2", "process": process});
+        let mut config = launch_config(
+            &serde_json::to_vec(&wrapped).expect("plain JSON"),
+            &parent.config.rootfs,
+        )?;
+        config.cgroup = parent.config.cgroup.clone();
+        let key = zygote_agent_api::process_key(id, exec_id);
+        let mut containers = self.containers.lock().expect("registry lock");
+        if containers.contains_key(&key) {
+            return Err(ContainerError::Exists(key));
+        }
+        let (in_r, in_w) = pipe()?;
+        let (out_r, out_w) = pipe()?;
+        let (err_r, err_w) = pipe()?;
+        containers.insert(
+            key,
+            Arc::new(Container {
+                config,
+                dir: parent.dir.clone(),
+                cgroup: None,
+                exec_in: Some(id.into()),
+                state: Mutex::new(State::Created),
+                exited: Condvar::new(),
+                pipes: Mutex::new(Pipes {
+                    stdin: Some(in_w),
+                    stdout: Some(out_r),
+                    stderr: Some(err_r),
+                    child: Some((in_r, out_w, err_w)),
+                }),
+                drains: Mutex::default(),
+            }),
+        );
+        Ok(())
     }
 
     /// Connects `stream` (`stdin`, `stdout` or `stderr`) of container `id` to `conn`.
@@ -401,6 +480,22 @@ impl Registry {
             self.wait(id)?;
         }
         self.containers.lock().expect("registry lock").remove(id);
+        if c.exec_in.is_some() {
+            return Ok(());
+        }
+        // The container's execs go with it.
+        let prefix = format!("{id}/");
+        let execs: Vec<String> = self
+            .containers
+            .lock()
+            .expect("registry lock")
+            .keys()
+            .filter(|k| k.starts_with(&prefix))
+            .cloned()
+            .collect();
+        for exec in execs {
+            let _ = self.remove(&exec);
+        }
         unmount_and_remove(&c.dir);
         if let Some(cg) = &c.cgroup {
             super::cgroup::remove(cg);
@@ -412,7 +507,7 @@ impl Registry {
     pub fn stats(&self, id: &str) -> Result<zygote_agent_api::ContainerStats, ContainerError> {
         use super::cgroup::{keyed, single};
         let c = self.get(id)?;
-        let Some(cg) = &c.cgroup else {
+        let Some(cg) = &c.config.cgroup else {
             return Ok(Default::default());
         };
         Ok(zygote_agent_api::ContainerStats {
