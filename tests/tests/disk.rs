@@ -6,7 +6,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use zygote::sandbox::{Sandbox, SandboxConfig};
-use zygote::template::{BuildSpec, build};
+use zygote::template::BuildSpec;
 use zygote_agent_api::{request, response};
 use zygote_tests::{busybox_initramfs, guest_available, guest_sh, own_run_dirs, vm_lock};
 use zygote_vmm::snapshot::{Template, TemplateName, TemplateStore};
@@ -51,7 +51,7 @@ fn an_image_mounted_in_the_template_is_read_in_forks() {
         force: true,
     };
     let _vm = vm_lock();
-    let report = build(&store, &spec).expect("template with a disk");
+    let report = zygote_tests::build_template(&store, &spec);
     let template = Template::open(&report.dir).unwrap();
 
     let fork = Sandbox::fork(&template, Duration::from_secs(120)).expect("fork");
@@ -141,7 +141,7 @@ fn a_container_runs_from_its_image_in_a_fork() {
         force: true,
     };
     let _vm = vm_lock();
-    let report = build(&store, &spec).expect("template with the image");
+    let report = zygote_tests::build_template(&store, &spec);
     let template = Template::open(&report.dir).unwrap();
     let fork = Sandbox::fork(&template, Duration::from_secs(120)).expect("fork");
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use zygote::reconcile::{ReconcileOutcome, ReconcileSpec, reconcile};
 use zygote::sandbox::{Sandbox, SandboxConfig};
-use zygote::template::{BuildSpec, TemplateMeta, build};
+use zygote::template::{BuildSpec, TemplateMeta};
 use zygote_agent_api::{Action, PolicyRule, Spawn};
 use zygote_tests::{build_gorand, guest_available, guest_stdout, initramfs_with, vm_lock};
 use zygote_vmm::snapshot::{Template, TemplateName, TemplateStore};
@@ -72,7 +72,7 @@ fn fixture() -> &'static Fixture {
         };
         let report = {
             let _vm = vm_lock();
-            build(&store, &spec).expect("template with Go programs")
+            zygote_tests::build_template(&store, &spec)
         };
         drop(image);
         // The template must be at least 5 s old when forked.

@@ -9,7 +9,7 @@ pub struct Request {
     /// What is asked.
     #[prost(
         oneof = "request::Body",
-        tags = "2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14"
+        tags = "2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16"
     )]
     pub body: Option<request::Body>,
 }
@@ -619,4 +619,129 @@ pub struct ContainerStats {
     /// OOM kills so far (`memory.events oom_kill`).
     #[prost(uint64, tag = "5")]
     pub oom_kills: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+
+    /// Every body survives encoding: a variant missing from its oneof's tag
+    /// list would decode as "no body" (it did once).
+    #[test]
+    fn every_body_round_trips() {
+        use request::Body as Q;
+        let requests = vec![
+            Q::Ping(Ping {}),
+            Q::SelfTest(SelfTest {
+                rounds: 1,
+                ..Default::default()
+            }),
+            Q::Shutdown(Shutdown {}),
+            Q::Exec(Exec {
+                argv: vec!["/bin/true".into()],
+                ..Default::default()
+            }),
+            Q::Spawn(Spawn {
+                argv: vec!["/bin/true".into()],
+                ..Default::default()
+            }),
+            Q::Reconcile(Reconcile {
+                generation: 1,
+                ..Default::default()
+            }),
+            Q::Sample(Empty {}),
+            Q::StepClock(StepClock { delta_ns: -5 }),
+            Q::CreateContainer(CreateContainer {
+                id: "c".into(),
+                ..Default::default()
+            }),
+            Q::StartContainer(ContainerRef {
+                id: "c".into(),
+                exec_id: "e".into(),
+            }),
+            Q::WaitProcess(ContainerRef {
+                id: "c".into(),
+                exec_id: String::new(),
+            }),
+            Q::SignalProcess(SignalProcess {
+                id: "c".into(),
+                signal: 9,
+                exec_id: String::new(),
+            }),
+            Q::RemoveContainer(ContainerRef {
+                id: "c".into(),
+                exec_id: String::new(),
+            }),
+            Q::Stats(ContainerRef {
+                id: "c".into(),
+                exec_id: String::new(),
+            }),
+            Q::ExecProcess(ExecProcess {
+                id: "c".into(),
+                exec_id: "e".into(),
+                process_json: b"{}".to_vec(),
+            }),
+        ];
+        for body in requests {
+            let req = Request {
+                id: 7,
+                body: Some(body),
+            };
+            assert_eq!(
+                Request::decode(req.encode_to_vec().as_slice()).unwrap(),
+                req
+            );
+        }
+        use response::Body as A;
+        let responses = vec![
+            A::Pong(Pong {
+                version: "v".into(),
+                ..Default::default()
+            }),
+            A::SelfTest(SelfTestReport {
+                execs: 1,
+                ..Default::default()
+            }),
+            A::ShutdownAck(Empty {}),
+            A::Exec(ExecResult {
+                exit_code: 3,
+                ..Default::default()
+            }),
+            A::Spawned(Spawned { pid: 2 }),
+            A::Reconciled(ReconcileReport {
+                generation: 1,
+                ..Default::default()
+            }),
+            A::Sample(SampleResult {
+                generation: 1,
+                ..Default::default()
+            }),
+            A::Started(Spawned { pid: 3 }),
+            A::Exited(ProcessExit {
+                exit_code: 137,
+                exited_at_ns: 1,
+                oom_killed: true,
+            }),
+            A::Empty(Empty {}),
+            A::Stats(ContainerStats {
+                oom_kills: 1,
+                ..Default::default()
+            }),
+            A::Error(Error {
+                code: Code::NotFound as i32,
+                message: "x".into(),
+            }),
+        ];
+        for body in responses {
+            let resp = Response {
+                id: 7,
+                body: Some(body),
+            };
+            assert_eq!(
+                Response::decode(resp.encode_to_vec().as_slice()).unwrap(),
+                resp
+            );
+        }
+    }
 }
