@@ -337,20 +337,32 @@ impl Registry {
         Ok(init_pid)
     }
 
-    /// The running container `id`'s PID 1 (as the agent sees it).
+    /// The running container `id`'s PID 1 (as the agent sees it). Right after
+    /// a start its init may not have forked it yet: wait for it, a while.
     fn container_pid(&self, id: &str) -> Result<u32, ContainerError> {
         let c = self.get(id)?;
-        let state = c.state.lock().expect("state lock");
-        let State::Running { init_pid } = *state else {
-            return Err(ContainerError::State {
-                id: id.into(),
-                state: state.name(),
-            });
-        };
-        process_pid(init_pid).ok_or(ContainerError::State {
-            id: id.into(),
-            state: "exiting",
-        })
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let init_pid = match *c.state.lock().expect("state lock") {
+                State::Running { init_pid } => init_pid,
+                ref other => {
+                    return Err(ContainerError::State {
+                        id: id.into(),
+                        state: other.name(),
+                    });
+                }
+            };
+            if let Some(pid) = process_pid(init_pid) {
+                return Ok(pid);
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(ContainerError::State {
+                    id: id.into(),
+                    state: "starting for over 30 s",
+                });
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
     }
 
     /// Prepares process `exec_id` (an OCI `process` object) in the running
