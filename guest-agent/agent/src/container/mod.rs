@@ -38,13 +38,28 @@ pub fn launch(
 }
 
 /// The container's process: the init's one child (its pid in the agent's view).
+/// From `/proc/PID/task/PID/children` where the kernel has it, else by finding
+/// the process whose parent is the init (the guest kernel has no
+/// `CONFIG_PROC_CHILDREN`).
 pub fn process_pid(init_pid: u32) -> Option<u32> {
-    std::fs::read_to_string(format!("/proc/{init_pid}/task/{init_pid}/children"))
-        .ok()?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
+    if let Ok(children) =
+        std::fs::read_to_string(format!("/proc/{init_pid}/task/{init_pid}/children"))
+    {
+        return children.split_whitespace().next()?.parse().ok();
+    }
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+        let ppid: u32 = stat
+            .rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()?;
+        (ppid == init_pid).then_some(pid)
+    })
 }
 
 /// Starts another process in a running container whose PID 1 is `target_pid`.
@@ -70,4 +85,25 @@ pub fn launch_exec(
             .stdout(stdout)
             .stderr(stderr),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_child_of_a_process_is_found() {
+        let mut child = std::process::Command::new("/bin/sh")
+            .args(["-c", "sleep 5 & wait"])
+            .spawn()
+            .unwrap();
+        let sh = child.id();
+        let found = (0..100).find_map(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            super::process_pid(sh)
+        });
+        let _ = child.kill();
+        let _ = child.wait();
+        let sleeper = found.expect("sh's child");
+        let stat = std::fs::read_to_string(format!("/proc/{sleeper}/stat")).unwrap_or_default();
+        assert!(stat.is_empty() || stat.contains("(sleep)"), "{stat}");
+    }
 }
