@@ -47,6 +47,11 @@ pub fn process_pid(init_pid: u32) -> Option<u32> {
     {
         return children.split_whitespace().next()?.parse().ok();
     }
+    child_by_parent(init_pid)
+}
+
+/// A process whose parent is `parent`, found by scanning `/proc/*/stat`.
+pub fn child_by_parent(parent: u32) -> Option<u32> {
     std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
         let pid: u32 = e.file_name().to_str()?.parse().ok()?;
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -58,7 +63,7 @@ pub fn process_pid(init_pid: u32) -> Option<u32> {
             .nth(1)?
             .parse()
             .ok()?;
-        (ppid == init_pid).then_some(pid)
+        (ppid == parent).then_some(pid)
     })
 }
 
@@ -100,6 +105,7 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(10));
             super::process_pid(sh)
         });
+        assert_eq!(super::child_by_parent(sh), found, "both ways agree");
         let _ = child.kill();
         let _ = child.wait();
         let sleeper = found.expect("sh's child");
