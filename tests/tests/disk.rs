@@ -93,9 +93,7 @@ fn cref(id: &str) -> zygote_agent_api::ContainerRef {
 #[test]
 fn a_container_runs_from_its_image_in_a_fork() {
     use std::io::Read;
-    use zygote_agent_api::{
-        ContainerRef, CreateContainer, ExecProcess, SignalProcess, attach_stdio,
-    };
+    use zygote_agent_api::{CreateContainer, attach_stdio};
     if !guest_available() {
         return;
     }
@@ -210,7 +208,7 @@ fn a_container_runs_from_its_image_in_a_fork() {
     assert!(matches!(removed, response::Body::Empty(_)));
 
     // A memory limit below what the process needs: the kernel OOM-kills it in its cgroup.
-    let mut call = |body| client.call(body).unwrap();
+    let call = |client: &mut zygote_agent_api::AgentClient, body| client.call(body).unwrap();
     let mut hungry = config.clone();
     hungry["process"]["args"] = serde_json::json!([
         "/bin/dd",
@@ -222,20 +220,26 @@ fn a_container_runs_from_its_image_in_a_fork() {
     hungry["linux"] = serde_json::json!({
         "resources": {"memory": {"limit": 8 << 20}, "pids": {"limit": 16}}
     });
-    let created = call(request::Body::CreateContainer(CreateContainer {
-        id: "hungry".into(),
-        spec_json: serde_json::to_vec(&hungry).unwrap(),
-        rootfs: "/mnt/image".into(),
-    }));
+    let created = call(
+        &mut client,
+        request::Body::CreateContainer(CreateContainer {
+            id: "hungry".into(),
+            spec_json: serde_json::to_vec(&hungry).unwrap(),
+            rootfs: "/mnt/image".into(),
+        }),
+    );
     assert!(matches!(created, response::Body::Empty(_)), "{created:?}");
-    let started = call(request::Body::StartContainer(cref("hungry")));
+    let started = call(&mut client, request::Body::StartContainer(cref("hungry")));
     assert!(matches!(started, response::Body::Started(_)), "{started:?}");
-    let response::Body::Exited(exit) = call(request::Body::WaitProcess(cref("hungry"))) else {
+    let response::Body::Exited(exit) =
+        call(&mut client, request::Body::WaitProcess(cref("hungry")))
+    else {
         panic!("hungry wait")
     };
     assert_eq!(exit.exit_code, 128 + 9, "killed by SIGKILL");
     assert!(exit.oom_killed, "reported as an OOM kill");
-    let response::Body::Stats(stats) = call(request::Body::Stats(cref("hungry"))) else {
+    let response::Body::Stats(stats) = call(&mut client, request::Body::Stats(cref("hungry")))
+    else {
         panic!("stats")
     };
     eprintln!("OOM-killed container: {stats:?}");
@@ -244,45 +248,25 @@ fn a_container_runs_from_its_image_in_a_fork() {
         stats.oom_kills >= 1 && stats.cpu_usage_usec > 0,
         "{stats:?}"
     );
-    call(request::Body::RemoveContainer(cref("hungry")));
+    call(&mut client, request::Body::RemoveContainer(cref("hungry")));
 
-    // An exec into a running container sees its root and its PID namespace.
-    let mut svc = config.clone();
-    svc["process"]["args"] = serde_json::json!(["/bin/sleep", "1000"]);
-    call(request::Body::CreateContainer(CreateContainer {
-        id: "svc".into(),
-        spec_json: serde_json::to_vec(&svc).unwrap(),
-        rootfs: "/mnt/image".into(),
-    }));
-    call(request::Body::StartContainer(cref("svc")));
-    let exec = serde_json::json!({
-        "args": ["/bin/sh", "-c", "echo in-container; cat /proc/1/cmdline; echo; ls /home"],
-        "cwd": "/", "env": ["PATH=/bin"], "user": {"uid": 0, "gid": 0}
-    });
-    let made = call(request::Body::ExecProcess(ExecProcess {
-        id: "svc".into(),
-        exec_id: "e1".into(),
-        process_json: serde_json::to_vec(&exec).unwrap(),
-    }));
-    assert!(matches!(made, response::Body::Empty(_)), "{made:?}");
-    let mut exec_out = attach_stdio(
-        fork.vsock_path(),
-        "svc/e1",
-        "stdout",
-        Duration::from_secs(30),
-    )
-    .unwrap();
-    let e1 = ContainerRef {
-        id: "svc".into(),
-        exec_id: "e1".into(),
-    };
-    call(request::Body::StartContainer(e1.clone()));
-    let response::Body::Exited(done) = call(request::Body::WaitProcess(e1)) else {
-        panic!("exec wait")
-    };
-    let mut text = String::new();
-    exec_out.read_to_string(&mut text).unwrap();
-    assert_eq!(done.exit_code, 0, "{text}");
+    // An exec into a running container sees its root and its PID namespace. On
+    // PVM a fresh guest process can segfault at start (the known residue): a
+    // round where one did is retried with a new container, and said.
+    let mut outcome = None;
+    for attempt in 0..3 {
+        match exec_round(&mut client, &fork, &config, attempt) {
+            Ok(found) => {
+                outcome = Some(found);
+                break;
+            }
+            Err(why) if fork.kind() == zygote_vmm::KvmKind::Pvm => {
+                eprintln!("PVM: {why}; retrying");
+            }
+            Err(why) => panic!("{why}"),
+        }
+    }
+    let (text, killed) = outcome.expect("an exec round succeeds");
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines[0], "in-container");
     assert!(
@@ -290,17 +274,79 @@ fn a_container_runs_from_its_image_in_a_fork() {
         "PID 1 is the container's: {text}"
     );
     assert_eq!(lines[2], "app");
-    call(request::Body::SignalProcess(SignalProcess {
-        id: "svc".into(),
-        signal: 9,
-        exec_id: String::new(),
-    }));
-    let response::Body::Exited(killed) = call(request::Body::WaitProcess(cref("svc"))) else {
-        panic!("svc wait")
-    };
-    assert_eq!(killed.exit_code, 128 + 9);
-    call(request::Body::RemoveContainer(cref("svc")));
+    assert_eq!(killed, 128 + 9);
     assert!(client.ping().is_ok());
     drop(fork);
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Starts `sleep` in a container, execs a shell into it, kills it. Returns the
+/// exec's output and the container's exit code, or why a guest process
+/// segfaulted (exit 139) on the way.
+fn exec_round(
+    client: &mut zygote_agent_api::AgentClient,
+    fork: &Sandbox,
+    config: &serde_json::Value,
+    attempt: u32,
+) -> Result<(String, i32), String> {
+    use std::io::Read;
+    use zygote_agent_api::{
+        ContainerRef, CreateContainer, ExecProcess, SignalProcess, attach_stdio,
+    };
+    let id = format!("svc{attempt}");
+    let mut svc = config.clone();
+    svc["process"]["args"] = serde_json::json!(["/bin/sleep", "1000"]);
+    let mut call = |body| client.call(body).map_err(|e| e.to_string());
+    call(request::Body::CreateContainer(CreateContainer {
+        id: id.clone(),
+        spec_json: serde_json::to_vec(&svc).unwrap(),
+        rootfs: "/mnt/image".into(),
+    }))?;
+    call(request::Body::StartContainer(cref(&id)))?;
+    let exec = serde_json::json!({
+        "args": ["/bin/sh", "-c", "echo in-container; cat /proc/1/cmdline; echo; ls /home"],
+        "cwd": "/", "env": ["PATH=/bin"], "user": {"uid": 0, "gid": 0}
+    });
+    let e1 = ContainerRef {
+        id: id.clone(),
+        exec_id: "e1".into(),
+    };
+    let ran = (|| -> Result<(String, i32), String> {
+        call(request::Body::ExecProcess(ExecProcess {
+            id: id.clone(),
+            exec_id: "e1".into(),
+            process_json: serde_json::to_vec(&exec).unwrap(),
+        }))?;
+        let mut out = attach_stdio(
+            fork.vsock_path(),
+            &e1.key(),
+            "stdout",
+            Duration::from_secs(30),
+        )
+        .map_err(|e| e.to_string())?;
+        call(request::Body::StartContainer(e1.clone()))?;
+        let response::Body::Exited(done) = call(request::Body::WaitProcess(e1.clone()))? else {
+            return Err("no exit for the exec".into());
+        };
+        let mut text = String::new();
+        out.read_to_string(&mut text).map_err(|e| e.to_string())?;
+        if done.exit_code != 0 {
+            return Err(format!("the exec exited {}: {text}", done.exit_code));
+        }
+        call(request::Body::SignalProcess(SignalProcess {
+            id: id.clone(),
+            signal: 9,
+            exec_id: String::new(),
+        }))?;
+        let response::Body::Exited(killed) = call(request::Body::WaitProcess(cref(&id)))? else {
+            return Err("no exit for the container".into());
+        };
+        Ok((text, killed.exit_code))
+    })();
+    let ended = ran.map_err(|e| {
+        let code = client.call(request::Body::WaitProcess(cref(&id)));
+        format!("{e} (the container: {code:?})")
+    });
+    let _ = client.call(request::Body::RemoveContainer(cref(&id)));
+    ended
 }
