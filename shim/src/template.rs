@@ -147,12 +147,19 @@ pub fn build(store: &TemplateStore, spec: &BuildSpec) -> Result<BuildReport, Bui
     let dir = store.dir(&spec.name);
     if !spec.force && store.exists(&spec.name) {
         if let Ok(meta) = read_meta(&dir) {
-            return Ok(BuildReport {
-                dir,
-                reused: true,
-                meta,
-                total_ms: ms(start.elapsed()),
-            });
+            match stale_reason(&meta, spec) {
+                None => {
+                    return Ok(BuildReport {
+                        dir,
+                        reused: true,
+                        meta,
+                        total_ms: ms(start.elapsed()),
+                    });
+                }
+                Some(why) => {
+                    tracing::info!(template = %spec.name, why, "rebuilding a stale template")
+                }
+            }
         }
     }
     let sandbox = Sandbox::boot(&spec.sandbox)?;
@@ -212,6 +219,48 @@ pub fn build(store: &TemplateStore, spec: &BuildSpec) -> Result<BuildReport, Bui
     })
 }
 
+/// Why an existing template does not fit `spec` (another shape, kernel or
+/// image, or a kernel or image changed after it was built), if it does not.
+pub fn stale_reason(meta: &TemplateMeta, spec: &BuildSpec) -> Option<String> {
+    if meta.format_version != STATE_VERSION {
+        return Some(format!(
+            "state format {} (now {STATE_VERSION})",
+            meta.format_version
+        ));
+    }
+    if (meta.vcpus, meta.memory_mib) != (spec.sandbox.vcpus, spec.sandbox.memory_mib) {
+        return Some(format!(
+            "{} vCPUs / {} MiB, asked {} / {}",
+            meta.vcpus, meta.memory_mib, spec.sandbox.vcpus, spec.sandbox.memory_mib
+        ));
+    }
+    for (what, built, wanted) in [
+        ("kernel", &meta.kernel, &spec.sandbox.kernel),
+        ("image", &meta.initramfs, &spec.sandbox.initramfs),
+    ] {
+        let wanted = std::fs::canonicalize(wanted).unwrap_or_else(|_| wanted.clone());
+        if *built != wanted {
+            return Some(format!(
+                "{what} {} (asked {})",
+                built.display(),
+                wanted.display()
+            ));
+        }
+        let modified = std::fs::metadata(&wanted)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+            .map_or(u64::MAX, |d| d.as_secs());
+        if modified > meta.created_unix_s {
+            return Some(format!(
+                "{what} {} changed after the template was built",
+                wanted.display()
+            ));
+        }
+    }
+    None
+}
+
 fn start_process(sandbox: &Sandbox, spec: &Spawn) -> Result<(), BuildError> {
     let fail = |detail: String| BuildError::Warm {
         argv: spec.argv.clone(),
@@ -249,5 +298,88 @@ fn warm(sandbox: &Sandbox, argv: &[String]) -> Result<(), BuildError> {
             String::from_utf8_lossy(&r.stderr).trim()
         ))),
         other => Err(fail(format!("unexpected answer {other:?}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stale_templates_are_recognized() {
+        let dir = std::env::temp_dir().join(format!("zygote-stale-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (kernel, image) = (dir.join("vmlinux"), dir.join("initramfs.cpio"));
+        std::fs::write(&kernel, b"k").unwrap();
+        std::fs::write(&image, b"i").unwrap();
+        let spec = BuildSpec {
+            name: TemplateName::new("t").unwrap(),
+            sandbox: SandboxConfig {
+                kernel: kernel.clone(),
+                initramfs: image.clone(),
+                ..Default::default()
+            },
+            spawn: vec![],
+            warm: vec![],
+            settle: Duration::ZERO,
+            force: false,
+        };
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let meta = TemplateMeta {
+            name: "t".into(),
+            format_version: STATE_VERSION,
+            kind: KvmKind::Pvm,
+            vcpus: 1,
+            memory_mib: 128,
+            kernel: std::fs::canonicalize(&kernel).unwrap(),
+            initramfs: std::fs::canonicalize(&image).unwrap(),
+            cmdline: String::new(),
+            created_unix_s: now + 1,
+            agent_started_ns: 0,
+            snapshot_uptime_ns: 0,
+            boot_ms: 0.0,
+            pause_ms: 0.0,
+            save_ms: 0.0,
+            memory_write_ms: 0.0,
+            memory_data_bytes: 0,
+            memory_crc32: 0,
+        };
+        assert_eq!(stale_reason(&meta, &spec), None);
+        let older = TemplateMeta {
+            created_unix_s: now - 3600,
+            ..meta.clone()
+        };
+        assert!(
+            stale_reason(&older, &spec)
+                .unwrap()
+                .contains("changed after")
+        );
+        let bigger = TemplateMeta {
+            memory_mib: 256,
+            ..meta.clone()
+        };
+        assert!(stale_reason(&bigger, &spec).unwrap().contains("256 MiB"));
+        let other = TemplateMeta {
+            initramfs: "/elsewhere.cpio".into(),
+            ..meta.clone()
+        };
+        assert!(
+            stale_reason(&other, &spec)
+                .unwrap()
+                .contains("image /elsewhere.cpio")
+        );
+        let old_format = TemplateMeta {
+            format_version: 0,
+            ..meta
+        };
+        assert!(
+            stale_reason(&old_format, &spec)
+                .unwrap()
+                .contains("state format 0")
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
