@@ -97,6 +97,35 @@ struct Container {
     drains: Mutex<Vec<JoinHandle<()>>>,
 }
 
+impl Container {
+    /// A process not started yet, with its stdio pipes.
+    fn new(
+        config: LaunchConfig,
+        dir: PathBuf,
+        cgroup: Option<PathBuf>,
+        exec_in: Option<String>,
+    ) -> Result<Self, ContainerError> {
+        let (in_r, in_w) = pipe()?;
+        let (out_r, out_w) = pipe()?;
+        let (err_r, err_w) = pipe()?;
+        Ok(Container {
+            config,
+            dir,
+            cgroup,
+            exec_in,
+            state: Mutex::new(State::Created),
+            exited: Condvar::new(),
+            pipes: Mutex::new(Pipes {
+                stdin: Some(in_w),
+                stdout: Some(out_r),
+                stderr: Some(err_r),
+                child: Some((in_r, out_w, err_w)),
+            }),
+            drains: Mutex::default(),
+        })
+    }
+}
+
 /// All containers.
 #[derive(Default)]
 pub struct Registry {
@@ -243,24 +272,8 @@ impl Registry {
                 cgroup_dir = Some(cg.clone());
                 config.cgroup = Some(cg);
             }
-            let (in_r, in_w) = pipe()?;
-            let (out_r, out_w) = pipe()?;
-            let (err_r, err_w) = pipe()?;
-            Ok(Container {
-                cgroup: config.cgroup.clone(),
-                exec_in: None,
-                config,
-                dir: dir.clone(),
-                state: Mutex::new(State::Created),
-                exited: Condvar::new(),
-                pipes: Mutex::new(Pipes {
-                    stdin: Some(in_w),
-                    stdout: Some(out_r),
-                    stderr: Some(err_r),
-                    child: Some((in_r, out_w, err_w)),
-                }),
-                drains: Mutex::default(),
-            })
+            let cgroup = config.cgroup.clone();
+            Container::new(config, dir.clone(), cgroup, None)
         })();
         match result {
             Ok(c) => {
@@ -387,27 +400,8 @@ impl Registry {
         if containers.contains_key(&key) {
             return Err(ContainerError::Exists(key));
         }
-        let (in_r, in_w) = pipe()?;
-        let (out_r, out_w) = pipe()?;
-        let (err_r, err_w) = pipe()?;
-        containers.insert(
-            key,
-            Arc::new(Container {
-                config,
-                dir: parent.dir.clone(),
-                cgroup: None,
-                exec_in: Some(id.into()),
-                state: Mutex::new(State::Created),
-                exited: Condvar::new(),
-                pipes: Mutex::new(Pipes {
-                    stdin: Some(in_w),
-                    stdout: Some(out_r),
-                    stderr: Some(err_r),
-                    child: Some((in_r, out_w, err_w)),
-                }),
-                drains: Mutex::default(),
-            }),
-        );
+        let exec = Container::new(config, parent.dir.clone(), None, Some(id.into()))?;
+        containers.insert(key, Arc::new(exec));
         Ok(())
     }
 
