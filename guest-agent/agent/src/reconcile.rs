@@ -258,21 +258,24 @@ fn set_identity(req: &Reconcile) -> String {
     }
 }
 
-/// Processes other than the agent: user-space ones (with an executable).
-fn processes() -> Vec<u32> {
+/// Processes other than the agent: user-space ones, with their executable's
+/// path (kernel threads have none).
+fn processes() -> Vec<(u32, String)> {
     let me = std::process::id();
-    let mut pids: Vec<u32> = std::fs::read_dir("/proc")
+    let mut found: Vec<(u32, String)> = std::fs::read_dir("/proc")
         .map(|rd| {
             rd.flatten()
                 .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
                 .filter(|&pid| pid != me && pid != 1)
-                // Kernel threads have no executable.
-                .filter(|pid| std::fs::read_link(format!("/proc/{pid}/exe")).is_ok())
+                .filter_map(|pid| {
+                    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?;
+                    Some((pid, exe.to_string_lossy().into_owned()))
+                })
                 .collect()
         })
         .unwrap_or_default();
-    pids.sort_unstable();
-    pids
+    found.sort_unstable();
+    found
 }
 
 /// Applies `req` (already validated) and reports.
@@ -314,11 +317,8 @@ pub fn apply(req: &Reconcile, received: Instant) -> ReconcileReport {
     let mut reports = Vec::new();
     let mut to_restart = Vec::new();
     s.run("audit", || {
-        for pid in processes() {
+        for (pid, exe) in processes() {
             let c = detect::classify_pid(pid);
-            let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
-                .map(|p| p.to_string_lossy().into_owned())
-                .unwrap_or_default();
             let (action, signal) = actions[c.class.name()];
             let result = match action {
                 Action::Restart => match workload::kill(pid) {

@@ -24,7 +24,7 @@ use crate::vstate::memory::GuestMemoryMmap;
 
 pub use mmio::MmioTransport;
 pub use persist::{DeviceState, MmioState};
-pub use worker::{Worker, single_queue_loop};
+pub use worker::{QueueWorker, Worker};
 
 /// Feature bit: the device conforms to virtio 1.x.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;

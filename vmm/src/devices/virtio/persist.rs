@@ -254,7 +254,6 @@ impl Persist for MmioTransport {
             config_generation: state.config_generation,
             activated: false,
         };
-        transport.device.set_acked_features(state.driver_features);
         if state.activated {
             if let Some(index) = transport
                 .queues

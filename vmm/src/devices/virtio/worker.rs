@@ -7,6 +7,8 @@ use virtio_queue::Queue;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::vstate::memory::GuestMemoryMmap;
+
 /// A running device thread with the eventfd that asks it to stop.
 #[derive(Debug)]
 pub struct Worker<T> {
@@ -52,11 +54,50 @@ impl<T> Drop for Worker<T> {
     }
 }
 
-/// The I/O loop of a device with one queue: `serve` runs once at start (the
-/// driver may have queued requests before DRIVER_OK) and on every notification,
-/// until `kill` fires. Returns the queue as it is then (for a snapshot), or
-/// `None` if the loop could not be set up.
-pub fn single_queue_loop(
+/// The I/O thread of a device with one queue. `serve` runs once at start (the
+/// driver may have queued requests before DRIVER_OK) and on every
+/// notification, until the thread is stopped; returns whether it used buffers
+/// (the interrupt is then raised). Stopping for a snapshot gives the queue back
+/// as it is then.
+#[derive(Debug, Default)]
+pub struct QueueWorker(Option<Worker<Option<Queue>>>);
+
+impl QueueWorker {
+    /// Starts the thread `zygote-<name>` on the one queue of `args`.
+    pub fn start(
+        &mut self,
+        name: &'static str,
+        args: super::ActivateArgs,
+        mut serve: impl FnMut(&GuestMemoryMmap, &mut Queue) -> bool + Send + 'static,
+    ) -> Result<(), super::ActivateError> {
+        let (mem, queue, evt, interrupt) = args.single_queue()?;
+        let worker = Worker::spawn(&format!("zygote-{name}"), move |kill| {
+            queue_loop(name, queue, evt, kill, |q| {
+                if serve(&mem, q) {
+                    interrupt.signal_used_queue();
+                }
+            })
+        })
+        .map_err(super::ActivateError::Worker)?;
+        self.0 = Some(worker);
+        Ok(())
+    }
+
+    /// Stops the thread, if running.
+    pub fn stop(&mut self) {
+        if let Some(w) = self.0.take() {
+            w.stop();
+        }
+    }
+
+    /// Stops the thread and gives the queue back (`None` if not running).
+    pub fn quiesce(&mut self) -> Option<Vec<Queue>> {
+        let queue = self.0.take()?.stop().flatten()?;
+        Some(vec![queue])
+    }
+}
+
+fn queue_loop(
     name: &str,
     mut queue: Queue,
     evt: EventFd,

@@ -8,9 +8,7 @@ use std::path::{Path, PathBuf};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 
 use super::{MAX_REQUEST, QUEUE_SIZE, SECTOR_SIZE, VIRTIO_BLK_F_RO, VIRTIO_ID_BLOCK};
-use crate::devices::virtio::{
-    ActivateArgs, ActivateError, DeviceState, Interrupt, VirtioDevice, Worker, single_queue_loop,
-};
+use crate::devices::virtio::{ActivateArgs, ActivateError, DeviceState, QueueWorker, VirtioDevice};
 use crate::vstate::memory::GuestMemoryMmap;
 
 const REQ_IN: u32 = 0;
@@ -62,7 +60,7 @@ pub struct Block {
     pub(super) file: File,
     pub(super) capacity: u64,
     pub(super) acked_features: u64,
-    worker: Option<Worker<Option<Queue>>>,
+    worker: QueueWorker,
 }
 
 impl Block {
@@ -85,7 +83,7 @@ impl Block {
             file,
             capacity: len / SECTOR_SIZE,
             acked_features: 0,
-            worker: None,
+            worker: QueueWorker::default(),
         })
     }
 
@@ -230,31 +228,20 @@ impl VirtioDevice for Block {
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
 
     fn activate(&mut self, args: ActivateArgs) -> Result<(), ActivateError> {
-        let (mem, queue, evt, interrupt) = args.single_queue()?;
         let file = self.file.try_clone().map_err(ActivateError::Worker)?;
         let capacity = self.capacity;
-        let worker = Worker::spawn("zygote-block", move |kill| {
-            let mut buf = Vec::new();
-            single_queue_loop("block", queue, evt, kill, |q| {
-                if process_requests(&mem, q, &file, capacity, &mut buf) {
-                    Interrupt::signal_used_queue(&interrupt);
-                }
-            })
+        let mut buf = Vec::new();
+        self.worker.start("block", args, move |mem, q| {
+            process_requests(mem, q, &file, capacity, &mut buf)
         })
-        .map_err(ActivateError::Worker)?;
-        self.worker = Some(worker);
-        Ok(())
     }
 
     fn reset(&mut self) {
-        if let Some(w) = self.worker.take() {
-            w.stop();
-        }
+        self.worker.stop();
     }
 
     fn quiesce(&mut self) -> Option<Vec<Queue>> {
-        let queue = self.worker.take()?.stop().flatten()?;
-        Some(vec![queue])
+        self.worker.quiesce()
     }
 
     fn state(&self) -> DeviceState {

@@ -3,14 +3,14 @@
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 
 use super::{MAX_REQUEST, QUEUE_SIZE, VIRTIO_ID_RNG};
-use crate::devices::virtio::{ActivateArgs, ActivateError, Interrupt, VirtioDevice, Worker};
+use crate::devices::virtio::{ActivateArgs, ActivateError, QueueWorker, VirtioDevice};
 use crate::vstate::memory::GuestMemoryMmap;
 
 /// A virtio-rng device.
 #[derive(Debug, Default)]
 pub struct Rng {
     pub(super) acked_features: u64,
-    worker: Option<Worker<Option<Queue>>>,
+    worker: QueueWorker,
 }
 
 impl Rng {
@@ -94,37 +94,19 @@ impl VirtioDevice for Rng {
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
 
     fn activate(&mut self, args: ActivateArgs) -> Result<(), ActivateError> {
-        let (mem, queue, evt, interrupt) = args.single_queue()?;
-        let worker = Worker::spawn("zygote-rng", move |kill| {
-            crate::devices::virtio::single_queue_loop("rng", queue, evt, kill, |q| {
-                serve(&mem, q, &interrupt)
-            })
-        })
-        .map_err(ActivateError::Worker)?;
-        self.worker = Some(worker);
-        Ok(())
+        self.worker.start("rng", args, fill_requests)
     }
 
     fn reset(&mut self) {
-        if let Some(w) = self.worker.take() {
-            w.stop();
-        }
+        self.worker.stop();
     }
 
     fn quiesce(&mut self) -> Option<Vec<Queue>> {
-        let queue = self.worker.take()?.stop().flatten()?;
-        Some(vec![queue])
+        self.worker.quiesce()
     }
 
     fn state(&self) -> crate::devices::virtio::DeviceState {
         crate::devices::virtio::DeviceState::Rng(crate::persist::Persist::save(self))
-    }
-}
-
-/// Used by the handler: fill requests and interrupt if any buffer was used.
-pub(super) fn serve(mem: &GuestMemoryMmap, queue: &mut Queue, interrupt: &Interrupt) {
-    if fill_requests(mem, queue) {
-        interrupt.signal_used_queue();
     }
 }
 
