@@ -2,6 +2,7 @@
 //! (its pages come from the template's page cache or the image), never written;
 //! a fork of a template whose image changed is refused.
 
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -10,6 +11,38 @@ use zygote::template::BuildSpec;
 use zygote_agent_api::{request, response};
 use zygote_tests::{busybox_initramfs, guest_available, guest_sh, own_run_dirs, vm_lock};
 use zygote_vmm::snapshot::{Template, TemplateName, TemplateStore};
+
+/// Makes `image` (erofs) from the directory `rootfs`, and a template under
+/// `dir` that has it on /dev/vda, mounted at /mnt/image, then runs `then`.
+fn image_template(dir: &Path, rootfs: &Path, image: &Path, then: &str) -> Template {
+    let status = Command::new("mkfs.erofs")
+        .arg("--quiet")
+        .arg(image)
+        .arg(rootfs)
+        .status()
+        .expect("mkfs.erofs (erofs-utils; hack/test installs it)");
+    assert!(status.success());
+    let store = TemplateStore::new(dir.join("templates"));
+    let spec = BuildSpec {
+        name: TemplateName::new("image").unwrap(),
+        sandbox: SandboxConfig {
+            initramfs: busybox_initramfs(),
+            disks: vec![image.into()],
+            ..Default::default()
+        },
+        spawn: vec![],
+        warm: vec![vec![
+            "/bin/busybox".into(),
+            "sh".into(),
+            "-c".into(),
+            format!("mkdir -p /mnt/image && mount -t erofs -o ro /dev/vda /mnt/image && {then}"),
+        ]],
+        settle: Duration::from_secs(1),
+        force: true,
+    };
+    let report = zygote_tests::build_template(&store, &spec);
+    Template::open(&report.dir).unwrap()
+}
 
 #[test]
 fn an_image_mounted_in_the_template_is_read_in_forks() {
@@ -22,37 +55,13 @@ fn an_image_mounted_in_the_template_is_read_in_forks() {
     std::fs::create_dir_all(stage.join("etc")).unwrap();
     std::fs::write(stage.join("etc/hello.txt"), "hello from the image\n").unwrap();
     let image = dir.join("image.erofs");
-    let status = Command::new("mkfs.erofs")
-        .arg("--quiet")
-        .arg(&image)
-        .arg(&stage)
-        .status()
-        .expect("mkfs.erofs (erofs-utils; hack/test installs it)");
-    assert!(status.success());
-
-    let store = TemplateStore::new(dir.join("templates"));
-    let spec = BuildSpec {
-        name: TemplateName::new("disk").unwrap(),
-        sandbox: SandboxConfig {
-            initramfs: busybox_initramfs(),
-            disks: vec![image.clone()],
-            ..Default::default()
-        },
-        spawn: vec![],
-        warm: vec![vec![
-            "/bin/busybox".into(),
-            "sh".into(),
-            "-c".into(),
-            "mkdir -p /mnt/image && mount -t erofs -o ro /dev/vda /mnt/image && \
-             cat /mnt/image/etc/hello.txt > /dev/null"
-                .into(),
-        ]],
-        settle: Duration::from_secs(1),
-        force: true,
-    };
     let _vm = vm_lock();
-    let report = zygote_tests::build_template(&store, &spec);
-    let template = Template::open(&report.dir).unwrap();
+    let template = image_template(
+        &dir,
+        &stage,
+        &image,
+        "cat /mnt/image/etc/hello.txt > /dev/null",
+    );
 
     let fork = Sandbox::fork(&template, Duration::from_secs(120)).expect("fork");
     let r = guest_sh(&fork, "cat /mnt/image/etc/hello.txt");
@@ -111,36 +120,8 @@ fn a_container_runs_from_its_image_in_a_fork() {
         std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
     }
     let image = dir.join("image.erofs");
-    assert!(
-        Command::new("mkfs.erofs")
-            .arg("--quiet")
-            .arg(&image)
-            .arg(&rootfs)
-            .status()
-            .unwrap()
-            .success()
-    );
-    let store = TemplateStore::new(dir.join("templates"));
-    let spec = BuildSpec {
-        name: TemplateName::new("ctr").unwrap(),
-        sandbox: SandboxConfig {
-            initramfs: busybox_initramfs(),
-            disks: vec![image.clone()],
-            ..Default::default()
-        },
-        spawn: vec![],
-        warm: vec![vec![
-            "/bin/busybox".into(),
-            "sh".into(),
-            "-c".into(),
-            "mkdir -p /mnt/image && mount -t erofs -o ro /dev/vda /mnt/image".into(),
-        ]],
-        settle: Duration::from_secs(1),
-        force: true,
-    };
     let _vm = vm_lock();
-    let report = zygote_tests::build_template(&store, &spec);
-    let template = Template::open(&report.dir).unwrap();
+    let template = image_template(&dir, &rootfs, &image, "true");
     let fork = Sandbox::fork(&template, Duration::from_secs(120)).expect("fork");
 
     let config = serde_json::json!({

@@ -135,19 +135,10 @@ fn sixteen_concurrent_forks_answer_on_a_fraction_of_their_memory() {
     let (store, name) = test_template();
     let meta = read_meta(&store.dir(name)).unwrap();
     let _vm = vm_lock();
-    let out = Command::new(zygote_bin())
-        .arg("--templates")
-        .arg(store.root())
-        .args(["fork", name.as_str(), "--count", "16", "--json"])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    let v = zygote_json(
+        store.root(),
+        &["fork", name.as_str(), "--count", "16", "--json"],
     );
-    let v: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
     assert_eq!(v["failed"], 0);
     let forks = v["forks"].as_array().unwrap();
     assert_eq!(forks.len(), 16);
@@ -287,6 +278,24 @@ fn bad_templates_are_refused_and_start_nothing() {
     std::fs::remove_dir_all(&root).unwrap();
 }
 
+/// Runs `zygote --templates ROOT ARGS...`, which must succeed, and returns the
+/// JSON of its last line of stdout.
+fn zygote_json(root: &Path, args: &[&str]) -> serde_json::Value {
+    let out = Command::new(zygote_bin())
+        .arg("--templates")
+        .arg(root)
+        .args(args)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "zygote {args:?}: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap()
+}
+
 /// File descriptors of this process on KVM (/dev/kvm, VMs, vCPUs).
 fn kvm_fds() -> usize {
     std::fs::read_dir("/proc/self/fd")
@@ -421,47 +430,23 @@ fn a_two_vcpu_template_built_by_the_cli_forks_with_both_cpus_running() {
     );
     let _ = std::fs::remove_dir_all(store.root());
     let _vm = vm_lock();
-    let out = Command::new(zygote_bin())
-        .arg("--templates")
-        .arg(store.root())
-        .args([
-            "template",
-            "build",
-            "--name",
-            "two",
-            "--vcpus",
-            "2",
-            "--json",
-            "--initramfs",
-        ])
-        .arg(zygote_tests::busybox_initramfs())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let built: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let image = zygote_tests::busybox_initramfs();
+    let build = [
+        "template",
+        "build",
+        "--name",
+        "two",
+        "--vcpus",
+        "2",
+        "--json",
+        "--initramfs",
+        image.to_str().unwrap(),
+    ];
+    let built = zygote_json(store.root(), &build);
     assert_eq!(built["vcpus"], 2);
     assert_eq!(built["reused"], false);
-    // A second build of the same name reuses it.
-    let again = Command::new(zygote_bin())
-        .arg("--templates")
-        .arg(store.root())
-        .args([
-            "template", "build", "--name", "two", "--vcpus", "2", "--json",
-        ])
-        .output()
-        .unwrap();
-    let again: serde_json::Value = serde_json::from_str(
-        String::from_utf8_lossy(&again.stdout)
-            .lines()
-            .last()
-            .unwrap(),
-    )
-    .unwrap();
+    // A second build of the same template reuses it.
+    let again = zygote_json(store.root(), &build);
     assert_eq!(again["reused"], true);
 
     let t = Template::open(&store.dir(&TemplateName::new("two").unwrap())).unwrap();

@@ -275,14 +275,12 @@ impl Vcpu {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::arch::x86_64::boot::LoadedKernel;
-    use crate::arch::x86_64::layout::HIMEM_START;
-    use crate::arch::x86_64::regs::EntryMode;
     use crate::devices::bus::Bus;
     use crate::exit::ExitSignal;
     use crate::snapshot::memory_file::write_memory;
     use crate::vstate::memory::GuestRam;
-    use crate::vstate::vcpu::{install_kick_handler, stop_threads};
+    use crate::vstate::vcpu::stop_threads;
+    use crate::vstate::vcpu::tests::tiny_vm;
     use std::sync::Arc;
     use std::sync::atomic::AtomicBool;
     use std::time::Duration;
@@ -312,23 +310,8 @@ mod tests {
 
     #[test]
     fn a_running_guest_continues_in_a_restored_vm_with_its_own_memory() {
-        install_kick_handler().unwrap();
-        let kvm = KvmHandle::open().expect("/dev/kvm is needed for the VMM tests");
-        let ram = GuestRam::new(16, false).unwrap();
-        let vm = Vm::new(&kvm, &ram.memory).unwrap();
         // loop: inc dword [COUNTER]; jmp loop
-        let code = [0xff, 0x05, 0x00, 0x50, 0x00, 0x00, 0xeb, 0xf8];
-        ram.memory
-            .write_slice(&code, GuestAddress(HIMEM_START))
-            .unwrap();
-        let kernel = LoadedKernel {
-            entry: GuestAddress(HIMEM_START),
-            mode: EntryMode::Pvh,
-            setup_header: None,
-            end: GuestAddress(HIMEM_START + code.len() as u64),
-        };
-        let vcpu = Vcpu::new(&vm, 0).unwrap();
-        vcpu.configure(&kvm, &ram.memory, &kernel, 1).unwrap();
+        let (kvm, ram, vm, vcpu) = tiny_vm(&[0xff, 0x05, 0x00, 0x50, 0x00, 0x00, 0xeb, 0xf8]);
         let vcpu = run_for(vcpu, Duration::from_millis(100));
         let at_snapshot: u32 = ram.memory.read_obj(GuestAddress(COUNTER)).unwrap();
         assert!(at_snapshot > 0, "the guest ran");

@@ -297,7 +297,7 @@ impl Vcpu {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::arch::x86_64::layout::HIMEM_START;
     use crate::arch::x86_64::regs::EntryMode;
@@ -334,7 +334,9 @@ mod tests {
 
     /// Boots `code` at 1 MiB in 32-bit protected mode (the PVH entry state) on the real /dev/kvm,
     /// with a recorder on port 0x3f8, one at MMIO 0xd000_0000, and the i8042 reset line.
-    fn run_tiny(code: &[u8]) -> TinyVm {
+    /// A 16 MiB VM on the real /dev/kvm whose one vCPU starts at `code`
+    /// (loaded at 1 MiB, 32-bit protected mode: the PVH entry state).
+    pub(crate) fn tiny_vm(code: &[u8]) -> (KvmHandle, GuestRam, Vm, Vcpu) {
         install_kick_handler().unwrap();
         let kvm = KvmHandle::open().expect("/dev/kvm is needed for the VMM tests");
         let ram = GuestRam::new(16, false).unwrap();
@@ -350,6 +352,11 @@ mod tests {
         };
         let vcpu = Vcpu::new(&vm, 0).unwrap();
         vcpu.configure(&kvm, &ram.memory, &kernel, 1).unwrap();
+        (kvm, ram, vm, vcpu)
+    }
+
+    fn run_tiny(code: &[u8]) -> TinyVm {
+        let (_kvm, ram, vm, vcpu) = tiny_vm(code);
         let exit = ExitSignal::default();
         let pio_log = Arc::new(Mutex::new(Recorder::default()));
         let mmio_log = Arc::new(Mutex::new(Recorder::default()));
