@@ -23,6 +23,11 @@ pub fn run_root() -> PathBuf {
     std::env::var_os("ZYGOTE_RUN").map_or_else(|| PathBuf::from("/run/zygote/vms"), PathBuf::from)
 }
 
+/// The image cache (`$ZYGOTE_IMAGES`, default `$ZYGOTE_HOME/images`).
+pub fn images() -> PathBuf {
+    std::env::var_os("ZYGOTE_IMAGES").map_or_else(|| home().join("images"), PathBuf::from)
+}
+
 /// The template store (`$ZYGOTE_TEMPLATES`, default `$ZYGOTE_HOME/templates`).
 pub fn templates() -> PathBuf {
     std::env::var_os("ZYGOTE_TEMPLATES").map_or_else(|| home().join("templates"), PathBuf::from)

@@ -346,3 +346,62 @@ pub fn build_template(
     }
     unreachable!("the last attempt returns or panics")
 }
+
+/// Runs `cmd`, panicking with its output if it fails.
+pub fn run_ok(cmd: &mut std::process::Command) {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A busybox OCI image built locally with `umoci` (no registry here): the
+/// layout `dir/layout`, tag `busybox`, one layer with /bin/busybox and the
+/// `applets` as links, /home/app and an empty /etc. Returns the layout.
+pub fn busybox_oci_image(dir: &Path, applets: &[&str]) -> PathBuf {
+    use std::process::Command;
+    let layout = dir.join("layout");
+    let bundle = dir.join("bundle");
+    let image = format!("{}:busybox", layout.display());
+    run_ok(
+        Command::new("umoci")
+            .arg("init")
+            .arg("--layout")
+            .arg(&layout),
+    );
+    run_ok(Command::new("umoci").args(["new", "--image", &image]));
+    run_ok(
+        Command::new("umoci")
+            .args(["unpack", "--image", &image])
+            .arg(&bundle),
+    );
+    let rootfs = bundle.join("rootfs");
+    for d in ["bin", "proc", "dev", "sys", "tmp", "etc", "home/app"] {
+        std::fs::create_dir_all(rootfs.join(d)).unwrap();
+    }
+    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).expect("busybox-static");
+    for applet in applets {
+        std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
+    }
+    run_ok(
+        Command::new("umoci")
+            .args(["repack", "--image", &image])
+            .arg(&bundle),
+    );
+    run_ok(Command::new("umoci").args([
+        "config",
+        "--image",
+        &image,
+        "--config.env",
+        "PATH=/bin",
+        "--config.cmd",
+        "/bin/sh",
+    ]));
+    std::fs::remove_dir_all(&bundle).unwrap();
+    layout
+}

@@ -3,25 +3,20 @@
 //! a fork of a template whose image changed is refused.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
+use zygote::image::ImageStore;
 use zygote::sandbox::{Sandbox, SandboxConfig};
 use zygote::template::BuildSpec;
 use zygote_agent_api::{request, response};
-use zygote_tests::{busybox_initramfs, guest_available, guest_sh, own_run_dirs, vm_lock};
+use zygote_tests::{
+    busybox_initramfs, busybox_oci_image, guest_available, guest_sh, own_run_dirs, vm_lock,
+};
 use zygote_vmm::snapshot::{Template, TemplateName, TemplateStore};
 
-/// Makes `image` (erofs) from the directory `rootfs`, and a template under
-/// `dir` that has it on /dev/vda, mounted at /mnt/image, then runs `then`.
-fn image_template(dir: &Path, rootfs: &Path, image: &Path, then: &str) -> Template {
-    let status = Command::new("mkfs.erofs")
-        .arg("--quiet")
-        .arg(image)
-        .arg(rootfs)
-        .status()
-        .expect("mkfs.erofs (erofs-utils; hack/test installs it)");
-    assert!(status.success());
+/// A template under `dir` that has `image` (erofs) on /dev/vda, mounted at
+/// /mnt/image, then runs `then`.
+fn image_template(dir: &Path, image: &Path, then: &str) -> Template {
     let store = TemplateStore::new(dir.join("templates"));
     let spec = BuildSpec {
         name: TemplateName::new("image").unwrap(),
@@ -54,14 +49,12 @@ fn an_image_mounted_in_the_template_is_read_in_forks() {
     let stage = dir.join("rootfs");
     std::fs::create_dir_all(stage.join("etc")).unwrap();
     std::fs::write(stage.join("etc/hello.txt"), "hello from the image\n").unwrap();
-    let image = dir.join("image.erofs");
+    let image = ImageStore::new(dir.join("images"))
+        .from_dir("hello", &stage)
+        .expect("mkfs.erofs (erofs-utils; hack/test installs it)")
+        .path;
     let _vm = vm_lock();
-    let template = image_template(
-        &dir,
-        &stage,
-        &image,
-        "cat /mnt/image/etc/hello.txt > /dev/null",
-    );
+    let template = image_template(&dir, &image, "cat /mnt/image/etc/hello.txt > /dev/null");
 
     let fork = Sandbox::fork(&template, Duration::from_secs(120)).expect("fork");
     let r = guest_sh(&fork, "cat /mnt/image/etc/hello.txt");
@@ -108,20 +101,25 @@ fn a_container_runs_from_its_image_in_a_fork() {
     }
     let dir = std::env::temp_dir().join(format!("zygote-ctr-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    // A busybox image: the rootfs a locally built OCI image would unpack to.
-    let rootfs = dir.join("rootfs");
-    for d in ["bin", "proc", "dev", "tmp", "etc", "home/app"] {
-        std::fs::create_dir_all(rootfs.join(d)).unwrap();
-    }
-    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).unwrap();
-    for applet in [
-        "sh", "echo", "id", "pwd", "cat", "uname", "dd", "sleep", "ls",
-    ] {
-        std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
-    }
-    let image = dir.join("image.erofs");
+    // A busybox OCI image built here, made into an erofs disk once (by its
+    // manifest digest: the second time it is found in the cache).
+    std::fs::create_dir_all(&dir).unwrap();
+    let layout = busybox_oci_image(
+        &dir,
+        &[
+            "sh", "echo", "id", "pwd", "cat", "uname", "dd", "sleep", "ls", "stty",
+        ],
+    );
+    let images = ImageStore::new(dir.join("images"));
+    let built = images.from_oci_layout(&layout, "busybox").unwrap();
+    assert!(
+        !built.cached && built.key.starts_with("sha256-"),
+        "{built:?}"
+    );
+    let again = images.from_oci_layout(&layout, "busybox").unwrap();
+    assert!(again.cached && again.path == built.path);
     let _vm = vm_lock();
-    let template = image_template(&dir, &rootfs, &image, "true");
+    let template = image_template(&dir, &built.path, "true");
     let fork = Sandbox::fork(&template, Duration::from_secs(120)).expect("fork");
 
     let config = serde_json::json!({
@@ -146,6 +144,7 @@ fn a_container_runs_from_its_image_in_a_fork() {
             id: id.clone(),
             spec_json: serde_json::to_vec(&config).unwrap(),
             rootfs: "/mnt/image".into(),
+            upper_size_mib: 16,
         }))
         .unwrap();
     assert!(matches!(created, response::Body::Empty(_)), "{created:?}");
@@ -181,6 +180,7 @@ fn a_container_runs_from_its_image_in_a_fork() {
         id: "c2".into(),
         spec_json: b"{\"process\": 1}".to_vec(),
         rootfs: "/mnt/image".into(),
+        upper_size_mib: 0,
     }));
     assert!(format!("{bad:?}").contains("invalid OCI spec"), "{bad:?}");
     let removed = client
@@ -188,8 +188,47 @@ fn a_container_runs_from_its_image_in_a_fork() {
         .unwrap();
     assert!(matches!(removed, response::Body::Empty(_)));
 
-    // A memory limit below what the process needs: the kernel OOM-kills it in its cgroup.
+    // A terminal (`-t`): the process's stdin is a tty of the size set.
     let call = |client: &mut zygote_agent_api::AgentClient, body| client.call(body).unwrap();
+    let mut on_tty = config.clone();
+    on_tty["process"]["terminal"] = serde_json::json!(true);
+    on_tty["process"]["args"] =
+        serde_json::json!(["/bin/sh", "-c", "[ -t 0 ] && echo on-a-tty; stty size"]);
+    call(
+        &mut client,
+        request::Body::CreateContainer(CreateContainer {
+            id: "tty".into(),
+            spec_json: serde_json::to_vec(&on_tty).unwrap(),
+            rootfs: "/mnt/image".into(),
+            upper_size_mib: 0,
+        }),
+    );
+    let resized = call(
+        &mut client,
+        request::Body::ResizeTty(zygote_agent_api::ResizeTty {
+            id: "tty".into(),
+            exec_id: String::new(),
+            width: 100,
+            height: 30,
+        }),
+    );
+    assert!(matches!(resized, response::Body::Empty(_)), "{resized:?}");
+    let mut tty =
+        attach_stdio(fork.vsock_path(), "tty", "stdout", Duration::from_secs(30)).unwrap();
+    call(&mut client, request::Body::StartContainer(cref("tty")));
+    call(&mut client, request::Body::WaitProcess(cref("tty")));
+    let mut text = String::new();
+    tty.read_to_string(&mut text).unwrap();
+    assert!(text.contains("on-a-tty\r\n30 100\r\n"), "{text:?}");
+    call(&mut client, request::Body::RemoveContainer(cref("tty")));
+
+    // A memory limit below what the process needs: the kernel OOM-kills it in
+    // its cgroup, and the OOM event reaches a host waiting on its own connection.
+    let mut events = fork.client().unwrap();
+    let oom_waiter = std::thread::spawn(move || {
+        events.set_timeout(Duration::from_secs(300)).unwrap();
+        events.call(request::Body::GetOomEvent(zygote_agent_api::Empty {}))
+    });
     let mut hungry = config.clone();
     hungry["process"]["args"] = serde_json::json!([
         "/bin/dd",
@@ -207,6 +246,7 @@ fn a_container_runs_from_its_image_in_a_fork() {
             id: "hungry".into(),
             spec_json: serde_json::to_vec(&hungry).unwrap(),
             rootfs: "/mnt/image".into(),
+            upper_size_mib: 0,
         }),
     );
     assert!(matches!(created, response::Body::Empty(_)), "{created:?}");
@@ -219,6 +259,10 @@ fn a_container_runs_from_its_image_in_a_fork() {
     };
     assert_eq!(exit.exit_code, 128 + 9, "killed by SIGKILL");
     assert!(exit.oom_killed, "reported as an OOM kill");
+    match oom_waiter.join().unwrap() {
+        Ok(response::Body::Oom(e)) => assert_eq!(e.id, "hungry", "{e:?}"),
+        other => panic!("no OOM event: {other:?}"),
+    }
     let response::Body::Stats(stats) = call(&mut client, request::Body::Stats(cref("hungry")))
     else {
         panic!("stats")
@@ -282,6 +326,7 @@ fn exec_round(
         id: id.clone(),
         spec_json: serde_json::to_vec(&svc).unwrap(),
         rootfs: "/mnt/image".into(),
+        upper_size_mib: 0,
     }))?;
     call(request::Body::StartContainer(cref(&id)))?;
     let exec = serde_json::json!({

@@ -30,6 +30,14 @@ pub fn setup() {
     mount("proc", "/proc", "proc", nosuid_nodev_noexec, "");
     mount("sysfs", "/sys", "sysfs", nosuid_nodev_noexec, "");
     mount("devtmpfs", "/dev", "devtmpfs", libc::MS_NOSUID, "mode=0755");
+    // Terminals for containers run with `-t` (/dev/ptmx finds this instance).
+    mount(
+        "devpts",
+        "/dev/pts",
+        "devpts",
+        libc::MS_NOSUID | libc::MS_NOEXEC,
+        "newinstance,ptmxmode=0666,mode=0620",
+    );
     mount(
         "tmpfs",
         "/tmp",

@@ -17,6 +17,7 @@ pub mod procs;
 pub mod reconcile;
 pub mod selftest;
 pub mod server;
+pub mod sockets;
 pub mod sys;
 pub mod vsock;
 pub mod workload;

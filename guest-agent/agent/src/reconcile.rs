@@ -305,13 +305,19 @@ pub fn apply(req: &Reconcile, received: Instant) -> ReconcileReport {
     });
     s.run("identity", || set_identity(req));
     s.run("network", || {
-        if req.interfaces.is_empty() {
-            "no interfaces given".into()
+        let interfaces = if req.interfaces.is_empty() {
+            "no interfaces given".to_string()
         } else {
             format!(
                 "{} interfaces given, not applied: the VM has no network device yet",
                 req.interfaces.len()
             )
+        };
+        let sockets =
+            crate::sockets::destroy_where(crate::sockets::TcpSocket::is_external_connection);
+        match sockets.strip_prefix("failed: ") {
+            Some(why) => format!("failed: {interfaces}; {why}"),
+            None => format!("{interfaces}; {sockets}"),
         }
     });
     let mut reports = Vec::new();

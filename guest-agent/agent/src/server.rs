@@ -79,6 +79,7 @@ fn container_call(
                 | ContainerError::Exists(_)
                 | ContainerError::State { .. } => Code::InvalidArgument,
                 ContainerError::Os { .. } => Code::Internal,
+                ContainerError::Unsupported(_) => Code::Unimplemented,
             };
             let Some(response::Body::Error(err)) = error_response(id, code, &e.to_string()).body
             else {
@@ -172,7 +173,7 @@ pub fn handle(req: Request, agent_started_ns: u64) -> (Response, After) {
         Some(request::Body::CreateContainer(c)) => container_call(
             id,
             Registry::global()
-                .create(&c.id, &c.spec_json, &c.rootfs)
+                .create(&c.id, &c.spec_json, &c.rootfs, c.upper_size_mib)
                 .map(|()| response::Body::Empty(zygote_agent_api::Empty {})),
         ),
         Some(request::Body::StartContainer(c)) => container_call(
@@ -212,6 +213,26 @@ pub fn handle(req: Request, agent_started_ns: u64) -> (Response, After) {
             Registry::global()
                 .remove(&c.key())
                 .map(|()| response::Body::Empty(zygote_agent_api::Empty {})),
+        ),
+        Some(request::Body::CloseStdin(c)) => container_call(
+            id,
+            Registry::global()
+                .close_stdin(&c.key())
+                .map(|()| response::Body::Empty(zygote_agent_api::Empty {})),
+        ),
+        Some(request::Body::ResizeTty(r)) => container_call(
+            id,
+            Registry::global()
+                .resize_tty(
+                    &zygote_agent_api::process_key(&r.id, &r.exec_id),
+                    r.width,
+                    r.height,
+                )
+                .map(|()| response::Body::Empty(zygote_agent_api::Empty {})),
+        ),
+        Some(request::Body::GetOomEvent(_)) => container_call(
+            id,
+            Registry::global().next_oom(None).map(response::Body::Oom),
         ),
         Some(request::Body::Sample(_)) => {
             (response::Body::Sample(reconcile::sample()), After::Continue)

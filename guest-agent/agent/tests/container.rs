@@ -21,7 +21,7 @@ fn busybox_rootfs(tag: &str) -> PathBuf {
     }
     std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static on the host");
     for applet in [
-        "sh", "echo", "id", "pwd", "hostname", "grep", "sleep", "cat", "ls",
+        "sh", "echo", "id", "pwd", "hostname", "grep", "sleep", "cat", "ls", "stty", "head",
     ] {
         std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
     }
@@ -217,18 +217,18 @@ fn registry_runs_a_container_with_streams_over_an_overlay() {
         serde_json::json!({}),
     );
     registry
-        .create("c1", &json, image.to_str().unwrap())
+        .create("c1", &json, image.to_str().unwrap(), 0)
         .unwrap();
     assert!(matches!(
-        registry.create("c1", &json, image.to_str().unwrap()),
+        registry.create("c1", &json, image.to_str().unwrap(), 0),
         Err(ContainerError::Exists(_))
     ));
     assert!(matches!(
-        registry.create("../x", &json, image.to_str().unwrap()),
+        registry.create("../x", &json, image.to_str().unwrap(), 0),
         Err(ContainerError::InvalidId(_))
     ));
     assert!(matches!(
-        registry.create("c2", &json, "relative"),
+        registry.create("c2", &json, "relative", 0),
         Err(ContainerError::Rootfs(_))
     ));
     assert!(matches!(
@@ -267,7 +267,7 @@ fn registry_runs_a_container_with_streams_over_an_overlay() {
     // An exec joins a running container: its root, hostname and PID namespace.
     let sleeper = spec(&["/bin/sleep", "100"], serde_json::json!({}));
     registry
-        .create("svc", &sleeper, image.to_str().unwrap())
+        .create("svc", &sleeper, image.to_str().unwrap(), 0)
         .unwrap();
     assert!(
         matches!(
@@ -304,6 +304,108 @@ fn registry_runs_a_container_with_streams_over_an_overlay() {
         Err(ContainerError::NotFound(_))
     ));
     assert!(read_stdio_header(&mut std::io::Cursor::new(b"no-newline".to_vec())).is_err());
+    std::fs::remove_dir_all(&image).unwrap();
+    let _ = std::fs::remove_dir_all(&state);
+}
+
+/// A host end of one of `id`'s streams, attached as the agent's stdio port does.
+fn attach_pair(
+    registry: &zygote_agent::container::registry::Registry,
+    id: &str,
+    stream: &str,
+) -> std::os::unix::net::UnixStream {
+    let (host, guest) = std::os::unix::net::UnixStream::pair().unwrap();
+    registry.attach(id, stream, guest).unwrap();
+    host
+}
+
+#[test]
+fn terminal_mode_close_stdin_and_a_limited_writable_layer() {
+    use std::io::Write;
+    use zygote_agent::container::registry::{ContainerError, Registry};
+    if !is_root() {
+        return;
+    }
+    let image = busybox_rootfs("tty");
+    let state = std::env::temp_dir().join(format!("zygote-tty-{}", std::process::id()));
+    let registry = Registry::new(&state, Path::new(AGENT), None);
+
+    // A terminal: one output stream, the process's stdin is a tty of the size set.
+    let json = spec(
+        &[
+            "/bin/sh",
+            "-c",
+            "[ -t 0 ] && [ -t 1 ] && echo is-a-tty; stty size; read x; echo got-$x",
+        ],
+        serde_json::json!({"terminal": true}),
+    );
+    registry
+        .create("t1", &json, image.to_str().unwrap(), 0)
+        .unwrap();
+    registry.resize_tty("t1", 100, 30).unwrap();
+    let mut tty_in = attach_pair(&registry, "t1", "stdin");
+    let mut tty_out = attach_pair(&registry, "t1", "stdout");
+    assert!(
+        matches!(
+            registry.attach("t1", "stderr", std::io::empty()),
+            Err(ContainerError::State { .. })
+        ),
+        "a terminal has no stderr"
+    );
+    registry.start("t1").unwrap();
+    tty_in.write_all(b"hello\n").unwrap();
+    let mut out = String::new();
+    tty_out.read_to_string(&mut out).unwrap();
+    assert_eq!(registry.wait("t1").unwrap(), 0, "{out}");
+    assert!(out.contains("is-a-tty\r\n"), "{out:?}");
+    assert!(out.contains("30 100\r\n"), "{out:?}");
+    assert!(out.contains("got-hello\r\n"), "{out:?}");
+    registry.remove("t1").unwrap();
+
+    // CloseStdin: `cat` reads end of file though the host's stream stays open.
+    let json = spec(&["/bin/sh", "-c", "cat; echo done"], serde_json::json!({}));
+    registry
+        .create("c1", &json, image.to_str().unwrap(), 0)
+        .unwrap();
+    let stdin = attach_pair(&registry, "c1", "stdin");
+    let mut stdout = attach_pair(&registry, "c1", "stdout");
+    assert!(
+        matches!(
+            registry.resize_tty("c1", 80, 24),
+            Err(ContainerError::State { .. })
+        ),
+        "not a terminal"
+    );
+    registry.start("c1").unwrap();
+    (&stdin).write_all(b"before close\n").unwrap();
+    registry.close_stdin("c1").unwrap();
+    assert_eq!(registry.wait("c1").unwrap(), 0);
+    let mut out = String::new();
+    stdout.read_to_string(&mut out).unwrap();
+    assert!(out.ends_with("done\n"), "{out:?}");
+    registry.remove("c1").unwrap();
+    drop(stdin);
+
+    // The writable layer is a tmpfs of the size asked for: 8 MB do not fit in 4 MiB.
+    let json = spec(
+        &[
+            "/bin/sh",
+            "-c",
+            "head -c 8000000 /dev/zero > /big || echo full",
+        ],
+        serde_json::json!({}),
+    );
+    registry
+        .create("w1", &json, image.to_str().unwrap(), 4)
+        .unwrap();
+    let mut stdout = attach_pair(&registry, "w1", "stdout");
+    registry.start("w1").unwrap();
+    registry.wait("w1").unwrap();
+    let mut out = String::new();
+    stdout.read_to_string(&mut out).unwrap();
+    assert!(out.contains("full"), "{out:?}");
+    registry.remove("w1").unwrap();
+    assert!(!state.join("w1").exists(), "its tmpfs is gone");
     std::fs::remove_dir_all(&image).unwrap();
     let _ = std::fs::remove_dir_all(&state);
 }

@@ -9,7 +9,7 @@ pub struct Request {
     /// What is asked.
     #[prost(
         oneof = "request::Body",
-        tags = "2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16"
+        tags = "2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19"
     )]
     pub body: Option<request::Body>,
 }
@@ -65,6 +65,16 @@ pub mod request {
         /// `StartContainer` naming its exec id).
         #[prost(message, tag = "16")]
         ExecProcess(super::ExecProcess),
+        /// Close a process's stdin (it reads end of file).
+        #[prost(message, tag = "17")]
+        CloseStdin(super::ContainerRef),
+        /// Set a terminal's window size.
+        #[prost(message, tag = "18")]
+        ResizeTty(super::ResizeTty),
+        /// Wait for the next OOM kill in any container (blocks; use its own
+        /// connection). Answered with `Oom`.
+        #[prost(message, tag = "19")]
+        GetOomEvent(super::Empty),
     }
 }
 
@@ -77,7 +87,7 @@ pub struct Response {
     /// The answer.
     #[prost(
         oneof = "response::Body",
-        tags = "2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 15"
+        tags = "2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 15"
     )]
     pub body: Option<response::Body>,
 }
@@ -120,6 +130,9 @@ pub mod response {
         /// A container's counters.
         #[prost(message, tag = "12")]
         Stats(super::ContainerStats),
+        /// A container's cgroup saw an OOM kill.
+        #[prost(message, tag = "13")]
+        Oom(super::OomEvent),
         /// The request failed.
         #[prost(message, tag = "15")]
         Error(super::Error),
@@ -529,6 +542,38 @@ pub struct CreateContainer {
     /// an overlay with a writable layer on tmpfs over it).
     #[prost(string, tag = "3")]
     pub rootfs: String,
+    /// Size limit of the writable layer's tmpfs, MiB (0: half the guest's
+    /// RAM, tmpfs's own default).
+    #[prost(uint32, tag = "4")]
+    pub upper_size_mib: u32,
+}
+
+/// A terminal's window size.
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct ResizeTty {
+    /// Container id.
+    #[prost(string, tag = "1")]
+    pub id: String,
+    /// Exec id (empty: the main process).
+    #[prost(string, tag = "2")]
+    pub exec_id: String,
+    /// Columns.
+    #[prost(uint32, tag = "3")]
+    pub width: u32,
+    /// Rows.
+    #[prost(uint32, tag = "4")]
+    pub height: u32,
+}
+
+/// An OOM kill in a container's cgroup (`memory.events` `oom_kill` grew).
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct OomEvent {
+    /// Container id.
+    #[prost(string, tag = "1")]
+    pub id: String,
+    /// Its cgroup's `oom_kill` count now.
+    #[prost(uint64, tag = "2")]
+    pub oom_kills: u64,
 }
 
 /// A container's process: its main one, or an exec.
@@ -682,6 +727,17 @@ mod tests {
                 exec_id: "e".into(),
                 process_json: b"{}".to_vec(),
             }),
+            Q::CloseStdin(ContainerRef {
+                id: "c".into(),
+                exec_id: "e".into(),
+            }),
+            Q::ResizeTty(ResizeTty {
+                id: "c".into(),
+                exec_id: String::new(),
+                width: 80,
+                height: 24,
+            }),
+            Q::GetOomEvent(Empty {}),
         ];
         for body in requests {
             let req = Request {
@@ -727,6 +783,10 @@ mod tests {
             A::Stats(ContainerStats {
                 oom_kills: 1,
                 ..Default::default()
+            }),
+            A::Oom(OomEvent {
+                id: "c".into(),
+                oom_kills: 2,
             }),
             A::Error(Error {
                 code: Code::NotFound as i32,

@@ -157,6 +157,17 @@ fn setup_and_exec(c: &LaunchConfig) -> String {
         if c.mounts.iter().any(|m| m.destination == Path::new("/dev")) {
             populate_dev(root)?;
         }
+        if c.terminal {
+            // As runc does: the terminal is also the container's /dev/console.
+            // By its path: the fd's mount belongs to the agent's namespace,
+            // which a bind mount may not take from.
+            let console = inside(root, Path::new("/dev/console"));
+            let pts = std::fs::read_link("/proc/self/fd/0")
+                .map_err(|e| format!("the terminal's path: {e}"))?;
+            if std::fs::File::create(&console).is_ok() {
+                mount(&pts.to_string_lossy(), &console, "", libc::MS_BIND, "")?;
+            }
+        }
         let root_c = cstr(root);
         // SAFETY: a valid path string.
         check(unsafe { libc::chdir(root_c.as_ptr()) }, "chdir rootfs")?;
@@ -198,9 +209,20 @@ fn setup_and_exec(c: &LaunchConfig) -> String {
     exec_process(c)
 }
 
-/// Hostname (if any), rlimits, groups, gid, uid, no_new_privs, cwd.
+/// Hostname (if any), controlling terminal (with `terminal`), rlimits,
+/// groups, gid, uid, no_new_privs, cwd.
 fn apply_hostname_and_credentials(c: &LaunchConfig) -> Result<(), String> {
     {
+        if c.terminal {
+            // A new session whose controlling terminal is stdin (the pty's slave).
+            // SAFETY: setsid has no arguments; this child is not a group leader.
+            if unsafe { libc::setsid() } < 0 {
+                return Err(format!("setsid: {}", std::io::Error::last_os_error()));
+            }
+            // SAFETY: TIOCSCTTY on fd 0 with an integer argument.
+            let rc = unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) };
+            check(rc, "set the controlling terminal")?;
+        }
         if let Some(h) = &c.hostname {
             // SAFETY: the pointer and length describe the hostname.
             let rc = unsafe { libc::sethostname(h.as_ptr().cast(), h.len()) };

@@ -7,6 +7,7 @@
 
 pub mod cgroup;
 pub mod init;
+pub mod oom;
 pub mod registry;
 pub mod spec;
 

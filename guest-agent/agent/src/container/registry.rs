@@ -43,6 +43,9 @@ pub enum ContainerError {
         /// Its state.
         state: &'static str,
     },
+    /// Not available here.
+    #[error("{0}")]
+    Unsupported(&'static str),
     /// A system call failed.
     #[error("{what}: {source}")]
     Os {
@@ -74,14 +77,78 @@ impl State {
     }
 }
 
-/// The agent's ends of a process's stdio pipes, until a stream takes them.
+/// The agent's ends of a process's stdio (pipes, or a terminal's master),
+/// until a stream takes them.
 #[derive(Default)]
 struct Pipes {
-    stdin: Option<File>,
+    /// Where stdin's bytes go; emptied by `CloseStdin` (or the end of the
+    /// host's stdin stream), which the process reads as end of file.
+    stdin: Arc<Mutex<Option<File>>>,
+    stdin_attached: bool,
     stdout: Option<File>,
+    /// None for a terminal (its output is all on stdout).
     stderr: Option<File>,
     /// The process's ends, handed to it at start.
     child: Option<(File, File, File)>,
+    /// The terminal's master, for window sizes.
+    tty: Option<File>,
+}
+
+impl Pipes {
+    /// Three pipes.
+    fn plain() -> Result<Self, ContainerError> {
+        let (in_r, in_w) = pipe()?;
+        let (out_r, out_w) = pipe()?;
+        let (err_r, err_w) = pipe()?;
+        Ok(Pipes {
+            stdin: Arc::new(Mutex::new(Some(in_w))),
+            stdin_attached: false,
+            stdout: Some(out_r),
+            stderr: Some(err_r),
+            child: Some((in_r, out_w, err_w)),
+            tty: None,
+        })
+    }
+
+    /// A pseudo-terminal: the process gets its slave side as stdin, stdout and
+    /// stderr (and makes it its controlling terminal).
+    fn terminal() -> Result<Self, ContainerError> {
+        let (mut master, mut slave) = (-1, -1);
+        // SAFETY: openpty fills two fds; the name, termios and winsize pointers may be null.
+        let rc = unsafe {
+            libc::openpty(
+                &mut master,
+                &mut slave,
+                std::ptr::null_mut(),
+                std::ptr::null(),
+                std::ptr::null(),
+            )
+        };
+        if rc != 0 {
+            return Err(os("open a terminal")(std::io::Error::last_os_error()));
+        }
+        // SAFETY: both fds were just created and are owned by nothing else.
+        let (master, slave) = unsafe {
+            (
+                File::from(OwnedFd::from_raw_fd(master)),
+                File::from(OwnedFd::from_raw_fd(slave)),
+            )
+        };
+        for f in [&master, &slave] {
+            use std::os::fd::AsRawFd;
+            // SAFETY: setting FD_CLOEXEC on an fd we own.
+            unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+        }
+        let dup = |f: &File| f.try_clone().map_err(os("dup the terminal"));
+        Ok(Pipes {
+            stdin: Arc::new(Mutex::new(Some(dup(&master)?))),
+            stdin_attached: false,
+            stdout: Some(dup(&master)?),
+            stderr: None,
+            child: Some((dup(&slave)?, dup(&slave)?, slave)),
+            tty: Some(master),
+        })
+    }
 }
 
 struct Container {
@@ -105,9 +172,11 @@ impl Container {
         cgroup: Option<PathBuf>,
         exec_in: Option<String>,
     ) -> Result<Self, ContainerError> {
-        let (in_r, in_w) = pipe()?;
-        let (out_r, out_w) = pipe()?;
-        let (err_r, err_w) = pipe()?;
+        let pipes = if config.terminal {
+            Pipes::terminal()?
+        } else {
+            Pipes::plain()?
+        };
         Ok(Container {
             config,
             dir,
@@ -115,12 +184,7 @@ impl Container {
             exec_in,
             state: Mutex::new(State::Created),
             exited: Condvar::new(),
-            pipes: Mutex::new(Pipes {
-                stdin: Some(in_w),
-                stdout: Some(out_r),
-                stderr: Some(err_r),
-                child: Some((in_r, out_w, err_w)),
-            }),
+            pipes: Mutex::new(pipes),
             drains: Mutex::default(),
         })
     }
@@ -133,6 +197,7 @@ pub struct Registry {
     state_dir: PathBuf,
     agent_exe: PathBuf,
     cgroup_root: Option<PathBuf>,
+    oom: OnceLock<Option<super::oom::OomWatcher>>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -203,11 +268,41 @@ fn mount_overlay(lower: &Path, dir: &Path) -> Result<PathBuf, ContainerError> {
     Ok(merged)
 }
 
+/// The container's state directory as its own tmpfs, limited to `size_mib`
+/// (0: tmpfs's default, half the RAM): the writable layer cannot fill the guest.
+fn mount_state_tmpfs(dir: &Path, size_mib: u32) -> Result<(), ContainerError> {
+    std::fs::create_dir_all(dir).map_err(os(format!("create {}", dir.display())))?;
+    let data = if size_mib == 0 {
+        "mode=0700".to_string()
+    } else {
+        format!("mode=0700,size={size_mib}m")
+    };
+    let c = |s: &str| std::ffi::CString::new(s).unwrap_or_default();
+    let (src, target, data_c) = (c("tmpfs"), c(&dir.to_string_lossy()), c(&data));
+    // SAFETY: valid NUL-terminated strings for the duration of the call.
+    let rc = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            target.as_ptr(),
+            src.as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV,
+            data_c.as_ptr().cast(),
+        )
+    };
+    if rc != 0 {
+        let e = std::io::Error::last_os_error();
+        let _ = std::fs::remove_dir(dir);
+        return Err(os("mount the writable layer's tmpfs")(e));
+    }
+    Ok(())
+}
+
 fn unmount_and_remove(dir: &Path) {
-    let merged = dir.join("rootfs");
-    if let Ok(c) = std::ffi::CString::new(merged.to_string_lossy().as_bytes()) {
-        // SAFETY: a valid path string.
-        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    for target in [dir.join("rootfs"), dir.to_path_buf()] {
+        if let Ok(c) = std::ffi::CString::new(target.to_string_lossy().as_bytes()) {
+            // SAFETY: a valid path string.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
     }
     let _ = std::fs::remove_dir_all(dir);
 }
@@ -221,6 +316,7 @@ impl Registry {
             state_dir: state_dir.into(),
             agent_exe: agent_exe.into(),
             cgroup_root: cgroup_root.and_then(super::cgroup::v2_root),
+            oom: OnceLock::new(),
         }
     }
 
@@ -247,7 +343,13 @@ impl Registry {
 
     /// Checks the spec, mounts the container's root (an overlay with a tmpfs
     /// upper over `rootfs`) and makes its stdio pipes.
-    pub fn create(&self, id: &str, spec_json: &[u8], rootfs: &str) -> Result<(), ContainerError> {
+    pub fn create(
+        &self,
+        id: &str,
+        spec_json: &[u8],
+        rootfs: &str,
+        upper_size_mib: u32,
+    ) -> Result<(), ContainerError> {
         if !valid_id(id) {
             return Err(ContainerError::InvalidId(id.into()));
         }
@@ -264,12 +366,17 @@ impl Registry {
         }
         let mut cgroup_dir = None;
         let result = (|| {
+            mount_state_tmpfs(&dir, upper_size_mib)?;
             let merged = mount_overlay(lower, &dir)?;
             let mut config = launch_config(spec_json, &merged)?;
             if let Some(root) = &self.cgroup_root {
                 let cg = super::cgroup::create(root, id, &config.resources)
                     .map_err(os(format!("create the cgroup of {id}")))?;
                 cgroup_dir = Some(cg.clone());
+                if let Some(w) = self.oom() {
+                    w.watch(id, &cg)
+                        .map_err(os(format!("watch the OOM events of {id}")))?;
+                }
                 config.cgroup = Some(cg);
             }
             let cgroup = config.cgroup.clone();
@@ -282,6 +389,9 @@ impl Registry {
             }
             Err(e) => {
                 if let Some(cg) = &cgroup_dir {
+                    if let Some(w) = self.oom() {
+                        w.unwatch(id);
+                    }
                     super::cgroup::remove(cg);
                 }
                 unmount_and_remove(&dir);
@@ -412,34 +522,101 @@ impl Registry {
     {
         let c = self.get(id)?;
         let mut pipes = c.pipes.lock().expect("pipes lock");
-        let taken = match stream {
-            "stdin" => pipes.stdin.take().map(|p| (p, true)),
-            "stdout" => pipes.stdout.take().map(|p| (p, false)),
-            "stderr" => pipes.stderr.take().map(|p| (p, false)),
+        let busy = || ContainerError::State {
+            id: id.into(),
+            state: "already attached, or no such stream",
+        };
+        if stream == "stdin" {
+            if pipes.stdin_attached {
+                return Err(busy());
+            }
+            let slot = pipes.stdin.clone();
+            std::thread::Builder::new()
+                .name("agent-stdin".into())
+                .spawn(move || forward_stdin(conn, &slot))
+                .map_err(os("start a stdio thread"))?;
+            pipes.stdin_attached = true;
+            return Ok(());
+        }
+        let output = match stream {
+            "stdout" => pipes.stdout.take(),
+            "stderr" => pipes.stderr.take(),
             _ => None,
         };
-        let Some((pipe, is_stdin)) = taken else {
-            return Err(ContainerError::State {
-                id: id.into(),
-                state: "already attached, or no such stream",
-            });
-        };
+        let mut output = output.ok_or_else(busy)?;
         let handle = std::thread::Builder::new()
             .name("agent-stdio".into())
             .spawn(move || {
-                let (mut pipe, mut conn) = (pipe, conn);
-                if is_stdin {
-                    let _ = std::io::copy(&mut conn, &mut pipe);
-                } else {
-                    let _ = std::io::copy(&mut pipe, &mut conn);
-                    let _ = conn.flush();
-                }
+                let mut conn = conn;
+                // A terminal's master reads EIO once the process side is gone
+                // (after what it wrote): that is its end of file.
+                let _ = std::io::copy(&mut output, &mut conn);
+                let _ = conn.flush();
             })
             .map_err(os("start a stdio thread"))?;
-        if !is_stdin {
-            c.drains.lock().expect("drains lock").push(handle);
+        c.drains.lock().expect("drains lock").push(handle);
+        Ok(())
+    }
+
+    /// Closes the process's stdin: it reads end of file (a terminal stays
+    /// open, only the host's input stops).
+    pub fn close_stdin(&self, id: &str) -> Result<(), ContainerError> {
+        let c = self.get(id)?;
+        let slot = c.pipes.lock().expect("pipes lock").stdin.clone();
+        slot.lock().expect("stdin lock").take();
+        Ok(())
+    }
+
+    /// Sets the terminal's window size.
+    pub fn resize_tty(&self, id: &str, width: u32, height: u32) -> Result<(), ContainerError> {
+        use std::os::fd::AsRawFd;
+        let c = self.get(id)?;
+        let pipes = c.pipes.lock().expect("pipes lock");
+        let Some(tty) = &pipes.tty else {
+            return Err(ContainerError::State {
+                id: id.into(),
+                state: "not on a terminal",
+            });
+        };
+        let size = libc::winsize {
+            ws_row: height.min(u32::from(u16::MAX)) as u16,
+            ws_col: width.min(u32::from(u16::MAX)) as u16,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: TIOCSWINSZ on a terminal fd we own, with a valid winsize.
+        if unsafe { libc::ioctl(tty.as_raw_fd(), libc::TIOCSWINSZ, &size) } != 0 {
+            return Err(os("set the window size")(std::io::Error::last_os_error()));
         }
         Ok(())
+    }
+
+    /// The OOM watcher (None where there are no cgroups).
+    fn oom(&self) -> Option<&super::oom::OomWatcher> {
+        self.cgroup_root.as_ref()?;
+        self.oom
+            .get_or_init(|| match super::oom::OomWatcher::start() {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    eprintln!("zygote-agent: no OOM events: {e}");
+                    None
+                }
+            })
+            .as_ref()
+    }
+
+    /// The next OOM kill in any container; waits up to `timeout` (None: forever).
+    pub fn next_oom(
+        &self,
+        timeout: Option<std::time::Duration>,
+    ) -> Result<zygote_agent_api::OomEvent, ContainerError> {
+        let Some(w) = self.oom() else {
+            return Err(ContainerError::Unsupported(
+                "OOM events need the guest's cgroup2 memory controller",
+            ));
+        };
+        w.next(timeout)
+            .ok_or(ContainerError::Unsupported("no OOM event in time"))
     }
 
     /// Waits for the container's process to exit; returns its exit code.
@@ -504,6 +681,9 @@ impl Registry {
         }
         unmount_and_remove(&c.dir);
         if let Some(cg) = &c.cgroup {
+            if let Some(w) = self.oom() {
+                w.unwatch(id);
+            }
             super::cgroup::remove(cg);
         }
         Ok(())
@@ -529,6 +709,29 @@ impl Registry {
     pub fn oom_killed(&self, id: &str) -> bool {
         self.stats(id).is_ok_and(|s| s.oom_kills > 0)
     }
+}
+
+/// Copies the host's stdin stream into the process's stdin while it is open;
+/// the end of the host's stream closes it.
+fn forward_stdin(mut conn: impl Read, slot: &Mutex<Option<File>>) {
+    let mut buf = vec![0u8; 32 * 1024];
+    loop {
+        let n = match conn.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        // A duplicate per write, so `CloseStdin` never waits on a blocked write.
+        let target = slot
+            .lock()
+            .expect("stdin lock")
+            .as_ref()
+            .and_then(|f| f.try_clone().ok());
+        let Some(mut f) = target else { return };
+        if f.write_all(&buf[..n]).is_err() {
+            return;
+        }
+    }
+    slot.lock().expect("stdin lock").take();
 }
 
 /// Reads the stream header `<id> <stream>\n` (at most 128 bytes, byte by byte

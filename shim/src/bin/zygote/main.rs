@@ -154,10 +154,28 @@ enum Command {
         #[arg(long = "policy")]
         policy: Vec<String>,
     },
+    /// Make container images into read-only disks (cached by digest).
+    Image {
+        #[command(subcommand)]
+        command: ImageCommand,
+    },
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
         command: BenchCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ImageCommand {
+    /// Unpack an image of a local OCI image layout and make it an erofs disk
+    /// (for `template build --disk`); reused while the manifest is the same.
+    Build {
+        /// LAYOUT_DIR:TAG (the tag may be left out when the layout has one image).
+        reference: String,
+        /// Print the result as JSON (last line of stdout).
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -230,6 +248,29 @@ fn main() -> ExitCode {
 fn run(store: &TemplateStore, command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Template { command } => templates::run(store, command),
+        Command::Image {
+            command: ImageCommand::Build { reference, json },
+        } => {
+            let (layout, tag) = zygote::image::split_layout_ref(&reference);
+            let built = zygote::image::ImageStore::new(paths::images())
+                .from_oci_layout(&layout, &tag)
+                .with_context(|| format!("cannot make a disk of image {reference}"))?;
+            if json {
+                println!("{}", serde_json::to_string(&built)?);
+            } else {
+                println!(
+                    "{} {} ({})",
+                    built.key,
+                    built.path.display(),
+                    if built.cached {
+                        "cached".to_string()
+                    } else {
+                        format!("built in {:.0} ms", built.build_ms)
+                    }
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Fork {
             template,
             count,
