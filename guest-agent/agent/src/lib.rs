@@ -12,6 +12,7 @@
 pub mod container;
 pub mod detect;
 pub mod exec;
+pub mod image;
 pub mod init;
 pub mod procs;
 pub mod reconcile;

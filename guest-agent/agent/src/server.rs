@@ -7,7 +7,7 @@ use zygote_agent_api::{Code, Error, Pong, Request, Response, request, response};
 
 use crate::container::registry::{ContainerError, Registry};
 use crate::vsock::VsockListener;
-use crate::{exec, init, reconcile, selftest, sys, workload};
+use crate::{exec, image, init, reconcile, selftest, sys, workload};
 
 /// Accepts connections forever, one thread each.
 pub fn serve(listener: VsockListener, agent_started_ns: u64) {
@@ -233,6 +233,31 @@ pub fn handle(req: Request, agent_started_ns: u64) -> (Response, After) {
         Some(request::Body::GetOomEvent(_)) => container_call(
             id,
             Registry::global().next_oom(None).map(response::Body::Oom),
+        ),
+        Some(request::Body::MountImage(m)) => match image::mount(&m.device, &m.target, m.warm) {
+            Ok(warmed_bytes) => (
+                response::Body::Mounted(zygote_agent_api::Mounted { warmed_bytes }),
+                After::Continue,
+            ),
+            Err(e) => {
+                let code = match e {
+                    image::MountError::Mount { .. } => Code::Internal,
+                    _ => Code::InvalidArgument,
+                };
+                return (error_response(id, code, &e.to_string()), After::Continue);
+            }
+        },
+        Some(request::Body::ListPids(c)) => container_call(
+            id,
+            Registry::global()
+                .pids(&c.key())
+                .map(|pids| response::Body::Pids(zygote_agent_api::Pids { pids })),
+        ),
+        Some(request::Body::UpdateResources(u)) => container_call(
+            id,
+            Registry::global()
+                .update(&u.id, &u.resources_json)
+                .map(|()| response::Body::Empty(zygote_agent_api::Empty {})),
         ),
         Some(request::Body::Sample(_)) => {
             (response::Body::Sample(reconcile::sample()), After::Continue)

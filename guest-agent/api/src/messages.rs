@@ -9,7 +9,7 @@ pub struct Request {
     /// What is asked.
     #[prost(
         oneof = "request::Body",
-        tags = "2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19"
+        tags = "2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22"
     )]
     pub body: Option<request::Body>,
 }
@@ -75,6 +75,15 @@ pub mod request {
         /// connection). Answered with `Oom`.
         #[prost(message, tag = "19")]
         GetOomEvent(super::Empty),
+        /// Mount an image disk read-only (answered with `Mounted`).
+        #[prost(message, tag = "20")]
+        MountImage(super::MountImage),
+        /// The processes of a container (answered with `Pids`).
+        #[prost(message, tag = "21")]
+        ListPids(super::ContainerRef),
+        /// Change a container's cgroup limits.
+        #[prost(message, tag = "22")]
+        UpdateResources(super::UpdateResources),
     }
 }
 
@@ -87,7 +96,7 @@ pub struct Response {
     /// The answer.
     #[prost(
         oneof = "response::Body",
-        tags = "2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 15"
+        tags = "2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16"
     )]
     pub body: Option<response::Body>,
 }
@@ -133,6 +142,12 @@ pub mod response {
         /// A container's cgroup saw an OOM kill.
         #[prost(message, tag = "13")]
         Oom(super::OomEvent),
+        /// Process ids.
+        #[prost(message, tag = "14")]
+        Pids(super::Pids),
+        /// An image was mounted.
+        #[prost(message, tag = "16")]
+        Mounted(super::Mounted),
         /// The request failed.
         #[prost(message, tag = "15")]
         Error(super::Error),
@@ -548,6 +563,47 @@ pub struct CreateContainer {
     pub upper_size_mib: u32,
 }
 
+/// Mount a read-only image disk.
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct MountImage {
+    /// `/dev/vdX`.
+    #[prost(string, tag = "1")]
+    pub device: String,
+    /// Absolute mount point.
+    #[prost(string, tag = "2")]
+    pub target: String,
+    /// Read every file once (into the page cache a template shares).
+    #[prost(bool, tag = "3")]
+    pub warm: bool,
+}
+
+/// An image is mounted.
+#[derive(Clone, Copy, PartialEq, Eq, prost::Message)]
+pub struct Mounted {
+    /// Bytes read to warm it.
+    #[prost(uint64, tag = "1")]
+    pub warmed_bytes: u64,
+}
+
+/// Process ids (as the guest sees them).
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct Pids {
+    /// Pids.
+    #[prost(uint32, repeated, tag = "1")]
+    pub pids: Vec<u32>,
+}
+
+/// New cgroup limits for a container.
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct UpdateResources {
+    /// Container id.
+    #[prost(string, tag = "1")]
+    pub id: String,
+    /// An OCI `linux.resources` object (JSON).
+    #[prost(bytes = "vec", tag = "2")]
+    pub resources_json: Vec<u8>,
+}
+
 /// A terminal's window size.
 #[derive(Clone, PartialEq, Eq, prost::Message)]
 pub struct ResizeTty {
@@ -738,6 +794,19 @@ mod tests {
                 height: 24,
             }),
             Q::GetOomEvent(Empty {}),
+            Q::MountImage(MountImage {
+                device: "/dev/vda".into(),
+                target: "/x".into(),
+                warm: true,
+            }),
+            Q::ListPids(ContainerRef {
+                id: "c".into(),
+                exec_id: String::new(),
+            }),
+            Q::UpdateResources(UpdateResources {
+                id: "c".into(),
+                resources_json: b"{}".to_vec(),
+            }),
         ];
         for body in requests {
             let req = Request {
@@ -788,6 +857,8 @@ mod tests {
                 id: "c".into(),
                 oom_kills: 2,
             }),
+            A::Pids(Pids { pids: vec![1, 2] }),
+            A::Mounted(Mounted { warmed_bytes: 5 }),
             A::Error(Error {
                 code: Code::NotFound as i32,
                 message: "x".into(),

@@ -24,8 +24,18 @@ pub fn create(root: &Path, id: &str, resources: &Resources) -> std::io::Result<P
     std::fs::write(parent.join("cgroup.subtree_control"), CONTROLLERS)?;
     let dir = parent.join(id);
     std::fs::create_dir(&dir)?;
+    let result = apply(&dir, resources);
+    if result.is_err() {
+        let _ = std::fs::remove_dir(&dir);
+    }
+    result.map(|()| dir)
+}
+
+/// Writes the limits `resources` sets into the cgroup `dir` (those it leaves
+/// out stay as they are).
+pub fn apply(dir: &Path, resources: &Resources) -> std::io::Result<()> {
     let set = |file: &str, value: String| std::fs::write(dir.join(file), value);
-    let result = (|| {
+    {
         if let Some(m) = resources.memory_max.filter(|&m| m > 0) {
             set("memory.max", m.to_string())?;
             // No swap in the guest; be explicit for hosts that have it.
@@ -44,11 +54,16 @@ pub fn create(root: &Path, id: &str, resources: &Resources) -> std::io::Result<P
             set("cpu.weight", weight.to_string())?;
         }
         Ok(())
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_dir(&dir);
     }
-    result.map(|()| dir)
+}
+
+/// The processes in the cgroup `dir` (`cgroup.procs`).
+pub fn pids(dir: &Path) -> Vec<u32> {
+    std::fs::read_to_string(dir.join("cgroup.procs"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
 }
 
 /// A counter `key` from a flat-keyed cgroup file (`memory.events`, `cpu.stat`).

@@ -705,6 +705,35 @@ impl Registry {
         })
     }
 
+    /// The processes of container `id` (its cgroup's; without a cgroup, its
+    /// init and the init's child), as the agent sees their pids.
+    pub fn pids(&self, id: &str) -> Result<Vec<u32>, ContainerError> {
+        let c = self.get(id)?;
+        if let Some(cg) = &c.config.cgroup {
+            return Ok(super::cgroup::pids(cg));
+        }
+        let state = c.state.lock().expect("state lock");
+        Ok(match *state {
+            State::Running { init_pid } => std::iter::once(init_pid)
+                .chain(process_pid(init_pid))
+                .collect(),
+            _ => Vec::new(),
+        })
+    }
+
+    /// Changes the limits of container `id`'s cgroup (an OCI
+    /// `linux.resources` object).
+    pub fn update(&self, id: &str, resources_json: &[u8]) -> Result<(), ContainerError> {
+        let c = self.get(id)?;
+        let resources = super::spec::parse_resources(resources_json)?;
+        let Some(cg) = &c.cgroup else {
+            return Err(ContainerError::Unsupported(
+                "resource limits need the guest's cgroup2 (and not an exec)",
+            ));
+        };
+        super::cgroup::apply(cg, &resources).map_err(os(format!("update the cgroup of {id}")))
+    }
+
     /// Whether the container's cgroup saw an OOM kill.
     pub fn oom_killed(&self, id: &str) -> bool {
         self.stats(id).is_ok_and(|s| s.oom_kills > 0)

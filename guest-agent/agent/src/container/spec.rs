@@ -218,21 +218,45 @@ pub fn launch_config(json: &[u8], rootfs: &Path) -> Result<LaunchConfig, SpecErr
             .linux()
             .as_ref()
             .and_then(|l| l.resources().as_ref())
-            .map(|r| Resources {
-                memory_max: r.memory().as_ref().and_then(|m| m.limit()),
-                pids_max: r.pids().as_ref().map(|p| p.limit()),
-                cpu_quota: r.cpu().as_ref().and_then(|c| c.quota()),
-                cpu_period: r.cpu().as_ref().and_then(|c| c.period()),
-                cpu_shares: r.cpu().as_ref().and_then(|c| c.shares()),
-            })
+            .map(resources_of)
             .unwrap_or_default(),
         cgroup: None,
     })
 }
 
+fn resources_of(r: &oci_spec::runtime::LinuxResources) -> Resources {
+    Resources {
+        memory_max: r.memory().as_ref().and_then(|m| m.limit()),
+        pids_max: r.pids().as_ref().map(|p| p.limit()),
+        cpu_quota: r.cpu().as_ref().and_then(|c| c.quota()),
+        cpu_period: r.cpu().as_ref().and_then(|c| c.period()),
+        cpu_shares: r.cpu().as_ref().and_then(|c| c.shares()),
+    }
+}
+
+/// An OCI `linux.resources` object (JSON), as for `ctr task update`.
+pub fn parse_resources(json: &[u8]) -> Result<Resources, SpecError> {
+    let r: oci_spec::runtime::LinuxResources =
+        serde_json::from_slice(json).map_err(|e| SpecError::Parse(e.to_string()))?;
+    Ok(resources_of(&r))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resources_of_an_update() {
+        let r = parse_resources(
+            br#"{"memory": {"limit": 1048576}, "cpu": {"quota": 20000, "period": 100000}, "pids": {"limit": 7}}"#,
+        )
+        .unwrap();
+        assert_eq!(r.memory_max, Some(1 << 20));
+        assert_eq!((r.cpu_quota, r.cpu_period), (Some(20_000), Some(100_000)));
+        assert_eq!(r.pids_max, Some(7));
+        assert_eq!(parse_resources(b"{}").unwrap(), Resources::default());
+        assert!(parse_resources(b"[1]").is_err());
+    }
 
     pub(crate) fn spec_json(args: &[&str], extra: serde_json::Value) -> Vec<u8> {
         let mut v = serde_json::json!({

@@ -1,0 +1,148 @@
+//! The image disks: a read-only block device (erofs or ext4) mounted where
+//! containers take their root from, and optionally read once so its pages are
+//! in the page cache of a template (every fork then shares them).
+
+use std::io::Read;
+use std::path::Path;
+
+use crate::container::spec::plain_absolute;
+
+/// Why an image could not be mounted.
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    /// Not a virtio disk.
+    #[error("device {0:?} must be /dev/vd followed by letters")]
+    Device(String),
+    /// Not a usable mount point.
+    #[error("target {0:?} must be an absolute path without . or ..")]
+    Target(String),
+    /// The mount failed.
+    #[error("mount {device} on {target}: {source}")]
+    Mount {
+        /// Device.
+        device: String,
+        /// Where.
+        target: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+}
+
+fn valid_device(device: &str) -> bool {
+    device
+        .strip_prefix("/dev/vd")
+        .is_some_and(|rest| !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_lowercase()))
+}
+
+/// Mounts `device` read-only at `target` (erofs, else ext4); mounting the same
+/// again is not an error. With `warm`, reads every regular file once. Returns
+/// the bytes read.
+pub fn mount(device: &str, target: &str, warm: bool) -> Result<u64, MountError> {
+    if !valid_device(device) {
+        return Err(MountError::Device(device.into()));
+    }
+    if !plain_absolute(Path::new(target)) || target == "/" {
+        return Err(MountError::Target(target.into()));
+    }
+    let failed = |source| MountError::Mount {
+        device: device.into(),
+        target: target.into(),
+        source,
+    };
+    std::fs::create_dir_all(target).map_err(failed)?;
+    let c = |s: &str| std::ffi::CString::new(s).unwrap_or_default();
+    let (dev_c, target_c) = (c(device), c(target));
+    let mut result = Err(std::io::Error::from_raw_os_error(libc::ENODEV));
+    for fstype in [c"erofs", c"ext4"] {
+        // SAFETY: valid NUL-terminated strings; no data argument.
+        let rc = unsafe {
+            libc::mount(
+                dev_c.as_ptr(),
+                target_c.as_ptr(),
+                fstype.as_ptr(),
+                libc::MS_RDONLY | libc::MS_NODEV | libc::MS_NOSUID,
+                std::ptr::null(),
+            )
+        };
+        result = if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        };
+        match &result {
+            Ok(()) => break,
+            // Already mounted here (the template did it).
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                result = Ok(());
+                break;
+            }
+            Err(_) => {}
+        }
+    }
+    result.map_err(failed)?;
+    Ok(if warm { read_all(Path::new(target)) } else { 0 })
+}
+
+/// Reads every regular file below `dir` (not following symbolic links).
+fn read_all(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let Ok(kind) = e.file_type() else { continue };
+            if kind.is_dir() {
+                stack.push(e.path());
+            } else if kind.is_file() {
+                if let Ok(mut f) = std::fs::File::open(e.path()) {
+                    while let Ok(n) = f.read(&mut buf) {
+                        if n == 0 {
+                            break;
+                        }
+                        total += n as u64;
+                    }
+                }
+            }
+        }
+    }
+    total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn devices_and_targets_are_checked_first() {
+        assert!(matches!(
+            mount("/dev/sda", "/mnt/x", false),
+            Err(MountError::Device(_))
+        ));
+        assert!(matches!(
+            mount("/dev/vd", "/mnt/x", false),
+            Err(MountError::Device(_))
+        ));
+        assert!(matches!(
+            mount("/dev/vda/../sda", "/mnt/x", false),
+            Err(MountError::Device(_))
+        ));
+        assert!(matches!(
+            mount("/dev/vda", "/mnt/../etc", false),
+            Err(MountError::Target(_))
+        ));
+        assert!(matches!(
+            mount("/dev/vda", "relative", false),
+            Err(MountError::Target(_))
+        ));
+        let d = std::env::temp_dir().join(format!("zygote-warm-{}", std::process::id()));
+        std::fs::create_dir_all(d.join("a/b")).unwrap();
+        std::fs::write(d.join("a/b/f"), vec![1u8; 1000]).unwrap();
+        std::fs::write(d.join("g"), vec![1u8; 24]).unwrap();
+        std::os::unix::fs::symlink("g", d.join("link")).unwrap();
+        assert_eq!(read_all(&d), 1024);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+}
