@@ -60,6 +60,36 @@ fn realtime_ns() -> u64 {
         .map_or(0, |d| d.as_nanos() as u64)
 }
 
+/// Parses a policy rule `CLASS=keep|restart|notify[:SIGNAL]`.
+pub fn parse_policy(rule: &str) -> Result<PolicyRule, String> {
+    let (class, action) = rule
+        .split_once('=')
+        .ok_or_else(|| format!("policy {rule:?}: expected CLASS=ACTION"))?;
+    let (action, signal) = match action.split_once(':') {
+        Some((a, s)) => (
+            a,
+            s.parse::<i32>()
+                .map_err(|e| format!("policy {rule:?}: signal number: {e}"))?,
+        ),
+        None => (action, 0),
+    };
+    let action = match action {
+        "keep" => Action::Keep,
+        "restart" => Action::Restart,
+        "notify" => Action::Notify,
+        other => {
+            return Err(format!(
+                "policy {rule:?}: unknown action {other:?} (keep, restart, notify)"
+            ));
+        }
+    };
+    Ok(PolicyRule {
+        class: class.into(),
+        action: action as i32,
+        signal,
+    })
+}
+
 /// Fills `buf` from the host's CSPRNG.
 pub fn host_random(buf: &mut [u8]) -> std::io::Result<()> {
     zygote_vmm::devices::virtio::rng::getrandom(buf)

@@ -24,6 +24,9 @@ pub struct BuildSpec {
     pub name: TemplateName,
     /// The VM to boot.
     pub sandbox: SandboxConfig,
+    /// Image disks mounted (and read into the page cache) first: every fork
+    /// has them mounted, their pages shared.
+    pub mounts: Vec<zygote_agent_api::MountImage>,
     /// Long-running processes started in the guest before the warm-up commands
     /// (they are in every fork; the reconcile audits them).
     pub spawn: Vec<Spawn>,
@@ -163,6 +166,9 @@ pub fn build(store: &TemplateStore, spec: &BuildSpec) -> Result<BuildReport, Bui
         }
     }
     let sandbox = Sandbox::boot(&spec.sandbox)?;
+    for m in &spec.mounts {
+        mount_image(&sandbox, m)?;
+    }
     for process in &spec.spawn {
         start_process(&sandbox, process)?;
     }
@@ -261,6 +267,22 @@ pub fn stale_reason(meta: &TemplateMeta, spec: &BuildSpec) -> Option<String> {
     None
 }
 
+fn mount_image(sandbox: &Sandbox, m: &zygote_agent_api::MountImage) -> Result<(), BuildError> {
+    let fail = |detail: String| BuildError::Warm {
+        argv: vec!["mount".into(), m.device.clone(), m.target.clone()],
+        detail,
+    };
+    let mut client = sandbox.client()?;
+    client
+        .set_timeout(Duration::from_secs(300))
+        .map_err(|e| fail(e.to_string()))?;
+    match client.call(request::Body::MountImage(m.clone())) {
+        Ok(response::Body::Mounted(_)) => Ok(()),
+        Ok(other) => Err(fail(format!("unexpected answer {other:?}"))),
+        Err(e) => Err(fail(e.to_string())),
+    }
+}
+
 fn start_process(sandbox: &Sandbox, spec: &Spawn) -> Result<(), BuildError> {
     let fail = |detail: String| BuildError::Warm {
         argv: spec.argv.clone(),
@@ -313,6 +335,7 @@ mod tests {
         std::fs::write(&kernel, b"k").unwrap();
         std::fs::write(&image, b"i").unwrap();
         let spec = BuildSpec {
+            mounts: vec![],
             name: TemplateName::new("t").unwrap(),
             sandbox: SandboxConfig {
                 kernel: kernel.clone(),

@@ -134,6 +134,7 @@ pub fn test_template() -> &'static (
         let store =
             zygote_vmm::snapshot::TemplateStore::new(zygote::paths::home().join("test-templates"));
         let spec = zygote::template::BuildSpec {
+            mounts: vec![],
             name: name.clone(),
             sandbox: zygote::sandbox::SandboxConfig {
                 kernel,

@@ -19,6 +19,7 @@ use zygote_vmm::snapshot::{Template, TemplateName, TemplateStore};
 fn image_template(dir: &Path, image: &Path, then: &str) -> Template {
     let store = TemplateStore::new(dir.join("templates"));
     let spec = BuildSpec {
+        mounts: vec![],
         name: TemplateName::new("image").unwrap(),
         sandbox: SandboxConfig {
             initramfs: busybox_initramfs(),

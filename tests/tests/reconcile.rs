@@ -49,6 +49,7 @@ fn fixture() -> &'static Fixture {
         let store = TemplateStore::new(dir.join("templates"));
         let name = TemplateName::new("gorand").unwrap();
         let spec = BuildSpec {
+            mounts: vec![],
             name: name.clone(),
             sandbox: SandboxConfig {
                 initramfs: image.path().into(),

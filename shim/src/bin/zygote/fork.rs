@@ -10,7 +10,7 @@ use zygote::procmem::MemUsage;
 use zygote::reconcile::{ReconcileOutcome, ReconcileSpec, ReportJson, reconcile};
 use zygote::sandbox::{ForkTimeline, Sandbox, SandboxConfig};
 use zygote::template::read_meta;
-use zygote_agent_api::{Action, PolicyRule};
+use zygote_agent_api::PolicyRule;
 use zygote_vmm::snapshot::{Template, TemplateName, TemplateStore};
 
 /// One fork's figures as `zygote fork --json` prints them.
@@ -45,27 +45,6 @@ pub struct ReconcileOpts {
     pub policy: Vec<PolicyRule>,
 }
 
-/// Parses `class=keep|restart|notify[:signal]`.
-pub fn parse_policy(rule: &str) -> anyhow::Result<PolicyRule> {
-    let (class, action) = rule
-        .split_once('=')
-        .with_context(|| format!("policy {rule:?}: expected CLASS=ACTION"))?;
-    let (action, signal) = match action.split_once(':') {
-        Some((a, s)) => (a, s.parse::<i32>().context("signal number")?),
-        None => (action, 0),
-    };
-    let action = match action {
-        "keep" => Action::Keep,
-        "restart" => Action::Restart,
-        "notify" => Action::Notify,
-        other => bail!("policy {rule:?}: unknown action {other:?} (keep, restart, notify)"),
-    };
-    Ok(PolicyRule {
-        class: class.into(),
-        action: action as i32,
-        signal,
-    })
-}
 
 /// [`ForkTimeline`] as read back from a child's JSON.
 #[derive(Debug, Clone, Copy, Serialize, serde::Deserialize)]

@@ -286,7 +286,7 @@ fn run(store: &TemplateStore, command: Command) -> anyhow::Result<ExitCode> {
                 report: reconcile_report,
                 policy: policy
                     .iter()
-                    .map(|p| fork::parse_policy(p))
+                    .map(|p| zygote::reconcile::parse_policy(p).map_err(anyhow::Error::msg))
                     .collect::<anyhow::Result<_>>()?,
             };
             let timeout = Duration::from_secs(timeout);

@@ -72,6 +72,7 @@ pub fn run(store: &TemplateStore, command: TemplateCommand) -> anyhow::Result<Ex
             spawn,
         } => {
             let spec = BuildSpec {
+                mounts: vec![],
                 name: TemplateName::new(&name)?,
                 sandbox: vm.config(),
                 spawn: spawn
