@@ -112,6 +112,17 @@ impl ImageStore {
         self.root.join(format!("{key}.erofs"))
     }
 
+    /// The image of `key` if it is in the cache.
+    pub fn cached(&self, key: &str) -> Option<ImageBuild> {
+        let path = self.path(key);
+        (valid_key(key) && path.is_file()).then(|| ImageBuild {
+            path,
+            key: key.into(),
+            cached: true,
+            build_ms: 0.0,
+        })
+    }
+
     /// The image of `key`, built from the directory `rootfs` if not cached.
     pub fn from_dir(&self, key: &str, rootfs: &Path) -> Result<ImageBuild, ImageError> {
         self.get_or_build(key, |out| {

@@ -9,6 +9,7 @@
 //!
 //! The binaries are `zygote` (operator CLI) and `containerd-shim-zygote-v2`.
 
+pub mod containerd;
 pub mod doctor;
 pub mod image;
 pub mod paths;

@@ -18,12 +18,18 @@ pub fn v2_root(root: &Path) -> Option<PathBuf> {
 /// Creates the container's cgroup with `resources`; returns its path.
 pub fn create(root: &Path, id: &str, resources: &Resources) -> std::io::Result<PathBuf> {
     let parent = root.join(PARENT);
-    std::fs::create_dir_all(&parent)?;
+    let at = |p: &Path| {
+        let p = p.to_path_buf();
+        move |e: std::io::Error| std::io::Error::new(e.kind(), format!("{}: {e}", p.display()))
+    };
+    std::fs::create_dir_all(&parent).map_err(at(&parent))?;
     // Controllers must be enabled at each level down to the container's.
-    std::fs::write(root.join("cgroup.subtree_control"), CONTROLLERS)?;
-    std::fs::write(parent.join("cgroup.subtree_control"), CONTROLLERS)?;
+    for level in [root, parent.as_path()] {
+        let file = level.join("cgroup.subtree_control");
+        std::fs::write(&file, CONTROLLERS).map_err(at(&file))?;
+    }
     let dir = parent.join(id);
-    std::fs::create_dir(&dir)?;
+    std::fs::create_dir(&dir).map_err(at(&dir))?;
     let result = apply(&dir, resources);
     if result.is_err() {
         let _ = std::fs::remove_dir(&dir);
@@ -34,7 +40,11 @@ pub fn create(root: &Path, id: &str, resources: &Resources) -> std::io::Result<P
 /// Writes the limits `resources` sets into the cgroup `dir` (those it leaves
 /// out stay as they are).
 pub fn apply(dir: &Path, resources: &Resources) -> std::io::Result<()> {
-    let set = |file: &str, value: String| std::fs::write(dir.join(file), value);
+    let set = |file: &str, value: String| {
+        let path = dir.join(file);
+        std::fs::write(&path, value)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))
+    };
     {
         if let Some(m) = resources.memory_max.filter(|&m| m > 0) {
             set("memory.max", m.to_string())?;
@@ -44,11 +54,29 @@ pub fn apply(dir: &Path, resources: &Resources) -> std::io::Result<()> {
         if let Some(p) = resources.pids_max.filter(|&p| p > 0) {
             set("pids.max", p.to_string())?;
         }
-        if let Some(q) = resources.cpu_quota.filter(|&q| q > 0) {
+        // cpu.max and cpu.weight exist only with the kernel's CFS group
+        // scheduling; without it CPU limits are left out (and said), not fatal.
+        let cpu = |file: &str| {
+            let present = dir.join(file).exists();
+            if !present {
+                eprintln!(
+                    "zygote-agent: {}: no {file} in this kernel; CPU limit not applied",
+                    dir.display()
+                );
+            }
+            present
+        };
+        if let Some(q) = resources
+            .cpu_quota
+            .filter(|&q| q > 0 && cpu("cpu.max"))
+        {
             let period = resources.cpu_period.unwrap_or(100_000);
             set("cpu.max", format!("{q} {period}"))?;
         }
-        if let Some(shares) = resources.cpu_shares.filter(|&s| s > 0) {
+        if let Some(shares) = resources
+            .cpu_shares
+            .filter(|&s| s > 0 && cpu("cpu.weight"))
+        {
             // runc's conversion of v1 shares (2..262144) to v2 weight (1..10000).
             let weight = 1 + ((shares.clamp(2, 262_144) - 2) * 9999) / 262_142;
             set("cpu.weight", weight.to_string())?;
@@ -119,6 +147,14 @@ mod tests {
         let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap();
         assert_eq!(read("memory.max"), (8 << 20).to_string());
         assert_eq!(read("pids.max"), "16");
+        assert!(
+            !dir.join("cpu.max").exists(),
+            "a kernel without CFS group scheduling has no cpu.max: left out"
+        );
+        // With the files the cpu controller has, the CPU limits are written.
+        std::fs::write(dir.join("cpu.max"), "max 100000").unwrap();
+        std::fs::write(dir.join("cpu.weight"), "100").unwrap();
+        apply(&dir, &r).unwrap();
         assert_eq!(read("cpu.max"), "50000 100000");
         assert_eq!(read("cpu.weight"), "39", "runc's conversion of 1024 shares");
         assert_eq!(read("../cgroup.subtree_control"), CONTROLLERS);

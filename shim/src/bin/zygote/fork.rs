@@ -45,7 +45,6 @@ pub struct ReconcileOpts {
     pub policy: Vec<PolicyRule>,
 }
 
-
 /// [`ForkTimeline`] as read back from a child's JSON.
 #[derive(Debug, Clone, Copy, Serialize, serde::Deserialize)]
 struct ForkTimelineOwned {

@@ -1,0 +1,219 @@
+//! The shim's configuration: a TOML file named by the runtime options'
+//! `ConfigPath` (containerd's `[...runtimes.zygote.options]`), else
+//! `$ZYGOTE_CONFIG`, else `/etc/zygote/config.toml` if it exists; every key is
+//! optional (defaults below).
+//!
+//! ```toml
+//! kernel = "/var/lib/zygote/kernel/vmlinux"      # guest kernel
+//! initramfs = "/var/lib/zygote/image/initramfs.cpio"
+//! templates = "/var/lib/zygote/templates"        # template store
+//! images = "/var/lib/zygote/images"              # erofs images by layer chain
+//! vcpus = 1
+//! memory_mib = 128
+//! policy = ["go=restart"]                        # reconcile policy, CLASS=ACTION
+//! agent_timeout_s = 120                          # fork → agent ready, and each agent call
+//! upper_size_mib = 0                             # writable layer (0: half the guest RAM)
+//! settle_ms = 1000                               # idle time before a template snapshot
+//! timings_log = "/run/zygote/timings.jsonl"      # per-container timings (benchmarks)
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::paths;
+
+/// Where the configuration is looked for when no path is given.
+pub const DEFAULT_PATH: &str = "/etc/zygote/config.toml";
+
+/// The shim's settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShimConfig {
+    /// Guest kernel.
+    pub kernel: PathBuf,
+    /// Guest initramfs (the agent).
+    pub initramfs: PathBuf,
+    /// Template store.
+    pub templates: PathBuf,
+    /// Image cache.
+    pub images: PathBuf,
+    /// vCPUs per pod VM.
+    pub vcpus: u8,
+    /// Memory per pod VM, MiB.
+    pub memory_mib: u64,
+    /// Reconcile policy rules (`CLASS=keep|restart|notify[:SIGNAL]`).
+    pub policy: Vec<String>,
+    /// Seconds to wait for a fork's agent, and for each agent call.
+    pub agent_timeout_s: u64,
+    /// Size of a container's writable layer, MiB (0: half the guest's RAM).
+    pub upper_size_mib: u32,
+    /// Idle time before a template's snapshot, ms.
+    pub settle_ms: u64,
+    /// Append one JSON line of timings per container start here.
+    pub timings_log: Option<PathBuf>,
+}
+
+impl Default for ShimConfig {
+    fn default() -> Self {
+        ShimConfig {
+            kernel: paths::kernel(),
+            initramfs: paths::initramfs(),
+            templates: paths::templates(),
+            images: paths::images(),
+            vcpus: 1,
+            memory_mib: 128,
+            policy: Vec::new(),
+            agent_timeout_s: 120,
+            upper_size_mib: 0,
+            settle_ms: 1000,
+            timings_log: None,
+        }
+    }
+}
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Unreadable.
+    #[error("cannot read the zygote config {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// Not valid TOML or unknown keys.
+    #[error("invalid zygote config {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl ShimConfig {
+    /// Reads `path` if given; else `$ZYGOTE_CONFIG`; else [`DEFAULT_PATH`] if
+    /// it exists; else the defaults.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let chosen = path
+            .map(Path::to_path_buf)
+            .or_else(|| std::env::var_os("ZYGOTE_CONFIG").map(PathBuf::from))
+            .or_else(|| {
+                let p = PathBuf::from(DEFAULT_PATH);
+                p.exists().then_some(p)
+            });
+        let Some(path) = chosen else {
+            return Ok(ShimConfig::default());
+        };
+        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        let config: ShimConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.clone(),
+            message: e.message().to_string(),
+        })?;
+        for rule in &config.policy {
+            crate::reconcile::parse_policy(rule).map_err(|message| ConfigError::Parse {
+                path: path.clone(),
+                message,
+            })?;
+        }
+        if config.vcpus == 0 || config.memory_mib == 0 {
+            return Err(ConfigError::Parse {
+                path,
+                message: "vcpus and memory_mib must be at least 1".into(),
+            });
+        }
+        Ok(config)
+    }
+}
+
+/// The `ConfigPath` of containerd's runtime options (`runtimeoptions.v1.Options`,
+/// which the CRI plugin sends: field 1 `type_url`, field 2 `config_path`).
+pub fn config_path_from_options(type_url: &str, value: &[u8]) -> Option<PathBuf> {
+    if !type_url.ends_with("runtimeoptions.v1.Options") {
+        return None;
+    }
+    let mut at = 0;
+    while at < value.len() {
+        let (key, n) = varint(&value[at..])?;
+        at += n;
+        let (field, wire) = (key >> 3, key & 7);
+        match wire {
+            0 => at += varint(&value[at..])?.1,
+            2 => {
+                let (len, n) = varint(&value[at..])?;
+                at += n;
+                let end = at.checked_add(usize::try_from(len).ok()?)?;
+                let bytes = value.get(at..end)?;
+                if field == 2 {
+                    let path = String::from_utf8(bytes.to_vec()).ok()?;
+                    return (!path.is_empty()).then(|| path.into());
+                }
+                at = end;
+            }
+            _ => return None,
+        }
+    }
+    None
+}
+
+fn varint(b: &[u8]) -> Option<(u64, usize)> {
+    let mut v = 0u64;
+    for (i, byte) in b.iter().enumerate().take(10) {
+        v |= u64::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            return Some((v, i + 1));
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_overrides_defaults_and_bad_files_are_refused() {
+        let d = std::env::temp_dir().join(format!("zygote-shimcfg-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        let p = d.join("config.toml");
+        std::fs::write(&p, "vcpus = 2\nmemory_mib = 256\npolicy = [\"go=keep\"]\n").unwrap();
+        let c = ShimConfig::load(Some(&p)).unwrap();
+        assert_eq!((c.vcpus, c.memory_mib), (2, 256));
+        assert_eq!(c.kernel, ShimConfig::default().kernel);
+        std::fs::write(&p, "vcpu = 2\n").unwrap();
+        let e = ShimConfig::load(Some(&p)).unwrap_err().to_string();
+        assert!(e.contains("unknown field"), "{e}");
+        std::fs::write(&p, "policy = [\"go=explode\"]\n").unwrap();
+        let e = ShimConfig::load(Some(&p)).unwrap_err().to_string();
+        assert!(e.contains("unknown action"), "{e}");
+        std::fs::write(&p, "memory_mib = 0\n").unwrap();
+        assert!(ShimConfig::load(Some(&p)).is_err());
+        let e = ShimConfig::load(Some(&d.join("missing.toml")))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cannot read"), "{e}");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn the_config_path_is_read_from_runtime_options() {
+        // type_url = "x", config_path = "/etc/zygote/a.toml"
+        let mut v = vec![0x0a, 1, b'x', 0x12, 18];
+        v.extend_from_slice(b"/etc/zygote/a.toml");
+        assert_eq!(
+            config_path_from_options("runtimeoptions.v1.Options", &v),
+            Some(PathBuf::from("/etc/zygote/a.toml"))
+        );
+        assert_eq!(config_path_from_options("other.Options", &v), None);
+        assert_eq!(
+            config_path_from_options("runtimeoptions.v1.Options", &[0x12, 50, b'/']),
+            None,
+            "a length past the end"
+        );
+    }
+}

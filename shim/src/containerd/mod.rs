@@ -1,0 +1,15 @@
+//! The containerd shim v2 (`io.containerd.zygote.v2`): one shim process per
+//! pod (per container without the CRI), the pod's VM inside it.
+//!
+//! - `config.rs`: the TOML file the runtime options name.
+//! - `spec.rs`: pod grouping, the image key, the spec the guest gets.
+//! - `pod.rs`: the pod VM — template by image (built on the spot if missing),
+//!   fork, reconcile, agent calls.
+//! - `io.rs`: containerd's FIFOs bridged to the agent's vsock streams.
+//! - `service.rs`: the shim (start/delete/serve) and the Task service.
+
+pub mod config;
+pub mod io;
+pub mod pod;
+pub mod service;
+pub mod spec;

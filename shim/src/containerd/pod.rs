@@ -1,0 +1,256 @@
+//! A pod's VM: forked from the template of its image (built on the spot the
+//! first time), reconciled into its own machine, then driven through the agent.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use zygote_agent_api::{AgentClient, ClientError, MountImage, request, response};
+use zygote_vmm::snapshot::{Template, TemplateName, TemplateStore};
+
+use super::config::ShimConfig;
+use crate::image::ImageBuild;
+use crate::reconcile::{ReconcileSpec, reconcile};
+use crate::sandbox::{Sandbox, SandboxConfig};
+use crate::template::{self, BuildSpec};
+
+/// Where the image disk is mounted in every template (and so in every fork).
+pub const IMAGE_ROOT: &str = "/run/zygote/image";
+
+/// Errors making or using a pod VM.
+#[derive(Debug, thiserror::Error)]
+pub enum PodError {
+    /// The template could not be built or opened.
+    #[error("template {name}: {message}")]
+    Template {
+        /// Its name.
+        name: String,
+        /// What failed.
+        message: String,
+    },
+    /// The fork failed.
+    #[error("fork of template {name}")]
+    Fork {
+        /// Its name.
+        name: String,
+        /// Cause.
+        #[source]
+        source: crate::sandbox::SandboxError,
+    },
+    /// The reconcile failed.
+    #[error("reconcile of the new VM")]
+    Reconcile(#[from] crate::reconcile::ReconcileError),
+    /// An agent call failed.
+    #[error(transparent)]
+    Agent(#[from] ClientError),
+    /// The VM is gone.
+    #[error("the pod's VM stopped: {0}")]
+    Stopped(String),
+}
+
+/// Where a pod VM's start went, ms.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct PodTimings {
+    /// The template was built now (the cold path), ms (0 when it existed).
+    pub template_build_ms: f64,
+    /// Fork: host-side work (map, VM, restore, devices, vCPU threads).
+    pub fork_host_ms: f64,
+    /// Fork request → agent answered.
+    pub fork_ready_ms: f64,
+    /// vCPU time inside KVM_RUN until the agent answered.
+    pub fork_guest_run_ms: f64,
+    /// The reconcile (host's view: round trips included).
+    pub reconcile_ms: f64,
+}
+
+/// A running pod VM.
+pub struct PodVm {
+    sandbox: Sandbox,
+    /// The template it was forked from.
+    pub template: String,
+    /// The image it has on /dev/vda.
+    pub image: PathBuf,
+    control: Mutex<Option<AgentClient>>,
+    timeout: Duration,
+    /// Its start.
+    pub timings: PodTimings,
+}
+
+impl std::fmt::Debug for PodVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PodVm")
+            .field("template", &self.template)
+            .field("run_dir", &self.sandbox.run_dir())
+            .finish()
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// The template name for `image` in VMs of this shape.
+pub fn template_name(image: &ImageBuild, config: &ShimConfig) -> String {
+    let short: String = image
+        .key
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .collect();
+    let short = &short[short.len().saturating_sub(16)..];
+    format!("ctr-{short}-{}c{}m", config.vcpus, config.memory_mib)
+}
+
+impl PodVm {
+    /// Forks the pod's VM from `image`'s template (built first if missing or
+    /// stale) and reconciles it with `hostname`.
+    pub fn create(
+        config: &ShimConfig,
+        image: &ImageBuild,
+        hostname: &str,
+    ) -> Result<Self, PodError> {
+        let name = template_name(image, config);
+        let failed = |message: String| PodError::Template {
+            name: name.clone(),
+            message,
+        };
+        let timeout = Duration::from_secs(config.agent_timeout_s);
+        let store = TemplateStore::new(&config.templates);
+        let spec = BuildSpec {
+            mounts: vec![MountImage {
+                device: "/dev/vda".into(),
+                target: IMAGE_ROOT.into(),
+                warm: true,
+            }],
+            name: TemplateName::new(&name).map_err(|e| failed(e.to_string()))?,
+            sandbox: SandboxConfig {
+                vcpus: config.vcpus,
+                memory_mib: config.memory_mib,
+                kernel: config.kernel.clone(),
+                initramfs: config.initramfs.clone(),
+                agent_timeout: Duration::from_secs(config.agent_timeout_s.max(300)),
+                disks: vec![image.path.clone()],
+                ..Default::default()
+            },
+            spawn: vec![],
+            warm: vec![],
+            settle: Duration::from_millis(config.settle_ms),
+            force: false,
+        };
+        let built = template::build(&store, &spec).map_err(|e| failed(format!("{e:#}")))?;
+        let template_build_ms = if built.reused { 0.0 } else { built.total_ms };
+        if !built.reused {
+            log::info!(
+                "template {name} built for image {} in {:.0} ms (cold path)",
+                image.key,
+                built.total_ms
+            );
+        }
+        let opened = Template::open(&built.dir).map_err(|e| failed(e.to_string()))?;
+        let sandbox = Sandbox::fork(&opened, timeout).map_err(|source| PodError::Fork {
+            name: name.clone(),
+            source,
+        })?;
+        let fork = sandbox.fork.expect("a forked sandbox has a fork timeline");
+        let started = Instant::now();
+        let policy = config
+            .policy
+            .iter()
+            .filter_map(|r| crate::reconcile::parse_policy(r).ok())
+            .collect();
+        let mut client = sandbox.client().map_err(|e| PodError::Fork {
+            name: name.clone(),
+            source: e,
+        })?;
+        reconcile(
+            &mut client,
+            &ReconcileSpec {
+                generation: 1,
+                hostname: hostname.into(),
+                policy,
+                dns: vec![],
+            },
+        )?;
+        client.set_timeout(timeout).map_err(ClientError::Io)?;
+        Ok(PodVm {
+            template: name,
+            image: image.path.clone(),
+            control: Mutex::new(Some(client)),
+            timeout,
+            timings: PodTimings {
+                template_build_ms,
+                fork_host_ms: fork.host_ms,
+                fork_ready_ms: fork.ready_ms,
+                fork_guest_run_ms: fork.guest_run_ms,
+                reconcile_ms: ms(started.elapsed()),
+            },
+            sandbox,
+        })
+    }
+
+    /// One request on the shared control connection (re-opened after an error).
+    pub fn call(&self, body: request::Body) -> Result<response::Body, PodError> {
+        self.check()?;
+        let mut slot = self.control.lock().expect("control lock");
+        let mut client = match slot.take() {
+            Some(c) => c,
+            None => self.connect()?,
+        };
+        let result = client.call(body);
+        // A connection that failed mid-call may be out of step: drop it.
+        if !matches!(result, Err(ClientError::Io(_))) {
+            *slot = Some(client);
+        }
+        result.map_err(|e| self.explain(e))
+    }
+
+    /// A connection of its own (for calls that block: waits, OOM events).
+    pub fn connect(&self) -> Result<AgentClient, PodError> {
+        let client = self
+            .sandbox
+            .client()
+            .map_err(|e| PodError::Stopped(e.to_string()))?;
+        client.set_timeout(self.timeout).map_err(ClientError::Io)?;
+        Ok(client)
+    }
+
+    /// Fails if the VM stopped.
+    pub fn check(&self) -> Result<(), PodError> {
+        match self.sandbox.machine().exit_reason() {
+            Some(reason) => Err(PodError::Stopped(format!(
+                "{reason:?}; console:\n{}",
+                self.sandbox.machine().console_tail(20)
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// An agent error, or why the VM stopped if it did.
+    pub fn explain(&self, e: ClientError) -> PodError {
+        match self.check() {
+            Err(stopped) => stopped,
+            Ok(()) => PodError::Agent(e),
+        }
+    }
+
+    /// The hybrid-vsock socket (stdio streams connect through it).
+    pub fn vsock_path(&self) -> &Path {
+        self.sandbox.vsock_path()
+    }
+
+    /// The VM's run directory.
+    pub fn run_dir(&self) -> &Path {
+        self.sandbox.run_dir()
+    }
+
+    /// vCPU time inside KVM_RUN so far.
+    pub fn guest_run_ms(&self) -> f64 {
+        ms(self.sandbox.machine().guest_run_time())
+    }
+
+    /// Powers the VM off (or stops it) and removes its run directory.
+    pub fn shutdown(self) {
+        drop(self.control);
+        let reason = self.sandbox.shutdown(Duration::from_secs(2));
+        log::info!("pod VM stopped: {reason:?}");
+    }
+}

@@ -1,0 +1,175 @@
+//! What the shim reads from a bundle: the pod grouping, the image's key, and
+//! the spec the guest gets.
+
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+/// CRI annotation: the pod's sandbox id.
+pub const SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
+/// CRI annotation: `sandbox` or `container`.
+pub const CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
+
+/// A bundle's `config.json` that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid OCI spec: {0}")]
+pub struct SpecError(pub String);
+
+/// Parses `config.json`.
+pub fn parse(json: &[u8]) -> Result<Value, SpecError> {
+    let v: Value = serde_json::from_slice(json).map_err(|e| SpecError(e.to_string()))?;
+    if !v.is_object() {
+        return Err(SpecError("config.json must be a JSON object".into()));
+    }
+    Ok(v)
+}
+
+fn annotation<'a>(spec: &'a Value, key: &str) -> Option<&'a str> {
+    spec["annotations"][key].as_str()
+}
+
+/// The pod's pause container (no process of its own: the VM is the pod).
+pub fn is_sandbox(spec: &Value) -> bool {
+    annotation(spec, CONTAINER_TYPE) == Some("sandbox")
+}
+
+/// Which shim serves container `id`: its pod's (CRI), or its own.
+pub fn grouping(spec: &Value, id: &str) -> String {
+    match annotation(spec, SANDBOX_ID) {
+        Some(sandbox) if !sandbox.is_empty() => sandbox.to_string(),
+        _ => id.to_string(),
+    }
+}
+
+/// A cache key naming an image's content from the rootfs mounts containerd
+/// passed: the mount type and the read-only layers (an overlay's `lowerdir`,
+/// a bind mount's source), not the container's own `upperdir`/`workdir`.
+pub fn image_key(mounts: &[(String, String, Vec<String>)]) -> Option<String> {
+    let mut h = Sha256::new();
+    let mut any = false;
+    for (kind, source, options) in mounts {
+        h.update(kind.as_bytes());
+        h.update([0]);
+        match kind.as_str() {
+            "overlay" => {
+                let lower = options.iter().find_map(|o| o.strip_prefix("lowerdir="))?;
+                h.update(lower.as_bytes());
+            }
+            _ => h.update(source.as_bytes()),
+        }
+        h.update([0]);
+        any = true;
+    }
+    if !any {
+        return None;
+    }
+    let hex: String = h.finalize()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    Some(format!("layers-{hex}"))
+}
+
+/// The spec the guest's agent gets, and notes on what was left out. The VM
+/// gives what the host would have: cgroup mounts become cgroup2 (the guest's
+/// hierarchy), and mounts of host paths (bind mounts) or of file systems the
+/// guest kernel lacks (`mqueue`) are dropped, each noted for the log.
+pub fn for_guest(spec: &Value) -> (Value, Vec<String>) {
+    let mut out = spec.clone();
+    let mut notes = Vec::new();
+    if let Some(mounts) = out["mounts"].as_array_mut() {
+        mounts.retain_mut(|m| {
+            let kind = m["type"].as_str().unwrap_or("bind").to_string();
+            let options: Vec<&str> = m["options"]
+                .as_array()
+                .map(|o| o.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
+            let destination = m["destination"].as_str().unwrap_or("").to_string();
+            let bind = kind == "bind" || options.iter().any(|o| *o == "bind" || *o == "rbind");
+            if bind {
+                notes.push(format!(
+                    "mount {destination}: host bind mounts do not reach the VM; left out"
+                ));
+                return false;
+            }
+            match kind.as_str() {
+                "cgroup" => {
+                    m["type"] = Value::from("cgroup2");
+                    m["source"] = Value::from("cgroup2");
+                    true
+                }
+                "mqueue" => {
+                    notes.push(format!(
+                        "mount {destination}: the guest kernel has no POSIX message queues; left out"
+                    ));
+                    false
+                }
+                _ => true,
+            }
+        });
+    }
+    (out, notes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grouping_follows_the_cri_annotations() {
+        let plain = parse(br#"{"process": {}}"#).unwrap();
+        assert_eq!(grouping(&plain, "c1"), "c1");
+        assert!(!is_sandbox(&plain));
+        let pause =
+            serde_json::json!({"annotations": {SANDBOX_ID: "pod1", CONTAINER_TYPE: "sandbox"}});
+        assert_eq!(grouping(&pause, "pod1"), "pod1");
+        assert!(is_sandbox(&pause));
+        let app =
+            serde_json::json!({"annotations": {SANDBOX_ID: "pod1", CONTAINER_TYPE: "container"}});
+        assert_eq!(grouping(&app, "c2"), "pod1");
+        assert!(parse(b"[]").is_err());
+        assert!(parse(b"{").is_err());
+    }
+
+    #[test]
+    fn the_image_key_ignores_the_container_layer() {
+        let m = |upper: &str, lower: &str| {
+            vec![(
+                "overlay".to_string(),
+                "overlay".to_string(),
+                vec![
+                    "index=off".to_string(),
+                    format!("workdir={upper}/work"),
+                    format!("upperdir={upper}/fs"),
+                    format!("lowerdir={lower}"),
+                ],
+            )]
+        };
+        let a = image_key(&m("/s/10", "/s/3/fs:/s/2/fs")).unwrap();
+        assert_eq!(a, image_key(&m("/s/11", "/s/3/fs:/s/2/fs")).unwrap());
+        assert_ne!(a, image_key(&m("/s/11", "/s/4/fs:/s/2/fs")).unwrap());
+        assert!(a.starts_with("layers-") && a.len() == 7 + 32);
+        assert_eq!(image_key(&[]), None);
+        let no_lower = vec![("overlay".to_string(), String::new(), vec![])];
+        assert_eq!(image_key(&no_lower), None);
+    }
+
+    #[test]
+    fn the_guest_spec_leaves_out_what_the_vm_cannot_have() {
+        let spec = serde_json::json!({"mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup", "options": ["ro"]},
+            {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue"},
+            {"destination": "/etc/hosts", "type": "bind", "source": "/var/lib/x/hosts", "options": ["rbind", "ro"]},
+            {"destination": "/etc/resolv.conf", "source": "/x", "options": ["bind"]}
+        ]});
+        let (g, notes) = for_guest(&spec);
+        let kinds: Vec<&str> = g["mounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["type"].as_str().unwrap())
+            .collect();
+        assert_eq!(kinds, ["proc", "cgroup2"]);
+        assert_eq!(notes.len(), 3, "{notes:?}");
+    }
+}
