@@ -383,6 +383,16 @@ impl Sandbox {
         &self.machine
     }
 
+    /// Stops the VM at once (no power-off asked) and removes the run directory.
+    pub fn kill(self) -> ExitReason {
+        let Sandbox {
+            machine, run_dir, ..
+        } = self;
+        let reason = machine.shutdown();
+        drop(run_dir);
+        reason
+    }
+
     /// Asks the guest to power off and waits up to `grace`; then stops the VM
     /// regardless and removes the run directory. Returns why the VM stopped.
     pub fn shutdown(self, grace: Duration) -> ExitReason {

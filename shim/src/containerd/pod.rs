@@ -74,6 +74,8 @@ pub struct PodVm {
     timeout: Duration,
     /// Its start.
     pub timings: PodTimings,
+    /// When it was forked.
+    pub created: Instant,
 }
 
 impl std::fmt::Debug for PodVm {
@@ -151,6 +153,9 @@ impl PodVm {
             source,
         })?;
         let fork = sandbox.fork.expect("a forked sandbox has a fork timeline");
+        let created = Instant::now()
+            .checked_sub(Duration::from_secs_f64(fork.ready_ms / 1e3))
+            .unwrap_or_else(Instant::now);
         let started = Instant::now();
         let policy = config
             .policy
@@ -183,6 +188,7 @@ impl PodVm {
                 fork_guest_run_ms: fork.guest_run_ms,
                 reconcile_ms: ms(started.elapsed()),
             },
+            created,
             sandbox,
         })
     }
@@ -247,10 +253,12 @@ impl PodVm {
         ms(self.sandbox.machine().guest_run_time())
     }
 
-    /// Powers the VM off (or stops it) and removes its run directory.
+    /// Stops the VM and removes its run directory. Nothing in it needs a
+    /// clean power-off: its disk is read-only and its writable layers are
+    /// guest memory.
     pub fn shutdown(self) {
         drop(self.control);
-        let reason = self.sandbox.shutdown(Duration::from_secs(2));
+        let reason = self.sandbox.kill();
         log::info!("pod VM stopped: {reason:?}");
     }
 }

@@ -287,9 +287,6 @@ struct Container {
     sandbox: bool,
     init: Process,
     execs: HashMap<String, Process>,
-    created_at: Instant,
-    guest_run_at_create: f64,
-    host_ms: f64,
 }
 
 #[derive(Default)]
@@ -470,9 +467,11 @@ impl TaskService {
                         }
                     }
                 };
+                log::info!("{id} {exec_id} exited {}", exit.status);
                 for o in outputs {
                     let _ = o.join();
                 }
+                log::info!("{id} {exec_id} output drained");
                 service
                     .runtime
                     .clone()
@@ -485,9 +484,6 @@ impl TaskService {
     async fn exited(&self, id: &str, exec_id: &str, exit: Exit) {
         let pid = self
             .with_process(id, exec_id, |c, p| {
-                if exec_id.is_empty() {
-                    self.log_timings(id, c);
-                }
                 let p = p.unwrap_or(&mut c.init);
                 p.exit_tx.send_replace(Some(exit));
                 Ok(p.pid)
@@ -509,21 +505,17 @@ impl TaskService {
             .await;
     }
 
-    fn log_timings(&self, id: &str, c: &Container) {
-        let (pod, path) = {
-            let state = self.state.lock().expect("state lock");
-            (state.pod.clone(), state.timings_log.clone())
-        };
-        let (Some(pod), Some(path)) = (pod, path) else {
+    /// Appends the pod VM's timings to the configured log (benchmarks read it).
+    fn log_timings(&self, pod: &PodVm) {
+        let path = self.state.lock().expect("state lock").timings_log.clone();
+        let Some(path) = path else {
             return;
         };
         let line = serde_json::json!({
-            "id": id,
             "template": pod.template,
             "pod": pod.timings,
-            "shim_host_ms": c.host_ms,
-            "create_to_exit_ms": c.created_at.elapsed().as_secs_f64() * 1e3,
-            "guest_run_ms": pod.guest_run_ms() - c.guest_run_at_create,
+            "life_ms": pod.created.elapsed().as_secs_f64() * 1e3,
+            "guest_run_ms": pod.guest_run_ms(),
         });
         use std::io::Write;
         if let Ok(mut f) = std::fs::OpenOptions::new()
@@ -536,13 +528,15 @@ impl TaskService {
     }
 
     fn watch_ooms(&self, pod: &Arc<PodVm>) {
-        let (service, pod) = (self.clone(), pod.clone());
+        // Its own connection, and no hold on the VM: it ends when the VM does.
+        let Ok(mut client) = pod.connect() else {
+            log::warn!("no OOM events: cannot connect to the agent");
+            return;
+        };
+        let service = self.clone();
         std::thread::Builder::new()
             .name("oom".into())
             .spawn(move || {
-                let Ok(mut client) = pod.connect() else {
-                    return;
-                };
                 let _ = client.set_timeout(std::time::Duration::from_secs(365 * 24 * 3600));
                 while let Ok(response::Body::Oom(e)) =
                     client.call(request::Body::GetOomEvent(Default::default()))
@@ -557,6 +551,34 @@ impl TaskService {
                 }
             })
             .expect("spawn the OOM thread");
+    }
+
+    /// With no task left, the pod's VM goes, and nothing of it stays.
+    async fn teardown_if_idle(&self) {
+        let pod = {
+            let mut state = self.state.lock().expect("state lock");
+            if !state.containers.is_empty() {
+                return;
+            }
+            state.pod.take()
+        };
+        if let Some(pod) = pod {
+            self.log_timings(&pod);
+            log::info!("stopping the pod VM");
+            let _ = tokio::task::spawn_blocking(move || {
+                // Waiter and OOM threads hold references for a moment after an exit.
+                let mut pod = pod;
+                for _ in 0..100 {
+                    match Arc::try_unwrap(pod) {
+                        Ok(p) => return p.shutdown(),
+                        Err(again) => pod = again,
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                log::warn!("the pod VM is still referenced; it stops with the shim");
+            })
+            .await;
+        }
     }
 
     fn agent_empty(&self, body: request::Body) -> TtrpcResult<()> {
@@ -607,7 +629,6 @@ impl Task for TaskService {
         };
         let sandbox = spec::is_sandbox(&oci);
         let mut pid = std::process::id();
-        let mut guest_run_at_create = 0.0;
         self.state.lock().expect("state lock").timings_log = config.timings_log.clone();
         if !sandbox {
             let pod = self.state.lock().expect("state lock").pod.clone();
@@ -649,8 +670,16 @@ impl Task for TaskService {
                 }
                 Ok(pod)
             })
-            .await?;
-            guest_run_at_create = pod.guest_run_ms();
+            .await;
+            let pod = match pod {
+                Ok(p) => p,
+                Err(e) => {
+                    log::error!("create {id}: {e:?}");
+                    self.teardown_if_idle().await;
+                    return Err(e);
+                }
+            };
+            let _ = pod;
             pid = 0;
         }
         self.state.lock().expect("state lock").containers.insert(
@@ -660,9 +689,6 @@ impl Task for TaskService {
                 sandbox,
                 init: Process::new(stdio),
                 execs: HashMap::new(),
-                created_at: started,
-                guest_run_at_create,
-                host_ms: 0.0,
             },
         );
         let event = TaskCreate {
@@ -721,10 +747,14 @@ impl Task for TaskService {
                 },
             );
             let (pid, outputs) = blocking(move || {
-                let close_pod = pod2.clone();
+                // containerd may never open a stdin it passed: the copy waits,
+                // without keeping the VM alive.
+                let close_pod = Arc::downgrade(&pod2);
                 let close_key = key.clone();
                 let outputs = bridge(pod2.vsock_path(), &key.key(), &stdio, move || {
-                    let _ = close_pod.call(request::Body::CloseStdin(close_key));
+                    if let Some(pod) = close_pod.upgrade() {
+                        let _ = pod.call(request::Body::CloseStdin(close_key));
+                    }
                 })
                 .map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
                 match pod2
@@ -755,13 +785,10 @@ impl Task for TaskService {
             })?;
             self.publish_start(&id, &exec_id, pid).await;
         }
-        let ms = started.elapsed().as_secs_f64() * 1e3;
-        if exec_id.is_empty() {
-            let _ = self.with_process(&id, "", |c, _| {
-                c.host_ms = ms;
-                Ok(())
-            });
-        }
+        log::info!(
+            "started {id} {exec_id} in {:.1} ms",
+            started.elapsed().as_secs_f64() * 1e3
+        );
         Ok(api::StartResponse {
             pid,
             ..Default::default()
@@ -809,6 +836,7 @@ impl Task for TaskService {
             }
             state.containers.is_empty()
         };
+        log::info!("removed {id} {exec_id} from the VM");
         if exec_id.is_empty() {
             unmount(&Path::new(&bundle).join("rootfs"));
             let _ = std::fs::remove_file(Path::new(&bundle).join(RUN_DIR_FILE));
@@ -824,16 +852,7 @@ impl Task for TaskService {
                 .await;
         }
         if last {
-            // The pod's last task: the VM goes, and nothing of it stays.
-            let pod = self.state.lock().expect("state lock").pod.take();
-            if let Some(pod) = pod {
-                let _ = tokio::task::spawn_blocking(move || {
-                    if let Ok(pod) = Arc::try_unwrap(pod) {
-                        pod.shutdown();
-                    }
-                })
-                .await;
-            }
+            self.teardown_if_idle().await;
         }
         Ok(api::DeleteResponse {
             pid,
@@ -1194,6 +1213,7 @@ impl Task for TaskService {
         _req: api::ShutdownRequest,
     ) -> TtrpcResult<api::Empty> {
         if self.state.lock().expect("state lock").containers.is_empty() {
+            self.teardown_if_idle().await;
             self.exit.signal();
         }
         Ok(api::Empty::new())

@@ -66,17 +66,11 @@ pub fn apply(dir: &Path, resources: &Resources) -> std::io::Result<()> {
             }
             present
         };
-        if let Some(q) = resources
-            .cpu_quota
-            .filter(|&q| q > 0 && cpu("cpu.max"))
-        {
+        if let Some(q) = resources.cpu_quota.filter(|&q| q > 0 && cpu("cpu.max")) {
             let period = resources.cpu_period.unwrap_or(100_000);
             set("cpu.max", format!("{q} {period}"))?;
         }
-        if let Some(shares) = resources
-            .cpu_shares
-            .filter(|&s| s > 0 && cpu("cpu.weight"))
-        {
+        if let Some(shares) = resources.cpu_shares.filter(|&s| s > 0 && cpu("cpu.weight")) {
             // runc's conversion of v1 shares (2..262144) to v2 weight (1..10000).
             let weight = 1 + ((shares.clamp(2, 262_144) - 2) * 9999) / 262_142;
             set("cpu.weight", weight.to_string())?;

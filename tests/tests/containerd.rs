@@ -1,0 +1,456 @@
+//! The shim under real containerd (Debian's 1.6, started by `hack/containerd`,
+//! which `hack/test` runs first): `ctr run` in a forked VM, the task events in
+//! order, exec/ps/metrics/kill, a terminal, two containers from one template,
+//! and failures that leave nothing behind.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use zygote_tests::vm_lock;
+
+const RUNTIME: &str = "io.containerd.zygote.v2";
+
+fn socket() -> PathBuf {
+    std::env::var_os("ZYGOTE_CONTAINERD_SOCK").map_or_else(
+        || "/run/zygote/containerd/containerd.sock".into(),
+        PathBuf::from,
+    )
+}
+
+fn image() -> String {
+    std::env::var("ZYGOTE_TEST_IMAGE").unwrap_or_else(|_| "zygote.local/busybox:latest".into())
+}
+
+/// Whether hack/containerd's containerd answers (panics with how to start it
+/// unless skipping is allowed).
+fn containerd_available() -> bool {
+    let ok = socket().exists() && ctr(&["version"]).status.success();
+    if ok {
+        return true;
+    }
+    let msg = format!(
+        "no containerd at {}: run hack/containerd (hack/test does)",
+        socket().display()
+    );
+    if std::env::var_os("ZYGOTE_ALLOW_SKIP").is_some_and(|v| v == "1") {
+        eprintln!("SKIP: {msg}");
+        return false;
+    }
+    panic!("{msg}");
+}
+
+fn ctr_cmd(args: &[&str]) -> Command {
+    let mut c = Command::new("ctr");
+    c.arg("--address").arg(socket()).args(args);
+    c
+}
+
+fn ctr(args: &[&str]) -> Output {
+    ctr_cmd(args)
+        .output()
+        .expect("ctr (containerd; hack/containerd installs it)")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// A unique container id for this test process.
+fn cid(name: &str) -> String {
+    format!("{name}-{}", std::process::id())
+}
+
+/// Removes what a test may have left of container `id` (task and container).
+fn cleanup(id: &str) {
+    let _ = ctr(&["task", "kill", "-s", "SIGKILL", id]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline && !ctr(&["task", "rm", "-f", id]).status.success() {
+        if !text(&ctr(&["task", "ls", "-q"]).stdout)
+            .lines()
+            .any(|l| l == id)
+        {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let _ = ctr(&["container", "rm", id]);
+}
+
+/// Shim processes serving `id` (the shim is named after the first container of its group).
+fn shim_pids(id: &str) -> Vec<u32> {
+    let out = Command::new("pgrep")
+        .args(["-f", &format!("containerd-shim-zygote-v2 .*-id {id} ")])
+        .output()
+        .unwrap();
+    text(&out.stdout)
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+/// `ctr events`, collected in the background.
+struct Events(Child, std::thread::JoinHandle<Vec<String>>);
+
+impl Events {
+    fn start() -> Self {
+        let mut child = ctr_cmd(&["events"]).stdout(Stdio::piped()).spawn().unwrap();
+        let out = child.stdout.take().unwrap();
+        let reader =
+            std::thread::spawn(move || BufReader::new(out).lines().map_while(Result::ok).collect());
+        // containerd subscribes the client before the first event it must see.
+        std::thread::sleep(Duration::from_millis(300));
+        Events(child, reader)
+    }
+
+    /// The topics of the events naming `id`, in order.
+    fn topics_of(self, id: &str) -> Vec<String> {
+        std::thread::sleep(Duration::from_millis(500));
+        let Events(mut child, reader) = self;
+        let _ = child.kill();
+        let _ = child.wait();
+        let lines = reader.join().unwrap();
+        lines
+            .iter()
+            .filter(|l| l.contains(&format!("\"{id}\"")))
+            .filter_map(|l| l.split_whitespace().nth(3).map(str::to_string))
+            .collect()
+    }
+}
+
+#[test]
+fn ctr_run_prints_output_returns_the_exit_code_and_publishes_events_in_order() {
+    if !containerd_available() {
+        return;
+    }
+    let _vm = vm_lock();
+    let id = cid("run");
+    cleanup(&id);
+    let events = Events::start();
+    let out = ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        &image(),
+        &id,
+        "sh",
+        "-c",
+        "echo out-line; echo err-line >&2; uname -r; exit 3",
+    ]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "stdout: {stdout}\nstderr: {stderr}"
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines[0], "out-line", "{stdout}");
+    assert!(stderr.contains("err-line"), "{stderr}");
+    let host = text(&Command::new("uname").arg("-r").output().unwrap().stdout);
+    assert_ne!(lines[1], host.trim(), "the guest's kernel, not the host's");
+    let topics = events.topics_of(&id);
+    let want = [
+        "/tasks/create",
+        "/tasks/start",
+        "/tasks/exit",
+        "/tasks/delete",
+    ];
+    let seen: Vec<&str> = topics
+        .iter()
+        .map(String::as_str)
+        .filter(|t| want.contains(t))
+        .collect();
+    assert_eq!(seen, want, "all events: {topics:?}");
+    assert!(
+        shim_pids(&id).is_empty(),
+        "the shim exited with its last task"
+    );
+    assert!(
+        ctr(&["container", "info", &id]).status.code() != Some(0),
+        "--rm removed the container"
+    );
+}
+
+#[test]
+fn a_detached_task_execs_lists_processes_reports_metrics_and_is_killed() {
+    if !containerd_available() {
+        return;
+    }
+    let _vm = vm_lock();
+    let id = cid("detached");
+    cleanup(&id);
+    let events = Events::start();
+    let run = ctr(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        &image(),
+        &id,
+        "sleep",
+        "1000",
+    ]);
+    assert!(run.status.success(), "{}", text(&run.stderr));
+
+    let exec = ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "e1",
+        &id,
+        "sh",
+        "-c",
+        "echo in-container; cat /proc/1/cmdline; echo; exit 4",
+    ]);
+    let exec_out = text(&exec.stdout);
+    assert_eq!(
+        exec.status.code(),
+        Some(4),
+        "{exec_out} {}",
+        text(&exec.stderr)
+    );
+    assert!(exec_out.starts_with("in-container\nsleep"), "{exec_out:?}");
+
+    let ps = text(&ctr(&["task", "ps", &id]).stdout);
+    let pids: Vec<&str> = ps
+        .lines()
+        .skip(1)
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    assert!(
+        !pids.is_empty(),
+        "ctr task ps lists the container's processes: {ps}"
+    );
+
+    let metrics = ctr(&["task", "metrics", "--format", "json", &id]);
+    let m = text(&metrics.stdout);
+    assert!(metrics.status.success(), "{m} {}", text(&metrics.stderr));
+    let v: serde_json::Value = serde_json::from_str(&m).unwrap_or_else(|e| panic!("{e}: {m}"));
+    let usage = v["memory"]["usage"].as_u64().unwrap_or(0);
+    let pids_now = v["pids"]["current"].as_u64().unwrap_or(0);
+    assert!(usage > 0 && pids_now >= 1, "metrics read real values: {m}");
+
+    let kill = ctr(&["task", "kill", "-s", "SIGTERM", &id]);
+    assert!(kill.status.success(), "{}", text(&kill.stderr));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        let ls = text(&ctr(&["task", "ls"]).stdout);
+        if let Some(line) = ls.lines().find(|l| l.starts_with(&id)) {
+            if line.contains("STOPPED") {
+                break line.to_string();
+            }
+        }
+        assert!(Instant::now() < deadline, "the task did not stop: {ls}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(status.contains("STOPPED"), "{status}");
+    let rm = ctr(&["task", "rm", &id]);
+    assert!(rm.status.success(), "{}", text(&rm.stderr));
+    let _ = ctr(&["container", "rm", &id]);
+    let topics = events.topics_of(&id);
+    let want = [
+        "/tasks/create",
+        "/tasks/start",
+        "/tasks/exec-added",
+        "/tasks/exec-started",
+        "/tasks/exit",
+        "/tasks/exit",
+        "/tasks/delete",
+    ];
+    let seen: Vec<&str> = topics
+        .iter()
+        .map(String::as_str)
+        .filter(|t| want.contains(t))
+        .collect();
+    assert_eq!(seen, want, "all events: {topics:?}");
+    assert!(
+        shim_pids(&id).is_empty(),
+        "the shim exited with its last task"
+    );
+}
+
+#[test]
+fn a_terminal_and_two_containers_from_one_template() {
+    if !containerd_available() {
+        return;
+    }
+    let _vm = vm_lock();
+    // -t: ctr needs a terminal of its own; `script` gives it one.
+    let id = cid("tty");
+    cleanup(&id);
+    let cmd = format!(
+        "ctr --address {} run --rm -t --runtime {RUNTIME} {} {id} sh -c '[ -t 0 ] && echo on-a-tty; tty'",
+        socket().display(),
+        image()
+    );
+    let out = Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let t = text(&out.stdout);
+    assert!(out.status.success(), "{t} {}", text(&out.stderr));
+    assert!(t.contains("on-a-tty"), "{t:?}");
+    assert!(
+        t.contains("/dev/console") || t.contains("/dev/pts/"),
+        "{t:?}"
+    );
+
+    // Two at once: both fork the template the first run built (no new build).
+    let templates_before = template_dirs();
+    let ids = [cid("twin-a"), cid("twin-b")];
+    for id in &ids {
+        cleanup(id);
+        let run = ctr(&[
+            "run",
+            "-d",
+            "--runtime",
+            RUNTIME,
+            &image(),
+            id,
+            "sleep",
+            "1000",
+        ]);
+        assert!(run.status.success(), "{}", text(&run.stderr));
+    }
+    let ls = text(&ctr(&["task", "ls"]).stdout);
+    for id in &ids {
+        assert!(
+            ls.lines()
+                .any(|l| l.starts_with(id.as_str()) && l.contains("RUNNING")),
+            "{ls}"
+        );
+        assert_eq!(shim_pids(id).len(), 1, "one shim (one VM) each");
+    }
+    assert_eq!(template_dirs(), templates_before, "no template was built");
+    for id in &ids {
+        cleanup(id);
+    }
+}
+
+/// Template directories with their creation stamps.
+fn template_dirs() -> Vec<(String, String)> {
+    let root = zygote::paths::templates();
+    let mut v: Vec<(String, String)> = std::fs::read_dir(root)
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with("ctr-"))
+                .map(|e| {
+                    let meta =
+                        std::fs::read_to_string(e.path().join("template.json")).unwrap_or_default();
+                    (e.file_name().to_string_lossy().into_owned(), meta)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+fn vm_run_dirs() -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(zygote::paths::run_root())
+        .map(|rd| rd.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+#[test]
+fn failures_are_reported_and_leave_nothing_behind() {
+    if !containerd_available() {
+        return;
+    }
+    let _vm = vm_lock();
+    let dir = std::env::temp_dir().join(format!("zygote-ctrfail-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let runs_before = vm_run_dirs();
+
+    // A missing kernel: the template cannot be built; containerd says why.
+    let config = dir.join("missing-kernel.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "kernel = \"/nonexistent/vmlinux\"\ntemplates = \"{}\"\n",
+            dir.join("templates").display()
+        ),
+    )
+    .unwrap();
+    let id = cid("nokernel");
+    cleanup(&id);
+    let out = ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        "--runtime-config-path",
+        config.to_str().unwrap(),
+        &image(),
+        &id,
+        "true",
+    ]);
+    let err = text(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("/nonexistent/vmlinux"), "{err}");
+    cleanup(&id);
+
+    // An invalid spec field (a relative working directory): refused by the agent.
+    let id = cid("badspec");
+    cleanup(&id);
+    let out = ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        "--cwd",
+        "relative/dir",
+        &image(),
+        &id,
+        "true",
+    ]);
+    let err = text(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("process.cwd"), "{err}");
+    cleanup(&id);
+
+    // The shim killed with SIGKILL: containerd's `shim delete` cleans up.
+    let id = cid("killed");
+    cleanup(&id);
+    let run = ctr(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        &image(),
+        &id,
+        "sleep",
+        "1000",
+    ]);
+    assert!(run.status.success(), "{}", text(&run.stderr));
+    let shims = shim_pids(&id);
+    assert_eq!(shims.len(), 1);
+    // SAFETY: kill(2) of the shim process found above.
+    unsafe { libc::kill(shims[0] as i32, libc::SIGKILL) };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ls = text(&ctr(&["task", "ls"]).stdout);
+        if !ls
+            .lines()
+            .any(|l| l.starts_with(id.as_str()) && l.contains("RUNNING"))
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "containerd did not notice: {ls}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    cleanup(&id);
+    assert!(shim_pids(&id).is_empty());
+    // Give containerd's cleanup (`shim delete`) a moment to finish.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while vm_run_dirs() != runs_before && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(vm_run_dirs(), runs_before, "no VM run directory is left");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
