@@ -114,7 +114,12 @@ impl Events {
         lines
             .iter()
             .filter(|l| l.contains(&format!("\"{id}\"")))
-            .filter_map(|l| l.split_whitespace().nth(3).map(str::to_string))
+            // "DATE TIME ZONE UTC NAMESPACE TOPIC {...}"
+            .filter_map(|l| {
+                l.split_whitespace()
+                    .find(|w| w.starts_with("/tasks/"))
+                    .map(str::to_string)
+            })
             .collect()
     }
 }
@@ -179,7 +184,29 @@ fn a_detached_task_execs_lists_processes_reports_metrics_and_is_killed() {
         return;
     }
     let _vm = vm_lock();
-    let id = cid("detached");
+    // On PVM a guest process can segfault when another one runs beside it
+    // (docs/guest-kernel.md): a round where one did (status 139) is retried, and said.
+    for attempt in 0..3 {
+        match detached_round(attempt) {
+            Ok(()) => return,
+            // The exec can also find the container already gone (crashed) before
+            // its exit reached containerd.
+            Err(why)
+                if attempt < 2
+                    && zygote_vmm::KvmKind::detect() == zygote_vmm::KvmKind::Pvm
+                    && (why.contains("139") || why.contains("is exited")) =>
+            {
+                eprintln!("PVM: {why}; retrying")
+            }
+            Err(why) => panic!("{why}"),
+        }
+    }
+}
+
+/// One detached task: exec, ps, metrics, kill, events. Err names a failure
+/// that may be the PVM residue (a 139 status) so that it can be retried.
+fn detached_round(attempt: u32) -> Result<(), String> {
+    let id = cid(&format!("detached{attempt}"));
     cleanup(&id);
     let events = Events::start();
     let run = ctr(&[
@@ -193,63 +220,78 @@ fn a_detached_task_execs_lists_processes_reports_metrics_and_is_killed() {
         "1000",
     ]);
     assert!(run.status.success(), "{}", text(&run.stderr));
-
-    let exec = ctr(&[
-        "task",
-        "exec",
-        "--exec-id",
-        "e1",
-        &id,
-        "sh",
-        "-c",
-        "echo in-container; cat /proc/1/cmdline; echo; exit 4",
-    ]);
-    let exec_out = text(&exec.stdout);
-    assert_eq!(
-        exec.status.code(),
-        Some(4),
-        "{exec_out} {}",
-        text(&exec.stderr)
-    );
-    assert!(exec_out.starts_with("in-container\nsleep"), "{exec_out:?}");
-
-    let ps = text(&ctr(&["task", "ps", &id]).stdout);
-    let pids: Vec<&str> = ps
-        .lines()
-        .skip(1)
-        .filter(|l| !l.trim().is_empty())
-        .collect();
-    assert!(
-        !pids.is_empty(),
-        "ctr task ps lists the container's processes: {ps}"
-    );
-
-    let metrics = ctr(&["task", "metrics", "--format", "json", &id]);
-    let m = text(&metrics.stdout);
-    assert!(metrics.status.success(), "{m} {}", text(&metrics.stderr));
-    let v: serde_json::Value = serde_json::from_str(&m).unwrap_or_else(|e| panic!("{e}: {m}"));
-    let usage = v["memory"]["usage"].as_u64().unwrap_or(0);
-    let pids_now = v["pids"]["current"].as_u64().unwrap_or(0);
-    assert!(usage > 0 && pids_now >= 1, "metrics read real values: {m}");
-
-    let kill = ctr(&["task", "kill", "-s", "SIGTERM", &id]);
-    assert!(kill.status.success(), "{}", text(&kill.stderr));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        let ls = text(&ctr(&["task", "ls"]).stdout);
-        if let Some(line) = ls.lines().find(|l| l.starts_with(&id)) {
-            if line.contains("STOPPED") {
-                break line.to_string();
-            }
-        }
-        assert!(Instant::now() < deadline, "the task did not stop: {ls}");
-        std::thread::sleep(Duration::from_millis(200));
+    let status_of = |id: &str| {
+        text(&ctr(&["task", "ls"]).stdout)
+            .lines()
+            .find(|l| l.starts_with(id))
+            .unwrap_or_default()
+            .to_string()
     };
-    assert!(status.contains("STOPPED"), "{status}");
-    let rm = ctr(&["task", "rm", &id]);
-    assert!(rm.status.success(), "{}", text(&rm.stderr));
-    let _ = ctr(&["container", "rm", &id]);
+    let result = (|| {
+        let exec = ctr(&[
+            "task",
+            "exec",
+            "--exec-id",
+            "e1",
+            &id,
+            "sh",
+            "-c",
+            "echo in-container; cat /proc/1/cmdline; echo; exit 4",
+        ]);
+        let exec_out = text(&exec.stdout);
+        if exec.status.code() != Some(4) {
+            return Err(format!(
+                "exec exited {:?}: {exec_out} {}; the task: {}",
+                exec.status.code(),
+                text(&exec.stderr),
+                status_of(&id)
+            ));
+        }
+        assert!(exec_out.starts_with("in-container\nsleep"), "{exec_out:?}");
+
+        let ps = text(&ctr(&["task", "ps", &id]).stdout);
+        let pids: Vec<&str> = ps
+            .lines()
+            .skip(1)
+            .filter(|l| !l.trim().is_empty())
+            .collect();
+        assert!(
+            !pids.is_empty(),
+            "ctr task ps lists the container's processes: {ps}"
+        );
+
+        let metrics = ctr(&["task", "metrics", "--format", "json", &id]);
+        let m = text(&metrics.stdout);
+        assert!(metrics.status.success(), "{m} {}", text(&metrics.stderr));
+        let v: serde_json::Value = serde_json::from_str(&m).unwrap_or_else(|e| panic!("{e}: {m}"));
+        let usage = v["memory"]["usage"].as_u64().unwrap_or(0);
+        let pids_now = v["pids"]["current"].as_u64().unwrap_or(0);
+        assert!(usage > 0 && pids_now >= 1, "metrics read real values: {m}");
+
+        let kill = ctr(&["task", "kill", "-s", "SIGTERM", &id]);
+        if !kill.status.success() {
+            return Err(format!(
+                "kill: {}; the task: {}",
+                text(&kill.stderr),
+                status_of(&id)
+            ));
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !status_of(&id).contains("STOPPED") {
+            assert!(
+                Instant::now() < deadline,
+                "the task did not stop: {}",
+                status_of(&id)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let rm = ctr(&["task", "rm", &id]);
+        assert!(rm.status.success(), "{}", text(&rm.stderr));
+        Ok(())
+    })();
+    cleanup(&id);
     let topics = events.topics_of(&id);
+    result?;
     let want = [
         "/tasks/create",
         "/tasks/start",
@@ -269,6 +311,7 @@ fn a_detached_task_execs_lists_processes_reports_metrics_and_is_killed() {
         shim_pids(&id).is_empty(),
         "the shim exited with its last task"
     );
+    Ok(())
 }
 
 #[test]

@@ -8,7 +8,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use std::io::Read;
-use zygote_agent::container::{launch, process_pid, spec::launch_config};
+use zygote_agent::container::{launch, process_pid, ready_pipe, spec::launch_config, wait_ready};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_zygote-agent");
 
@@ -62,12 +62,14 @@ fn is_root() -> bool {
 /// Runs a spec to completion: (exit code, stdout, stderr).
 fn run(root: &Path, json: &[u8]) -> (i32, String, String) {
     let config = launch_config(json, root).unwrap();
+    let (_ready, ready_w) = ready_pipe().unwrap();
     let mut child = launch(
         &config,
         Path::new(AGENT),
         Stdio::null(),
         Stdio::piped(),
         Stdio::piped(),
+        ready_w,
     )
     .unwrap();
     let mut out = String::new();
@@ -172,14 +174,20 @@ fn exit_codes_signals_and_start_failures() {
     // Killed from outside by signal 9: reported as 128 + 9.
     let config =
         launch_config(&spec(&["/bin/sleep", "100"], serde_json::json!({})), &root).unwrap();
+    let (ready, ready_w) = ready_pipe().unwrap();
     let mut child = launch(
         &config,
         Path::new(AGENT),
         Stdio::null(),
         Stdio::null(),
         Stdio::null(),
+        ready_w,
     )
     .unwrap();
+    assert!(
+        wait_ready(&ready, Duration::from_secs(10)),
+        "the started pipe closes when the process has exec'd"
+    );
     let pid = (0..100)
         .find_map(|_| {
             std::thread::sleep(Duration::from_millis(20));

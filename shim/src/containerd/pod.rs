@@ -138,7 +138,8 @@ impl PodVm {
             settle: Duration::from_millis(config.settle_ms),
             force: false,
         };
-        let built = template::build(&store, &spec).map_err(|e| failed(format!("{e:#}")))?;
+        let built = template::build(&store, &spec)
+            .map_err(|e| failed(format!("{:#}", anyhow::Error::from(e))))?;
         let template_build_ms = if built.reused { 0.0 } else { built.total_ms };
         if !built.reused {
             log::info!(

@@ -320,10 +320,19 @@ pub fn main(config_json: &str) -> ExitCode {
 }
 
 /// Forks; the child runs `child` (which only returns on failure, with the
-/// reason); this process waits and exits with the child's status.
+/// reason); this process waits and exits with the child's status. The
+/// "started" pipe at [`super::READY_FD`] goes to the child alone, closed on
+/// its exec.
 fn fork_and_wait(what: &str, child: impl FnOnce() -> String) -> ExitCode {
+    let ready = super::READY_FD;
+    // SAFETY: fcntl on a descriptor number; EBADF (no pipe given) is harmless.
+    let has_ready = unsafe { libc::fcntl(ready, libc::F_SETFD, libc::FD_CLOEXEC) } == 0;
     // SAFETY: fork in a single-threaded process.
     let pid = unsafe { libc::fork() };
+    if pid > 0 && has_ready {
+        // SAFETY: closing our copy of the pipe; the child has its own.
+        unsafe { libc::close(ready) };
+    }
     if pid < 0 {
         eprintln!("zygote {what}: fork: {}", std::io::Error::last_os_error());
         return ExitCode::from(EXIT_SETUP_FAILED);

@@ -11,23 +11,89 @@ pub mod oom;
 pub mod registry;
 pub mod spec;
 
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
 use crate::procs::{self, Child};
 
+/// The fd on which an init or exec helper gets the write end of the "started"
+/// pipe: it reaches the container's process, and closes when that process
+/// has exec'd (close-on-exec) or died.
+pub const READY_FD: i32 = 3;
+
+/// A "started" pipe: the read end for the agent, the write end for the helper.
+pub fn ready_pipe() -> std::io::Result<(File, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills two fds into a valid array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: both fds were just created and are owned by nothing else.
+    Ok(unsafe {
+        (
+            File::from(OwnedFd::from_raw_fd(fds[0])),
+            OwnedFd::from_raw_fd(fds[1]),
+        )
+    })
+}
+
+/// Waits until the write ends of a "started" pipe are closed (the process
+/// exec'd or died), up to `timeout`.
+pub fn wait_ready(read: &File, timeout: std::time::Duration) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: read.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        // SAFETY: poll on one valid pollfd.
+        let n = unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(i32::MAX as u128) as i32) };
+        if n > 0 {
+            // Nothing is ever written: readable means end of file.
+            return true;
+        }
+        if n == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            return false;
+        }
+    }
+}
+
+/// `cmd` with `ready` as its fd [`READY_FD`] (`ready` must stay open until
+/// the spawn).
+fn with_ready_fd<'a>(cmd: &'a mut Command, ready: &OwnedFd) -> &'a mut Command {
+    use std::os::unix::process::CommandExt;
+    let fd = ready.as_raw_fd();
+    // SAFETY: dup2 is async-signal-safe; the closure only uses an integer. The
+    // original stays close-on-exec; the copy at READY_FD does not.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(fd, READY_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
 /// Starts the container described by `config`: the agent binary `agent_exe` as
 /// its init, with the given stdio. The returned child's exit status is the
-/// container process's (128 + N when killed by signal N).
+/// container process's (128 + N when killed by signal N). `ready`'s write end
+/// closes when the container's process has exec'd.
 pub fn launch(
     config: &spec::LaunchConfig,
     agent_exe: &Path,
     stdin: Stdio,
     stdout: Stdio,
     stderr: Stdio,
+    ready: OwnedFd,
 ) -> std::io::Result<Child> {
     let json = serde_json::to_string(config).map_err(std::io::Error::other)?;
-    procs::spawn(
+    procs::spawn(with_ready_fd(
         Command::new(agent_exe)
             .arg("container-init")
             .arg(json)
@@ -35,7 +101,8 @@ pub fn launch(
             .stdin(stdin)
             .stdout(stdout)
             .stderr(stderr),
-    )
+        &ready,
+    ))
 }
 
 /// The container's process: the init's one child (its pid in the agent's view).
@@ -76,13 +143,14 @@ pub fn launch_exec(
     stdin: Stdio,
     stdout: Stdio,
     stderr: Stdio,
+    ready: OwnedFd,
 ) -> std::io::Result<Child> {
     let config = init::ExecConfig {
         process: process.clone(),
         target_pid,
     };
     let json = serde_json::to_string(&config).map_err(std::io::Error::other)?;
-    procs::spawn(
+    procs::spawn(with_ready_fd(
         Command::new(agent_exe)
             .arg("container-exec")
             .arg(json)
@@ -90,7 +158,8 @@ pub fn launch_exec(
             .stdin(stdin)
             .stdout(stdout)
             .stderr(stderr),
-    )
+        &ready,
+    ))
 }
 
 #[cfg(test)]

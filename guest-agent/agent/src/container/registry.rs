@@ -400,7 +400,9 @@ impl Registry {
         }
     }
 
-    /// Starts the container's process; returns the init's pid.
+    /// Starts the container's process; returns the init's pid once the
+    /// process has exec'd (or failed to), as `runc start` does: an exec or a
+    /// signal that follows finds the container's process, not its set-up.
     pub fn start(&self, id: &str) -> Result<u32, ContainerError> {
         let c = self.get(id)?;
         let mut state = c.state.lock().expect("state lock");
@@ -417,6 +419,7 @@ impl Registry {
             .child
             .take()
             .expect("created");
+        let (ready, ready_w) = super::ready_pipe().map_err(os("make the started pipe"))?;
         let mut child = match &c.exec_in {
             None => launch(
                 &c.config,
@@ -424,6 +427,7 @@ impl Registry {
                 Stdio::from(stdin),
                 Stdio::from(stdout),
                 Stdio::from(stderr),
+                ready_w,
             ),
             Some(parent) => {
                 let target = self.container_pid(parent)?;
@@ -434,18 +438,27 @@ impl Registry {
                     Stdio::from(stdin),
                     Stdio::from(stdout),
                     Stdio::from(stderr),
+                    ready_w,
                 )
             }
         }
         .map_err(os("start the container's init"))?;
         let init_pid = child.pid();
         *state = State::Running { init_pid };
+        drop(state);
         let c2 = c.clone();
         std::thread::Builder::new()
             .name("agent-wait".into())
             .spawn(move || {
+                // The init exits with its process's status; if the init itself
+                // was killed, 128 + its signal, as a shell reports it.
                 let code = match child.wait() {
-                    Ok(s) => s.code().unwrap_or(128),
+                    Ok(s) => {
+                        use std::os::unix::process::ExitStatusExt;
+                        s.code()
+                            .or_else(|| s.signal().map(|n| 128 + n))
+                            .unwrap_or(128)
+                    }
                     Err(_) => 128,
                 };
                 // Output already attached is delivered before the exit is reported.
@@ -457,6 +470,9 @@ impl Registry {
                 c2.exited.notify_all();
             })
             .map_err(os("start a waiter thread"))?;
+        if !super::wait_ready(&ready, std::time::Duration::from_secs(60)) {
+            eprintln!("zygote-agent: {id}: its process did not start within 60 s");
+        }
         Ok(init_pid)
     }
 
