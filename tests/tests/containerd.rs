@@ -268,7 +268,9 @@ fn detached_round(attempt: u32) -> Result<(), String> {
         let pids_now = v["pids"]["current"].as_u64().unwrap_or(0);
         assert!(usage > 0 && pids_now >= 1, "metrics read real values: {m}");
 
-        let kill = ctr(&["task", "kill", "-s", "SIGTERM", &id]);
+        // SIGKILL: `sleep` is its PID namespace's init, which ignores a
+        // SIGTERM it has no handler for (under runc as well).
+        let kill = ctr(&["task", "kill", "-s", "SIGKILL", &id]);
         if !kill.status.success() {
             return Err(format!(
                 "kill: {}; the task: {}",
@@ -496,4 +498,75 @@ fn failures_are_reported_and_leave_nothing_behind() {
     }
     assert_eq!(vm_run_dirs(), runs_before, "no VM run directory is left");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_guest_panic_marks_the_tasks_exited_and_leaves_nothing_behind() {
+    if !containerd_available() {
+        return;
+    }
+    let _vm = vm_lock();
+    let runs_before = vm_run_dirs();
+    let id = cid("panic");
+    cleanup(&id);
+    let events = Events::start();
+    // --privileged: the pod's own kernel may be crashed by its root (as a
+    // runc container could not: /proc/sysrq-trigger is read-only there).
+    let run = ctr(&[
+        "run",
+        "-d",
+        "--privileged",
+        "--runtime",
+        RUNTIME,
+        &image(),
+        &id,
+        "sleep",
+        "1000",
+    ]);
+    assert!(run.status.success(), "{}", text(&run.stderr));
+    let crash = ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "crash",
+        &id,
+        "sh",
+        "-c",
+        "echo c > /proc/sysrq-trigger",
+    ]);
+    assert!(!crash.status.success(), "the exec cannot finish normally");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let ls = text(&ctr(&["task", "ls"]).stdout);
+        if ls
+            .lines()
+            .any(|l| l.starts_with(id.as_str()) && l.contains("STOPPED"))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the task was not marked exited: {ls}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let rm = ctr(&["task", "rm", &id]);
+    assert!(rm.status.success(), "{}", text(&rm.stderr));
+    let _ = ctr(&["container", "rm", &id]);
+    let topics = events.topics_of(&id);
+    assert!(
+        topics.iter().any(|t| t == "/tasks/exit")
+            && topics.last().is_some_and(|t| t == "/tasks/delete"),
+        "{topics:?}"
+    );
+    let log = std::fs::read_to_string(zygote::paths::home().join("containerd/containerd.log"))
+        .unwrap_or_default();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("the pod VM failed") && l.contains("Panic")),
+        "the reason is logged"
+    );
+    cleanup(&id);
+    assert!(shim_pids(&id).is_empty());
+    assert_eq!(vm_run_dirs(), runs_before, "no VM run directory is left");
 }

@@ -55,6 +55,12 @@ fn timestamp_ns(ns: u64) -> Timestamp {
     t
 }
 
+/// How often the monitor looks at the pod VM (host side only: no guest work).
+const MONITOR_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
+/// How often it pings the agent, and how long an answer may take.
+const PING_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+const PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// A file in the bundle naming the pod VM's run directory, for `delete`
 /// after a shim that was killed.
 const RUN_DIR_FILE: &str = "zygote-vm-run-dir";
@@ -480,15 +486,19 @@ impl TaskService {
             .expect("spawn a waiter thread");
     }
 
-    /// Records an exit and publishes TaskExit.
+    /// Records an exit and publishes TaskExit (once per process).
     async fn exited(&self, id: &str, exec_id: &str, exit: Exit) {
-        let pid = self
-            .with_process(id, exec_id, |c, p| {
-                let p = p.unwrap_or(&mut c.init);
-                p.exit_tx.send_replace(Some(exit));
-                Ok(p.pid)
-            })
-            .unwrap_or(0);
+        let recorded = self.with_process(id, exec_id, |c, p| {
+            let p = p.unwrap_or(&mut c.init);
+            if p.exit().is_some() {
+                return Ok(None);
+            }
+            p.exit_tx.send_replace(Some(exit));
+            Ok(Some(p.pid))
+        });
+        let Ok(Some(pid)) = recorded else {
+            return;
+        };
         let event = TaskExit {
             container_id: id.into(),
             id: if exec_id.is_empty() {
@@ -524,6 +534,77 @@ impl TaskService {
             .open(path)
         {
             let _ = writeln!(f, "{line}");
+        }
+    }
+
+    /// Watches the pod VM: if it stops (a guest panic, a VMM error) or its
+    /// agent stops answering, every task still running is marked exited
+    /// (status 255) with the reason logged, so containerd and kubelet see it.
+    fn monitor(&self, pod: &Arc<PodVm>) {
+        let (service, weak) = (self.clone(), Arc::downgrade(pod));
+        std::thread::Builder::new()
+            .name("monitor".into())
+            .spawn(move || {
+                let mut failed_pings = 0;
+                let mut last_ping = Instant::now();
+                loop {
+                    std::thread::sleep(MONITOR_INTERVAL);
+                    let Some(pod) = weak.upgrade() else { return };
+                    let mut dead = pod.check().err().map(|e| e.to_string());
+                    if dead.is_none() && last_ping.elapsed() >= PING_INTERVAL {
+                        last_ping = Instant::now();
+                        let answered = pod.connect().and_then(|mut c| {
+                            c.set_timeout(PING_TIMEOUT)
+                                .map_err(zygote_agent_api::ClientError::Io)?;
+                            c.ping().map_err(PodError::from)
+                        });
+                        failed_pings = if answered.is_ok() {
+                            0
+                        } else {
+                            failed_pings + 1
+                        };
+                        if failed_pings >= 2 {
+                            dead = Some(format!(
+                                "the agent did not answer twice within {PING_TIMEOUT:?}: {:?}",
+                                answered.err()
+                            ));
+                        }
+                    }
+                    let Some(why) = dead else { continue };
+                    drop(pod);
+                    log::error!("the pod VM failed: {why}; its running tasks are marked exited");
+                    service.runtime.block_on(service.fail_all());
+                    return;
+                }
+            })
+            .expect("spawn the monitor thread");
+    }
+
+    /// Marks every started, running process exited with status 255.
+    async fn fail_all(&self) {
+        let running: Vec<(String, String)> = {
+            let state = self.state.lock().expect("state lock");
+            state
+                .containers
+                .iter()
+                .flat_map(|(id, c)| {
+                    let init = (c.init.started && c.init.exit().is_none())
+                        .then(|| (id.clone(), String::new()));
+                    let execs = c
+                        .execs
+                        .iter()
+                        .filter(|(_, p)| p.started && p.exit().is_none())
+                        .map(|(e, _)| (id.clone(), e.clone()));
+                    init.into_iter().chain(execs).collect::<Vec<_>>()
+                })
+                .collect()
+        };
+        let at_ns = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        for (id, exec_id) in running {
+            self.exited(&id, &exec_id, Exit { status: 255, at_ns })
+                .await;
         }
     }
 
@@ -650,6 +731,7 @@ impl Task for TaskService {
                         let _ = std::fs::write(bundle2.join(RUN_DIR_FILE), pod.run_dir().to_string_lossy().as_bytes());
                         service.state.lock().expect("state lock").pod = Some(pod.clone());
                         service.watch_ooms(&pod);
+                        service.monitor(&pod);
                         pod
                     }
                 };
