@@ -403,11 +403,6 @@ impl Sandbox {
         if asked.is_ok() {
             self.machine.wait(grace);
         }
-        let Sandbox {
-            machine, run_dir, ..
-        } = self;
-        let reason = machine.shutdown();
-        drop(run_dir);
-        reason
+        self.kill()
     }
 }

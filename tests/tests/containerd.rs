@@ -57,6 +57,32 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
+/// `ctr run FLAGS --runtime zygote IMAGE ID ARGV...`.
+fn zygote_run(flags: &[&str], id: &str, argv: &[&str]) -> Output {
+    let image = image();
+    let mut args = vec!["run"];
+    args.extend_from_slice(flags);
+    args.extend_from_slice(&["--runtime", RUNTIME, &image, id]);
+    args.extend_from_slice(argv);
+    ctr(&args)
+}
+
+/// Waits (up to 60 s) until `ctr task ls` shows task `id` as `status`.
+fn wait_task(id: &str, status: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let ls = text(&ctr(&["task", "ls"]).stdout);
+        if ls
+            .lines()
+            .any(|l| l.split_whitespace().next() == Some(id) && l.contains(status))
+        {
+            return;
+        }
+        assert!(Instant::now() < deadline, "task {id} is not {status}: {ls}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// A unique container id for this test process.
 fn cid(name: &str) -> String {
     format!("{name}-{}", std::process::id())
@@ -133,17 +159,15 @@ fn ctr_run_prints_output_returns_the_exit_code_and_publishes_events_in_order() {
     let id = cid("run");
     cleanup(&id);
     let events = Events::start();
-    let out = ctr(&[
-        "run",
-        "--rm",
-        "--runtime",
-        RUNTIME,
-        &image(),
+    let out = zygote_run(
+        &["--rm"],
         &id,
-        "sh",
-        "-c",
-        "echo out-line; echo err-line >&2; uname -r; exit 3",
-    ]);
+        &[
+            "sh",
+            "-c",
+            "echo out-line; echo err-line >&2; uname -r; exit 3",
+        ],
+    );
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
     assert_eq!(
         out.status.code(),
@@ -209,16 +233,7 @@ fn detached_round(attempt: u32) -> Result<(), String> {
     let id = cid(&format!("detached{attempt}"));
     cleanup(&id);
     let events = Events::start();
-    let run = ctr(&[
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
-        &image(),
-        &id,
-        "sleep",
-        "1000",
-    ]);
+    let run = zygote_run(&["-d"], &id, &["sleep", "1000"]);
     assert!(run.status.success(), "{}", text(&run.stderr));
     let status_of = |id: &str| {
         text(&ctr(&["task", "ls"]).stdout)
@@ -278,15 +293,7 @@ fn detached_round(attempt: u32) -> Result<(), String> {
                 status_of(&id)
             ));
         }
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !status_of(&id).contains("STOPPED") {
-            assert!(
-                Instant::now() < deadline,
-                "the task did not stop: {}",
-                status_of(&id)
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        wait_task(&id, "STOPPED");
         let rm = ctr(&["task", "rm", &id]);
         assert!(rm.status.success(), "{}", text(&rm.stderr));
         Ok(())
@@ -348,16 +355,7 @@ fn a_terminal_and_two_containers_from_one_template() {
     let ids = [cid("twin-a"), cid("twin-b")];
     for id in &ids {
         cleanup(id);
-        let run = ctr(&[
-            "run",
-            "-d",
-            "--runtime",
-            RUNTIME,
-            &image(),
-            id,
-            "sleep",
-            "1000",
-        ]);
+        let run = zygote_run(&["-d"], id, &["sleep", "1000"]);
         assert!(run.status.success(), "{}", text(&run.stderr));
     }
     let ls = text(&ctr(&["task", "ls"]).stdout);
@@ -424,17 +422,11 @@ fn failures_are_reported_and_leave_nothing_behind() {
     .unwrap();
     let id = cid("nokernel");
     cleanup(&id);
-    let out = ctr(&[
-        "run",
-        "--rm",
-        "--runtime",
-        RUNTIME,
-        "--runtime-config-path",
-        config.to_str().unwrap(),
-        &image(),
+    let out = zygote_run(
+        &["--rm", "--runtime-config-path", config.to_str().unwrap()],
         &id,
-        "true",
-    ]);
+        &["true"],
+    );
     let err = text(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("/nonexistent/vmlinux"), "{err}");
@@ -443,17 +435,7 @@ fn failures_are_reported_and_leave_nothing_behind() {
     // An invalid spec field (a relative working directory): refused by the agent.
     let id = cid("badspec");
     cleanup(&id);
-    let out = ctr(&[
-        "run",
-        "--rm",
-        "--runtime",
-        RUNTIME,
-        "--cwd",
-        "relative/dir",
-        &image(),
-        &id,
-        "true",
-    ]);
+    let out = zygote_run(&["--rm", "--cwd", "relative/dir"], &id, &["true"]);
     let err = text(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("process.cwd"), "{err}");
@@ -462,16 +444,7 @@ fn failures_are_reported_and_leave_nothing_behind() {
     // The shim killed with SIGKILL: containerd's `shim delete` cleans up.
     let id = cid("killed");
     cleanup(&id);
-    let run = ctr(&[
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
-        &image(),
-        &id,
-        "sleep",
-        "1000",
-    ]);
+    let run = zygote_run(&["-d"], &id, &["sleep", "1000"]);
     assert!(run.status.success(), "{}", text(&run.stderr));
     let shims = shim_pids(&id);
     assert_eq!(shims.len(), 1);
@@ -512,17 +485,7 @@ fn a_guest_panic_marks_the_tasks_exited_and_leaves_nothing_behind() {
     let events = Events::start();
     // --privileged: the pod's own kernel may be crashed by its root (as a
     // runc container could not: /proc/sysrq-trigger is read-only there).
-    let run = ctr(&[
-        "run",
-        "-d",
-        "--privileged",
-        "--runtime",
-        RUNTIME,
-        &image(),
-        &id,
-        "sleep",
-        "1000",
-    ]);
+    let run = zygote_run(&["-d", "--privileged"], &id, &["sleep", "1000"]);
     assert!(run.status.success(), "{}", text(&run.stderr));
     let crash = ctr(&[
         "task",
@@ -535,21 +498,7 @@ fn a_guest_panic_marks_the_tasks_exited_and_leaves_nothing_behind() {
         "echo c > /proc/sysrq-trigger",
     ]);
     assert!(!crash.status.success(), "the exec cannot finish normally");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let ls = text(&ctr(&["task", "ls"]).stdout);
-        if ls
-            .lines()
-            .any(|l| l.starts_with(id.as_str()) && l.contains("STOPPED"))
-        {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the task was not marked exited: {ls}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_task(&id, "STOPPED");
     let rm = ctr(&["task", "rm", &id]);
     assert!(rm.status.success(), "{}", text(&rm.stderr));
     let _ = ctr(&["container", "rm", &id]);

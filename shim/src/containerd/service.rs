@@ -341,6 +341,18 @@ fn pod_error(e: PodError) -> ttrpc::Error {
     }
 }
 
+fn unexpected(answer: &response::Body) -> ttrpc::Error {
+    internal(format!("unexpected answer from the agent: {answer:?}"))
+}
+
+/// An agent call answered with `Empty`.
+fn call_empty(pod: &PodVm, body: request::Body) -> TtrpcResult<()> {
+    match pod.call(body).map_err(pod_error)? {
+        response::Body::Empty(_) => Ok(()),
+        other => Err(unexpected(&other)),
+    }
+}
+
 /// Runs blocking work off the async threads.
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> TtrpcResult<T> + Send + 'static,
@@ -663,10 +675,7 @@ impl TaskService {
     }
 
     fn agent_empty(&self, body: request::Body) -> TtrpcResult<()> {
-        match self.pod()?.call(body).map_err(pod_error)? {
-            response::Body::Empty(_) => Ok(()),
-            other => Err(internal(format!("unexpected answer {other:?}"))),
-        }
+        call_empty(&*self.pod()?, body)
     }
 }
 
@@ -739,17 +748,15 @@ impl Task for TaskService {
                 for n in notes {
                     log::info!("{id2}: {n}");
                 }
-                let created = pod
-                    .call(request::Body::CreateContainer(CreateContainer {
+                call_empty(
+                    &pod,
+                    request::Body::CreateContainer(CreateContainer {
                         id: id2.clone(),
                         spec_json: serde_json::to_vec(&guest).expect("JSON"),
                         rootfs: IMAGE_ROOT.into(),
                         upper_size_mib: config.upper_size_mib,
-                    }))
-                    .map_err(pod_error)?;
-                if !matches!(created, response::Body::Empty(_)) {
-                    return Err(internal(format!("unexpected answer {created:?}")));
-                }
+                    }),
+                )?;
                 Ok(pod)
             })
             .await;
@@ -844,7 +851,7 @@ impl Task for TaskService {
                     .map_err(pod_error)?
                 {
                     response::Body::Started(s) => Ok((s.pid, outputs)),
-                    other => Err(internal(format!("unexpected answer {other:?}"))),
+                    other => Err(unexpected(&other)),
                 }
             })
             .await?;
@@ -1026,18 +1033,7 @@ impl Task for TaskService {
             signal: req.signal as i32,
             exec_id,
         };
-        let service = self.clone();
-        blocking(move || {
-            let _ = &service;
-            match pod
-                .call(request::Body::SignalProcess(signal))
-                .map_err(pod_error)?
-            {
-                response::Body::Empty(_) => Ok(()),
-                other => Err(internal(format!("unexpected answer {other:?}"))),
-            }
-        })
-        .await?;
+        blocking(move || call_empty(&pod, request::Body::SignalProcess(signal))).await?;
         Ok(api::Empty::new())
     }
 
@@ -1074,17 +1070,14 @@ impl Task for TaskService {
         let pod = self.pod()?;
         let (id2, exec2) = (id.clone(), exec_id.clone());
         blocking(move || {
-            match pod
-                .call(request::Body::ExecProcess(ExecProcess {
+            call_empty(
+                &pod,
+                request::Body::ExecProcess(ExecProcess {
                     id: id2,
                     exec_id: exec2,
                     process_json,
-                }))
-                .map_err(pod_error)?
-            {
-                response::Body::Empty(_) => Ok(()),
-                other => Err(internal(format!("unexpected answer {other:?}"))),
-            }
+                }),
+            )
         })
         .await?;
         let stdio = StdioPaths {
@@ -1174,7 +1167,7 @@ impl Task for TaskService {
             blocking(
                 move || match pod.call(request::Body::ListPids(key)).map_err(pod_error)? {
                     response::Body::Pids(p) => Ok(p.pids),
-                    other => Err(internal(format!("unexpected answer {other:?}"))),
+                    other => Err(unexpected(&other)),
                 },
             )
             .await?;
@@ -1210,7 +1203,7 @@ impl Task for TaskService {
             blocking(
                 move || match pod.call(request::Body::Stats(key)).map_err(pod_error)? {
                     response::Body::Stats(s) => Ok(s),
-                    other => Err(internal(format!("unexpected answer {other:?}"))),
+                    other => Err(unexpected(&other)),
                 },
             )
             .await?
