@@ -104,6 +104,16 @@ fn cleanup(id: &str) {
     let _ = ctr(&["container", "rm", id]);
 }
 
+/// Cleans container `id` up when dropped, so that a failing test leaves no
+/// task, container or shim behind.
+struct Removed(String);
+
+impl Drop for Removed {
+    fn drop(&mut self) {
+        cleanup(&self.0);
+    }
+}
+
 /// Shim processes serving `id` (the shim is named after the first container of its group).
 fn shim_pids(id: &str) -> Vec<u32> {
     let out = Command::new("pgrep")
@@ -158,6 +168,7 @@ fn ctr_run_prints_output_returns_the_exit_code_and_publishes_events_in_order() {
     let _vm = vm_lock();
     let id = cid("run");
     cleanup(&id);
+    let _removed = Removed(id.clone());
     let events = Events::start();
     let out = zygote_run(
         &["--rm"],
@@ -232,6 +243,7 @@ fn a_detached_task_execs_lists_processes_reports_metrics_and_is_killed() {
 fn detached_round(attempt: u32) -> Result<(), String> {
     let id = cid(&format!("detached{attempt}"));
     cleanup(&id);
+    let _removed = Removed(id.clone());
     let events = Events::start();
     let run = zygote_run(&["-d"], &id, &["sleep", "1000"]);
     assert!(run.status.success(), "{}", text(&run.stderr));
@@ -332,6 +344,7 @@ fn a_terminal_and_two_containers_from_one_template() {
     // -t: ctr needs a terminal of its own; `script` gives it one.
     let id = cid("tty");
     cleanup(&id);
+    let _removed = Removed(id.clone());
     let cmd = format!(
         "ctr --address {} run --rm -t --runtime {RUNTIME} {} {id} sh -c '[ -t 0 ] && echo on-a-tty; tty'",
         socket().display(),
@@ -353,6 +366,7 @@ fn a_terminal_and_two_containers_from_one_template() {
     // Two at once: both fork the template the first run built (no new build).
     let templates_before = template_dirs();
     let ids = [cid("twin-a"), cid("twin-b")];
+    let _removed: Vec<Removed> = ids.iter().map(|i| Removed(i.clone())).collect();
     for id in &ids {
         cleanup(id);
         let run = zygote_run(&["-d"], id, &["sleep", "1000"]);
@@ -422,6 +436,7 @@ fn failures_are_reported_and_leave_nothing_behind() {
     .unwrap();
     let id = cid("nokernel");
     cleanup(&id);
+    let _removed = Removed(id.clone());
     let out = zygote_run(
         &["--rm", "--runtime-config-path", config.to_str().unwrap()],
         &id,
@@ -435,6 +450,7 @@ fn failures_are_reported_and_leave_nothing_behind() {
     // An invalid spec field (a relative working directory): refused by the agent.
     let id = cid("badspec");
     cleanup(&id);
+    let _removed = Removed(id.clone());
     let out = zygote_run(&["--rm", "--cwd", "relative/dir"], &id, &["true"]);
     let err = text(&out.stderr);
     assert!(!out.status.success());
@@ -444,6 +460,7 @@ fn failures_are_reported_and_leave_nothing_behind() {
     // The shim killed with SIGKILL: containerd's `shim delete` cleans up.
     let id = cid("killed");
     cleanup(&id);
+    let _removed = Removed(id.clone());
     let run = zygote_run(&["-d"], &id, &["sleep", "1000"]);
     assert!(run.status.success(), "{}", text(&run.stderr));
     let shims = shim_pids(&id);
@@ -482,6 +499,7 @@ fn a_guest_panic_marks_the_tasks_exited_and_leaves_nothing_behind() {
     let runs_before = vm_run_dirs();
     let id = cid("panic");
     cleanup(&id);
+    let _removed = Removed(id.clone());
     let events = Events::start();
     // --privileged: the pod's own kernel may be crashed by its root (as a
     // runc container could not: /proc/sysrq-trigger is read-only there).

@@ -95,6 +95,11 @@ pub fn attach_stdio(
 }
 
 impl AgentClient {
+    /// Another handle on the connection (to shut it down from another thread).
+    pub fn try_clone_stream(&self) -> std::io::Result<UnixStream> {
+        self.stream.try_clone()
+    }
+
     /// Connects once; fails if the agent is not listening yet.
     pub fn connect(uds: &Path, timeout: Duration) -> Result<Self, ClientError> {
         let stream = connect_vsock(uds, crate::AGENT_PORT, timeout)?;

@@ -75,15 +75,24 @@ fn open_sink(s: &Sink) -> std::io::Result<File> {
     }
 }
 
+/// A process's bridged stdio.
+#[derive(Debug, Default)]
+pub struct Bridged {
+    /// The output copies: join them before reporting the exit.
+    pub outputs: Vec<JoinHandle<()>>,
+    /// The vsock connections, to shut down if the VM dies (their copies then
+    /// end, and containerd's FIFOs close).
+    pub streams: Vec<UnixStream>,
+}
+
 /// Attaches the process `key`'s streams through `vsock` and starts copying;
-/// `close_stdin` runs when containerd's stdin ends. Returns the output copies
-/// (join them before reporting the exit).
+/// `close_stdin` runs when containerd's stdin ends.
 pub fn bridge(
     vsock: &Path,
     key: &str,
     paths: &StdioPaths,
     close_stdin: impl FnOnce() + Send + 'static,
-) -> Result<Vec<JoinHandle<()>>, IoError> {
+) -> Result<Bridged, IoError> {
     let timeout = Duration::from_secs(30);
     let mut outputs = Vec::new();
     let mut streams: Vec<(&'static str, Sink)> = Vec::new();
@@ -112,6 +121,13 @@ pub fn bridge(
             })?;
         Some((PathBuf::from(&paths.stdin), conn))
     };
+    let mut streams = Vec::new();
+    for (_, _, conn) in &attached {
+        streams.extend(conn.try_clone().ok());
+    }
+    if let Some((_, conn)) = &stdin {
+        streams.extend(conn.try_clone().ok());
+    }
     for (stream, s, conn) in attached {
         let key = key.to_string();
         let handle = std::thread::Builder::new()
@@ -129,7 +145,7 @@ pub fn bridge(
             })
             .expect("spawn an io thread");
     }
-    Ok(outputs)
+    Ok(Bridged { outputs, streams })
 }
 
 fn copy_out(key: &str, stream: &str, s: &Sink, mut conn: UnixStream) {

@@ -220,6 +220,9 @@ pub async fn serve(runtime_id: &str, flags: &Flags) -> Result<(), ShimError> {
     shim.wait().await;
     server.shutdown().await.unwrap_or_default();
     let _ = std::fs::remove_file(&path);
+    // A VM that could not be stopped cleanly dies with this process; its run
+    // directory must not outlive it.
+    crate::sandbox::remove_own_run_dirs();
     Ok(())
 }
 
@@ -262,6 +265,8 @@ struct Process {
     stdio: StdioPaths,
     started: bool,
     exit_tx: watch::Sender<Option<Exit>>,
+    /// Its vsock connections (stdio, wait), shut down at its exit.
+    streams: Vec<std::os::unix::net::UnixStream>,
 }
 
 impl Process {
@@ -271,6 +276,7 @@ impl Process {
             stdio,
             started: false,
             exit_tx: watch::channel(None).0,
+            streams: Vec::new(),
         }
     }
 
@@ -449,14 +455,20 @@ impl TaskService {
         Ok(built)
     }
 
+    /// Waits for the process's exit on a connection of its own (returned, to
+    /// be shut down if the VM dies), then reports it once its output has
+    /// reached containerd. Holds no strong reference to the VM.
     fn spawn_waiter(
         &self,
-        pod: Arc<PodVm>,
+        pod: &Arc<PodVm>,
         id: String,
         exec_id: String,
         outputs: Vec<std::thread::JoinHandle<()>>,
-    ) {
+    ) -> Option<std::os::unix::net::UnixStream> {
         let service = self.clone();
+        let client = pod.connect();
+        let stream = client.as_ref().ok().and_then(|c| c.try_clone_stream().ok());
+        let weak = Arc::downgrade(pod);
         std::thread::Builder::new()
             .name("wait".into())
             .spawn(move || {
@@ -464,11 +476,14 @@ impl TaskService {
                     id: id.clone(),
                     exec_id: exec_id.clone(),
                 };
-                let waited = pod.connect().and_then(|mut c| {
+                let waited = client.and_then(|mut c| {
                     c.set_timeout(std::time::Duration::from_secs(365 * 24 * 3600))
                         .map_err(zygote_agent_api::ClientError::Io)?;
                     c.call(request::Body::WaitProcess(key))
-                        .map_err(|e| pod.explain(e))
+                        .map_err(|e| match weak.upgrade() {
+                            Some(pod) => pod.explain(e),
+                            None => PodError::Agent(e),
+                        })
                 });
                 let exit = match waited {
                     Ok(response::Body::Exited(e)) => Exit {
@@ -496,6 +511,7 @@ impl TaskService {
                     .block_on(service.exited(&id, &exec_id, exit));
             })
             .expect("spawn a waiter thread");
+        stream
     }
 
     /// Records an exit and publishes TaskExit (once per process).
@@ -504,6 +520,10 @@ impl TaskService {
             let p = p.unwrap_or(&mut c.init);
             if p.exit().is_some() {
                 return Ok(None);
+            }
+            // Copies blocked on a dead VM end now, and containerd's FIFOs close.
+            for s in p.streams.drain(..) {
+                let _ = s.shutdown(std::net::Shutdown::Both);
             }
             p.exit_tx.send_replace(Some(exit));
             Ok(Some(p.pid))
@@ -835,12 +855,12 @@ impl Task for TaskService {
                     exec_id: exec_id.clone(),
                 },
             );
-            let (pid, outputs) = blocking(move || {
+            let (pid, bridged) = blocking(move || {
                 // containerd may never open a stdin it passed: the copy waits,
                 // without keeping the VM alive.
                 let close_pod = Arc::downgrade(&pod2);
                 let close_key = key.clone();
-                let outputs = bridge(pod2.vsock_path(), &key.key(), &stdio, move || {
+                let bridged = bridge(pod2.vsock_path(), &key.key(), &stdio, move || {
                     if let Some(pod) = close_pod.upgrade() {
                         let _ = pod.call(request::Body::CloseStdin(close_key));
                     }
@@ -850,20 +870,25 @@ impl Task for TaskService {
                     .call(request::Body::StartContainer(key))
                     .map_err(pod_error)?
                 {
-                    response::Body::Started(s) => Ok((s.pid, outputs)),
+                    response::Body::Started(s) => Ok((s.pid, bridged)),
                     other => Err(unexpected(&other)),
                 }
             })
             .await?;
-            // Published before the waiter can publish the exit.
+            let mut streams = bridged.streams;
             self.with_process(&id, &exec_id, |c, p| {
                 let p = p.unwrap_or(&mut c.init);
                 p.pid = pid;
                 p.started = true;
                 Ok(())
             })?;
+            // Published before the waiter can publish the exit.
             self.publish_start(&id, &exec_id, pid).await;
-            self.spawn_waiter(pod, id.clone(), exec_id.clone(), outputs);
+            streams.extend(self.spawn_waiter(&pod, id.clone(), exec_id.clone(), bridged.outputs));
+            let _ = self.with_process(&id, &exec_id, |c, p| {
+                p.unwrap_or(&mut c.init).streams = streams;
+                Ok(())
+            });
             pid
         };
         if sandbox {

@@ -1,0 +1,235 @@
+//! A pod through containerd's CRI plugin with a real CRI client (the
+//! Kubernetes CRI protos, `k8s-cri`), as kubelet drives it: RunPodSandbox
+//! with the RuntimeClass handler `zygote`, a container in it (the pod's VM is
+//! forked when the first application container is created), ExecSync,
+//! ContainerStats, the container's log, then the pod stopped and removed with
+//! nothing left.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use k8s_cri::v1 as cri;
+use k8s_cri::v1::image_service_client::ImageServiceClient;
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use tonic::transport::{Channel, Endpoint, Uri};
+use zygote_tests::vm_lock;
+
+fn socket() -> PathBuf {
+    std::env::var_os("ZYGOTE_CONTAINERD_SOCK").map_or_else(
+        || "/run/zygote/containerd/containerd.sock".into(),
+        PathBuf::from,
+    )
+}
+
+fn image() -> String {
+    std::env::var("ZYGOTE_TEST_IMAGE").unwrap_or_else(|_| "zygote.local/busybox:latest".into())
+}
+
+async fn connect() -> Option<Channel> {
+    let path = socket();
+    if !path.exists() {
+        let msg = format!(
+            "no containerd at {}: run hack/containerd (hack/test does)",
+            path.display()
+        );
+        if std::env::var_os("ZYGOTE_ALLOW_SKIP").is_some_and(|v| v == "1") {
+            eprintln!("SKIP: {msg}");
+            return None;
+        }
+        panic!("{msg}");
+    }
+    let channel = Endpoint::try_from("http://[::]:50051")
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move {
+                let stream = tokio::net::UnixStream::connect(path).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+            }
+        }))
+        .await
+        .expect("connect to the CRI");
+    Some(channel)
+}
+
+fn shim_running(pod: &str) -> bool {
+    std::process::Command::new("pgrep")
+        .args(["-f", &format!("containerd-shim-zygote-v2 .*-id {pod} ")])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+#[test]
+fn a_pod_runs_through_the_cri_in_one_vm() {
+    let _vm = vm_lock();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let Some(channel) = connect().await else {
+            return;
+        };
+        let mut runtime = RuntimeServiceClient::new(channel.clone());
+        let mut images = ImageServiceClient::new(channel);
+        let version = runtime
+            .version(cri::VersionRequest {
+                version: "v1".into(),
+            })
+            .await
+            .expect("CRI version")
+            .into_inner();
+        eprintln!("CRI: {} {}", version.runtime_name, version.runtime_version);
+        let status = images
+            .image_status(cri::ImageStatusRequest {
+                image: Some(cri::ImageSpec {
+                    image: image(),
+                    ..Default::default()
+                }),
+                verbose: false,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(
+            status.image.is_some(),
+            "{} is in the k8s.io namespace",
+            image()
+        );
+
+        let logs = std::env::temp_dir().join(format!("zygote-cri-{}", std::process::id()));
+        std::fs::create_dir_all(&logs).unwrap();
+        let uid = format!("uid-{}", std::process::id());
+        let pod_config = cri::PodSandboxConfig {
+            metadata: Some(cri::PodSandboxMetadata {
+                name: "zpod".into(),
+                uid: uid.clone(),
+                namespace: "default".into(),
+                attempt: 0,
+            }),
+            hostname: "zpod".into(),
+            log_directory: logs.to_string_lossy().into(),
+            linux: Some(cri::LinuxPodSandboxConfig {
+                security_context: Some(cri::LinuxSandboxSecurityContext {
+                    // Host network: no CNI here (and no NIC in the VM yet).
+                    namespace_options: Some(cri::NamespaceOption {
+                        network: cri::NamespaceMode::Node as i32,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let pod = runtime
+            .run_pod_sandbox(cri::RunPodSandboxRequest {
+                config: Some(pod_config.clone()),
+                runtime_handler: "zygote".into(),
+            })
+            .await
+            .expect("RunPodSandbox")
+            .into_inner()
+            .pod_sandbox_id;
+        assert!(shim_running(&pod), "one shim for the pod");
+
+        let container = runtime
+            .create_container(cri::CreateContainerRequest {
+                pod_sandbox_id: pod.clone(),
+                config: Some(cri::ContainerConfig {
+                    metadata: Some(cri::ContainerMetadata {
+                        name: "app".into(),
+                        attempt: 0,
+                    }),
+                    image: Some(cri::ImageSpec {
+                        image: image(),
+                        ..Default::default()
+                    }),
+                    command: vec!["sh".into(), "-c".into()],
+                    args: vec!["echo hello-from-cri; uname -r; exec sleep 1000".into()],
+                    log_path: "app.log".into(),
+                    ..Default::default()
+                }),
+                sandbox_config: Some(pod_config.clone()),
+            })
+            .await
+            .expect("CreateContainer")
+            .into_inner()
+            .container_id;
+        runtime
+            .start_container(cri::StartContainerRequest {
+                container_id: container.clone(),
+            })
+            .await
+            .expect("StartContainer");
+
+        let exec = runtime
+            .exec_sync(cri::ExecSyncRequest {
+                container_id: container.clone(),
+                cmd: vec!["sh".into(), "-c".into(), "echo in-exec; exit 5".into()],
+                timeout: 120,
+            })
+            .await
+            .expect("ExecSync")
+            .into_inner();
+        assert_eq!(exec.exit_code, 5, "{exec:?}");
+        assert_eq!(String::from_utf8_lossy(&exec.stdout), "in-exec\n");
+
+        let stats = runtime
+            .container_stats(cri::ContainerStatsRequest {
+                container_id: container.clone(),
+            })
+            .await
+            .expect("ContainerStats")
+            .into_inner()
+            .stats
+            .expect("stats");
+        let memory = stats
+            .memory
+            .and_then(|m| m.usage_bytes)
+            .map_or(0, |v| v.value);
+        assert!(
+            memory > 0,
+            "the container's memory as its cgroup in the VM reads it"
+        );
+
+        // The log, in the CRI's format ("TIME stdout F LINE").
+        let log = logs.join("app.log");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let text = loop {
+            let t = std::fs::read_to_string(&log).unwrap_or_default();
+            if t.contains("hello-from-cri") || Instant::now() > deadline {
+                break t;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        assert!(text.contains(" stdout F hello-from-cri"), "{text:?}");
+        let kernel = text
+            .lines()
+            .nth(1)
+            .and_then(|l| l.split(' ').nth(3))
+            .unwrap_or_default()
+            .to_string();
+        let host = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+        assert!(!kernel.is_empty() && kernel != host.trim(), "{text:?}");
+
+        runtime
+            .stop_pod_sandbox(cri::StopPodSandboxRequest {
+                pod_sandbox_id: pod.clone(),
+            })
+            .await
+            .expect("StopPodSandbox");
+        runtime
+            .remove_pod_sandbox(cri::RemovePodSandboxRequest {
+                pod_sandbox_id: pod.clone(),
+            })
+            .await
+            .expect("RemovePodSandbox");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while shim_running(&pod) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert!(!shim_running(&pod), "the pod's shim is gone");
+        std::fs::remove_dir_all(&logs).unwrap();
+    });
+}
