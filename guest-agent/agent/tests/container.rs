@@ -312,6 +312,12 @@ fn registry_runs_a_container_with_streams_over_an_overlay() {
         Err(ContainerError::NotFound(_))
     ));
     assert!(read_stdio_header(&mut std::io::Cursor::new(b"no-newline".to_vec())).is_err());
+    // The longest key, as the CRI names execs: two 64-character ids.
+    let long = format!("{}/{} stdout\n", "a".repeat(64), "b".repeat(64));
+    let (key, stream) = read_stdio_header(&mut std::io::Cursor::new(long.into_bytes())).unwrap();
+    assert_eq!((key.len(), stream.as_str()), (129, "stdout"));
+    let too_long = format!("{} stdout\n", "a".repeat(300));
+    assert!(read_stdio_header(&mut std::io::Cursor::new(too_long.into_bytes())).is_err());
     std::fs::remove_dir_all(&image).unwrap();
     let _ = std::fs::remove_dir_all(&state);
 }

@@ -779,12 +779,16 @@ fn forward_stdin(mut conn: impl Read, slot: &Mutex<Option<File>>) {
     slot.lock().expect("stdin lock").take();
 }
 
-/// Reads the stream header `<id> <stream>\n` (at most 128 bytes, byte by byte
-/// so nothing after it is consumed).
+/// The longest stream header: a container id and an exec id (64 each), the
+/// slash between them, a space, the stream's name and the newline, with room.
+const STDIO_HEADER_MAX: usize = 256;
+
+/// Reads the stream header `<id> <stream>\n` (at most [`STDIO_HEADER_MAX`]
+/// bytes, byte by byte so nothing after it is consumed).
 pub fn read_stdio_header(conn: &mut impl Read) -> std::io::Result<(String, String)> {
     let mut line = Vec::new();
     let mut byte = [0u8; 1];
-    while line.len() < 128 {
+    while line.len() < STDIO_HEADER_MAX {
         conn.read_exact(&mut byte)?;
         if byte[0] == b'\n' {
             let text = String::from_utf8_lossy(&line).into_owned();
