@@ -747,8 +747,8 @@ impl Task for TaskService {
             let hostname = oci["hostname"].as_str().unwrap_or(&id).to_string();
             let pod = blocking(move || {
                 let image = Self::image_of(&config, &bundle2, &rootfs)?;
-                let pod = match pod {
-                    Some(p) if p.image == image.path => p,
+                let (pod, new_pod) = match pod {
+                    Some(p) if p.image == image.path => (p, false),
                     Some(_) => {
                         return Err(status(
                             Code::FAILED_PRECONDITION,
@@ -759,24 +759,30 @@ impl Task for TaskService {
                         let pod = Arc::new(PodVm::create(&config, &image, &hostname).map_err(pod_error)?);
                         let _ = std::fs::write(bundle2.join(RUN_DIR_FILE), pod.run_dir().to_string_lossy().as_bytes());
                         service.state.lock().expect("state lock").pod = Some(pod.clone());
-                        service.watch_ooms(&pod);
-                        service.monitor(&pod);
-                        pod
+                        (pod, true)
                     }
                 };
                 let (guest, notes) = spec::for_guest(&oci);
                 for n in notes {
                     log::info!("{id2}: {n}");
                 }
+                let spec_json = serde_json::to_vec(&guest).expect("JSON");
                 call_empty(
                     &pod,
                     request::Body::CreateContainer(CreateContainer {
                         id: id2.clone(),
-                        spec_json: serde_json::to_vec(&guest).expect("JSON"),
+                        spec_json,
                         rootfs: IMAGE_ROOT.into(),
                         upper_size_mib: config.upper_size_mib,
                     }),
                 )?;
+                // The OOM and monitor connections start after the container is
+                // created: on PVM, agent threads busy at the same time can
+                // corrupt each other's data (docs/guest-kernel.md).
+                if new_pod {
+                    service.watch_ooms(&pod);
+                    service.monitor(&pod);
+                }
                 Ok(pod)
             })
             .await;
