@@ -385,12 +385,18 @@ impl Sandbox {
 
     /// Stops the VM at once (no power-off asked) and removes the run directory.
     pub fn kill(self) -> ExitReason {
+        self.kill_timed().0
+    }
+
+    /// As [`Sandbox::kill`], with the vCPUs' final time inside `KVM_RUN` and
+    /// halted there (see [`Machine::shutdown_timed`]).
+    pub fn kill_timed(self) -> (ExitReason, Duration, Option<Duration>) {
         let Sandbox {
             machine, run_dir, ..
         } = self;
-        let reason = machine.shutdown();
+        let times = machine.shutdown_timed();
         drop(run_dir);
-        reason
+        times
     }
 
     /// Asks the guest to power off and waits up to `grace`; then stops the VM

@@ -340,7 +340,10 @@ impl Machine {
         let pio = legacy_bus(&self.serial, &self.i8042)?;
         let mmio = virtio_bus(&self.devices)?;
         for vcpu in vcpus {
-            let stats = Arc::new(VcpuStats::default());
+            let stats = Arc::new(VcpuStats {
+                kvm: vcpu.kvm_stats(),
+                ..Default::default()
+            });
             let (pio, mmio, exit, stop) = (
                 pio.clone(),
                 mmio.clone(),
@@ -388,6 +391,16 @@ impl Machine {
         )
     }
 
+    /// Time all vCPUs waited halted inside `KVM_RUN` so far (the guest idle,
+    /// waiting for an interrupt); None where KVM has no binary statistics.
+    pub fn guest_halt_time(&self) -> Option<Duration> {
+        let mut total = 0;
+        for s in &self.stats {
+            total += s.kvm.as_ref()?.halt_wait_ns();
+        }
+        Some(Duration::from_nanos(total))
+    }
+
     /// Exits to userspace so far, over all vCPUs.
     pub fn exit_count(&self) -> u64 {
         self.stats
@@ -417,6 +430,14 @@ impl Machine {
     /// Stops the VM (if still running), joins its threads and releases everything.
     pub fn shutdown(mut self) -> ExitReason {
         self.stop_threads()
+    }
+
+    /// As [`Machine::shutdown`], and the vCPUs' final time inside `KVM_RUN`
+    /// and halted there (halts are accounted by KVM when they end, so this
+    /// is exact only once the vCPUs stopped).
+    pub fn shutdown_timed(mut self) -> (ExitReason, Duration, Option<Duration>) {
+        let reason = self.stop_threads();
+        (reason, self.guest_run_time(), self.guest_halt_time())
     }
 
     fn stop_threads(&mut self) -> ExitReason {

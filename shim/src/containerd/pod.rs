@@ -63,6 +63,18 @@ pub struct PodTimings {
     pub reconcile_ms: f64,
 }
 
+/// A pod VM's life, measured when it stopped.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct PodEnd {
+    /// Fork → stopped, ms.
+    pub life_ms: f64,
+    /// vCPU time inside `KVM_RUN`, ms.
+    pub guest_run_ms: f64,
+    /// Of which the vCPUs waited halted (the guest idle), ms; None where KVM
+    /// has no statistics.
+    pub guest_halt_ms: Option<f64>,
+}
+
 /// A running pod VM.
 pub struct PodVm {
     sandbox: Sandbox,
@@ -257,9 +269,15 @@ impl PodVm {
     /// Stops the VM and removes its run directory. Nothing in it needs a
     /// clean power-off: its disk is read-only and its writable layers are
     /// guest memory.
-    pub fn shutdown(self) {
+    pub fn shutdown(self) -> PodEnd {
         drop(self.control);
-        let reason = self.sandbox.kill();
+        let life_ms = ms(self.created.elapsed());
+        let (reason, run, halt) = self.sandbox.kill_timed();
         log::info!("pod VM stopped: {reason:?}");
+        PodEnd {
+            life_ms,
+            guest_run_ms: ms(run),
+            guest_halt_ms: halt.map(ms),
+        }
     }
 }

@@ -548,16 +548,20 @@ impl TaskService {
     }
 
     /// Appends the pod VM's timings to the configured log (benchmarks read it).
-    fn log_timings(&self, pod: &PodVm) {
+    fn log_timings(
+        &self,
+        template: &str,
+        timings: super::pod::PodTimings,
+        end: super::pod::PodEnd,
+    ) {
         let path = self.state.lock().expect("state lock").timings_log.clone();
         let Some(path) = path else {
             return;
         };
         let line = serde_json::json!({
-            "template": pod.template,
-            "pod": pod.timings,
-            "life_ms": pod.created.elapsed().as_secs_f64() * 1e3,
-            "guest_run_ms": pod.guest_run_ms(),
+            "template": template,
+            "pod": timings,
+            "end": end,
         });
         use std::io::Write;
         if let Ok(mut f) = std::fs::OpenOptions::new()
@@ -676,21 +680,25 @@ impl TaskService {
             state.pod.take()
         };
         if let Some(pod) = pod {
-            self.log_timings(&pod);
             log::info!("stopping the pod VM");
-            let _ = tokio::task::spawn_blocking(move || {
+            let (template, timings) = (pod.template.clone(), pod.timings);
+            let ended = tokio::task::spawn_blocking(move || {
                 // Waiter and OOM threads hold references for a moment after an exit.
                 let mut pod = pod;
                 for _ in 0..100 {
                     match Arc::try_unwrap(pod) {
-                        Ok(p) => return p.shutdown(),
+                        Ok(p) => return Some(p.shutdown()),
                         Err(again) => pod = again,
                     }
                     std::thread::sleep(std::time::Duration::from_millis(20));
                 }
                 log::warn!("the pod VM is still referenced; it stops with the shim");
+                None
             })
             .await;
+            if let Ok(Some(end)) = ended {
+                self.log_timings(&template, timings, end);
+            }
         }
     }
 
