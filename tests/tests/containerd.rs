@@ -537,3 +537,73 @@ fn a_guest_panic_marks_the_tasks_exited_and_leaves_nothing_behind() {
     assert!(shim_pids(&id).is_empty());
     assert_eq!(vm_run_dirs(), runs_before, "no VM run directory is left");
 }
+
+/// The vCPU threads of process `pid` (named `zygote-vcpu`).
+fn vcpu_threads(pid: u32) -> Vec<i32> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| {
+                    std::fs::read_to_string(e.path().join("comm"))
+                        .is_ok_and(|c| c.trim() == "zygote-vcpu")
+                })
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn an_unresponsive_guest_is_detected_and_its_tasks_marked_exited() {
+    if !containerd_available() {
+        return;
+    }
+    let _vm = vm_lock();
+    let runs_before = vm_run_dirs();
+    let id = cid("hung");
+    cleanup(&id);
+    let _removed = Removed(id.clone());
+    let run = zygote_run(&["-d"], &id, &["sleep", "1000"]);
+    assert!(run.status.success(), "{}", text(&run.stderr));
+    let shim = shim_pids(&id);
+    assert_eq!(shim.len(), 1);
+    // Freeze the guest: stop its vCPU threads alone (ptrace), as a guest that
+    // hangs looks to the host. The shim's other threads keep running.
+    let vcpus = vcpu_threads(shim[0]);
+    assert!(!vcpus.is_empty(), "the shim runs the VM's vCPUs");
+    for &tid in &vcpus {
+        // SAFETY: ptrace requests on a thread id, with null address and data.
+        unsafe {
+            assert_eq!(
+                libc::ptrace(libc::PTRACE_SEIZE, tid, 0, 0),
+                0,
+                "seize {tid}"
+            );
+            assert_eq!(libc::ptrace(libc::PTRACE_INTERRUPT, tid, 0, 0), 0);
+            let mut status = 0;
+            libc::waitpid(tid, &mut status, libc::__WALL);
+        }
+    }
+    let started = Instant::now();
+    // Two missed pings (10 s apart, 10 s each) mark the task exited.
+    wait_task(&id, "STOPPED");
+    eprintln!("marked exited after {:?}", started.elapsed());
+    for &tid in &vcpus {
+        // SAFETY: detaching threads this process seized.
+        unsafe { libc::ptrace(libc::PTRACE_DETACH, tid, 0, 0) };
+    }
+    let log = std::fs::read_to_string(zygote::paths::home().join("containerd/containerd.log"))
+        .unwrap_or_default();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("the pod VM failed") && l.contains("did not answer")),
+        "the reason is logged"
+    );
+    cleanup(&id);
+    assert!(shim_pids(&id).is_empty());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while vm_run_dirs() != runs_before && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(vm_run_dirs(), runs_before, "no VM run directory is left");
+}

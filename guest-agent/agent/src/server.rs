@@ -72,7 +72,7 @@ fn container_call(
         Ok(body) => (body, After::Continue),
         Err(e) => {
             let code = match e {
-                ContainerError::NotFound(_) => Code::NotFound,
+                ContainerError::NotFound(_) | ContainerError::Finished(_) => Code::NotFound,
                 ContainerError::InvalidId(_)
                 | ContainerError::Spec(_)
                 | ContainerError::Rootfs(_)

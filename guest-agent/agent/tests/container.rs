@@ -260,6 +260,10 @@ fn registry_runs_a_container_with_streams_over_an_overlay() {
     stdin.write_all(b"hello\n").unwrap();
     drop(stdin);
     assert_eq!(registry.wait("c1").unwrap(), 7);
+    assert!(
+        matches!(registry.signal("c1", 9), Err(ContainerError::Finished(_))),
+        "a signal after the exit: already finished (containerd's NOT_FOUND)"
+    );
     let mut out = String::new();
     stdout.read_to_string(&mut out).unwrap();
     let mut err = String::new();

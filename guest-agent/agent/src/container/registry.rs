@@ -46,6 +46,10 @@ pub enum ContainerError {
     /// Not available here.
     #[error("{0}")]
     Unsupported(&'static str),
+    /// The process has exited (a signal has no one to reach: containerd's
+    /// "process already finished", NOT_FOUND).
+    #[error("process {0} already finished")]
+    Finished(String),
     /// A system call failed.
     #[error("{what}: {source}")]
     Os {
@@ -657,16 +661,25 @@ impl Registry {
     pub fn signal(&self, id: &str, signal: i32) -> Result<(), ContainerError> {
         let c = self.get(id)?;
         let state = c.state.lock().expect("state lock");
-        let State::Running { init_pid } = *state else {
-            return Err(ContainerError::State {
-                id: id.into(),
-                state: state.name(),
-            });
+        let init_pid = match *state {
+            State::Running { init_pid } => init_pid,
+            State::Exited { .. } => return Err(ContainerError::Finished(id.into())),
+            State::Created => {
+                return Err(ContainerError::State {
+                    id: id.into(),
+                    state: state.name(),
+                });
+            }
         };
         let pid = process_pid(init_pid).unwrap_or(init_pid);
         // SAFETY: kill(2) of a process this agent started and has not reaped.
         if unsafe { libc::kill(pid as i32, signal) } != 0 {
-            return Err(os("kill")(std::io::Error::last_os_error()));
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ESRCH) {
+                // Gone, its exit not reported yet.
+                return Err(ContainerError::Finished(id.into()));
+            }
+            return Err(os("kill")(e));
         }
         Ok(())
     }
