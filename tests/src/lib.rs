@@ -406,3 +406,16 @@ pub fn busybox_oci_image(dir: &Path, applets: &[&str]) -> PathBuf {
     std::fs::remove_dir_all(&bundle).unwrap();
     layout
 }
+
+/// hack/containerd's containerd socket (`$ZYGOTE_CONTAINERD_SOCK`).
+pub fn containerd_socket() -> PathBuf {
+    std::env::var_os("ZYGOTE_CONTAINERD_SOCK").map_or_else(
+        || "/run/zygote/containerd/containerd.sock".into(),
+        PathBuf::from,
+    )
+}
+
+/// The busybox image hack/containerd imports (`$ZYGOTE_TEST_IMAGE`).
+pub fn test_image() -> String {
+    std::env::var("ZYGOTE_TEST_IMAGE").unwrap_or_else(|_| "zygote.local/busybox:latest".into())
+}

@@ -12,16 +12,7 @@ use zygote_tests::vm_lock;
 
 const RUNTIME: &str = "io.containerd.zygote.v2";
 
-fn socket() -> PathBuf {
-    std::env::var_os("ZYGOTE_CONTAINERD_SOCK").map_or_else(
-        || "/run/zygote/containerd/containerd.sock".into(),
-        PathBuf::from,
-    )
-}
-
-fn image() -> String {
-    std::env::var("ZYGOTE_TEST_IMAGE").unwrap_or_else(|_| "zygote.local/busybox:latest".into())
-}
+use zygote_tests::{containerd_socket as socket, test_image as image};
 
 /// Whether hack/containerd's containerd answers (panics with how to start it
 /// unless skipping is allowed).
@@ -127,7 +118,17 @@ fn shim_pids(id: &str) -> Vec<u32> {
 }
 
 /// `ctr events`, collected in the background.
-struct Events(Child, std::thread::JoinHandle<Vec<String>>);
+struct Events {
+    child: Child,
+    reader: Option<std::thread::JoinHandle<Vec<String>>>,
+}
+
+impl Drop for Events {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
 
 impl Events {
     fn start() -> Self {
@@ -137,16 +138,34 @@ impl Events {
             std::thread::spawn(move || BufReader::new(out).lines().map_while(Result::ok).collect());
         // containerd subscribes the client before the first event it must see.
         std::thread::sleep(Duration::from_millis(300));
-        Events(child, reader)
+        Events {
+            child,
+            reader: Some(reader),
+        }
+    }
+
+    /// Stops collecting; asserts that the events naming `id` among the
+    /// topics `want` came in that order (the shim exited with its last task).
+    fn assert_order(self, id: &str, want: &[&str]) {
+        let topics = self.topics_of(id);
+        let seen: Vec<&str> = topics
+            .iter()
+            .map(String::as_str)
+            .filter(|t| want.contains(t))
+            .collect();
+        assert_eq!(seen, want, "all events: {topics:?}");
+        assert!(
+            shim_pids(id).is_empty(),
+            "the shim exited with its last task"
+        );
     }
 
     /// The topics of the events naming `id`, in order.
-    fn topics_of(self, id: &str) -> Vec<String> {
+    fn topics_of(mut self, id: &str) -> Vec<String> {
         std::thread::sleep(Duration::from_millis(500));
-        let Events(mut child, reader) = self;
-        let _ = child.kill();
-        let _ = child.wait();
-        let lines = reader.join().unwrap();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let lines = self.reader.take().expect("read once").join().unwrap();
         lines
             .iter()
             .filter(|l| l.contains(&format!("\"{id}\"")))
@@ -190,22 +209,14 @@ fn ctr_run_prints_output_returns_the_exit_code_and_publishes_events_in_order() {
     assert!(stderr.contains("err-line"), "{stderr}");
     let host = text(&Command::new("uname").arg("-r").output().unwrap().stdout);
     assert_ne!(lines[1], host.trim(), "the guest's kernel, not the host's");
-    let topics = events.topics_of(&id);
-    let want = [
-        "/tasks/create",
-        "/tasks/start",
-        "/tasks/exit",
-        "/tasks/delete",
-    ];
-    let seen: Vec<&str> = topics
-        .iter()
-        .map(String::as_str)
-        .filter(|t| want.contains(t))
-        .collect();
-    assert_eq!(seen, want, "all events: {topics:?}");
-    assert!(
-        shim_pids(&id).is_empty(),
-        "the shim exited with its last task"
+    events.assert_order(
+        &id,
+        &[
+            "/tasks/create",
+            "/tasks/start",
+            "/tasks/exit",
+            "/tasks/delete",
+        ],
     );
     assert!(
         ctr(&["container", "info", &id]).status.code() != Some(0),
@@ -311,26 +322,19 @@ fn detached_round(attempt: u32) -> Result<(), String> {
         Ok(())
     })();
     cleanup(&id);
-    let topics = events.topics_of(&id);
+    // (On an error, dropping `events` stops `ctr events`.)
     result?;
-    let want = [
-        "/tasks/create",
-        "/tasks/start",
-        "/tasks/exec-added",
-        "/tasks/exec-started",
-        "/tasks/exit",
-        "/tasks/exit",
-        "/tasks/delete",
-    ];
-    let seen: Vec<&str> = topics
-        .iter()
-        .map(String::as_str)
-        .filter(|t| want.contains(t))
-        .collect();
-    assert_eq!(seen, want, "all events: {topics:?}");
-    assert!(
-        shim_pids(&id).is_empty(),
-        "the shim exited with its last task"
+    events.assert_order(
+        &id,
+        &[
+            "/tasks/create",
+            "/tasks/start",
+            "/tasks/exec-added",
+            "/tasks/exec-started",
+            "/tasks/exit",
+            "/tasks/exit",
+            "/tasks/delete",
+        ],
     );
     Ok(())
 }

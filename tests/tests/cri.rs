@@ -5,7 +5,6 @@
 //! ContainerStats, the container's log, then the pod stopped and removed with
 //! nothing left.
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use k8s_cri::v1 as cri;
@@ -14,16 +13,7 @@ use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use tonic::transport::{Channel, Endpoint, Uri};
 use zygote_tests::vm_lock;
 
-fn socket() -> PathBuf {
-    std::env::var_os("ZYGOTE_CONTAINERD_SOCK").map_or_else(
-        || "/run/zygote/containerd/containerd.sock".into(),
-        PathBuf::from,
-    )
-}
-
-fn image() -> String {
-    std::env::var("ZYGOTE_TEST_IMAGE").unwrap_or_else(|_| "zygote.local/busybox:latest".into())
-}
+use zygote_tests::{containerd_socket as socket, test_image as image};
 
 async fn connect() -> Option<Channel> {
     let path = socket();
