@@ -42,6 +42,24 @@ async fn connect() -> Option<Channel> {
     Some(channel)
 }
 
+/// Kills the pod's shim (and so its VM) if the test fails before removing
+/// the pod: nothing keeps running after a failed test.
+struct PodGuard(String);
+
+impl Drop for PodGuard {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let _ = std::process::Command::new("pkill")
+                .args([
+                    "-9",
+                    "-f",
+                    &format!("containerd-shim-zygote-v2 .*-id {} ", self.0),
+                ])
+                .status();
+        }
+    }
+}
+
 fn shim_running(pod: &str) -> bool {
     std::process::Command::new("pgrep")
         .args(["-f", &format!("containerd-shim-zygote-v2 .*-id {pod} ")])
@@ -144,6 +162,7 @@ async fn pod_round(
         .expect("RunPodSandbox")
         .into_inner()
         .pod_sandbox_id;
+    let _guard = PodGuard(pod.clone());
     assert!(shim_running(&pod), "one shim for the pod");
 
     let container = runtime
