@@ -491,7 +491,11 @@ impl TaskService {
                         at_ns: e.exited_at_ns,
                     },
                     other => {
-                        log::error!("{id} {exec_id}: no exit status from the guest: {other:?}");
+                        let why = match other {
+                            Err(e) => e.to_string(),
+                            Ok(answer) => format!("unexpected answer {answer:?}"),
+                        };
+                        log::error!("{id} {exec_id}: no exit status from the guest: {why}");
                         Exit {
                             status: 255,
                             at_ns: SystemTime::now()
