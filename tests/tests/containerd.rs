@@ -500,8 +500,28 @@ fn a_guest_panic_marks_the_tasks_exited_and_leaves_nothing_behind() {
         return;
     }
     let _vm = vm_lock();
+    // On PVM the container's process can crash (139) when the exec starts
+    // beside it (docs/guest-kernel.md) before the guest panics: retried, and said.
+    for attempt in 0..3 {
+        match panic_round(attempt) {
+            Ok(()) => return,
+            Err(why)
+                if attempt < 2 && zygote_vmm::KvmKind::detect() == zygote_vmm::KvmKind::Pvm =>
+            {
+                eprintln!("PVM: {why}; retrying")
+            }
+            Err(why) => panic!("{why}"),
+        }
+    }
+}
+
+/// Crashes a pod's kernel from a container; Err if the container's process
+/// crashed (139) before the kernel did.
+fn panic_round(attempt: u32) -> Result<(), String> {
     let runs_before = vm_run_dirs();
-    let id = cid("panic");
+    let log_path = zygote::paths::home().join("containerd/containerd.log");
+    let log_before = std::fs::metadata(&log_path).map_or(0, |m| m.len() as usize);
+    let id = cid(&format!("panic{attempt}"));
     cleanup(&id);
     let _removed = Removed(id.clone());
     let events = Events::start();
@@ -522,7 +542,13 @@ fn a_guest_panic_marks_the_tasks_exited_and_leaves_nothing_behind() {
     assert!(!crash.status.success(), "the exec cannot finish normally");
     wait_task(&id, "STOPPED");
     let rm = ctr(&["task", "rm", &id]);
-    assert!(rm.status.success(), "{}", text(&rm.stderr));
+    let rm_text = format!("{}{}", text(&rm.stdout), text(&rm.stderr));
+    if rm_text.contains("exit code 139") {
+        return Err(format!(
+            "the container crashed before the kernel: {rm_text}"
+        ));
+    }
+    assert!(rm.status.success(), "{rm_text}");
     let _ = ctr(&["container", "rm", &id]);
     let topics = events.topics_of(&id);
     assert!(
@@ -530,17 +556,19 @@ fn a_guest_panic_marks_the_tasks_exited_and_leaves_nothing_behind() {
             && topics.last().is_some_and(|t| t == "/tasks/delete"),
         "{topics:?}"
     );
-    let log = std::fs::read_to_string(zygote::paths::home().join("containerd/containerd.log"))
-        .unwrap_or_default();
+    // What containerd logged (the shim's log) during this round.
+    let log = std::fs::read(&log_path).unwrap_or_default();
+    let log = String::from_utf8_lossy(log.get(log_before..).unwrap_or_default());
     assert!(
         // By the monitor, or by the waiter that saw it first.
         log.lines().any(|l| l.contains("Panic")
             && (l.contains("the pod VM failed") || l.contains("the pod's VM stopped"))),
-        "the reason is logged"
+        "the reason is logged: {log}"
     );
     cleanup(&id);
     assert!(shim_pids(&id).is_empty());
     assert_eq!(vm_run_dirs(), runs_before, "no VM run directory is left");
+    Ok(())
 }
 
 /// The vCPU threads of process `pid` (named `zygote-vcpu`).
