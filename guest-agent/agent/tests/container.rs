@@ -184,10 +184,10 @@ fn exit_codes_signals_and_start_failures() {
         ready_w,
     )
     .unwrap();
-    assert!(
-        wait_ready(&ready, Duration::from_secs(10)),
-        "the started pipe closes when the process has exec'd"
-    );
+    let started = wait_ready(&ready, Duration::from_secs(10))
+        .expect("the started pipe gives the pid and closes when the process has exec'd");
+    let cmdline = std::fs::read_to_string(format!("/proc/{started}/cmdline")).unwrap_or_default();
+    assert!(cmdline.starts_with("/bin/sleep"), "{cmdline:?}");
     let pid = (0..100)
         .find_map(|_| {
             std::thread::sleep(Duration::from_millis(20));

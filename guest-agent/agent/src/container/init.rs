@@ -330,8 +330,15 @@ fn fork_and_wait(what: &str, child: impl FnOnce() -> String) -> ExitCode {
     // SAFETY: fork in a single-threaded process.
     let pid = unsafe { libc::fork() };
     if pid > 0 && has_ready {
-        // SAFETY: closing our copy of the pipe; the child has its own.
-        unsafe { libc::close(ready) };
+        // The process's pid as the agent sees it (this helper shares its PID
+        // namespace), so the agent never has to look for it in /proc.
+        let bytes = (pid as u32).to_le_bytes();
+        // SAFETY: a write of 4 bytes we own to our fd, then closing our copy
+        // of the pipe (the child has its own, closed on its exec).
+        unsafe {
+            libc::write(ready, bytes.as_ptr().cast(), bytes.len());
+            libc::close(ready);
+        }
     }
     if pid < 0 {
         eprintln!("zygote {what}: fork: {}", std::io::Error::last_os_error());

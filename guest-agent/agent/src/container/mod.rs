@@ -40,24 +40,36 @@ pub fn ready_pipe() -> std::io::Result<(File, OwnedFd)> {
 }
 
 /// Waits until the write ends of a "started" pipe are closed (the process
-/// exec'd or died), up to `timeout`.
-pub fn wait_ready(read: &File, timeout: std::time::Duration) -> bool {
+/// exec'd or died), up to `timeout`. The helper writes the process's pid (as
+/// the agent sees it, 4 bytes) first: returned once the pipe is closed.
+pub fn wait_ready(read: &File, timeout: std::time::Duration) -> Option<u32> {
+    use std::io::Read;
     let mut pfd = libc::pollfd {
         fd: read.as_raw_fd(),
         events: libc::POLLIN,
         revents: 0,
     };
     let deadline = std::time::Instant::now() + timeout;
+    let mut got = Vec::new();
     loop {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         // SAFETY: poll on one valid pollfd.
         let n = unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(i32::MAX as u128) as i32) };
         if n > 0 {
-            // Nothing is ever written: readable means end of file.
-            return true;
+            let mut buf = [0u8; 16];
+            match (&*read).read(&mut buf) {
+                Ok(0) => {
+                    let pid: [u8; 4] = got.get(..4)?.try_into().ok()?;
+                    return Some(u32::from_le_bytes(pid));
+                }
+                Ok(k) => got.extend_from_slice(&buf[..k]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => return None,
+            }
+            continue;
         }
         if n == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
-            return false;
+            return None;
         }
     }
 }

@@ -166,6 +166,8 @@ struct Container {
     exited: Condvar,
     pipes: Mutex<Pipes>,
     drains: Mutex<Vec<JoinHandle<()>>>,
+    /// The process's pid (its init's child), once started.
+    pid: OnceLock<u32>,
 }
 
 impl Container {
@@ -190,6 +192,7 @@ impl Container {
             exited: Condvar::new(),
             pipes: Mutex::new(pipes),
             drains: Mutex::default(),
+            pid: OnceLock::new(),
         })
     }
 }
@@ -474,8 +477,11 @@ impl Registry {
                 c2.exited.notify_all();
             })
             .map_err(os("start a waiter thread"))?;
-        if !super::wait_ready(&ready, std::time::Duration::from_secs(60)) {
-            eprintln!("zygote-agent: {id}: its process did not start within 60 s");
+        match super::wait_ready(&ready, std::time::Duration::from_secs(60)) {
+            Some(pid) => {
+                let _ = c.pid.set(pid);
+            }
+            None => eprintln!("zygote-agent: {id}: its process did not start within 60 s"),
         }
         Ok(init_pid)
     }
@@ -495,6 +501,9 @@ impl Registry {
                     });
                 }
             };
+            if let Some(&pid) = c.pid.get() {
+                return Ok(pid);
+            }
             if let Some(pid) = process_pid(init_pid) {
                 return Ok(pid);
             }
@@ -671,7 +680,12 @@ impl Registry {
                 });
             }
         };
-        let pid = process_pid(init_pid).unwrap_or(init_pid);
+        let pid = c
+            .pid
+            .get()
+            .copied()
+            .or_else(|| process_pid(init_pid))
+            .unwrap_or(init_pid);
         // SAFETY: kill(2) of a process this agent started and has not reaped.
         if unsafe { libc::kill(pid as i32, signal) } != 0 {
             let e = std::io::Error::last_os_error();
