@@ -757,7 +757,7 @@ impl Task for TaskService {
             let (service, bundle2, rootfs, id2) =
                 (self.clone(), bundle.clone(), req.rootfs.clone(), id.clone());
             let hostname = oci["hostname"].as_str().unwrap_or(&id).to_string();
-            let pod = blocking(move || {
+            let created = blocking(move || -> TtrpcResult<()> {
                 let image = Self::image_of(&config, &bundle2, &rootfs)?;
                 let (pod, new_pod) = match pod {
                     Some(p) if p.image == image.path => (p, false),
@@ -795,18 +795,15 @@ impl Task for TaskService {
                     service.watch_ooms(&pod);
                     service.monitor(&pod);
                 }
-                Ok(pod)
+                Ok(())
             })
             .await;
-            let pod = match pod {
-                Ok(p) => p,
-                Err(e) => {
-                    log::error!("create {id}: {e:?}");
-                    self.teardown_if_idle().await;
-                    return Err(e);
-                }
-            };
-            let _ = pod;
+            if let Err(e) = created {
+                log::error!("create {id}: {e:?}");
+                self.teardown_if_idle().await;
+                return Err(e);
+            }
+            // The process's pid is known at start (it runs in the VM).
             pid = 0;
         }
         self.state.lock().expect("state lock").containers.insert(
