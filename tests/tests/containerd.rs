@@ -95,6 +95,26 @@ fn cleanup(id: &str) {
     let _ = ctr(&["container", "rm", id]);
 }
 
+/// Runs `round` (given its attempt number) up to three times: on PVM a
+/// container's process can segfault when another process starts beside it
+/// (docs/guest-kernel.md), so a round that failed with one of the `signs`
+/// of that is retried there, and said; any other failure fails the test.
+fn retry_on_pvm(round: impl Fn(u32) -> Result<(), String>, signs: &[&str]) {
+    for attempt in 0..3 {
+        match round(attempt) {
+            Ok(()) => return,
+            Err(why)
+                if attempt < 2
+                    && zygote_vmm::KvmKind::detect() == zygote_vmm::KvmKind::Pvm
+                    && signs.iter().any(|s| why.contains(s)) =>
+            {
+                eprintln!("PVM: {why}; retrying")
+            }
+            Err(why) => panic!("{why}"),
+        }
+    }
+}
+
 /// Cleans container `id` up when dropped, so that a failing test leaves no
 /// task, container or shim behind.
 struct Removed(String);
@@ -230,23 +250,9 @@ fn a_detached_task_execs_lists_processes_reports_metrics_and_is_killed() {
         return;
     }
     let _vm = vm_lock();
-    // On PVM a guest process can segfault when another one runs beside it
-    // (docs/guest-kernel.md): a round where one did (status 139) is retried, and said.
-    for attempt in 0..3 {
-        match detached_round(attempt) {
-            Ok(()) => return,
-            // The exec can also find the container already gone (crashed) before
-            // its exit reached containerd.
-            Err(why)
-                if attempt < 2
-                    && zygote_vmm::KvmKind::detect() == zygote_vmm::KvmKind::Pvm
-                    && (why.contains("139") || why.contains("is exited")) =>
-            {
-                eprintln!("PVM: {why}; retrying")
-            }
-            Err(why) => panic!("{why}"),
-        }
-    }
+    // The exec can also find the container already gone (crashed) before its
+    // exit reached containerd.
+    retry_on_pvm(detached_round, &["139", "is exited"]);
 }
 
 /// One detached task: exec, ps, metrics, kill, events. Err names a failure
@@ -500,19 +506,7 @@ fn a_guest_panic_marks_the_tasks_exited_and_leaves_nothing_behind() {
         return;
     }
     let _vm = vm_lock();
-    // On PVM the container's process can crash (139) when the exec starts
-    // beside it (docs/guest-kernel.md) before the guest panics: retried, and said.
-    for attempt in 0..3 {
-        match panic_round(attempt) {
-            Ok(()) => return,
-            Err(why)
-                if attempt < 2 && zygote_vmm::KvmKind::detect() == zygote_vmm::KvmKind::Pvm =>
-            {
-                eprintln!("PVM: {why}; retrying")
-            }
-            Err(why) => panic!("{why}"),
-        }
-    }
+    retry_on_pvm(panic_round, &["crashed before the kernel"]);
 }
 
 /// Crashes a pod's kernel from a container; Err if the container's process
