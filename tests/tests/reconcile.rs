@@ -129,6 +129,27 @@ fn fork_and_reconcile(
     (sandbox, outcome)
 }
 
+/// A fork reconciled with the default policy whose audit found the busybox
+/// sleeper. On PVM a guest process can die of the known residue
+/// (docs/guest-kernel.md) between the snapshot and the audit: such a fork is
+/// replaced by another, and said (a sleeper dead in the template itself
+/// would be missing from every fork, and fail the test).
+fn fork_with_its_processes(f: &Fixture, host: &str) -> (Sandbox, ReconcileOutcome) {
+    for attempt in 1..=3 {
+        let (fork, outcome) = fork_and_reconcile(f, host, vec![]);
+        let has_sleeper = outcome
+            .report
+            .processes
+            .iter()
+            .any(|p| p.exe.ends_with("busybox"));
+        if has_sleeper || fork.kind() != zygote_vmm::KvmKind::Pvm || attempt == 3 {
+            return (fork, outcome);
+        }
+        eprintln!("PVM: {host}: the busybox sleeper died before the audit; forking again");
+    }
+    unreachable!("the last attempt returns")
+}
+
 #[test]
 fn two_forks_become_two_machines_and_go_is_restarted() {
     if !guest_available() {
@@ -136,8 +157,8 @@ fn two_forks_become_two_machines_and_go_is_restarted() {
     }
     let f = fixture();
     let _vm = vm_lock();
-    let (a, ra) = fork_and_reconcile(f, "fork-a", vec![]);
-    let (b, rb) = fork_and_reconcile(f, "fork-b", vec![]);
+    let (a, ra) = fork_with_its_processes(f, "fork-a");
+    let (b, rb) = fork_with_its_processes(f, "fork-b");
     for (fork, r, host) in [(&a, &ra, "fork-a"), (&b, &rb, "fork-b")] {
         let report = &r.report;
         eprintln!(
