@@ -411,14 +411,22 @@ pub fn sample() -> SampleResult {
             .trim()
             .to_string()
     };
+    let (uuid, hostname, machine_id) = (
+        read("/proc/sys/kernel/random/uuid"),
+        crate::sys::hostname(),
+        read("/etc/machine-id"),
+    );
+    // The clocks last, right before the answer goes out: the host takes the
+    // midpoint of its round trip as the moment they were read (guest
+    // syscalls are slow on PVM, and read first they biased the offset).
     SampleResult {
         realtime_ns: clock_ns(libc::CLOCK_REALTIME),
         monotonic_ns: clock_ns(libc::CLOCK_MONOTONIC),
         boottime_ns: clock_ns(libc::CLOCK_BOOTTIME),
         random,
-        uuid: read("/proc/sys/kernel/random/uuid"),
-        hostname: crate::sys::hostname(),
-        machine_id: read("/etc/machine-id"),
+        uuid,
+        hostname,
+        machine_id,
         generation: GENERATION.load(Ordering::SeqCst),
     }
 }
