@@ -416,6 +416,35 @@ fn template_dirs() -> Vec<(String, String)> {
     v
 }
 
+/// Waits a moment for containerd's clean-up (`shim delete`), then asserts
+/// that the VM run directories are what they were before.
+fn assert_no_run_dirs_left(before: &[PathBuf]) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while vm_run_dirs() != before && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(vm_run_dirs(), before, "no VM run directory is left");
+}
+
+/// A point in containerd's log (where the shims' logs go), to read only what
+/// a test caused after it.
+struct LogMark(usize);
+
+impl LogMark {
+    fn path() -> PathBuf {
+        zygote::paths::home().join("containerd/containerd.log")
+    }
+
+    fn now() -> Self {
+        LogMark(std::fs::metadata(Self::path()).map_or(0, |m| m.len() as usize))
+    }
+
+    fn since(&self) -> String {
+        let log = std::fs::read(Self::path()).unwrap_or_default();
+        String::from_utf8_lossy(log.get(self.0..).unwrap_or_default()).into_owned()
+    }
+}
+
 fn vm_run_dirs() -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(zygote::paths::run_root())
         .map(|rd| rd.flatten().map(|e| e.path()).collect())
@@ -491,12 +520,7 @@ fn failures_are_reported_and_leave_nothing_behind() {
     }
     cleanup(&id);
     assert!(shim_pids(&id).is_empty());
-    // Give containerd's cleanup (`shim delete`) a moment to finish.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while vm_run_dirs() != runs_before && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    assert_eq!(vm_run_dirs(), runs_before, "no VM run directory is left");
+    assert_no_run_dirs_left(&runs_before);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -513,8 +537,7 @@ fn a_guest_panic_marks_the_tasks_exited_and_leaves_nothing_behind() {
 /// crashed (139) before the kernel did.
 fn panic_round(attempt: u32) -> Result<(), String> {
     let runs_before = vm_run_dirs();
-    let log_path = zygote::paths::home().join("containerd/containerd.log");
-    let log_before = std::fs::metadata(&log_path).map_or(0, |m| m.len() as usize);
+    let log = LogMark::now();
     let id = cid(&format!("panic{attempt}"));
     cleanup(&id);
     let _removed = Removed(id.clone());
@@ -550,9 +573,7 @@ fn panic_round(attempt: u32) -> Result<(), String> {
             && topics.last().is_some_and(|t| t == "/tasks/delete"),
         "{topics:?}"
     );
-    // What containerd logged (the shim's log) during this round.
-    let log = std::fs::read(&log_path).unwrap_or_default();
-    let log = String::from_utf8_lossy(log.get(log_before..).unwrap_or_default());
+    let log = log.since();
     assert!(
         // By the monitor, or by the waiter that saw it first.
         log.lines().any(|l| l.contains("Panic")
@@ -561,7 +582,7 @@ fn panic_round(attempt: u32) -> Result<(), String> {
     );
     cleanup(&id);
     assert!(shim_pids(&id).is_empty());
-    assert_eq!(vm_run_dirs(), runs_before, "no VM run directory is left");
+    assert_no_run_dirs_left(&runs_before);
     Ok(())
 }
 
@@ -587,6 +608,7 @@ fn an_unresponsive_guest_is_detected_and_its_tasks_marked_exited() {
     }
     let _vm = vm_lock();
     let runs_before = vm_run_dirs();
+    let log = LogMark::now();
     let id = cid("hung");
     cleanup(&id);
     let _removed = Removed(id.clone());
@@ -619,18 +641,13 @@ fn an_unresponsive_guest_is_detected_and_its_tasks_marked_exited() {
         // SAFETY: detaching threads this process seized.
         unsafe { libc::ptrace(libc::PTRACE_DETACH, tid, 0, 0) };
     }
-    let log = std::fs::read_to_string(zygote::paths::home().join("containerd/containerd.log"))
-        .unwrap_or_default();
+    let log = log.since();
     assert!(
         log.lines()
             .any(|l| l.contains("the pod VM failed") && l.contains("did not answer")),
-        "the reason is logged"
+        "the reason is logged: {log}"
     );
     cleanup(&id);
     assert!(shim_pids(&id).is_empty());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while vm_run_dirs() != runs_before && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    assert_eq!(vm_run_dirs(), runs_before, "no VM run directory is left");
+    assert_no_run_dirs_left(&runs_before);
 }
