@@ -86,7 +86,14 @@ fn valid_key(key: &str) -> bool {
 fn run(tool: &'static str, cmd: &mut Command) -> Result<(), ImageError> {
     let out = cmd.output().map_err(|e| ImageError::Tool {
         tool,
-        why: format!("cannot run it ({e}); hack/test and hack/quickstart install it"),
+        why: format!(
+            "cannot run it ({e}); Debian package {} (hack/containerd installs it)",
+            if tool == "umoci" {
+                "umoci"
+            } else {
+                "erofs-utils"
+            }
+        ),
     })?;
     if out.status.success() {
         return Ok(());

@@ -30,10 +30,13 @@ pub struct ReconcileOutcome {
     pub report: ReconcileReport,
     /// The machine id that was sent.
     pub machine_id: String,
-    /// The guest's sample right after.
+    /// The guest's sample right after (its identity and entropy).
     pub sample: SampleResult,
-    /// Guest CLOCK_REALTIME − host CLOCK_REALTIME at the sample (midpoint of the call), ms.
+    /// Guest CLOCK_REALTIME − host CLOCK_REALTIME after the corrections
+    /// (midpoint of the least delayed round trip), ms.
     pub realtime_skew_ms: f64,
+    /// How far that figure may be off: half of its round trip, ms.
+    pub realtime_uncertainty_ms: f64,
     /// Offsets measured after the reconcile's step and corrected, ms (empty: none needed).
     pub clock_corrections_ms: Vec<f64>,
     /// Host time for the whole exchange, ms.
@@ -98,41 +101,97 @@ pub fn host_random(buf: &mut [u8]) -> std::io::Result<()> {
 /// The guest clock's offset that is corrected after the reconcile's step.
 pub const CLOCK_TOLERANCE: Duration = Duration::from_millis(5);
 
-/// Round trips per offset measurement; the one with the least delay is used.
-const SAMPLES: usize = 4;
+/// An offset measurement stops once a round trip is this short, or not much
+/// longer than the guest's idle round trip (see [`measure_offset`]): the
+/// guest read its clock within half of it from the midpoint.
+const GOOD_ROUND_TRIP: Duration = Duration::from_millis(10);
 
-/// Sends `body` (answered with a sample) and returns the sample, the guest's
-/// realtime offset against the midpoint of the round trip, and the round trip, ns.
-fn exchange(
-    client: &mut AgentClient,
-    body: request::Body,
-) -> Result<(SampleResult, i64, u64), ReconcileError> {
+/// Round trips per offset measurement at most (a guest busy right after the
+/// reconcile, restarting programs, answers late: its round trips are long).
+const MAX_SAMPLES: usize = 32;
+
+/// Time an offset measurement may take, at most.
+const SAMPLING_BUDGET: Duration = Duration::from_secs(5);
+
+/// The guest's realtime offset, measured.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ClockOffset {
+    /// Guest CLOCK_REALTIME − host CLOCK_REALTIME at the midpoint of the
+    /// round trip, ns.
+    pub offset_ns: i64,
+    /// That round trip, ns: the guest read its clock somewhere inside it, so
+    /// the offset is right within ± half of it.
+    pub round_trip_ns: u64,
+    /// Round trips made to find it.
+    pub samples: usize,
+}
+
+/// One `ReadClock` round trip: the guest's offset against its midpoint, and
+/// the round trip, ns.
+fn read_offset(client: &mut AgentClient) -> Result<(i64, u64), ReconcileError> {
     let before = realtime_ns();
-    let answer = client.call(body)?;
+    let answer = client.call(request::Body::ReadClock(Default::default()))?;
     let after = realtime_ns();
     match answer {
-        response::Body::Sample(s) => {
+        response::Body::Clock(c) => {
             let mid = before / 2 + after / 2;
-            let offset = s.realtime_ns as i64 - mid as i64;
-            Ok((s, offset, after.saturating_sub(before)))
+            let offset = c.realtime_ns as i64 - mid as i64;
+            let rtt = after.saturating_sub(before);
+            tracing::debug!(
+                rtt_ms = rtt as f64 / 1e6,
+                offset_ms = offset as f64 / 1e6,
+                guest_monotonic_ns = c.monotonic_ns,
+                "clock sample"
+            );
+            Ok((offset, rtt))
         }
         other => Err(ReconcileError::Unexpected(format!("{other:?}"))),
     }
 }
 
-/// The guest's realtime offset: of [`SAMPLES`] exchanges, the one with the
-/// shortest round trip (its midpoint is the least uncertain, as in NTP's clock
-/// filter). Returns the sample and the offset, ns.
-fn measure(client: &mut AgentClient) -> Result<(SampleResult, i64), ReconcileError> {
-    let mut best: Option<(SampleResult, i64, u64)> = None;
-    for _ in 0..SAMPLES {
-        let e = exchange(client, request::Body::Sample(Default::default()))?;
-        if best.as_ref().is_none_or(|b| e.2 < b.2) {
-            best = Some(e);
+/// The guest's realtime offset: the round trip with the least delay (its
+/// midpoint is the least uncertain, as in NTP's clock filter), sampling until
+/// one is no longer than [`GOOD_ROUND_TRIP`] or 1.5 × `idle_round_trip`
+/// (the guest's round trip when nothing else runs: ~20 ms where its kernel
+/// is emulated), [`MAX_SAMPLES`] were made or [`SAMPLING_BUDGET`] is spent.
+pub fn measure_offset(
+    client: &mut AgentClient,
+    idle_round_trip: Duration,
+) -> Result<ClockOffset, ReconcileError> {
+    let start = Instant::now();
+    let good = GOOD_ROUND_TRIP.max(idle_round_trip * 3 / 2).as_nanos() as u64;
+    let mut best: Option<ClockOffset> = None;
+    for n in 1..=MAX_SAMPLES {
+        let (offset_ns, round_trip_ns) = read_offset(client)?;
+        if best.is_none_or(|b| round_trip_ns < b.round_trip_ns) {
+            best = Some(ClockOffset {
+                offset_ns,
+                round_trip_ns,
+                samples: 0,
+            });
+        }
+        if round_trip_ns <= good || start.elapsed() > SAMPLING_BUDGET {
+            let best = best.expect("at least one sample");
+            return Ok(ClockOffset { samples: n, ..best });
         }
     }
-    let (sample, offset, _) = best.expect("at least one sample");
-    Ok((sample, offset))
+    let best = best.expect("at least one sample");
+    Ok(ClockOffset {
+        samples: MAX_SAMPLES,
+        ..best
+    })
+}
+
+/// The least of 3 ping round trips: the one least delayed by scheduling, as
+/// NTP does (the guest's idle round trip).
+pub fn ping_round_trip(client: &mut AgentClient) -> Result<Duration, ReconcileError> {
+    let mut rtt = Duration::MAX;
+    for _ in 0..3 {
+        let t = Instant::now();
+        client.ping()?;
+        rtt = rtt.min(t.elapsed());
+    }
+    Ok(rtt)
 }
 
 /// Reconciles the VM behind `client` and samples it.
@@ -144,13 +203,7 @@ pub fn reconcile(
     client
         .set_timeout(Duration::from_secs(60))
         .map_err(ClientError::Io)?;
-    // The least of a few round trips: the one least delayed by scheduling, as NTP does.
-    let mut rtt = Duration::MAX;
-    for _ in 0..3 {
-        let t = Instant::now();
-        client.ping()?;
-        rtt = rtt.min(t.elapsed());
-    }
+    let rtt = ping_round_trip(client)?;
     let mut entropy = vec![0u8; 64];
     host_random(&mut entropy).map_err(ReconcileError::Random)?;
     let mut id = [0u8; 16];
@@ -174,23 +227,33 @@ pub fn reconcile(
     };
     // The step above assumed the request took half the round trip; the guest's
     // actual offset is measured against the midpoint of a sample's round trip
-    // and corrected (as NTP does) until it is within CLOCK_TOLERANCE.
-    let (mut sample, mut offset_ns) = measure(client)?;
+    // and corrected (as NTP does) until it is within CLOCK_TOLERANCE — or
+    // within the measurement's own uncertainty (half its round trip): a
+    // smaller correction would be noise.
+    let mut offset = measure_offset(client, rtt)?;
     let mut corrections = Vec::new();
-    while offset_ns.unsigned_abs() > CLOCK_TOLERANCE.as_nanos() as u64 && corrections.len() < 3 {
-        corrections.push(offset_ns as f64 / 1e6);
-        exchange(
-            client,
-            request::Body::StepClock(StepClock {
-                delta_ns: -offset_ns,
-            }),
-        )?;
-        (sample, offset_ns) = measure(client)?;
+    while offset.offset_ns.unsigned_abs()
+        > (CLOCK_TOLERANCE.as_nanos() as u64).max(offset.round_trip_ns / 2)
+        && corrections.len() < 3
+    {
+        corrections.push(offset.offset_ns as f64 / 1e6);
+        match client.call(request::Body::StepClock(StepClock {
+            delta_ns: -offset.offset_ns,
+        }))? {
+            response::Body::Clock(_) => {}
+            other => return Err(ReconcileError::Unexpected(format!("{other:?}"))),
+        }
+        offset = measure_offset(client, rtt)?;
     }
+    let sample = match client.call(request::Body::Sample(Default::default()))? {
+        response::Body::Sample(s) => s,
+        other => return Err(ReconcileError::Unexpected(format!("{other:?}"))),
+    };
     Ok(ReconcileOutcome {
         report,
         machine_id,
-        realtime_skew_ms: offset_ns as f64 / 1e6,
+        realtime_skew_ms: offset.offset_ns as f64 / 1e6,
+        realtime_uncertainty_ms: offset.round_trip_ns as f64 / 2e6,
         clock_corrections_ms: corrections,
         sample,
         host_ms: start.elapsed().as_secs_f64() * 1000.0,

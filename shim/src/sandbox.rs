@@ -388,9 +388,9 @@ impl Sandbox {
         self.kill_timed().0
     }
 
-    /// As [`Sandbox::kill`], with the vCPUs' final time inside `KVM_RUN` and
-    /// halted there (see [`Machine::shutdown_timed`]).
-    pub fn kill_timed(self) -> (ExitReason, Duration, Option<Duration>) {
+    /// As [`Sandbox::kill`], with the vCPUs' final times (see
+    /// [`Machine::shutdown_timed`]).
+    pub fn kill_timed(self) -> (ExitReason, zygote_vmm::GuestTimes) {
         let Sandbox {
             machine, run_dir, ..
         } = self;

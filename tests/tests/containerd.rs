@@ -445,6 +445,40 @@ impl LogMark {
     }
 }
 
+/// Copies the test image's template from the default store (building it with
+/// one run if missing) into `store`, flips a byte of the copy's state file and
+/// keeps the damaged bytes beside it as `state.damaged`. Returns the
+/// template's name and the copy's directory.
+fn damaged_template_copy(store: &std::path::Path) -> (String, PathBuf) {
+    if template_dirs().is_empty() {
+        let id = cid("warm");
+        cleanup(&id);
+        let _removed = Removed(id.clone());
+        let out = zygote_run(&["--rm"], &id, &["true"]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    let (name, _) = template_dirs()
+        .into_iter()
+        .next()
+        .expect("the image's template");
+    let from = zygote::paths::templates().join(&name);
+    let to = store.join(&name);
+    std::fs::create_dir_all(&to).unwrap();
+    let cp = Command::new("cp")
+        .arg("--sparse=always")
+        .args(["memory", "state", "template.json"].map(|f| from.join(f)))
+        .arg(&to)
+        .status()
+        .unwrap();
+    assert!(cp.success());
+    let mut state = std::fs::read(to.join("state")).unwrap();
+    let middle = state.len() / 2;
+    state[middle] ^= 0x55;
+    std::fs::write(to.join("state"), &state).unwrap();
+    std::fs::write(to.join("state.damaged"), &state).unwrap();
+    (name, to)
+}
+
 fn vm_run_dirs() -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(zygote::paths::run_root())
         .map(|rd| rd.flatten().map(|e| e.path()).collect())
@@ -484,6 +518,60 @@ fn failures_are_reported_and_leave_nothing_behind() {
     let err = text(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("/nonexistent/vmlinux"), "{err}");
+    cleanup(&id);
+
+    // A missing guest image (initramfs): the same, before any VM is made.
+    let config = dir.join("missing-initramfs.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "initramfs = \"/nonexistent/initramfs.cpio\"\ntemplates = \"{}\"\n",
+            dir.join("templates").display()
+        ),
+    )
+    .unwrap();
+    let id = cid("noinitramfs");
+    cleanup(&id);
+    let _removed = Removed(id.clone());
+    let out = zygote_run(
+        &["--rm", "--runtime-config-path", config.to_str().unwrap()],
+        &id,
+        &["true"],
+    );
+    let err = text(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("/nonexistent/initramfs.cpio"), "{err}");
+    cleanup(&id);
+
+    // A damaged template (its state file's checksum fails): refused with
+    // what is wrong and what to do; the template is left for the operator.
+    let (name, damaged) = damaged_template_copy(&dir.join("damaged-store"));
+    let config = dir.join("damaged.toml");
+    std::fs::write(
+        &config,
+        format!("templates = \"{}\"\n", dir.join("damaged-store").display()),
+    )
+    .unwrap();
+    let id = cid("damaged");
+    cleanup(&id);
+    let _removed = Removed(id.clone());
+    let out = zygote_run(
+        &["--rm", "--runtime-config-path", config.to_str().unwrap()],
+        &id,
+        &["true"],
+    );
+    let err = text(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains(&format!("template {name}")) && err.contains("damaged"),
+        "{err}"
+    );
+    assert!(err.contains("checksum"), "{err}");
+    assert_eq!(
+        std::fs::read(damaged.join("state")).unwrap(),
+        std::fs::read(damaged.join("state.damaged")).unwrap(),
+        "the damaged template is left as it was"
+    );
     cleanup(&id);
 
     // An invalid spec field (a relative working directory): refused by the agent.

@@ -240,6 +240,38 @@ async fn pod_round(
         "the container's memory as its cgroup in the VM reads it"
     );
 
+    // UpdateContainerResources (kubelet's in-place resize): containerd sends
+    // the new limits through the shim's update; the container's cgroup in the
+    // VM takes them, and the stats read them back (available = limit − working set).
+    const LIMIT: u64 = 64 << 20;
+    runtime
+        .update_container_resources(cri::UpdateContainerResourcesRequest {
+            container_id: container.clone(),
+            linux: Some(cri::LinuxContainerResources {
+                memory_limit_in_bytes: LIMIT as i64,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect("UpdateContainerResources");
+    let memory = runtime
+        .container_stats(cri::ContainerStatsRequest {
+            container_id: container.clone(),
+        })
+        .await
+        .expect("ContainerStats")
+        .into_inner()
+        .stats
+        .and_then(|s| s.memory)
+        .expect("memory stats");
+    let available = memory.available_bytes.map_or(0, |v| v.value);
+    let working_set = memory.working_set_bytes.map_or(0, |v| v.value);
+    assert!(
+        available > 0 && available + working_set == LIMIT,
+        "limit {LIMIT} after the update: {memory:?}"
+    );
+
     // The log, in the CRI's format ("TIME stdout F LINE").
     let log = logs.join("app.log");
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -7,7 +7,9 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use zygote::reconcile::{ReconcileOutcome, ReconcileSpec, reconcile};
+use zygote::reconcile::{
+    ReconcileOutcome, ReconcileSpec, measure_offset, ping_round_trip, reconcile,
+};
 use zygote::sandbox::{Sandbox, SandboxConfig};
 use zygote::template::{BuildSpec, TemplateMeta};
 use zygote_agent_api::{Action, PolicyRule, Spawn};
@@ -113,6 +115,28 @@ fn go_value(sandbox: &Sandbox, base: &str) -> String {
         .to_string()
 }
 
+/// The fork's realtime skew after its reconcile, ms, from a measurement
+/// whose uncertainty (half its round trip) is at most 25 ms: the reconcile's
+/// own figure if it is, else measured again once the guest settles (right
+/// after the reconcile the restarted programs start, and on PVM their
+/// emulated kernel work delays the agent's answers; nothing steps the guest's
+/// clock meanwhile, so a drift would still show).
+fn settled_skew(fork: &Sandbox, r: &ReconcileOutcome) -> f64 {
+    let (mut skew, mut uncertainty) = (r.realtime_skew_ms, r.realtime_uncertainty_ms);
+    let mut client = fork.client().unwrap();
+    for _ in 0..10 {
+        if uncertainty <= 25.0 {
+            return skew;
+        }
+        eprintln!("skew {skew:.1} ± {uncertainty:.1} ms: measuring again");
+        std::thread::sleep(Duration::from_secs(1));
+        let idle = ping_round_trip(&mut client).unwrap();
+        let o = measure_offset(&mut client, idle).unwrap();
+        (skew, uncertainty) = (o.offset_ns as f64 / 1e6, o.round_trip_ns as f64 / 2e6);
+    }
+    panic!("no measurement within ± 25 ms (last: {skew:.1} ± {uncertainty:.1} ms)");
+}
+
 fn fork_and_reconcile(
     f: &Fixture,
     host: &str,
@@ -162,16 +186,13 @@ fn two_forks_become_two_machines_and_go_is_restarted() {
     for (fork, r, host) in [(&a, &ra, "fork-a"), (&b, &rb, "fork-b")] {
         let report = &r.report;
         eprintln!(
-            "{host}: {report:#?}\nskew {:.1} ms after corrections {:?} ms",
-            r.realtime_skew_ms, r.clock_corrections_ms
+            "{host}: {report:#?}\nskew {:.1} ± {:.1} ms after corrections {:?} ms",
+            r.realtime_skew_ms, r.realtime_uncertainty_ms, r.clock_corrections_ms
         );
         assert!(!report.unchanged);
         // Clock: the host's time, within 50 ms; monotonic continued from the snapshot.
-        assert!(
-            r.realtime_skew_ms.abs() < 50.0,
-            "skew {} ms",
-            r.realtime_skew_ms
-        );
+        let skew = settled_skew(fork, r);
+        assert!(skew.abs() < 50.0, "skew {skew} ms");
         let ran = r
             .sample
             .boottime_ns

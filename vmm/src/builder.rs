@@ -216,6 +216,19 @@ pub(crate) fn virtio_bus(devices: &[VirtioSlot]) -> Result<Bus, BusError> {
     Ok(mmio)
 }
 
+/// Where a machine's vCPUs spent their time, summed over them.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct GuestTimes {
+    /// Inside `KVM_RUN` (wall time: guest work, and the guest halted).
+    pub run: Duration,
+    /// Of which halted, waiting for an interrupt; None where KVM has no
+    /// binary statistics (PVM reports almost none: it idles otherwise).
+    pub halt: Option<Duration>,
+    /// The vCPU threads' CPU time inside `KVM_RUN`: guest work only, halts
+    /// excluded, on any KVM.
+    pub cpu: Duration,
+}
+
 impl Machine {
     /// Boots `config`. On error nothing is left behind (threads, sockets, files).
     pub fn boot(config: &VmConfig) -> Result<Machine, BuildError> {
@@ -432,12 +445,17 @@ impl Machine {
         self.stop_threads()
     }
 
-    /// As [`Machine::shutdown`], and the vCPUs' final time inside `KVM_RUN`
-    /// and halted there (halts are accounted by KVM when they end, so this
-    /// is exact only once the vCPUs stopped).
-    pub fn shutdown_timed(mut self) -> (ExitReason, Duration, Option<Duration>) {
+    /// As [`Machine::shutdown`], and the vCPUs' final times (halts are
+    /// accounted by KVM when they end, and a thread's CPU time when its run
+    /// loop ends, so these are exact only once the vCPUs stopped).
+    pub fn shutdown_timed(mut self) -> (ExitReason, GuestTimes) {
         let reason = self.stop_threads();
-        (reason, self.guest_run_time(), self.guest_halt_time())
+        let times = GuestTimes {
+            run: self.guest_run_time(),
+            halt: self.guest_halt_time(),
+            cpu: Duration::from_nanos(self.stats.iter().map(|s| s.cpu_in_run_ns()).sum()),
+        };
+        (reason, times)
     }
 
     fn stop_threads(&mut self) -> ExitReason {

@@ -19,6 +19,6 @@ pub mod persist;
 pub mod snapshot;
 pub mod vstate;
 
-pub use builder::{BuildError, Machine, VmConfig};
+pub use builder::{BuildError, GuestTimes, Machine, VmConfig};
 pub use exit::ExitReason;
 pub use vstate::kvm::KvmKind;

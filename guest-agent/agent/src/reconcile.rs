@@ -14,7 +14,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use zygote_agent_api::{
-    Action, PolicyRule, ProcessReport, Reconcile, ReconcileReport, ReconcileStep, SampleResult,
+    Action, ClockReading, PolicyRule, ProcessReport, Reconcile, ReconcileReport, ReconcileStep,
+    SampleResult,
 };
 
 use crate::detect::{self, Class};
@@ -397,6 +398,14 @@ pub fn step_clock(delta_ns: i64) -> Result<(), String> {
     set_realtime((now + delta_ns) as u64)
         .map(|_| ())
         .map_err(|e| format!("clock_settime: {e}"))
+}
+
+/// The guest's clocks, read back to back (nothing else: see `ReadClock`).
+pub fn read_clock() -> ClockReading {
+    ClockReading {
+        realtime_ns: clock_ns(libc::CLOCK_REALTIME),
+        monotonic_ns: clock_ns(libc::CLOCK_MONOTONIC),
+    }
 }
 
 /// The guest's clocks, identity and 32 fresh random bytes.

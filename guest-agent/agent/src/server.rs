@@ -162,7 +162,10 @@ pub fn handle(req: Request, agent_started_ns: u64) -> (Response, After) {
             }
         }
         Some(request::Body::StepClock(step)) => match reconcile::step_clock(step.delta_ns) {
-            Ok(()) => (response::Body::Sample(reconcile::sample()), After::Continue),
+            Ok(()) => (
+                response::Body::Clock(reconcile::read_clock()),
+                After::Continue,
+            ),
             Err(msg) => {
                 return (
                     error_response(id, Code::InvalidArgument, &msg),
@@ -262,6 +265,10 @@ pub fn handle(req: Request, agent_started_ns: u64) -> (Response, After) {
         Some(request::Body::Sample(_)) => {
             (response::Body::Sample(reconcile::sample()), After::Continue)
         }
+        Some(request::Body::ReadClock(_)) => (
+            response::Body::Clock(reconcile::read_clock()),
+            After::Continue,
+        ),
         Some(request::Body::Shutdown(_)) => {
             if std::process::id() != 1 {
                 return (

@@ -9,7 +9,7 @@ pub struct Request {
     /// What is asked.
     #[prost(
         oneof = "request::Body",
-        tags = "2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22"
+        tags = "2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23"
     )]
     pub body: Option<request::Body>,
 }
@@ -40,7 +40,7 @@ pub mod request {
         /// Read the guest's clocks, identity and fresh random bytes.
         #[prost(message, tag = "8")]
         Sample(super::Empty),
-        /// Step CLOCK_REALTIME by an offset the host measured; answered with a sample.
+        /// Step CLOCK_REALTIME by an offset the host measured; answered with `Clock`.
         #[prost(message, tag = "9")]
         StepClock(super::StepClock),
         /// Prepare a container (its root and process) without starting it.
@@ -84,6 +84,11 @@ pub mod request {
         /// Change a container's cgroup limits.
         #[prost(message, tag = "22")]
         UpdateResources(super::UpdateResources),
+        /// Read the guest's clocks and nothing else (answered with `Clock`):
+        /// the host's offset measurements, where every guest syscall before
+        /// the reading would widen the round trip and bias its midpoint.
+        #[prost(message, tag = "23")]
+        ReadClock(super::Empty),
     }
 }
 
@@ -96,7 +101,7 @@ pub struct Response {
     /// The answer.
     #[prost(
         oneof = "response::Body",
-        tags = "2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16"
+        tags = "2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17"
     )]
     pub body: Option<response::Body>,
 }
@@ -148,6 +153,9 @@ pub mod response {
         /// An image was mounted.
         #[prost(message, tag = "16")]
         Mounted(super::Mounted),
+        /// The guest's clocks.
+        #[prost(message, tag = "17")]
+        Clock(super::ClockReading),
         /// The request failed.
         #[prost(message, tag = "15")]
         Error(super::Error),
@@ -530,6 +538,17 @@ pub struct SampleResult {
     pub generation: u64,
 }
 
+/// The guest's clocks, read together.
+#[derive(Clone, Copy, PartialEq, Eq, prost::Message)]
+pub struct ClockReading {
+    /// CLOCK_REALTIME, ns.
+    #[prost(uint64, tag = "1")]
+    pub realtime_ns: u64,
+    /// CLOCK_MONOTONIC, ns.
+    #[prost(uint64, tag = "2")]
+    pub monotonic_ns: u64,
+}
+
 /// Move CLOCK_REALTIME by `delta_ns` (the host's correction after measuring the
 /// guest's offset against the midpoint of a round trip, as NTP does).
 #[derive(Clone, Copy, PartialEq, Eq, prost::Message)]
@@ -807,6 +826,7 @@ mod tests {
                 id: "c".into(),
                 resources_json: b"{}".to_vec(),
             }),
+            Q::ReadClock(Empty {}),
         ];
         for body in requests {
             let req = Request {
@@ -859,6 +879,10 @@ mod tests {
             }),
             A::Pids(Pids { pids: vec![1, 2] }),
             A::Mounted(Mounted { warmed_bytes: 5 }),
+            A::Clock(ClockReading {
+                realtime_ns: 1,
+                monotonic_ns: 2,
+            }),
             A::Error(Error {
                 code: Code::NotFound as i32,
                 message: "x".into(),

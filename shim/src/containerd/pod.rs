@@ -28,6 +28,22 @@ pub enum PodError {
         /// What failed.
         message: String,
     },
+    /// The template exists but is damaged (its state file fails its checks,
+    /// or its memory file is short). Not rebuilt behind the operator's back:
+    /// damage there means a disk or a hand that needs looking at.
+    #[error(
+        "template {name} at {} is damaged: {why}; remove that directory (or \
+         `zygote template rm {name}` in the default store) and the next container builds it again",
+        dir.display()
+    )]
+    Damaged {
+        /// Its name.
+        name: String,
+        /// Its directory.
+        dir: PathBuf,
+        /// What is wrong (the whole chain of causes).
+        why: String,
+    },
     /// The fork failed.
     #[error("fork of template {name}")]
     Fork {
@@ -53,6 +69,8 @@ pub enum PodError {
 pub struct PodTimings {
     /// The template was built now (the cold path), ms (0 when it existed).
     pub template_build_ms: f64,
+    /// This process's CPU time for that build (its VM's included), ms.
+    pub template_build_cpu_ms: f64,
     /// Fork: host-side work (map, VM, restore, devices, vCPU threads).
     pub fork_host_ms: f64,
     /// Fork request → agent answered.
@@ -73,6 +91,25 @@ pub struct PodEnd {
     /// Of which the vCPUs waited halted (the guest idle), ms; None where KVM
     /// has no statistics.
     pub guest_halt_ms: Option<f64>,
+    /// The vCPU threads' CPU time inside `KVM_RUN` (guest work), ms.
+    pub guest_cpu_ms: f64,
+    /// Host-side work: this shim process's CPU time (containerd's requests,
+    /// stdio, the VMM's devices and exit handling, fork, reconcile) less the
+    /// guest's and less a template build's, ms. Read from the kernel's CPU
+    /// accounting, so it does not depend on KVM reporting halts.
+    pub host_cpu_ms: f64,
+}
+
+/// This process's CPU time, all its threads (live and ended), children not
+/// included.
+pub fn process_cpu_time() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec for clock_gettime to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
 /// A running pod VM.
@@ -150,8 +187,10 @@ impl PodVm {
             settle: Duration::from_millis(config.settle_ms),
             force: false,
         };
+        let cpu_before = process_cpu_time();
         let built = template::build(&store, &spec)
             .map_err(|e| failed(format!("{:#}", anyhow::Error::from(e))))?;
+        let template_build_cpu_ms = ms(process_cpu_time().saturating_sub(cpu_before));
         let template_build_ms = if built.reused { 0.0 } else { built.total_ms };
         if !built.reused {
             log::info!(
@@ -160,7 +199,11 @@ impl PodVm {
                 built.total_ms
             );
         }
-        let opened = Template::open(&built.dir).map_err(|e| failed(e.to_string()))?;
+        let opened = Template::open(&built.dir).map_err(|e| PodError::Damaged {
+            name: name.clone(),
+            dir: built.dir.clone(),
+            why: format!("{:#}", anyhow::Error::from(e)),
+        })?;
         let sandbox = Sandbox::fork(&opened, timeout).map_err(|source| PodError::Fork {
             name: name.clone(),
             source,
@@ -196,6 +239,7 @@ impl PodVm {
             timeout,
             timings: PodTimings {
                 template_build_ms,
+                template_build_cpu_ms,
                 fork_host_ms: fork.host_ms,
                 fork_ready_ms: fork.ready_ms,
                 fork_guest_run_ms: fork.guest_run_ms,
@@ -272,12 +316,15 @@ impl PodVm {
     pub fn shutdown(self) -> PodEnd {
         drop(self.control);
         let life_ms = ms(self.created.elapsed());
-        let (reason, run, halt) = self.sandbox.kill_timed();
+        let build_cpu_ms = self.timings.template_build_cpu_ms;
+        let (reason, times) = self.sandbox.kill_timed();
         log::info!("pod VM stopped: {reason:?}");
         PodEnd {
             life_ms,
-            guest_run_ms: ms(run),
-            guest_halt_ms: halt.map(ms),
+            guest_run_ms: ms(times.run),
+            guest_halt_ms: times.halt.map(ms),
+            guest_cpu_ms: ms(times.cpu),
+            host_cpu_ms: ms(process_cpu_time().saturating_sub(times.cpu)) - build_cpu_ms,
         }
     }
 }

@@ -343,6 +343,7 @@ fn pod_error(e: PodError) -> ttrpc::Error {
             };
             status(code, message.clone())
         }
+        PodError::Damaged { .. } => status(Code::FAILED_PRECONDITION, format!("{e}")),
         _ => status(Code::INTERNAL, format!("{:#}", anyhow::Error::from(e))),
     }
 }

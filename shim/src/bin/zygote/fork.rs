@@ -158,13 +158,14 @@ pub fn fork(
                 .collect();
             println!(
                 "  reconciled in {:.1} ms (host {:.1} ms; {} ms), clock stepped {:.3} s, \
-                 offsets corrected {:?} ms, realtime skew {:+.1} ms",
+                 offsets corrected {:?} ms, realtime skew {:+.1} ± {:.1} ms",
                 r.total_ns as f64 / 1e6,
                 o.host_ms,
                 steps.join(", "),
                 r.clock_step_ns as f64 / 1e9,
                 o.clock_corrections_ms,
                 o.realtime_skew_ms,
+                o.realtime_uncertainty_ms,
             );
             if opts.report {
                 for p in &r.processes {
