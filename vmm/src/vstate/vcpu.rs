@@ -512,7 +512,7 @@ pub(crate) mod tests {
         let (spinning_cpu, spinning_run) = measure(&[0xeb, 0xfe]); // jmp $
         assert!(halted_run > 400_000_000, "inside KVM_RUN: {halted_run} ns");
         assert!(
-            halted_cpu < 100_000_000,
+            halted_cpu < 50_000_000,
             "a halted guest uses no CPU: {halted_cpu} ns"
         );
         assert!(
@@ -520,7 +520,8 @@ pub(crate) mod tests {
             "inside KVM_RUN: {spinning_run} ns"
         );
         assert!(
-            spinning_cpu > 300_000_000,
+            // (a fifth of the 500 ms at least, on a loaded 2-core machine)
+            spinning_cpu > 100_000_000,
             "a spinning guest uses its thread's CPU: {spinning_cpu} ns"
         );
     }
