@@ -1,5 +1,5 @@
 //! The shim under real containerd (Debian's 1.6, started by `hack/containerd`,
-//! which `hack/test` runs first): `ctr run` in a forked VM, the task events in
+//! which `hack/test` runs first): `ctr run` in a forked VM with stdin to its end, the task events in
 //! order, exec/ps/metrics/kill, a terminal, two containers from one template,
 //! and failures that leave nothing behind.
 
@@ -209,15 +209,28 @@ fn ctr_run_prints_output_returns_the_exit_code_and_publishes_events_in_order() {
     cleanup(&id);
     let _removed = Removed(id.clone());
     let events = Events::start();
-    let out = zygote_run(
-        &["--rm"],
-        &id,
-        &[
+    // stdin is a pipe that ends: the container reads it to its end (`cat`
+    // returns only at end of file, so a lost close would hang the run,
+    // which `timeout` turns into a failure).
+    let mut run = Command::new("timeout");
+    run.args(["600", "ctr", "--address"])
+        .arg(socket())
+        .args(["run", "--rm", "--runtime", RUNTIME, &image(), &id])
+        .args([
             "sh",
             "-c",
-            "echo out-line; echo err-line >&2; uname -r; exit 3",
-        ],
-    );
+            "echo out-line; read x; echo \"stdin $x\"; cat; echo err-line >&2; uname -r; exit 3",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = run.spawn().expect("ctr");
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(b"first\nsecond\n").unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
     assert_eq!(
         out.status.code(),
@@ -225,10 +238,14 @@ fn ctr_run_prints_output_returns_the_exit_code_and_publishes_events_in_order() {
         "stdout: {stdout}\nstderr: {stderr}"
     );
     let lines: Vec<&str> = stdout.lines().collect();
-    assert_eq!(lines[0], "out-line", "{stdout}");
+    assert_eq!(
+        lines[..3],
+        ["out-line", "stdin first", "second"],
+        "{stdout}"
+    );
     assert!(stderr.contains("err-line"), "{stderr}");
     let host = text(&Command::new("uname").arg("-r").output().unwrap().stdout);
-    assert_ne!(lines[1], host.trim(), "the guest's kernel, not the host's");
+    assert_ne!(lines[3], host.trim(), "the guest's kernel, not the host's");
     events.assert_order(
         &id,
         &[

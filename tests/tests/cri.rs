@@ -122,8 +122,8 @@ fn a_pod_runs_through_the_cri_in_one_vm() {
     });
 }
 
-/// One pod: sandbox, container, ExecSync, stats, log, removal. Err says why
-/// the container was gone before its exec (retried on PVM).
+/// One pod: sandbox, container, ExecSync, update, stats, log, removal. Err
+/// says why the container or its exec crashed (retried on PVM).
 async fn pod_round(
     runtime: &mut RuntimeServiceClient<Channel>,
     attempt: u32,
@@ -214,6 +214,11 @@ async fn pod_round(
             return Err(format!("ExecSync: {status:?}"));
         }
     };
+    if exec.exit_code == 139 && exec.stdout.is_empty() {
+        // The exec's shell segfaulted before printing: the PVM residue.
+        remove_pod(runtime, &pod).await;
+        return Err(format!("ExecSync's process crashed (139): {exec:?}"));
+    }
     assert_eq!(exec.exit_code, 5, "{exec:?}");
     let out = String::from_utf8_lossy(&exec.stdout).into_owned();
     let lines: Vec<&str> = out.lines().collect();
