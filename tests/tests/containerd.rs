@@ -1,7 +1,8 @@
 //! The shim under real containerd (Debian's 1.6, started by `hack/containerd`,
-//! which `hack/test` runs first): `ctr run` in a forked VM with stdin to its end, the task events in
-//! order, exec/ps/metrics/kill, a terminal, two containers from one template,
-//! and failures that leave nothing behind.
+//! which `hack/test` runs first): `ctr run` in a forked VM with stdin read to
+//! its end, the task events in order, a `binary://` logger, exec/ps/metrics/
+//! kill, an OOM kill with its event, a terminal, two containers from one
+//! template, and failures that leave nothing behind.
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -258,6 +259,72 @@ fn ctr_run_prints_output_returns_the_exit_code_and_publishes_events_in_order() {
     assert!(
         ctr(&["container", "info", &id]).status.code() != Some(0),
         "--rm removed the container"
+    );
+}
+
+#[test]
+fn a_binary_log_uri_gets_the_output() {
+    if !containerd_available() {
+        return;
+    }
+    let _vm = vm_lock();
+    let dir = std::env::temp_dir().join(format!("zygote-ctrlog-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // A logging program as containerd runs one: streams on fds 3 and 4, ready
+    // when fd 5 closes, arguments from the URI's query.
+    let logger = dir.join("logger");
+    std::fs::write(
+        &logger,
+        "#!/bin/sh\nexec 5>&-\necho \"$CONTAINER_NAMESPACE/$CONTAINER_ID\" > \"$2/env\"\n\
+         cat <&3 > \"$2/out\" & cat <&4 > \"$2/err\" & wait\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&logger, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let id = cid("binlog");
+    cleanup(&id);
+    let _removed = Removed(id.clone());
+    let uri = format!("binary://{}?dir={}", logger.display(), dir.display());
+    let out = zygote_run(
+        &["--rm", "--log-uri", &uri],
+        &id,
+        &["sh", "-c", "echo to-stdout; echo to-stderr >&2; exit 2"],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
+    assert_eq!(read("out"), "to-stdout\n");
+    assert_eq!(read("err"), "to-stderr\n");
+    assert_eq!(read("env"), format!("default/{id}\n"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_memory_limit_kills_with_a_task_oom_event() {
+    if !containerd_available() {
+        return;
+    }
+    let _vm = vm_lock();
+    let id = cid("oom");
+    cleanup(&id);
+    let _removed = Removed(id.clone());
+    let events = Events::start();
+    // A 32 MiB buffer under a 16 MiB limit: the guest's OOM killer takes the
+    // process in the container's cgroup; the agent's memory.events watch
+    // tells the shim, which publishes TaskOOM before the exit.
+    let out = zygote_run(
+        &["--rm", "--memory-limit", &(16u64 << 20).to_string()],
+        &id,
+        &["dd", "if=/dev/zero", "of=/dev/null", "bs=32M", "count=1"],
+    );
+    assert_eq!(out.status.code(), Some(137), "{}", text(&out.stderr));
+    events.assert_order(
+        &id,
+        &[
+            "/tasks/create",
+            "/tasks/start",
+            "/tasks/oom",
+            "/tasks/exit",
+            "/tasks/delete",
+        ],
     );
 }
 

@@ -227,6 +227,8 @@ pub struct GuestTimes {
     /// The vCPU threads' CPU time inside `KVM_RUN`: guest work only, halts
     /// excluded, on any KVM.
     pub cpu: Duration,
+    /// The vCPU threads' time outside `KVM_RUN`: the VMM handling exits.
+    pub exits: Duration,
 }
 
 impl Machine {
@@ -454,6 +456,7 @@ impl Machine {
             run: self.guest_run_time(),
             halt: self.guest_halt_time(),
             cpu: Duration::from_nanos(self.stats.iter().map(|s| s.cpu_in_run_ns()).sum()),
+            exits: Duration::from_nanos(self.stats.iter().map(|s| s.outside_run_ns()).sum()),
         };
         (reason, times)
     }

@@ -1,4 +1,5 @@
-//! containerd's stdio (FIFOs, or `file://` logs) bridged to the agent's
+//! containerd's stdio (FIFOs, `file://` logs or a `binary://` logging
+//! program, see [`super::logger`]) bridged to the agent's
 //! per-stream vsock connections. Each stream is attached before the process
 //! starts, so nothing it writes is lost; the agent reports the exit only
 //! after the output was drained, and the bridge's copy ends at the stream's
@@ -13,6 +14,8 @@ use std::time::Duration;
 
 use zygote_agent_api::attach_stdio;
 
+use super::logger::{Logger, LoggerError, LoggerUri};
+
 /// A process's stdio as containerd gave it.
 #[derive(Debug, Clone, Default)]
 pub struct StdioPaths {
@@ -26,19 +29,32 @@ pub struct StdioPaths {
     pub terminal: bool,
 }
 
-/// Where an output stream goes.
+/// Where containerd wants an output stream.
 #[derive(Debug, PartialEq, Eq)]
-enum Sink {
+enum Target {
     Fifo(PathBuf),
     File(PathBuf),
+    Binary(LoggerUri),
+}
+
+/// Where an output stream's copy writes.
+#[derive(Debug)]
+enum Sink {
+    /// A FIFO or a file, opened by the copy.
+    Path(Target),
+    /// A pipe to a logging program.
+    Pipe(File),
 }
 
 /// Errors bridging stdio.
 #[derive(Debug, thiserror::Error)]
 pub enum IoError {
     /// A URI scheme zygote does not handle.
-    #[error("stdio {0:?}: only FIFOs and file:// are supported (binary:// is not)")]
+    #[error("stdio {0:?}: only FIFOs, file:// and binary:// are supported")]
     Unsupported(String),
+    /// The `binary://` logging program failed.
+    #[error(transparent)]
+    Logger(#[from] LoggerError),
     /// Attaching to the agent failed.
     #[error("attach {stream}: {source}")]
     Attach {
@@ -49,28 +65,91 @@ pub enum IoError {
     },
 }
 
-fn sink(target: &str) -> Result<Option<Sink>, IoError> {
-    if target.is_empty() {
+fn target(uri: &str) -> Result<Option<Target>, IoError> {
+    if uri.is_empty() {
         return Ok(None);
     }
-    if let Some(path) = target.strip_prefix("file://") {
-        return Ok(Some(Sink::File(path.into())));
+    if let Some(path) = uri.strip_prefix("file://") {
+        return Ok(Some(Target::File(path.into())));
     }
-    if target.contains("://") {
-        return Err(IoError::Unsupported(target.into()));
+    if let Some(parsed) = LoggerUri::parse(uri) {
+        return Ok(Some(Target::Binary(parsed?)));
     }
-    Ok(Some(Sink::Fifo(target.into())))
+    if uri.contains("://") {
+        return Err(IoError::Unsupported(uri.into()));
+    }
+    Ok(Some(Target::Fifo(uri.into())))
 }
 
-fn open_sink(s: &Sink) -> std::io::Result<File> {
+fn open_sink(s: Sink) -> std::io::Result<File> {
     match s {
         // Blocks until containerd's side has it open for reading.
-        Sink::Fifo(p) => OpenOptions::new().write(true).open(p),
-        Sink::File(p) => {
+        Sink::Path(Target::Fifo(p)) => OpenOptions::new().write(true).open(p),
+        Sink::Path(Target::File(p)) => {
             if let Some(dir) = p.parent() {
                 std::fs::create_dir_all(dir)?;
             }
             OpenOptions::new().create(true).append(true).open(p)
+        }
+        Sink::Path(Target::Binary(_)) => unreachable!("a logging program gets pipes"),
+        Sink::Pipe(f) => Ok(f),
+    }
+}
+
+/// The output side of a bridged process: wait for it before reporting the exit.
+#[derive(Debug, Default)]
+pub struct Outputs {
+    copies: Vec<JoinHandle<()>>,
+    logger: Option<Logger>,
+}
+
+impl Outputs {
+    /// Waits until every output byte was passed on (and a logging program,
+    /// whose input then ended, exited: up to 10 s).
+    pub fn drain(self) {
+        for c in self.copies {
+            let _ = c.join();
+        }
+        if let Some(l) = self.logger {
+            l.finish();
+        }
+    }
+}
+
+/// Output streams by name, with where each goes.
+type Sinks = Vec<(&'static str, Sink)>;
+
+/// The output streams to attach, with where each goes; starts a
+/// `binary://` logging program for container `owner` (id, namespace).
+fn output_sinks(
+    paths: &StdioPaths,
+    owner: (&str, &str),
+) -> Result<(Sinks, Option<Logger>), IoError> {
+    let stdout = target(&paths.stdout)?;
+    let stderr = if paths.terminal {
+        None
+    } else {
+        target(&paths.stderr)?
+    };
+    let mut sinks = Vec::new();
+    match (stdout, stderr) {
+        // containerd names one program for both streams.
+        (Some(Target::Binary(uri)), stderr) => {
+            let (logger, out, err) = Logger::start(&uri, owner.0, owner.1)?;
+            sinks.push(("stdout", Sink::Pipe(out)));
+            if stderr.is_some() {
+                sinks.push(("stderr", Sink::Pipe(err)));
+            }
+            Ok((sinks, Some(logger)))
+        }
+        (_, Some(Target::Binary(_))) => Err(IoError::Unsupported(format!(
+            "{} (binary:// for stderr alone)",
+            paths.stderr
+        ))),
+        (stdout, stderr) => {
+            sinks.extend(stdout.map(|t| ("stdout", Sink::Path(t))));
+            sinks.extend(stderr.map(|t| ("stderr", Sink::Path(t))));
+            Ok((sinks, None))
         }
     }
 }
@@ -78,32 +157,27 @@ fn open_sink(s: &Sink) -> std::io::Result<File> {
 /// A process's bridged stdio.
 #[derive(Debug, Default)]
 pub struct Bridged {
-    /// The output copies: join them before reporting the exit.
-    pub outputs: Vec<JoinHandle<()>>,
+    /// The output side: drain it before reporting the exit.
+    pub outputs: Outputs,
     /// The vsock connections, to shut down if the VM dies (their copies then
     /// end, and containerd's FIFOs close).
     pub streams: Vec<UnixStream>,
 }
 
 /// Attaches the process `key`'s streams through `vsock` and starts copying;
-/// `close_stdin` runs when containerd's stdin ends.
+/// `close_stdin` runs when containerd's stdin ends. `owner` (container id,
+/// namespace) is what a `binary://` logging program is told.
 pub fn bridge(
     vsock: &Path,
     key: &str,
+    owner: (&str, &str),
     paths: &StdioPaths,
     close_stdin: impl FnOnce() + Send + 'static,
 ) -> Result<Bridged, IoError> {
     let timeout = Duration::from_secs(30);
-    let mut outputs = Vec::new();
-    let mut streams: Vec<(&'static str, Sink)> = Vec::new();
-    if let Some(s) = sink(&paths.stdout)? {
-        streams.push(("stdout", s));
-    }
-    if !paths.terminal {
-        if let Some(s) = sink(&paths.stderr)? {
-            streams.push(("stderr", s));
-        }
-    }
+    let mut copies = Vec::new();
+    // A logging program that is not handed its pipes is killed on the way out.
+    let (streams, logger) = output_sinks(paths, owner)?;
     // Attach every stream first: a failure leaves no copy running.
     let mut attached = Vec::new();
     for (stream, s) in streams {
@@ -132,9 +206,9 @@ pub fn bridge(
         let key = key.to_string();
         let handle = std::thread::Builder::new()
             .name(format!("io-{stream}"))
-            .spawn(move || copy_out(&key, stream, &s, conn))
+            .spawn(move || copy_out(&key, stream, s, conn))
             .expect("spawn an io thread");
-        outputs.push(handle);
+        copies.push(handle);
     }
     if let Some((fifo, conn)) = stdin {
         std::thread::Builder::new()
@@ -145,14 +219,18 @@ pub fn bridge(
             })
             .expect("spawn an io thread");
     }
-    Ok(Bridged { outputs, streams })
+    Ok(Bridged {
+        outputs: Outputs { copies, logger },
+        streams,
+    })
 }
 
-fn copy_out(key: &str, stream: &str, s: &Sink, mut conn: UnixStream) {
+fn copy_out(key: &str, stream: &str, s: Sink, mut conn: UnixStream) {
+    let what = format!("{s:?}");
     let mut out = match open_sink(s) {
         Ok(f) => f,
         Err(e) => {
-            log::warn!("{key} {stream}: cannot open {s:?}: {e}; its output is discarded");
+            log::warn!("{key} {stream}: cannot open {what}: {e}; its output is discarded");
             let _ = std::io::copy(&mut conn, &mut std::io::sink());
             return;
         }
@@ -188,18 +266,23 @@ mod tests {
 
     #[test]
     fn stdio_targets() {
-        assert_eq!(sink("").unwrap(), None);
+        assert_eq!(target("").unwrap(), None);
         assert_eq!(
-            sink("/run/containerd/fifo/1/c-stdout").unwrap(),
-            Some(Sink::Fifo("/run/containerd/fifo/1/c-stdout".into()))
+            target("/run/containerd/fifo/1/c-stdout").unwrap(),
+            Some(Target::Fifo("/run/containerd/fifo/1/c-stdout".into()))
         );
         assert_eq!(
-            sink("file:///var/log/c.log").unwrap(),
-            Some(Sink::File("/var/log/c.log".into()))
+            target("file:///var/log/c.log").unwrap(),
+            Some(Target::File("/var/log/c.log".into()))
         );
-        let e = sink("binary:///usr/bin/logger?x=1")
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("binary://"), "{e}");
+        assert_eq!(
+            target("binary:///usr/bin/logger?x=1").unwrap(),
+            Some(Target::Binary(LoggerUri {
+                path: "/usr/bin/logger".into(),
+                args: vec!["x".into(), "1".into()],
+            }))
+        );
+        let e = target("fluentd://host:24224").unwrap_err().to_string();
+        assert!(e.contains("fluentd://"), "{e}");
     }
 }

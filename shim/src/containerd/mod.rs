@@ -5,11 +5,13 @@
 //! - `spec.rs`: pod grouping, the image key, the spec the guest gets.
 //! - `pod.rs`: the pod VM — template by image (built on the spot if missing),
 //!   fork, reconcile, agent calls.
-//! - `io.rs`: containerd's FIFOs bridged to the agent's vsock streams.
+//! - `io.rs`: containerd's FIFOs and log URIs bridged to the agent's vsock streams.
+//! - `logger.rs`: `binary://` logging programs, as containerd's shims run them.
 //! - `service.rs`: the shim (start/delete/serve) and the Task service.
 
 pub mod config;
 pub mod io;
+pub mod logger;
 pub mod pod;
 pub mod service;
 pub mod spec;

@@ -98,6 +98,34 @@ pub struct PodEnd {
     /// guest's and less a template build's, ms. Read from the kernel's CPU
     /// accounting, so it does not depend on KVM reporting halts.
     pub host_cpu_ms: f64,
+    /// Of which the vCPU threads handling exits (outside `KVM_RUN`), ms.
+    pub host_vcpu_exits_ms: f64,
+    /// Of which the VMM's device threads (vsock, rng), ms.
+    pub host_devices_ms: f64,
+}
+
+/// CPU time of this process's threads whose name starts with `prefix`
+/// (live threads only; /proc/self/task/*/schedstat, ns on CPU).
+fn threads_cpu(prefix: &str, except: &str) -> Duration {
+    let mut total = 0u64;
+    for task in std::fs::read_dir("/proc/self/task")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        let comm = comm.trim();
+        if !comm.starts_with(prefix) || comm == except {
+            continue;
+        }
+        let schedstat = std::fs::read_to_string(task.path().join("schedstat")).unwrap_or_default();
+        total += schedstat
+            .split_whitespace()
+            .next()
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    Duration::from_nanos(total)
 }
 
 /// This process's CPU time, all its threads (live and ended), children not
@@ -317,6 +345,8 @@ impl PodVm {
         drop(self.control);
         let life_ms = ms(self.created.elapsed());
         let build_cpu_ms = self.timings.template_build_cpu_ms;
+        // The device threads end with the VM: read them just before.
+        let devices = threads_cpu("zygote-", "zygote-vcpu");
         let (reason, times) = self.sandbox.kill_timed();
         log::info!("pod VM stopped: {reason:?}");
         PodEnd {
@@ -325,6 +355,8 @@ impl PodVm {
             guest_halt_ms: times.halt.map(ms),
             guest_cpu_ms: ms(times.cpu),
             host_cpu_ms: ms(process_cpu_time().saturating_sub(times.cpu)) - build_cpu_ms,
+            host_vcpu_exits_ms: ms(times.exits),
+            host_devices_ms: ms(devices),
         }
     }
 }

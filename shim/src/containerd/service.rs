@@ -464,7 +464,7 @@ impl TaskService {
         pod: &Arc<PodVm>,
         id: String,
         exec_id: String,
-        outputs: Vec<std::thread::JoinHandle<()>>,
+        outputs: super::io::Outputs,
     ) -> Option<std::os::unix::net::UnixStream> {
         let service = self.clone();
         let client = pod.connect();
@@ -506,9 +506,7 @@ impl TaskService {
                     }
                 };
                 log::info!("{id} {exec_id} exited {}", exit.status);
-                for o in outputs {
-                    let _ = o.join();
-                }
+                outputs.drain();
                 log::info!("{id} {exec_id} output drained");
                 service
                     .runtime
@@ -864,8 +862,9 @@ impl Task for TaskService {
             std::process::id()
         } else {
             let pod = self.pod()?;
-            let (pod2, key) = (
+            let (pod2, namespace, key) = (
                 pod.clone(),
+                self.namespace.clone(),
                 ContainerRef {
                     id: id.clone(),
                     exec_id: exec_id.clone(),
@@ -876,7 +875,8 @@ impl Task for TaskService {
                 // without keeping the VM alive.
                 let close_pod = Arc::downgrade(&pod2);
                 let close_key = key.clone();
-                let bridged = bridge(pod2.vsock_path(), &key.key(), &stdio, move || {
+                let owner = (key.id.as_str(), namespace.as_str());
+                let bridged = bridge(pod2.vsock_path(), &key.key(), owner, &stdio, move || {
                     if let Some(pod) = close_pod.upgrade() {
                         let _ = pod.call(request::Body::CloseStdin(close_key));
                     }

@@ -111,13 +111,17 @@ impl VcpuStats {
     /// CPU time less its time outside `KVM_RUN` (exit handling, which is
     /// CPU-bound). Zero before the loop ended.
     pub fn cpu_in_run_ns(&self) -> u64 {
-        let outside = self
-            .thread_life_ns
-            .load(Ordering::Relaxed)
-            .saturating_sub(self.run_ns.load(Ordering::Relaxed));
         self.thread_cpu_ns
             .load(Ordering::Relaxed)
-            .saturating_sub(outside)
+            .saturating_sub(self.outside_run_ns())
+    }
+
+    /// Wall time the vCPU's run loops spent outside `KVM_RUN` (handling
+    /// exits), once they ended. Zero before.
+    pub fn outside_run_ns(&self) -> u64 {
+        self.thread_life_ns
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.run_ns.load(Ordering::Relaxed))
     }
 }
 
