@@ -71,6 +71,10 @@ struct Connection {
     peer_shut_send: bool,
     /// The host stream ended; SHUTDOWN was sent to the guest.
     host_eof: bool,
+    /// The host stream hung up (or failed): epoll reports that whatever the
+    /// mask, so it is watched edge-triggered from then on (level-triggered,
+    /// the device thread would spin until the guest closes its end).
+    host_hup: bool,
     watching_out: bool,
 }
 
@@ -88,6 +92,7 @@ impl Connection {
             fwd_cnt_sent: Wrapping(0),
             peer_shut_send: false,
             host_eof: false,
+            host_hup: false,
             watching_out: false,
         }
     }
@@ -271,6 +276,9 @@ impl VsockBackend {
         if conn.watching_out {
             ev |= EventSet::OUT;
         }
+        if conn.host_hup {
+            ev |= EventSet::EDGE_TRIGGERED;
+        }
         ev
     }
 
@@ -324,13 +332,15 @@ impl VsockBackend {
             }
             self.maybe_credit_update(key);
         }
-        if events
-            .intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR | EventSet::READ_HANG_UP)
-        {
+        let hung_up = events.intersects(EventSet::HANG_UP | EventSet::ERROR);
+        if events.intersects(EventSet::IN | EventSet::READ_HANG_UP) || hung_up {
             // Stop watching for input until the data has been moved to the guest.
-            if self.rx_ready.insert(key) {
-                let conn = &self.conns[&key];
-                self.watch(fd, Self::conn_events(conn, false), ControlOperation::Modify);
+            let newly_ready = self.rx_ready.insert(key);
+            let conn = self.conns.get_mut(&key).expect("by_fd and conns agree");
+            let newly_hung_up = hung_up && !std::mem::replace(&mut conn.host_hup, true);
+            if newly_ready || newly_hung_up {
+                let ev = Self::conn_events(conn, false);
+                self.watch(fd, ev, ControlOperation::Modify);
             }
         }
     }
@@ -1003,6 +1013,35 @@ mod tests {
             0,
             "the host sees EOF after a guest reset"
         );
+    }
+
+    /// A host client that hangs up while the guest still holds its end must
+    /// not keep the device thread busy: epoll reports a hang-up whatever the
+    /// event mask, so a level-triggered watch would return at once forever.
+    #[test]
+    fn a_host_hang_up_is_not_reported_again_and_again() {
+        let mut h = Harness::new("hup");
+        let (mut client, local) = h.host_connect(1024);
+        h.send(h.hdr(op::RESPONSE, 1024, local, 0), &[]);
+        assert_eq!(read_line(&mut client), format!("OK {local}"));
+        drop(client);
+        h.pump();
+        let (hdr, _) = h.recv().expect("SHUTDOWN");
+        assert_eq!((hdr.op, hdr.src_port), (op::SHUTDOWN, local));
+        // The guest has not answered yet: nothing is ready on the host side.
+        let mut events = [EpollEvent::default(); 4];
+        let n = h.backend.epoll.wait(0, &mut events).unwrap();
+        assert_eq!(
+            n,
+            0,
+            "still reported: {:?}",
+            events[..n]
+                .iter()
+                .map(|e| e.event_set())
+                .collect::<Vec<_>>()
+        );
+        h.send(h.hdr(op::RST, 1024, local, 0), &[]);
+        assert_eq!(h.backend.connection_count(), 0);
     }
 
     #[test]
