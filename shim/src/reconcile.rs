@@ -161,25 +161,22 @@ pub fn measure_offset(
     let start = Instant::now();
     let good = GOOD_ROUND_TRIP.max(idle_round_trip * 3 / 2).as_nanos() as u64;
     let mut best: Option<ClockOffset> = None;
-    for n in 1..=MAX_SAMPLES {
+    let mut samples = 0;
+    loop {
         let (offset_ns, round_trip_ns) = read_offset(client)?;
+        samples += 1;
         if best.is_none_or(|b| round_trip_ns < b.round_trip_ns) {
             best = Some(ClockOffset {
                 offset_ns,
                 round_trip_ns,
-                samples: 0,
+                samples,
             });
         }
-        if round_trip_ns <= good || start.elapsed() > SAMPLING_BUDGET {
+        if round_trip_ns <= good || samples == MAX_SAMPLES || start.elapsed() > SAMPLING_BUDGET {
             let best = best.expect("at least one sample");
-            return Ok(ClockOffset { samples: n, ..best });
+            return Ok(ClockOffset { samples, ..best });
         }
     }
-    let best = best.expect("at least one sample");
-    Ok(ClockOffset {
-        samples: MAX_SAMPLES,
-        ..best
-    })
 }
 
 /// The least of 3 ping round trips: the one least delayed by scheduling, as

@@ -21,10 +21,14 @@ struct Table {
     owned: HashSet<u32>,
     /// Reaped children whose owner has not collected the status yet.
     exited: HashMap<u32, i32>,
+    /// Children spawned so far (the reaper, finding none, waits for this to move).
+    spawned: u64,
 }
 
 static TABLE: Mutex<Option<Table>> = Mutex::new(None);
 static CHANGED: Condvar = Condvar::new();
+/// Signalled when a child is spawned.
+static SPAWNED: Condvar = Condvar::new();
 static REAPER: AtomicBool = AtomicBool::new(false);
 
 fn table() -> MutexGuard<'static, Option<Table>> {
@@ -42,12 +46,23 @@ pub fn start_reaper() {
         .name("agent-reaper".into())
         .spawn(|| {
             loop {
+                let generation = table().as_ref().expect("initialised").spawned;
                 let mut status = 0;
                 // SAFETY: waitpid with a valid status pointer.
                 let pid = unsafe { libc::waitpid(-1, &mut status, 0) };
+                if pid < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+                    continue;
+                }
                 if pid < 0 {
-                    // No children right now (ECHILD) or interrupted: wait a little.
-                    std::thread::sleep(Duration::from_millis(50));
+                    // No children (ECHILD). Without children
+                    // only a spawn makes one (an orphan is some child's
+                    // descendant): sleep until then, not in a polling loop
+                    // (each wake-up costs guest kernel work, which is
+                    // emulated on PVM). The timeout only bounds a miss.
+                    let guard = table();
+                    let _ = SPAWNED.wait_timeout_while(guard, Duration::from_secs(1), |t| {
+                        t.as_ref().expect("initialised").spawned == generation
+                    });
                     continue;
                 }
                 let mut guard = table();
@@ -139,14 +154,13 @@ impl Child {
 pub fn spawn(cmd: &mut Command) -> std::io::Result<Child> {
     let mut guard = table();
     let inner = cmd.spawn()?;
+    let t = guard.as_mut().expect("initialised");
+    t.spawned += 1;
     if REAPER.load(Ordering::SeqCst) {
-        guard
-            .as_mut()
-            .expect("initialised")
-            .owned
-            .insert(inner.id());
+        t.owned.insert(inner.id());
     }
     drop(guard);
+    SPAWNED.notify_all();
     Ok(Child {
         inner,
         status: None,

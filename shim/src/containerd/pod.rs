@@ -131,13 +131,7 @@ fn threads_cpu(prefix: &str, except: &str) -> Duration {
 /// This process's CPU time, all its threads (live and ended), children not
 /// included.
 pub fn process_cpu_time() -> Duration {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid timespec for clock_gettime to fill.
-    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
-    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+    zygote_vmm::vstate::vcpu::clock_time(libc::CLOCK_PROCESS_CPUTIME_ID)
 }
 
 /// A running pod VM.

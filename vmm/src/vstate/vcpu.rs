@@ -125,15 +125,20 @@ impl VcpuStats {
     }
 }
 
-/// CPU time of the calling thread.
-fn thread_cpu_time() -> std::time::Duration {
+/// The time of `clock` (e.g. `CLOCK_THREAD_CPUTIME_ID`: the calling
+/// thread's CPU time; `CLOCK_PROCESS_CPUTIME_ID`: all of the process's threads').
+pub fn clock_time(clock: libc::clockid_t) -> std::time::Duration {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: `ts` is a valid timespec for clock_gettime to fill.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    unsafe { libc::clock_gettime(clock, &mut ts) };
     std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+fn thread_cpu_time() -> std::time::Duration {
+    clock_time(libc::CLOCK_THREAD_CPUTIME_ID)
 }
 
 /// One vCPU.
