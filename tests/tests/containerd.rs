@@ -529,11 +529,13 @@ impl LogMark {
     }
 }
 
-/// Copies the test image's template from the default store (building it with
-/// one run if missing) into `store`, flips a byte of the copy's state file and
-/// keeps the damaged bytes beside it as `state.damaged`. Returns the
-/// template's name and the copy's directory.
-fn damaged_template_copy(store: &std::path::Path) -> (String, PathBuf) {
+/// Copies the image templates of the default store (building one with a run
+/// if there is none) into `store`, each with a byte of its state file flipped
+/// and the damaged bytes kept beside it as `state.damaged`. (The same image
+/// in two containerd namespaces has two snapshot chains, so two templates:
+/// all are copied, so that whichever this run selects is damaged.) Returns
+/// the copies' directories.
+fn damaged_template_copies(store: &std::path::Path) -> Vec<PathBuf> {
     if template_dirs().is_empty() {
         let id = cid("warm");
         cleanup(&id);
@@ -541,26 +543,26 @@ fn damaged_template_copy(store: &std::path::Path) -> (String, PathBuf) {
         let out = zygote_run(&["--rm"], &id, &["true"]);
         assert!(out.status.success(), "{}", text(&out.stderr));
     }
-    let (name, _) = template_dirs()
-        .into_iter()
-        .next()
-        .expect("the image's template");
-    let from = zygote::paths::templates().join(&name);
-    let to = store.join(&name);
-    std::fs::create_dir_all(&to).unwrap();
-    let cp = Command::new("cp")
-        .arg("--sparse=always")
-        .args(["memory", "state", "template.json"].map(|f| from.join(f)))
-        .arg(&to)
-        .status()
-        .unwrap();
-    assert!(cp.success());
-    let mut state = std::fs::read(to.join("state")).unwrap();
-    let middle = state.len() / 2;
-    state[middle] ^= 0x55;
-    std::fs::write(to.join("state"), &state).unwrap();
-    std::fs::write(to.join("state.damaged"), &state).unwrap();
-    (name, to)
+    let mut copies = Vec::new();
+    for (name, _) in template_dirs() {
+        let from = zygote::paths::templates().join(&name);
+        let to = store.join(&name);
+        std::fs::create_dir_all(&to).unwrap();
+        let cp = Command::new("cp")
+            .arg("--sparse=always")
+            .args(["memory", "state", "template.json"].map(|f| from.join(f)))
+            .arg(&to)
+            .status()
+            .unwrap();
+        assert!(cp.success());
+        let mut state = std::fs::read(to.join("state")).unwrap();
+        let middle = state.len() / 2;
+        state[middle] ^= 0x55;
+        std::fs::write(to.join("state"), &state).unwrap();
+        std::fs::write(to.join("state.damaged"), &state).unwrap();
+        copies.push(to);
+    }
+    copies
 }
 
 fn vm_run_dirs() -> Vec<PathBuf> {
@@ -629,7 +631,7 @@ fn failures_are_reported_and_leave_nothing_behind() {
 
     // A damaged template (its state file's checksum fails): refused with
     // what is wrong and what to do; the template is left for the operator.
-    let (name, damaged) = damaged_template_copy(&dir.join("damaged-store"));
+    let damaged = damaged_template_copies(&dir.join("damaged-store"));
     let config = dir.join("damaged.toml");
     std::fs::write(
         &config,
@@ -647,15 +649,16 @@ fn failures_are_reported_and_leave_nothing_behind() {
     let err = text(&out.stderr);
     assert!(!out.status.success());
     assert!(
-        err.contains(&format!("template {name}")) && err.contains("damaged"),
+        err.contains("template ctr-") && err.contains("damaged") && err.contains("checksum"),
         "{err}"
     );
-    assert!(err.contains("checksum"), "{err}");
-    assert_eq!(
-        std::fs::read(damaged.join("state")).unwrap(),
-        std::fs::read(damaged.join("state.damaged")).unwrap(),
-        "the damaged template is left as it was"
-    );
+    for d in &damaged {
+        assert_eq!(
+            std::fs::read(d.join("state")).unwrap(),
+            std::fs::read(d.join("state.damaged")).unwrap(),
+            "the damaged template is left as it was"
+        );
+    }
     cleanup(&id);
 
     // An invalid spec field (a relative working directory): refused by the agent.

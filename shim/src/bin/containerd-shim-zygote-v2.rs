@@ -3,7 +3,7 @@
 //! crate's bootstrap; `start` answers in containerd 1.6's form; `-v` prints
 //! the version.
 
-use zygote::containerd::service::{ZygoteShim, serve, start_legacy};
+use zygote::containerd::shim::{ZygoteShim, serve, start_legacy};
 
 const RUNTIME: &str = "io.containerd.zygote.v2";
 

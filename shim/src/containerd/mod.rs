@@ -7,11 +7,13 @@
 //!   fork, reconcile, agent calls.
 //! - `io.rs`: containerd's FIFOs and log URIs bridged to the agent's vsock streams.
 //! - `logger.rs`: `binary://` logging programs, as containerd's shims run them.
-//! - `service.rs`: the shim (start/delete/serve) and the Task service.
+//! - `shim.rs`: the shim process (start/delete/serve).
+//! - `service.rs`: the Task service.
 
 pub mod config;
 pub mod io;
 pub mod logger;
 pub mod pod;
 pub mod service;
+pub mod shim;
 pub mod spec;

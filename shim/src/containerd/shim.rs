@@ -1,0 +1,204 @@
+//! The shim process: containerd's `start` (one shim per pod: a container
+//! joins its pod's shim), `delete` after a shim died, and serving the Task
+//! service (see `service.rs`) until the pod's last task is gone.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use containerd_shim::asynchronous::{ExitSignal, Shim, spawn};
+use containerd_shim::publisher::RemotePublisher;
+use containerd_shim::{Config, Error as ShimError, Flags, StartOpts};
+use containerd_shim_protos::api;
+use containerd_shim_protos::protobuf::MessageField;
+use containerd_shim_protos::protobuf::well_known_types::any::Any;
+use containerd_shim_protos::shim_async::Task;
+
+use super::service::{TaskService, now};
+use super::spec;
+
+/// A file in the bundle naming the pod VM's run directory, for `delete`
+/// after a shim that was killed.
+pub(super) const RUN_DIR_FILE: &str = "zygote-vm-run-dir";
+
+/// The shim process.
+pub struct ZygoteShim {
+    exit: Arc<ExitSignal>,
+    id: String,
+    namespace: String,
+}
+
+impl std::fmt::Debug for ZygoteShim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ZygoteShim")
+            .field("id", &self.id)
+            .field("namespace", &self.namespace)
+            .finish()
+    }
+}
+
+#[async_trait]
+impl Shim for ZygoteShim {
+    type T = TaskService;
+
+    async fn new(_runtime_id: &str, args: &Flags, config: &mut Config) -> Self {
+        // Our children (mkfs.erofs, umoci) are waited for by us, not reaped behind our back.
+        config.no_reaper = true;
+        ZygoteShim {
+            exit: Arc::new(ExitSignal::default()),
+            id: args.id.clone(),
+            namespace: args.namespace.clone(),
+        }
+    }
+
+    async fn start_shim(&mut self, opts: StartOpts) -> Result<String, ShimError> {
+        spawn_grouped(opts).await
+    }
+
+    async fn delete_shim(&mut self) -> Result<api::DeleteResponse, ShimError> {
+        // After a shim died: what it left in this bundle.
+        let bundle = std::env::current_dir().unwrap_or_default();
+        cleanup_bundle(&bundle);
+        log::info!("delete {} in {}: cleaned up", self.id, self.namespace);
+        Ok(api::DeleteResponse {
+            exit_status: 128 + 9,
+            exited_at: MessageField::some(now()),
+            ..Default::default()
+        })
+    }
+
+    async fn wait(&mut self) {
+        self.exit.wait().await;
+    }
+
+    async fn create_task_service(&self, publisher: RemotePublisher) -> TaskService {
+        TaskService::new(publisher, &self.namespace, self.exit.clone())
+    }
+}
+
+/// Starts (or finds) the shim serving `opts.id`'s pod; returns its address.
+async fn spawn_grouped(opts: StartOpts) -> Result<String, ShimError> {
+    // containerd runs `start` in the bundle: its spec says which pod this is.
+    let grouping = std::fs::read("config.json")
+        .ok()
+        .and_then(|b| spec::parse(&b).ok())
+        .map_or_else(|| opts.id.clone(), |s| spec::grouping(&s, &opts.id));
+    spawn(opts, &grouping, Vec::new()).await
+}
+
+/// The `start` action as containerd 1.6–2.2 expect it: runtime options (a
+/// protobuf `Any`) on stdin, the shim's address printed as plain text. (The
+/// containerd-shim crate answers in the JSON or bootstrap form of newer
+/// containerd, which 1.6 takes for an address.)
+pub async fn start_legacy(flags: &Flags) -> Result<String, ShimError> {
+    use containerd_shim_protos::protobuf::Message;
+    use std::io::{IsTerminal, Read};
+    let mut input = Vec::new();
+    if !std::io::stdin().is_terminal() {
+        let _ = std::io::stdin()
+            .lock()
+            .take(1 << 20)
+            .read_to_end(&mut input);
+    }
+    let mut opts = StartOpts {
+        id: flags.id.clone(),
+        publish_binary: flags.publish_binary.clone(),
+        address: flags.address.clone(),
+        ttrpc_address: std::env::var("TTRPC_ADDRESS").unwrap_or_default(),
+        namespace: flags.namespace.clone(),
+        debug: flags.debug,
+        ..Default::default()
+    };
+    if let Ok(any) = Any::parse_from_bytes(&input) {
+        if !any.type_url.is_empty() {
+            opts.extensions.push(any);
+        }
+    }
+    spawn_grouped(opts).await
+}
+
+/// Serves the Task API on `flags.socket` until shut down. As the crate's
+/// bootstrap does, but under both names of the service: containerd 1.x calls
+/// `containerd.task.v2.Task`, 2.x `containerd.task.v3.Task` (the same
+/// messages). If another shim already serves the socket (a pod's shim that
+/// a later container joins), says so in `address` and returns.
+pub async fn serve(runtime_id: &str, flags: &Flags) -> Result<(), ShimError> {
+    use containerd_shim_protos::shim_async::create_task;
+    use containerd_shim_protos::ttrpc::r#async::Server;
+    use containerd_shim_protos::ttrpc::r#async::transport::Listener;
+    let path = flags
+        .socket
+        .strip_prefix("unix://")
+        .unwrap_or(&flags.socket)
+        .to_string();
+    if path.is_empty() {
+        return Err(ShimError::InvalidArgument(
+            "the shim socket is empty".into(),
+        ));
+    }
+    if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+        std::fs::write("address", &flags.socket).map_err(|e| ShimError::Other(e.to_string()))?;
+        signal_started();
+        return Ok(());
+    }
+    let _ = std::fs::remove_file(&path);
+    if let Some(dir) = Path::new(&path).parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    let listener = std::os::unix::net::UnixListener::bind(&path)
+        .map_err(|e| ShimError::Other(format!("listen on {path}: {e}")))?;
+    let mut config = Config::default();
+    let mut shim = ZygoteShim::new(runtime_id, flags, &mut config).await;
+    containerd_shim::logger::init(flags.debug, "info", &flags.namespace, &flags.id)?;
+    let ttrpc_address = std::env::var("TTRPC_ADDRESS")
+        .map_err(|_| ShimError::InvalidArgument("TTRPC_ADDRESS is not set".into()))?;
+    let publisher = RemotePublisher::new(&ttrpc_address).await?;
+    let task: Arc<dyn Task + Send + Sync> = Arc::new(shim.create_task_service(publisher).await);
+    let mut services = create_task(task.clone());
+    services.extend(
+        create_task(task)
+            .into_iter()
+            .map(|(name, service)| (name.replace(".task.v3.", ".task.v2."), service)),
+    );
+    let listener = Listener::try_from(listener).map_err(|e| ShimError::Other(e.to_string()))?;
+    let mut server = Server::new()
+        .add_listener(listener)
+        .register_service(services);
+    server.start().await?;
+    signal_started();
+    log::info!("zygote shim serving {path}");
+    shim.wait().await;
+    server.shutdown().await.unwrap_or_default();
+    let _ = std::fs::remove_file(&path);
+    // A VM that could not be stopped cleanly dies with this process; its run
+    // directory must not outlive it.
+    crate::sandbox::remove_own_run_dirs();
+    Ok(())
+}
+
+/// Tells `start` (reading our stdout) that the server is up: stdout is
+/// replaced by stderr, which closes the pipe.
+fn signal_started() {
+    // SAFETY: dup2 of the process's own standard descriptors.
+    unsafe { libc::dup2(libc::STDERR_FILENO, libc::STDOUT_FILENO) };
+}
+
+/// Unmounts the bundle's rootfs and removes the pod VM's run directory that a
+/// dead shim recorded there.
+fn cleanup_bundle(bundle: &Path) {
+    unmount(&bundle.join("rootfs"));
+    if let Ok(dir) = std::fs::read_to_string(bundle.join(RUN_DIR_FILE)) {
+        let dir = PathBuf::from(dir.trim());
+        if dir.starts_with(crate::paths::run_root()) {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        let _ = std::fs::remove_file(bundle.join(RUN_DIR_FILE));
+    }
+}
+
+pub(super) fn unmount(target: &Path) {
+    if let Ok(c) = std::ffi::CString::new(target.to_string_lossy().as_bytes()) {
+        // SAFETY: a valid path string; failure (not mounted) is ignored.
+        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    }
+}
