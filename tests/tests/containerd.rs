@@ -529,6 +529,23 @@ impl LogMark {
     }
 }
 
+/// `ctr run --rm` of `true` under the runtime configuration `config` (written
+/// into `dir`), which must fail; returns ctr's error output.
+fn run_refused(dir: &std::path::Path, name: &str, config: &str) -> String {
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, config).unwrap();
+    let id = cid(name);
+    cleanup(&id);
+    let _removed = Removed(id.clone());
+    let out = zygote_run(
+        &["--rm", "--runtime-config-path", path.to_str().unwrap()],
+        &id,
+        &["true"],
+    );
+    assert!(!out.status.success(), "{name}: ctr run succeeded");
+    text(&out.stderr)
+}
+
 /// Copies the image templates of the default store (building one with a run
 /// if there is none) into `store`, each with a byte of its state file flipped
 /// and the damaged bytes kept beside it as `state.damaged`. (The same image
@@ -583,71 +600,38 @@ fn failures_are_reported_and_leave_nothing_behind() {
     std::fs::create_dir_all(&dir).unwrap();
     let runs_before = vm_run_dirs();
 
+    let templates = dir.join("templates");
     // A missing kernel: the template cannot be built; containerd says why.
-    let config = dir.join("missing-kernel.toml");
-    std::fs::write(
-        &config,
-        format!(
+    let err = run_refused(
+        &dir,
+        "nokernel",
+        &format!(
             "kernel = \"/nonexistent/vmlinux\"\ntemplates = \"{}\"\n",
-            dir.join("templates").display()
+            templates.display()
         ),
-    )
-    .unwrap();
-    let id = cid("nokernel");
-    cleanup(&id);
-    let _removed = Removed(id.clone());
-    let out = zygote_run(
-        &["--rm", "--runtime-config-path", config.to_str().unwrap()],
-        &id,
-        &["true"],
     );
-    let err = text(&out.stderr);
-    assert!(!out.status.success());
     assert!(err.contains("/nonexistent/vmlinux"), "{err}");
-    cleanup(&id);
 
     // A missing guest image (initramfs): the same, before any VM is made.
-    let config = dir.join("missing-initramfs.toml");
-    std::fs::write(
-        &config,
-        format!(
+    let err = run_refused(
+        &dir,
+        "noinitramfs",
+        &format!(
             "initramfs = \"/nonexistent/initramfs.cpio\"\ntemplates = \"{}\"\n",
-            dir.join("templates").display()
+            templates.display()
         ),
-    )
-    .unwrap();
-    let id = cid("noinitramfs");
-    cleanup(&id);
-    let _removed = Removed(id.clone());
-    let out = zygote_run(
-        &["--rm", "--runtime-config-path", config.to_str().unwrap()],
-        &id,
-        &["true"],
     );
-    let err = text(&out.stderr);
-    assert!(!out.status.success());
     assert!(err.contains("/nonexistent/initramfs.cpio"), "{err}");
-    cleanup(&id);
 
     // A damaged template (its state file's checksum fails): refused with
     // what is wrong and what to do; the template is left for the operator.
-    let damaged = damaged_template_copies(&dir.join("damaged-store"));
-    let config = dir.join("damaged.toml");
-    std::fs::write(
-        &config,
-        format!("templates = \"{}\"\n", dir.join("damaged-store").display()),
-    )
-    .unwrap();
-    let id = cid("damaged");
-    cleanup(&id);
-    let _removed = Removed(id.clone());
-    let out = zygote_run(
-        &["--rm", "--runtime-config-path", config.to_str().unwrap()],
-        &id,
-        &["true"],
+    let store = dir.join("damaged-store");
+    let damaged = damaged_template_copies(&store);
+    let err = run_refused(
+        &dir,
+        "damaged",
+        &format!("templates = \"{}\"\n", store.display()),
     );
-    let err = text(&out.stderr);
-    assert!(!out.status.success());
     assert!(
         err.contains("template ctr-") && err.contains("damaged") && err.contains("checksum"),
         "{err}"
@@ -659,7 +643,6 @@ fn failures_are_reported_and_leave_nothing_behind() {
             "the damaged template is left as it was"
         );
     }
-    cleanup(&id);
 
     // An invalid spec field (a relative working directory): refused by the agent.
     let id = cid("badspec");

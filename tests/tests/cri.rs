@@ -227,21 +227,12 @@ async fn pod_round(
     assert_eq!(lines[0], "in-exec");
     assert_ne!(lines[1], host.trim(), "the guest's kernel, not the host's");
 
-    let stats = runtime
-        .container_stats(cri::ContainerStatsRequest {
-            container_id: container.clone(),
-        })
+    let usage = memory_stats(runtime, &container)
         .await
-        .expect("ContainerStats")
-        .into_inner()
-        .stats
-        .expect("stats");
-    let memory = stats
-        .memory
-        .and_then(|m| m.usage_bytes)
+        .usage_bytes
         .map_or(0, |v| v.value);
     assert!(
-        memory > 0,
+        usage > 0,
         "the container's memory as its cgroup in the VM reads it"
     );
 
@@ -260,16 +251,7 @@ async fn pod_round(
         })
         .await
         .expect("UpdateContainerResources");
-    let memory = runtime
-        .container_stats(cri::ContainerStatsRequest {
-            container_id: container.clone(),
-        })
-        .await
-        .expect("ContainerStats")
-        .into_inner()
-        .stats
-        .and_then(|s| s.memory)
-        .expect("memory stats");
+    let memory = memory_stats(runtime, &container).await;
     let available = memory.available_bytes.map_or(0, |v| v.value);
     let working_set = memory.working_set_bytes.map_or(0, |v| v.value);
     assert!(
@@ -292,6 +274,23 @@ async fn pod_round(
     remove_pod(runtime, &pod).await;
     std::fs::remove_dir_all(&logs).unwrap();
     Ok(())
+}
+
+/// The container's memory figures from ContainerStats.
+async fn memory_stats(
+    runtime: &mut RuntimeServiceClient<Channel>,
+    container: &str,
+) -> cri::MemoryUsage {
+    runtime
+        .container_stats(cri::ContainerStatsRequest {
+            container_id: container.into(),
+        })
+        .await
+        .expect("ContainerStats")
+        .into_inner()
+        .stats
+        .and_then(|s| s.memory)
+        .expect("memory stats")
 }
 
 /// Stops and removes the pod; its shim goes with it.
