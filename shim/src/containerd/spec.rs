@@ -43,18 +43,34 @@ pub fn grouping(spec: &Value, id: &str) -> String {
 /// A cache key naming an image's content from the rootfs mounts containerd
 /// passed: the mount type and the read-only layers (an overlay's `lowerdir`,
 /// a bind mount's source), not the container's own `upperdir`/`workdir`.
+/// Each layer directory that exists is also named by its identity (device,
+/// inode, change time): snapshot directories are numbered, and a containerd
+/// whose state was wiped numbers new ones from 1 again — the same paths, other
+/// content, which must not find the old image.
 pub fn image_key(mounts: &[(String, String, Vec<String>)]) -> Option<String> {
     let mut h = Sha256::new();
     let mut any = false;
+    let mut layer = |h: &mut Sha256, path: &str| {
+        h.update(path.as_bytes());
+        if let Ok(m) = std::fs::metadata(path) {
+            use std::os::unix::fs::MetadataExt;
+            for n in [m.dev(), m.ino(), m.ctime() as u64, m.ctime_nsec() as u64] {
+                h.update(n.to_le_bytes());
+            }
+        }
+        h.update([0]);
+    };
     for (kind, source, options) in mounts {
         h.update(kind.as_bytes());
         h.update([0]);
         match kind.as_str() {
             "overlay" => {
                 let lower = options.iter().find_map(|o| o.strip_prefix("lowerdir="))?;
-                h.update(lower.as_bytes());
+                for dir in lower.split(':') {
+                    layer(&mut h, dir);
+                }
             }
-            _ => h.update(source.as_bytes()),
+            _ => layer(&mut h, source),
         }
         h.update([0]);
         any = true;
@@ -149,6 +165,19 @@ mod tests {
         assert_ne!(a, image_key(&m("/s/11", "/s/4/fs:/s/2/fs")).unwrap());
         assert!(a.starts_with("layers-") && a.len() == 7 + 32);
         assert_eq!(image_key(&[]), None);
+        // A layer directory made again (containerd's state wiped, its
+        // snapshots numbered from 1 again) is another image.
+        let dir = std::env::temp_dir().join(format!("zygote-key-{}", std::process::id()));
+        let layer = dir.join("1/fs");
+        std::fs::create_dir_all(&layer).unwrap();
+        let lower = layer.to_string_lossy().into_owned();
+        let before = image_key(&m("/s/10", &lower)).unwrap();
+        assert_eq!(before, image_key(&m("/s/11", &lower)).unwrap());
+        std::fs::remove_dir_all(&dir).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::create_dir_all(&layer).unwrap();
+        assert_ne!(before, image_key(&m("/s/10", &lower)).unwrap());
+        std::fs::remove_dir_all(&dir).unwrap();
         let no_lower = vec![("overlay".to_string(), String::new(), vec![])];
         assert_eq!(image_key(&no_lower), None);
     }
