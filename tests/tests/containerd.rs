@@ -348,12 +348,18 @@ fn detached_round(attempt: u32) -> Result<(), String> {
     let events = Events::start();
     let run = zygote_run(&["-d"], &id, &["sleep", "1000"]);
     assert!(run.status.success(), "{}", text(&run.stderr));
+    // The task's state, and if it stopped, its exit status (which `ctr task
+    // rm` prints: "exit with non-zero exit code N").
     let status_of = |id: &str| {
-        text(&ctr(&["task", "ls"]).stdout)
+        let state = text(&ctr(&["task", "ls"]).stdout)
             .lines()
             .find(|l| l.starts_with(id))
             .unwrap_or_default()
-            .to_string()
+            .to_string();
+        if !state.contains("STOPPED") {
+            return state;
+        }
+        format!("{state}; {}", text(&ctr(&["task", "rm", id]).stderr).trim())
     };
     let result = (|| {
         let exec = ctr(&[

@@ -50,7 +50,7 @@ pub fn grouping(spec: &Value, id: &str) -> String {
 pub fn image_key(mounts: &[(String, String, Vec<String>)]) -> Option<String> {
     let mut h = Sha256::new();
     let mut any = false;
-    let mut layer = |h: &mut Sha256, path: &str| {
+    let layer = |h: &mut Sha256, path: &str| {
         h.update(path.as_bytes());
         if let Ok(m) = std::fs::metadata(path) {
             use std::os::unix::fs::MetadataExt;
