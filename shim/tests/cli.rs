@@ -1,4 +1,4 @@
-//! The `zygote` binary as an operator runs it.
+//! The `zygote` and `containerd-shim-zygote-v2` binaries as an operator and containerd run them.
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -82,4 +82,35 @@ fn a_killed_boot_leaves_nothing() {
     assert_eq!(status.code(), Some(128 + libc::SIGTERM));
     assert!(!dir.exists(), "run directory left behind");
     let _ = std::fs::remove_dir_all(&run);
+}
+
+/// containerd asks a shim binary for its version (`-v`) and, from 2.0 on,
+/// for its `RuntimeInfo` protobuf (`-info`, options on stdin).
+#[test]
+fn the_shim_binary_answers_version_and_info() {
+    let shim = env!("CARGO_BIN_EXE_containerd-shim-zygote-v2");
+    let out = Command::new(shim).arg("-v").output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("containerd-shim-zygote-v2 {}", env!("CARGO_PKG_VERSION"))
+    );
+    let out = Command::new(shim)
+        .arg("-info")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // RuntimeInfo: field 1 (name), then field 2 (version) holding field 1 (version).
+    let name = b"io.containerd.zygote.v2";
+    let version = env!("CARGO_PKG_VERSION").as_bytes();
+    let mut want = vec![0x0a, name.len() as u8];
+    want.extend_from_slice(name);
+    want.extend_from_slice(&[0x12, version.len() as u8 + 2, 0x0a, version.len() as u8]);
+    want.extend_from_slice(version);
+    assert_eq!(out.stdout, want);
 }

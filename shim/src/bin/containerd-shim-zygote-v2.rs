@@ -1,11 +1,50 @@
 //! containerd-shim-zygote-v2: the containerd shim v2 entry point
 //! (`io.containerd.zygote.v2`). `delete` and serving are the containerd-shim
 //! crate's bootstrap; `start` answers in containerd 1.6's form; `-v` prints
-//! the version.
+//! the version; `-info` prints containerd 2's `RuntimeInfo` protobuf.
 
 use zygote::containerd::shim::{ZygoteShim, serve, start_legacy};
 
 const RUNTIME: &str = "io.containerd.zygote.v2";
+
+/// containerd's `containerd.types.RuntimeVersion`.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RuntimeVersion {
+    #[prost(string, tag = "1")]
+    version: String,
+    #[prost(string, tag = "2")]
+    revision: String,
+}
+
+/// containerd's `containerd.types.RuntimeInfo` (what `shim -info` prints;
+/// zygote has no options or features to declare).
+#[derive(Clone, PartialEq, prost::Message)]
+struct RuntimeInfo {
+    #[prost(string, tag = "1")]
+    name: String,
+    #[prost(message, optional, tag = "2")]
+    version: Option<RuntimeVersion>,
+}
+
+/// `-info`: the runtime's name and version as a protobuf on stdout.
+fn print_info() {
+    use std::io::Write;
+    let info = RuntimeInfo {
+        name: RUNTIME.into(),
+        version: Some(RuntimeVersion {
+            version: env!("CARGO_PKG_VERSION").into(),
+            revision: String::new(),
+        }),
+    };
+    let mut out = std::io::stdout().lock();
+    if out
+        .write_all(&prost::Message::encode_to_vec(&info))
+        .and_then(|()| out.flush())
+        .is_err()
+    {
+        std::process::exit(1);
+    }
+}
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -28,6 +67,7 @@ fn main() {
         }
     };
     match containerd_shim::parse(&args[1..]) {
+        Ok(flags) if flags.info => print_info(),
         Ok(flags) if flags.action == "start" => match runtime.block_on(start_legacy(&flags)) {
             Ok(address) => print!("{address}"),
             Err(e) => {
