@@ -1,4 +1,5 @@
-//! The `zygote` and `containerd-shim-zygote-v2` binaries as an operator and containerd run them.
+//! The `zygote` and `containerd-shim-zygote-v2` binaries as an operator and
+//! containerd run them.
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
