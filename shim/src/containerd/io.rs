@@ -40,8 +40,10 @@ enum Target {
 /// Where an output stream's copy writes.
 #[derive(Debug)]
 enum Sink {
-    /// A FIFO or a file, opened by the copy.
-    Path(Target),
+    /// containerd's FIFO, opened by the copy.
+    Fifo(PathBuf),
+    /// A log file, opened by the copy.
+    File(PathBuf),
     /// A pipe to a logging program.
     Pipe(File),
 }
@@ -84,14 +86,13 @@ fn target(uri: &str) -> Result<Option<Target>, IoError> {
 fn open_sink(s: Sink) -> std::io::Result<File> {
     match s {
         // Blocks until containerd's side has it open for reading.
-        Sink::Path(Target::Fifo(p)) => OpenOptions::new().write(true).open(p),
-        Sink::Path(Target::File(p)) => {
+        Sink::Fifo(p) => OpenOptions::new().write(true).open(p),
+        Sink::File(p) => {
             if let Some(dir) = p.parent() {
                 std::fs::create_dir_all(dir)?;
             }
             OpenOptions::new().create(true).append(true).open(p)
         }
-        Sink::Path(Target::Binary(_)) => unreachable!("a logging program gets pipes"),
         Sink::Pipe(f) => Ok(f),
     }
 }
@@ -147,8 +148,13 @@ fn output_sinks(
             paths.stderr
         ))),
         (stdout, stderr) => {
-            sinks.extend(stdout.map(|t| ("stdout", Sink::Path(t))));
-            sinks.extend(stderr.map(|t| ("stderr", Sink::Path(t))));
+            for (name, target) in [("stdout", stdout), ("stderr", stderr)] {
+                match target {
+                    Some(Target::Fifo(p)) => sinks.push((name, Sink::Fifo(p))),
+                    Some(Target::File(p)) => sinks.push((name, Sink::File(p))),
+                    Some(Target::Binary(_)) | None => {}
+                }
+            }
             Ok((sinks, None))
         }
     }
