@@ -442,6 +442,16 @@ impl Machine {
         all[all.len().saturating_sub(lines)..].join("\n")
     }
 
+    /// Stops the guest for good from a shared reference (e.g. a monitor that
+    /// found it unresponsive): its vCPUs leave their run loops and never run
+    /// again, and its exit reason becomes [`ExitReason::Stopped`] unless it
+    /// had one. Its threads are joined at [`Machine::shutdown`] or drop.
+    pub fn halt(&self) -> ExitReason {
+        self.exit.raise(ExitReason::Stopped);
+        vcpu::halt_threads(&self.vcpu_threads, &self.stop);
+        self.exit.reason().unwrap_or(ExitReason::Stopped)
+    }
+
     /// Stops the VM (if still running), joins its threads and releases everything.
     pub fn shutdown(mut self) -> ExitReason {
         self.stop_threads()

@@ -71,6 +71,14 @@ pub fn install_kick_handler() -> std::io::Result<()> {
 /// has finished (a kick can land just before the thread re-enters, so it repeats),
 /// then joins them.
 pub fn stop_threads<T>(threads: &mut Vec<std::thread::JoinHandle<T>>, stop: &AtomicBool) -> Vec<T> {
+    halt_threads(threads, stop);
+    threads.drain(..).filter_map(|t| t.join().ok()).collect()
+}
+
+/// Stops the vCPU threads' run loops, as [`stop_threads`], and returns once
+/// they have ended, without joining them (they are joined later, by whoever
+/// owns them).
+pub fn halt_threads<T>(threads: &[std::thread::JoinHandle<T>], stop: &AtomicBool) {
     stop.store(true, Ordering::Release);
     let signal = vcpu_kick_signal();
     while threads.iter().any(|t| !t.is_finished()) {
@@ -86,7 +94,6 @@ pub fn stop_threads<T>(threads: &mut Vec<std::thread::JoinHandle<T>>, stop: &Ato
         }
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
-    threads.drain(..).filter_map(|t| t.join().ok()).collect()
 }
 
 /// Counters a vCPU thread keeps for the machine's timeline.
