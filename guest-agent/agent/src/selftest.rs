@@ -168,6 +168,10 @@ fn one_round(
             &tally.tls,
             format!("round {round} ({mode}): TLS image corrupted at start-up"),
         ),
+        None if status.code() == Some(i32::from(EXIT_REGISTER_LOST)) => tally.fail(
+            &tally.tls,
+            format!("round {round} ({mode}): a thread lost a register value across a yield"),
+        ),
         // A shell running a pipeline reports a member's SIGSEGV as 128 + 11.
         None if status.code() == Some(128 + libc::SIGSEGV) => tally.fail(
             &tally.segfaults,
@@ -235,6 +239,10 @@ pub fn run_with(exe: &std::path::Path, t: &SelfTest) -> SelfTestReport {
 /// Exit code of a child whose thread-local storage did not start with its image.
 pub const EXIT_TLS_CORRUPT: u8 = 86;
 
+/// Exit code of a child one of whose threads lost a value it held in TLS and
+/// a vector register across a yield (the other face of the lost register).
+pub const EXIT_REGISTER_LOST: u8 = 87;
+
 /// A thread-local initialised from the binary's TLS image (`.tdata`), with no zero
 /// bytes: the C library copies the image into each new thread's TLS block, with
 /// vector stores into freshly allocated memory — the copy PVM can corrupt.
@@ -277,8 +285,10 @@ pub fn child_echo(threaded: bool) -> ExitCode {
         .read_to_end(&mut data)
         .and_then(|_| std::io::stdout().write_all(&data));
     let worker_codes: Vec<u8> = workers.into_iter().map(|w| w.join().unwrap_or(1)).collect();
-    if worker_codes.contains(&EXIT_TLS_CORRUPT) {
-        return ExitCode::from(EXIT_TLS_CORRUPT);
+    for kind in [EXIT_TLS_CORRUPT, EXIT_REGISTER_LOST] {
+        if worker_codes.contains(&kind) {
+            return ExitCode::from(kind);
+        }
     }
     if copied.is_ok() && worker_codes.iter().all(|&c| c == 0) {
         ExitCode::SUCCESS
@@ -293,7 +303,7 @@ thread_local! {
 
 /// Checks the thread's TLS image, then stores a per-thread value in TLS and
 /// floating-point state, yields, checks both.
-/// Returns 0, [`EXIT_TLS_CORRUPT`], or 1 for a lost value.
+/// Returns 0, [`EXIT_TLS_CORRUPT`], or [`EXIT_REGISTER_LOST`] for a lost value.
 fn thread_check(seed: u64) -> u8 {
     if !tls_intact() {
         return EXIT_TLS_CORRUPT;
@@ -306,7 +316,7 @@ fn thread_check(seed: u64) -> u8 {
             std::thread::yield_now();
         }
         if TLS_VALUE.with(|v| v.get()) != want || std::hint::black_box(f) != want as f64 * 1.5 {
-            return 1;
+            return EXIT_REGISTER_LOST;
         }
     }
     0

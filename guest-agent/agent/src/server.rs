@@ -76,8 +76,9 @@ fn container_call(
                 ContainerError::InvalidId(_)
                 | ContainerError::Spec(_)
                 | ContainerError::Rootfs(_)
-                | ContainerError::Exists(_)
-                | ContainerError::State { .. } => Code::InvalidArgument,
+                | ContainerError::StartFailed { .. } => Code::InvalidArgument,
+                ContainerError::Exists(_) => Code::AlreadyExists,
+                ContainerError::State { .. } => Code::FailedPrecondition,
                 ContainerError::Os { .. } => Code::Internal,
                 ContainerError::Unsupported(_) => Code::Unimplemented,
             };

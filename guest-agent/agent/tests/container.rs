@@ -171,6 +171,28 @@ fn exit_codes_signals_and_start_failures() {
     assert_eq!(code, 127);
     assert!(err.contains("chdir /nonexistent"), "{err}");
 
+    // A program that does not exist: the started pipe says why, and the
+    // init exits 127 (the agent fails the start with it, as runc does).
+    let config = launch_config(
+        &spec(&["/bin/no-such-program"], serde_json::json!({})),
+        &root,
+    )
+    .unwrap();
+    let (ready, ready_w) = ready_pipe().unwrap();
+    let mut child = launch(
+        &config,
+        Path::new(AGENT),
+        Stdio::null(),
+        Stdio::null(),
+        Stdio::null(),
+        ready_w,
+    )
+    .unwrap();
+    let said = wait_ready(&ready, Duration::from_secs(10)).expect("the pipe closes");
+    let why = said.failed.expect("a missing program is a failed start");
+    assert!(why.contains("exec /bin/no-such-program"), "{why}");
+    assert_eq!(child.wait().unwrap().code(), Some(127));
+
     // Killed from outside by signal 9: reported as 128 + 9.
     let config =
         launch_config(&spec(&["/bin/sleep", "100"], serde_json::json!({})), &root).unwrap();
@@ -184,8 +206,10 @@ fn exit_codes_signals_and_start_failures() {
         ready_w,
     )
     .unwrap();
-    let started = wait_ready(&ready, Duration::from_secs(10))
+    let ready_said = wait_ready(&ready, Duration::from_secs(10))
         .expect("the started pipe gives the pid and closes when the process has exec'd");
+    assert_eq!(ready_said.failed, None);
+    let started = ready_said.pid;
     let cmdline = std::fs::read_to_string(format!("/proc/{started}/cmdline")).unwrap_or_default();
     assert!(cmdline.starts_with("/bin/sleep"), "{cmdline:?}");
     let pid = (0..100)

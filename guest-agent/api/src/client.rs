@@ -45,6 +45,22 @@ pub enum ClientError {
     Unexpected,
 }
 
+impl ClientError {
+    /// The agent's error code, when the agent answered with an error.
+    pub fn code(&self) -> Option<crate::Code> {
+        match self {
+            ClientError::Agent { code, .. } => crate::Code::try_from(*code).ok(),
+            _ => None,
+        }
+    }
+
+    /// Whether the connection is unusable after this error (broken, or out
+    /// of step with its requests): drop it and dial again.
+    pub fn breaks_connection(&self) -> bool {
+        matches!(self, ClientError::Io(_) | ClientError::Unexpected)
+    }
+}
+
 /// A connection to the agent.
 #[derive(Debug)]
 pub struct AgentClient {

@@ -232,8 +232,10 @@ pub struct SelfTestReport {
     /// The first few failures, described.
     #[prost(string, repeated, tag = "7")]
     pub failures: Vec<String>,
-    /// Agent children whose main thread found its TLS image corrupted at start-up
-    /// (a lost vector register; counted apart from `other_failures`).
+    /// Agent children whose TLS image was corrupted at start-up, or one of
+    /// whose threads lost a value across a yield: the lost vector register of
+    /// the PVM guest fault, named by its canary (counted apart from
+    /// `other_failures`).
     #[prost(uint32, tag = "8")]
     pub tls_corruptions: u32,
     /// Multi-threaded children that passed (`ok` counts them too).
@@ -304,6 +306,10 @@ pub enum Code {
     InvalidArgument = 3,
     /// Not found.
     NotFound = 5,
+    /// The id is taken.
+    AlreadyExists = 6,
+    /// Not in the state the request needs (e.g. not started yet, or exited).
+    FailedPrecondition = 9,
     /// Not supported.
     Unimplemented = 12,
     /// Failed inside the agent.

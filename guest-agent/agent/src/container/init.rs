@@ -347,6 +347,13 @@ fn fork_and_wait(what: &str, child: impl FnOnce() -> String) -> ExitCode {
     if pid == 0 {
         let err = child();
         eprintln!("zygote {what}: {err}");
+        if has_ready {
+            // Why it could not start, for the agent's start request (the
+            // pipe closes with this process).
+            let message = super::start_failed_message(&err);
+            // SAFETY: one write from a buffer we own to our own fd.
+            unsafe { libc::write(ready, message.as_ptr().cast(), message.len()) };
+        }
         // SAFETY: leaving the child without running the parent's destructors.
         unsafe { libc::_exit(i32::from(EXIT_SETUP_FAILED)) };
     }

@@ -39,10 +39,64 @@ pub fn ready_pipe() -> std::io::Result<(File, OwnedFd)> {
     })
 }
 
+/// What the "started" pipe said.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Ready {
+    /// The process's pid, as the agent sees it.
+    pub pid: u32,
+    /// Why it could not exec (e.g. no such program), if it could not.
+    pub failed: Option<String>,
+}
+
+/// The most a helper may say on the pipe (its pid and why it failed).
+const READY_MAX: usize = 4096;
+
+/// What a process that could not exec writes on the pipe before its
+/// reason: `START_FAILED`, the reason's length (u16, little-endian), the
+/// reason. The helper's pid (4 bytes) and this are each one write of less
+/// than `PIPE_BUF`, so each arrives whole, in either order.
+pub const START_FAILED: &[u8; 8] = b"\0zyfail\0";
+
+/// The message a process that could not exec writes (reason cut to 2 KiB).
+pub fn start_failed_message(why: &str) -> Vec<u8> {
+    let why = &why.as_bytes()[..why.len().min(2048)];
+    let mut m = START_FAILED.to_vec();
+    m.extend_from_slice(&(why.len() as u16).to_le_bytes());
+    m.extend_from_slice(why);
+    m
+}
+
+/// The pid and the failure, from everything read on the pipe.
+fn parse_ready(got: &[u8]) -> Option<Ready> {
+    let failure = |at: usize| -> Option<(String, usize)> {
+        let rest = got.get(at..)?.strip_prefix(START_FAILED.as_slice())?;
+        let len = u16::from_le_bytes(rest.get(..2)?.try_into().ok()?) as usize;
+        let why = rest.get(2..2 + len)?;
+        Some((
+            String::from_utf8_lossy(why).trim().to_string(),
+            START_FAILED.len() + 2 + len,
+        ))
+    };
+    let pid_at = |at: usize| -> Option<u32> {
+        Some(u32::from_le_bytes(got.get(at..at + 4)?.try_into().ok()?))
+    };
+    if let Some((why, len)) = failure(0) {
+        return Some(Ready {
+            pid: pid_at(len)?,
+            failed: Some(why),
+        });
+    }
+    Some(Ready {
+        pid: pid_at(0)?,
+        failed: failure(4).map(|(why, _)| why),
+    })
+}
+
 /// Waits until the write ends of a "started" pipe are closed (the process
 /// exec'd or died), up to `timeout`. The helper writes the process's pid (as
-/// the agent sees it, 4 bytes) first: returned once the pipe is closed.
-pub fn wait_ready(read: &File, timeout: std::time::Duration) -> Option<u32> {
+/// the agent sees it, 4 bytes) first; a process that could not exec writes
+/// why after it.
+pub fn wait_ready(read: &File, timeout: std::time::Duration) -> Option<Ready> {
     use std::io::Read;
     let mut pfd = libc::pollfd {
         fd: read.as_raw_fd(),
@@ -56,13 +110,13 @@ pub fn wait_ready(read: &File, timeout: std::time::Duration) -> Option<u32> {
         // SAFETY: poll on one valid pollfd.
         let n = unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(i32::MAX as u128) as i32) };
         if n > 0 {
-            let mut buf = [0u8; 16];
+            let mut buf = [0u8; 512];
             match (&*read).read(&mut buf) {
-                Ok(0) => {
-                    let pid: [u8; 4] = got.get(..4)?.try_into().ok()?;
-                    return Some(u32::from_le_bytes(pid));
+                Ok(0) => return parse_ready(&got),
+                Ok(k) => {
+                    let room = READY_MAX.saturating_sub(got.len());
+                    got.extend_from_slice(&buf[..k.min(room)]);
                 }
-                Ok(k) => got.extend_from_slice(&buf[..k]),
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(_) => return None,
             }
@@ -176,6 +230,29 @@ pub fn launch_exec(
 
 #[cfg(test)]
 mod tests {
+    use super::{Ready, parse_ready, start_failed_message};
+
+    #[test]
+    fn the_started_pipe_is_read_in_either_order() {
+        let pid = 42u32.to_le_bytes();
+        assert_eq!(
+            parse_ready(&pid),
+            Some(Ready {
+                pid: 42,
+                failed: None
+            })
+        );
+        let failed = start_failed_message("exec foo: No such file or directory");
+        let want = Some(Ready {
+            pid: 42,
+            failed: Some("exec foo: No such file or directory".into()),
+        });
+        assert_eq!(parse_ready(&[pid.as_slice(), &failed].concat()), want);
+        assert_eq!(parse_ready(&[failed.as_slice(), &pid].concat()), want);
+        assert_eq!(parse_ready(&[]), None);
+        assert_eq!(parse_ready(&failed), None, "no pid");
+    }
+
     #[test]
     fn the_child_of_a_process_is_found() {
         let mut child = std::process::Command::new("/bin/sh")

@@ -50,6 +50,14 @@ pub enum ContainerError {
     /// "process already finished", NOT_FOUND).
     #[error("process {0} already finished")]
     Finished(String),
+    /// The process could not be started (e.g. its program does not exist).
+    #[error("{id}: cannot start its process: {why}")]
+    StartFailed {
+        /// Container (or exec) id.
+        id: String,
+        /// What the helper said.
+        why: String,
+    },
     /// A system call failed.
     #[error("{what}: {source}")]
     Os {
@@ -152,6 +160,19 @@ impl Pipes {
             child: Some((dup(&slave)?, dup(&slave)?, slave)),
             tty: Some(master),
         })
+    }
+}
+
+/// How long an exec's exit waits for its output to end (a background child
+/// may hold it open).
+const EXEC_OUTPUT_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Waits until every thread of `threads` has finished, at most `grace`
+/// (those still running are left to finish on their own).
+fn wait_finished(threads: &[JoinHandle<()>], grace: std::time::Duration) {
+    let start = std::time::Instant::now();
+    while threads.iter().any(|t| !t.is_finished()) && start.elapsed() < grace {
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
 
@@ -468,17 +489,34 @@ impl Registry {
                     }
                     Err(_) => 128,
                 };
-                // Output already attached is delivered before the exit is reported.
+                // Output already attached is delivered before the exit is
+                // reported. A container's other processes die with its PID
+                // namespace, so its output ends; an exec's background child
+                // can hold the exec's stdout open for as long as it lives:
+                // its exit is reported after a grace (Kata #869), and the
+                // copy goes on until the host closes the stream.
                 let drains: Vec<_> = c2.drains.lock().expect("drains lock").drain(..).collect();
-                for d in drains {
-                    let _ = d.join();
+                if c2.exec_in.is_some() {
+                    wait_finished(&drains, EXEC_OUTPUT_GRACE);
+                } else {
+                    for d in drains {
+                        let _ = d.join();
+                    }
                 }
                 *c2.state.lock().expect("state lock") = State::Exited { code };
                 c2.exited.notify_all();
             })
             .map_err(os("start a waiter thread"))?;
         match super::wait_ready(&ready, std::time::Duration::from_secs(60)) {
-            Some(pid) => {
+            Some(super::Ready { failed: Some(why), .. }) => {
+                // runc fails `start` (or `exec`) the same way; the init
+                // exits 127 and the process is left exited.
+                return Err(ContainerError::StartFailed {
+                    id: id.into(),
+                    why,
+                });
+            }
+            Some(super::Ready { pid, failed: None }) => {
                 let _ = c.pid.set(pid);
             }
             None => eprintln!("zygote-agent: {id}: its process did not start within 60 s"),
