@@ -164,6 +164,31 @@ pub fn remove_own_run_dirs() {
     }
 }
 
+/// Removes the run directories of processes that no longer exist (a shim
+/// killed with SIGKILL cannot remove its own); returns how many. A
+/// directory's owner is the pid in its name (`vm-<pid>-<n>`).
+pub fn sweep_dead_run_dirs() -> usize {
+    let Ok(entries) = std::fs::read_dir(paths::run_root()) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for e in entries.filter_map(Result::ok) {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix("vm-")
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() && std::fs::remove_dir_all(e.path()).is_ok()
+        {
+            removed += 1;
+        }
+    }
+    removed
+}
+
 /// A per-VM directory under the run root, removed on drop.
 #[derive(Debug)]
 struct RunDir(PathBuf);

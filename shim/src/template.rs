@@ -94,6 +94,8 @@ pub enum BuildError {
     Warm {
         /// The command.
         argv: Vec<String>,
+        /// Its exit status, if it ran and ended (128 + N: killed by signal N).
+        status: Option<i32>,
         /// How.
         detail: String,
     },
@@ -270,6 +272,7 @@ pub fn stale_reason(meta: &TemplateMeta, spec: &BuildSpec) -> Option<String> {
 fn mount_image(sandbox: &Sandbox, m: &zygote_agent_api::MountImage) -> Result<(), BuildError> {
     let fail = |detail: String| BuildError::Warm {
         argv: vec!["mount".into(), m.device.clone(), m.target.clone()],
+        status: None,
         detail,
     };
     let mut client = sandbox.client()?;
@@ -286,6 +289,7 @@ fn mount_image(sandbox: &Sandbox, m: &zygote_agent_api::MountImage) -> Result<()
 fn start_process(sandbox: &Sandbox, spec: &Spawn) -> Result<(), BuildError> {
     let fail = |detail: String| BuildError::Warm {
         argv: spec.argv.clone(),
+        status: None,
         detail,
     };
     let mut client = sandbox.client()?;
@@ -299,6 +303,7 @@ fn start_process(sandbox: &Sandbox, spec: &Spawn) -> Result<(), BuildError> {
 fn warm(sandbox: &Sandbox, argv: &[String]) -> Result<(), BuildError> {
     let fail = |detail: String| BuildError::Warm {
         argv: argv.to_vec(),
+        status: None,
         detail,
     };
     let mut client = sandbox.client()?;
@@ -314,11 +319,15 @@ fn warm(sandbox: &Sandbox, argv: &[String]) -> Result<(), BuildError> {
         .map_err(|e| fail(e.to_string()))?;
     match body {
         response::Body::Exec(r) if r.exit_code == 0 => Ok(()),
-        response::Body::Exec(r) => Err(fail(format!(
-            "exit {}: {}",
-            r.exit_code,
-            String::from_utf8_lossy(&r.stderr).trim()
-        ))),
+        response::Body::Exec(r) => Err(BuildError::Warm {
+            argv: argv.to_vec(),
+            status: Some(r.exit_code),
+            detail: format!(
+                "exit {}: {}",
+                r.exit_code,
+                String::from_utf8_lossy(&r.stderr).trim()
+            ),
+        }),
         other => Err(fail(format!("unexpected answer {other:?}"))),
     }
 }

@@ -115,6 +115,20 @@ impl Outputs {
             l.finish();
         }
     }
+
+    /// As [`Outputs::drain`] if every copy ends within `grace`; false if one
+    /// is still going then (it goes on until its stream is shut down).
+    pub fn drain_within(self, grace: Duration) -> bool {
+        let start = std::time::Instant::now();
+        while self.copies.iter().any(|c| !c.is_finished()) {
+            if start.elapsed() >= grace {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.drain();
+        true
+    }
 }
 
 /// Output streams by name, with where each goes.

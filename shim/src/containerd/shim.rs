@@ -1,8 +1,8 @@
 //! The shim process: containerd's `start` (one shim per pod: a container
 //! joins its pod's shim), `delete` after a shim died, and serving the Task
-//! service (see `service.rs`) until the pod's last task is gone.
+//! service (see `task/`) until the pod's last task is gone.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -14,12 +14,10 @@ use containerd_shim_protos::protobuf::MessageField;
 use containerd_shim_protos::protobuf::well_known_types::any::Any;
 use containerd_shim_protos::shim_async::Task;
 
-use super::service::{TaskService, now};
+use super::bundle;
 use super::spec;
-
-/// A file in the bundle naming the pod VM's run directory, for `delete`
-/// after a shim that was killed.
-pub(super) const RUN_DIR_FILE: &str = "zygote-vm-run-dir";
+use super::task::events::now;
+use super::task::{Events, TaskService};
 
 /// The shim process.
 pub struct ZygoteShim {
@@ -58,8 +56,13 @@ impl Shim for ZygoteShim {
     async fn delete_shim(&mut self) -> Result<api::DeleteResponse, ShimError> {
         // After a shim died: what it left in this bundle.
         let bundle = std::env::current_dir().unwrap_or_default();
-        cleanup_bundle(&bundle);
-        log::info!("delete {} in {}: cleaned up", self.id, self.namespace);
+        let removed = bundle::cleanup(&bundle);
+        let swept = crate::sandbox::sweep_dead_run_dirs();
+        log::info!(
+            "delete {} in {}: cleaned up (VM run dir {removed:?}; {swept} more of dead shims)",
+            self.id,
+            self.namespace
+        );
         Ok(api::DeleteResponse {
             exit_status: 128 + 9,
             exited_at: MessageField::some(now()),
@@ -72,7 +75,10 @@ impl Shim for ZygoteShim {
     }
 
     async fn create_task_service(&self, publisher: RemotePublisher) -> TaskService {
-        TaskService::new(publisher, &self.namespace, self.exit.clone())
+        TaskService::new(
+            Events::start(&publisher.address, &self.namespace),
+            self.exit.clone(),
+        )
     }
 }
 
@@ -152,8 +158,18 @@ pub async fn serve(runtime_id: &str, flags: &Flags) -> Result<(), ShimError> {
     containerd_shim::logger::init(flags.debug, "info", &flags.namespace, &flags.id)?;
     let ttrpc_address = std::env::var("TTRPC_ADDRESS")
         .map_err(|_| ShimError::InvalidArgument("TTRPC_ADDRESS is not set".into()))?;
-    let publisher = RemotePublisher::new(&ttrpc_address).await?;
-    let task: Arc<dyn Task + Send + Sync> = Arc::new(shim.create_task_service(publisher).await);
+    // Run directories of shims that were killed (containerd's `delete`
+    // cleans up only bundles it still knows).
+    let swept = crate::sandbox::sweep_dead_run_dirs();
+    if swept > 0 {
+        log::info!("removed {swept} run directories of dead shims");
+    }
+    // Events wait (in order) for containerd's socket if it is away.
+    let service = TaskService::new(
+        Events::start(&ttrpc_address, &flags.namespace),
+        shim.exit.clone(),
+    );
+    let task: Arc<dyn Task + Send + Sync> = Arc::new(service.clone());
     let mut services = create_task(task.clone());
     services.extend(
         create_task(task)
@@ -168,6 +184,7 @@ pub async fn serve(runtime_id: &str, flags: &Flags) -> Result<(), ShimError> {
     signal_started();
     log::info!("zygote shim serving {path}");
     shim.wait().await;
+    service.flush_events().await;
     server.shutdown().await.unwrap_or_default();
     let _ = std::fs::remove_file(&path);
     // A VM that could not be stopped cleanly dies with this process; its run
@@ -181,24 +198,4 @@ pub async fn serve(runtime_id: &str, flags: &Flags) -> Result<(), ShimError> {
 fn signal_started() {
     // SAFETY: dup2 of the process's own standard descriptors.
     unsafe { libc::dup2(libc::STDERR_FILENO, libc::STDOUT_FILENO) };
-}
-
-/// Unmounts the bundle's rootfs and removes the pod VM's run directory that a
-/// dead shim recorded there.
-fn cleanup_bundle(bundle: &Path) {
-    unmount(&bundle.join("rootfs"));
-    if let Ok(dir) = std::fs::read_to_string(bundle.join(RUN_DIR_FILE)) {
-        let dir = PathBuf::from(dir.trim());
-        if dir.starts_with(crate::paths::run_root()) {
-            let _ = std::fs::remove_dir_all(&dir);
-        }
-        let _ = std::fs::remove_file(bundle.join(RUN_DIR_FILE));
-    }
-}
-
-pub(super) fn unmount(target: &Path) {
-    if let Ok(c) = std::ffi::CString::new(target.to_string_lossy().as_bytes()) {
-        // SAFETY: a valid path string; failure (not mounted) is ignored.
-        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-    }
 }

@@ -32,6 +32,33 @@ pub fn is_sandbox(spec: &Value) -> bool {
     annotation(spec, CONTAINER_TYPE) == Some("sandbox")
 }
 
+/// The hostname of the pod VM that container `id` makes: the spec's, else
+/// the id made a valid host name (containerd's ids may hold `_` and `.`,
+/// and be longer than a label; runc would leave the host's name in place,
+/// and a VM has none to leave).
+pub fn hostname(spec: &Value, id: &str) -> String {
+    if let Some(h) = spec["hostname"].as_str().filter(|h| !h.is_empty()) {
+        return h.to_string();
+    }
+    let label: String = id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .take(63)
+        .collect();
+    let label = label.trim_matches('-');
+    if label.is_empty() {
+        "zygote".into()
+    } else {
+        label.into()
+    }
+}
+
 /// Which shim serves container `id`: its pod's (CRI), or its own.
 pub fn grouping(spec: &Value, id: &str) -> String {
     match annotation(spec, SANDBOX_ID) {
@@ -129,6 +156,19 @@ pub fn for_guest(spec: &Value) -> (Value, Vec<String>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_hostname_from_the_spec_or_a_valid_one_from_the_id() {
+        let with = serde_json::json!({"hostname": "web-1"});
+        assert_eq!(hostname(&with, "x"), "web-1");
+        let without = serde_json::json!({});
+        assert_eq!(
+            hostname(&without, "TestContainerUser_x"),
+            "testcontaineruser-x"
+        );
+        assert_eq!(hostname(&without, "__"), "zygote");
+        assert_eq!(hostname(&without, &"a".repeat(100)).len(), 63);
+    }
 
     #[test]
     fn grouping_follows_the_cri_annotations() {

@@ -132,7 +132,7 @@ pub fn fork(
             }
         }
     }
-    let usage = MemUsage::of(None).unwrap_or_default();
+    let usage = MemUsage::of(None).context("read this process's /proc/self/smaps_rollup")?;
     let mut lines = Vec::new();
     for (i, (sb, outcome)) in &sandboxes {
         let t = sb.fork.expect("a forked sandbox has a fork timeline");
@@ -333,15 +333,19 @@ pub fn bench(
     })();
     // Let every fork go idle before its memory is measured.
     std::thread::sleep(Duration::from_secs(1));
-    let usages: Vec<MemUsage> = holders
+    let usages: Result<Vec<MemUsage>, _> = holders
         .iter()
-        .map(|h| MemUsage::of(Some(h.child.id())).unwrap_or_default())
+        .map(|h| {
+            let pid = h.child.id();
+            MemUsage::of(Some(pid)).with_context(|| format!("read /proc/{pid}/smaps_rollup"))
+        })
         .collect();
     for h in &mut holders {
         drop(h.child.stdin.take());
         let _ = h.child.wait();
     }
     result?;
+    let usages = usages?;
 
     let lines: Vec<&ForkLine> = holders.iter().map(|h| &h.line).collect();
     let ready = sorted(lines.iter().map(|l| l.timeline.ready_ms).collect());

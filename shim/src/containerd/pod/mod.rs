@@ -1,5 +1,10 @@
 //! A pod's VM: forked from the template of its image (built on the spot the
-//! first time), reconciled into its own machine, then driven through the agent.
+//! first time), reconciled into its own machine, then driven through the
+//! agent by typed methods (`calls.rs`): the agent's wire types stop here.
+
+mod calls;
+
+pub use calls::{ExitWait, OomStream, ProcessExit};
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -62,6 +67,14 @@ pub enum PodError {
     /// The VM is gone.
     #[error("the pod's VM stopped: {0}")]
     Stopped(String),
+    /// The agent answered a request with a body of another request.
+    #[error("unexpected answer from the agent to {request}: {answer}")]
+    Unexpected {
+        /// The request.
+        request: &'static str,
+        /// What came back.
+        answer: String,
+    },
 }
 
 /// Where a pod VM's start went, ms.
@@ -141,7 +154,9 @@ pub struct PodVm {
     pub template: String,
     /// The image it has on /dev/vda.
     pub image: PathBuf,
-    control: Mutex<Option<AgentClient>>,
+    /// Idle control connections: a call takes one (or dials a new one), so
+    /// a slow call never holds up another.
+    idle: Mutex<Vec<AgentClient>>,
     timeout: Duration,
     /// Its start.
     pub timings: PodTimings,
@@ -257,7 +272,7 @@ impl PodVm {
         Ok(PodVm {
             template: name,
             image: image.path.clone(),
-            control: Mutex::new(Some(client)),
+            idle: Mutex::new(vec![client]),
             timeout,
             timings: PodTimings {
                 template_build_ms,
@@ -272,18 +287,18 @@ impl PodVm {
         })
     }
 
-    /// One request on the shared control connection (re-opened after an error).
-    pub fn call(&self, body: request::Body) -> Result<response::Body, PodError> {
+    /// One request on an idle control connection (a new one if none is
+    /// idle). A connection that broke or answered out of step is dropped.
+    pub(crate) fn call(&self, body: request::Body) -> Result<response::Body, PodError> {
         self.check()?;
-        let mut slot = self.control.lock().expect("control lock");
-        let mut client = match slot.take() {
+        let idle = self.idle.lock().expect("idle lock").pop();
+        let mut client = match idle {
             Some(c) => c,
             None => self.connect()?,
         };
         let result = client.call(body);
-        // A connection that failed mid-call may be out of step: drop it.
-        if !matches!(result, Err(ClientError::Io(_))) {
-            *slot = Some(client);
+        if !matches!(&result, Err(e) if e.breaks_connection()) {
+            self.idle.lock().expect("idle lock").push(client);
         }
         result.map_err(|e| self.explain(e))
     }
@@ -307,6 +322,12 @@ impl PodVm {
             ))),
             None => Ok(()),
         }
+    }
+
+    /// Stops the guest for good (its processes with it), e.g. when its
+    /// agent stopped answering: after this, no process of it still runs.
+    pub fn halt(&self) -> zygote_vmm::ExitReason {
+        self.sandbox.machine().halt()
     }
 
     /// An agent error, or why the VM stopped if it did.
@@ -336,7 +357,7 @@ impl PodVm {
     /// clean power-off: its disk is read-only and its writable layers are
     /// guest memory.
     pub fn shutdown(self) -> PodEnd {
-        drop(self.control);
+        drop(self.idle);
         let life_ms = ms(self.created.elapsed());
         let build_cpu_ms = self.timings.template_build_cpu_ms;
         // The device threads end with the VM: read them just before.

@@ -1,0 +1,175 @@
+//! The requests on a process that exists: its state, waiting, signals,
+//! execs, its terminal and stdin, its pids, counters and limits.
+
+use containerd_shim_protos::api;
+use zygote_agent_api::ContainerStats;
+
+use super::super::io::StdioPaths;
+use super::super::pod::ProcessExit;
+use super::errors::TaskError;
+use super::events::now_ns;
+use super::lifecycle::{process_ref, task_pid};
+use super::table::Process;
+use super::{TaskService, blocking};
+use containerd_shim_protos::events::task::TaskExecAdded;
+use containerd_shim_protos::topics;
+
+/// What `state` reports of a process.
+#[derive(Debug)]
+pub struct ProcessView {
+    /// Its container's bundle.
+    pub bundle: String,
+    /// Created, running or stopped.
+    pub status: api::Status,
+    /// Its stdio as containerd gave it.
+    pub stdio: StdioPaths,
+    /// How it ended, if it did.
+    pub exit: Option<ProcessExit>,
+}
+
+impl TaskService {
+    /// What `state` says of a process.
+    pub fn view(&self, id: &str, exec_id: &str) -> Result<ProcessView, TaskError> {
+        let mut state = self.state();
+        let c = state.table.container(id)?;
+        let bundle = c.bundle.clone();
+        let p = c.process(id, exec_id)?;
+        Ok(ProcessView {
+            bundle,
+            status: p.status(),
+            stdio: p.stdio.clone(),
+            exit: p.exit(),
+        })
+    }
+
+    /// Waits for a process's exit.
+    pub async fn wait_task(&self, id: &str, exec_id: &str) -> Result<ProcessExit, TaskError> {
+        let mut rx = self.state().table.process(id, exec_id)?.subscribe();
+        loop {
+            if let Some(e) = *rx.borrow_and_update() {
+                return Ok(e);
+            }
+            if rx.changed().await.is_err() {
+                return Err(TaskError::NotFound(format!("{id} {exec_id} (deleted)")));
+            }
+        }
+    }
+
+    /// Signals a process. The pause container, and a process never
+    /// started, end by the signal itself.
+    pub async fn kill_task(&self, id: &str, exec_id: &str, signal: u32) -> Result<(), TaskError> {
+        let (sandbox, exited, started) = {
+            let mut state = self.state();
+            let c = state.table.container(id)?;
+            let sandbox = c.sandbox;
+            let p = c.process(id, exec_id)?;
+            (sandbox, p.exit().is_some(), p.started)
+        };
+        if exited {
+            return Err(TaskError::Finished);
+        }
+        if sandbox || !started {
+            let exit = ProcessExit {
+                status: 128 + signal,
+                at_ns: now_ns(),
+            };
+            self.exited(id, exec_id, exit);
+            return Ok(());
+        }
+        let pod = self.pod()?;
+        let key = process_ref(id, exec_id);
+        blocking(move || Ok(pod.signal(&key, signal)?)).await
+    }
+
+    /// Prepares exec `exec_id` in container `id`.
+    pub async fn add_exec(
+        &self,
+        id: &str,
+        exec_id: &str,
+        process_json: Vec<u8>,
+        stdio: StdioPaths,
+    ) -> Result<(), TaskError> {
+        {
+            let mut state = self.state();
+            let c = state.table.container(id)?;
+            if c.execs.contains_key(exec_id) {
+                return Err(TaskError::AlreadyExists(format!("exec {exec_id}")));
+            }
+            if c.sandbox {
+                return Err(TaskError::Precondition(
+                    "the pod's sandbox container runs nothing to exec into".into(),
+                ));
+            }
+        }
+        let pod = self.pod()?;
+        let (id2, exec2) = (id.to_string(), exec_id.to_string());
+        blocking(move || Ok(pod.exec_process(&id2, &exec2, process_json)?)).await?;
+        self.state()
+            .table
+            .container(id)?
+            .execs
+            .insert(exec_id.into(), Process::new(stdio));
+        let event = TaskExecAdded {
+            container_id: id.into(),
+            exec_id: exec_id.into(),
+            ..Default::default()
+        };
+        self.events
+            .publish(topics::TASK_EXEC_ADDED_EVENT_TOPIC, &event);
+        Ok(())
+    }
+
+    /// Resizes a process's terminal (a process without one has nothing to
+    /// resize, and that is not an error, as with runc).
+    pub async fn resize(
+        &self,
+        id: &str,
+        exec_id: &str,
+        width: u32,
+        height: u32,
+    ) -> Result<(), TaskError> {
+        let terminal = self.state().table.process(id, exec_id)?.stdio.terminal;
+        if !terminal {
+            return Ok(());
+        }
+        let pod = self.pod()?;
+        let key = process_ref(id, exec_id);
+        blocking(move || Ok(pod.resize_tty(&key, width, height)?)).await
+    }
+
+    /// Closes a process's stdin.
+    pub async fn close_stdin(&self, id: &str, exec_id: &str) -> Result<(), TaskError> {
+        self.state().table.process(id, exec_id)?;
+        let pod = self.pod()?;
+        let key = process_ref(id, exec_id);
+        blocking(move || Ok(pod.close_stdin(&key)?)).await
+    }
+
+    /// The guest pids of a container (the pause container: the shim's).
+    pub async fn list_pids(&self, id: &str) -> Result<Vec<u32>, TaskError> {
+        if self.state().table.container(id)?.sandbox {
+            return Ok(vec![task_pid()]);
+        }
+        let pod = self.pod()?;
+        let id = id.to_string();
+        blocking(move || Ok(pod.pids(&id)?)).await
+    }
+
+    /// A container's counters (the pause container: none yet).
+    pub async fn container_stats(&self, id: &str) -> Result<ContainerStats, TaskError> {
+        if self.state().table.container(id)?.sandbox {
+            return Ok(ContainerStats::default());
+        }
+        let pod = self.pod()?;
+        let id = id.to_string();
+        blocking(move || Ok(pod.stats(&id)?)).await
+    }
+
+    /// New OCI `linux.resources` (JSON) for a container.
+    pub async fn update_task(&self, id: &str, resources_json: Vec<u8>) -> Result<(), TaskError> {
+        self.state().table.container(id)?;
+        let pod = self.pod()?;
+        let id = id.to_string();
+        blocking(move || Ok(pod.update_resources(&id, resources_json)?)).await
+    }
+}

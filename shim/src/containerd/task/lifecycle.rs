@@ -1,0 +1,333 @@
+//! The typed methods behind the Task API: what each request does to the
+//! process table and the pod VM, and the events it raises.
+//!
+//! Pids: a task's pid, as containerd sees it, is the shim's own (the host
+//! process that holds the pod's VM), as Kata answers with its VMM's; the
+//! guest pids of a container's processes are what `pids` lists.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use containerd_shim_protos::api;
+use containerd_shim_protos::events::task::{
+    TaskCreate, TaskDelete, TaskExecStarted, TaskExit, TaskIO, TaskStart,
+};
+use containerd_shim_protos::protobuf::MessageField;
+use containerd_shim_protos::topics;
+use zygote_agent_api::ContainerRef;
+
+use super::super::bundle;
+use super::super::config::{ShimConfig, config_path_from_options};
+use super::super::io::{StdioPaths, bridge};
+use super::super::pod::{IMAGE_ROOT, PodVm, ProcessExit};
+use super::super::spec;
+use super::errors::TaskError;
+use super::events::timestamp_ns;
+use super::table::{Container, Process};
+use super::{TaskService, blocking, rootfs};
+
+/// The pid containerd gets for every task and exec of the pod.
+pub fn task_pid() -> u32 {
+    std::process::id()
+}
+
+pub(super) fn process_ref(id: &str, exec_id: &str) -> ContainerRef {
+    ContainerRef {
+        id: id.into(),
+        exec_id: exec_id.into(),
+    }
+}
+
+impl TaskService {
+    /// Creates container `req.id`: the pause container of a pod is only
+    /// recorded; any other is prepared in the pod's VM (forked from its
+    /// image's template first if the pod has none yet).
+    pub async fn create_task(&self, req: &api::CreateTaskRequest) -> Result<u32, TaskError> {
+        let started = Instant::now();
+        let id = req.id.clone();
+        let bundle = PathBuf::from(&req.bundle);
+        let config_path = req
+            .options
+            .as_ref()
+            .and_then(|o| config_path_from_options(&o.type_url, &o.value));
+        let config = ShimConfig::load(config_path.as_deref())?;
+        let spec_bytes = std::fs::read(bundle.join("config.json"))
+            .map_err(|e| TaskError::Invalid(format!("config.json: {e}")))?;
+        let oci = spec::parse(&spec_bytes).map_err(|e| TaskError::Invalid(e.to_string()))?;
+        if self.state().table.contains(&id) {
+            return Err(TaskError::AlreadyExists(format!("container {id}")));
+        }
+        let stdio = StdioPaths {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        };
+        let sandbox = spec::is_sandbox(&oci);
+        self.state().timings_log = config.timings_log.clone();
+        if !sandbox {
+            let created = self
+                .create_in_vm(&id, config, &bundle, &req.rootfs, &oci)
+                .await;
+            if let Err(e) = created {
+                log::error!("create {id}: {}", e.describe());
+                bundle::release(&bundle);
+                self.teardown_if_idle().await;
+                return Err(e);
+            }
+        }
+        self.state().table.insert(
+            &id,
+            Container {
+                bundle: req.bundle.clone(),
+                sandbox,
+                init: Process::new(stdio.clone()),
+                execs: Default::default(),
+            },
+        )?;
+        let event = TaskCreate {
+            container_id: id.clone(),
+            bundle: req.bundle.clone(),
+            rootfs: req.rootfs.clone(),
+            io: MessageField::some(TaskIO {
+                stdin: stdio.stdin,
+                stdout: stdio.stdout,
+                stderr: stdio.stderr,
+                terminal: stdio.terminal,
+                ..Default::default()
+            }),
+            pid: task_pid(),
+            ..Default::default()
+        };
+        self.events.publish(topics::TASK_CREATE_EVENT_TOPIC, &event);
+        log::info!(
+            "created {id} in {:.1} ms",
+            started.elapsed().as_secs_f64() * 1e3
+        );
+        Ok(task_pid())
+    }
+
+    /// The pod's VM (made now if the pod has none: two first creates at
+    /// once make one), with container `id` prepared in it.
+    async fn create_in_vm(
+        &self,
+        id: &str,
+        config: ShimConfig,
+        bundle: &Path,
+        rootfs_mounts: &[api::Mount],
+        oci: &serde_json::Value,
+    ) -> Result<(), TaskError> {
+        let making = self.making_pod.lock().await;
+        let existing = self.state().pod.clone();
+        let (service, bundle, mounts, id2) = (
+            self.clone(),
+            bundle.to_path_buf(),
+            rootfs_mounts.to_vec(),
+            id.to_string(),
+        );
+        let hostname = spec::hostname(oci, id);
+        let (guest, notes) = spec::for_guest(oci);
+        for n in notes {
+            log::info!("{id}: {n}");
+        }
+        let spec_json = serde_json::to_vec(&guest).expect("a JSON value serializes");
+        let upper = config.upper_size_mib;
+        let (pod, new_pod) = blocking(move || {
+            let image = rootfs::image_of(&config, &bundle, &mounts)?;
+            match existing {
+                Some(p) if p.image == image.path => Ok((p, false)),
+                Some(_) => Err(TaskError::Precondition(
+                    "every container of a zygote pod must use the pod's first image (for now)"
+                        .into(),
+                )),
+                None => {
+                    let pod = Arc::new(PodVm::create(&config, &image, &hostname)?);
+                    if let Err(e) = bundle::record_run_dir(&bundle, pod.run_dir()) {
+                        log::warn!("{id2}: cannot record the VM's run dir in the bundle: {e}");
+                    }
+                    service.state().pod = Some(pod.clone());
+                    Ok((pod, true))
+                }
+            }
+        })
+        .await?;
+        drop(making);
+        let (service, id) = (self.clone(), id.to_string());
+        blocking(move || {
+            pod.create_container(&id, spec_json, IMAGE_ROOT, upper)?;
+            // The OOM and monitor connections start after the container is
+            // created: on PVM, agent threads busy at the same time can
+            // corrupt each other's data (docs/guest-kernel.md).
+            if new_pod {
+                service.watch_ooms(&pod);
+                service.monitor(&pod);
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Starts a created process: in the VM, its stdio bridged first, then
+    /// its waiter; the pause container only changes state.
+    pub async fn start_task(&self, id: &str, exec_id: &str) -> Result<u32, TaskError> {
+        let started = Instant::now();
+        let (sandbox, stdio) = {
+            let mut state = self.state();
+            let c = state.table.container(id)?;
+            let sandbox = c.sandbox;
+            let p = c.process(id, exec_id)?;
+            if p.started {
+                return Err(TaskError::Precondition(format!("{id} already started")));
+            }
+            (sandbox, p.stdio.clone())
+        };
+        if sandbox {
+            self.state().table.process(id, exec_id)?.started = true;
+            self.publish_start(id, exec_id);
+            return Ok(task_pid());
+        }
+        let pod = self.pod()?;
+        let key = process_ref(id, exec_id);
+        let owner = (id.to_string(), self.events.namespace().to_string());
+        let pod2 = pod.clone();
+        let key2 = key.clone();
+        let (guest_pid, bridged) = blocking(move || {
+            // containerd may never open a stdin it passed: the copy waits,
+            // without keeping the VM alive.
+            let close_pod = Arc::downgrade(&pod2);
+            let close_key = key2.clone();
+            let bridged = bridge(
+                pod2.vsock_path(),
+                &key2.key(),
+                (&owner.0, &owner.1),
+                &stdio,
+                move || {
+                    if let Some(pod) = close_pod.upgrade() {
+                        let _ = pod.close_stdin(&close_key);
+                    }
+                },
+            )?;
+            let pid = pod2.start(&key2)?;
+            Ok((pid, bridged))
+        })
+        .await?;
+        let mut streams = bridged.streams;
+        self.state().table.process(id, exec_id)?.started = true;
+        // Published before the waiter can publish the exit.
+        self.publish_start(id, exec_id);
+        match self.spawn_waiter(&pod, key, bridged.outputs) {
+            Ok(stream) => streams.push(stream),
+            Err(e) => log::error!("{id} {exec_id}: no exit waiter: {e}"),
+        }
+        if let Ok(p) = self.state().table.process(id, exec_id) {
+            if p.exit().is_some() {
+                // Ended already: its connections go now.
+                for s in streams.drain(..) {
+                    let _ = s.shutdown(std::net::Shutdown::Both);
+                }
+            }
+            p.streams = streams;
+        }
+        log::info!(
+            "started {id} {exec_id} (guest pid {guest_pid}) in {:.1} ms",
+            started.elapsed().as_secs_f64() * 1e3
+        );
+        Ok(task_pid())
+    }
+
+    /// Deletes a process that is not running (the container's: with its
+    /// execs, and the pod's VM when it was the last).
+    pub async fn delete_task(&self, id: &str, exec_id: &str) -> Result<ProcessExit, TaskError> {
+        let (exit, sandbox, bundle) = {
+            let mut state = self.state();
+            let c = state.table.container(id)?;
+            let (sandbox, bundle) = (c.sandbox, c.bundle.clone());
+            let p = c.process(id, exec_id)?;
+            if p.running() {
+                return Err(TaskError::Precondition(format!(
+                    "{id} {exec_id} is running: kill it first"
+                )));
+            }
+            (p.exit(), sandbox, bundle)
+        };
+        if !sandbox {
+            if let Ok(pod) = self.pod() {
+                let key = process_ref(id, exec_id);
+                let removed = blocking(move || Ok(pod.remove(&key)?)).await;
+                if let Err(e) = removed {
+                    log::warn!("remove {id} {exec_id} from the VM: {e}");
+                }
+            }
+        }
+        let exit = exit.unwrap_or(ProcessExit {
+            status: 0,
+            at_ns: 0,
+        });
+        let last = {
+            let mut state = self.state();
+            if let Ok(p) = state.table.process(id, exec_id) {
+                for s in p.streams.drain(..) {
+                    let _ = s.shutdown(std::net::Shutdown::Both);
+                }
+            }
+            state.table.remove(id, exec_id);
+            state.table.is_empty()
+        };
+        log::info!("deleted {id} {exec_id}");
+        if exec_id.is_empty() {
+            bundle::release(Path::new(&bundle));
+            let event = TaskDelete {
+                container_id: id.into(),
+                pid: task_pid(),
+                exit_status: exit.status,
+                exited_at: MessageField::some(timestamp_ns(exit.at_ns)),
+                id: id.into(),
+                ..Default::default()
+            };
+            self.events.publish(topics::TASK_DELETE_EVENT_TOPIC, &event);
+        }
+        if last {
+            self.teardown_if_idle().await;
+        }
+        Ok(exit)
+    }
+
+    /// TaskStart, or TaskExecStarted for an exec.
+    fn publish_start(&self, id: &str, exec_id: &str) {
+        if exec_id.is_empty() {
+            let event = TaskStart {
+                container_id: id.into(),
+                pid: task_pid(),
+                ..Default::default()
+            };
+            self.events.publish(topics::TASK_START_EVENT_TOPIC, &event);
+        } else {
+            let event = TaskExecStarted {
+                container_id: id.into(),
+                exec_id: exec_id.into(),
+                pid: task_pid(),
+                ..Default::default()
+            };
+            self.events
+                .publish(topics::TASK_EXEC_STARTED_EVENT_TOPIC, &event);
+        }
+    }
+
+    /// TaskExit of a process.
+    pub(super) fn publish_exit(&self, id: &str, exec_id: &str, exit: ProcessExit) {
+        let event = TaskExit {
+            container_id: id.into(),
+            id: if exec_id.is_empty() {
+                id.into()
+            } else {
+                exec_id.into()
+            },
+            pid: task_pid(),
+            exit_status: exit.status,
+            exited_at: MessageField::some(timestamp_ns(exit.at_ns)),
+            ..Default::default()
+        };
+        self.events.publish(topics::TASK_EXIT_EVENT_TOPIC, &event);
+    }
+}

@@ -1,0 +1,52 @@
+//! The image disk of a container's rootfs: the erofs image cached by the
+//! snapshot's layers, else built from the mounted snapshot.
+
+use std::path::Path;
+
+use containerd_shim_protos::api;
+
+use super::super::bundle::unmount;
+use super::super::config::ShimConfig;
+use super::super::spec;
+use super::errors::TaskError;
+use crate::image::{ImageBuild, ImageStore};
+
+/// The image disk for `mounts` (containerd's rootfs mounts of `bundle`).
+pub fn image_of(
+    config: &ShimConfig,
+    bundle: &Path,
+    mounts: &[api::Mount],
+) -> Result<ImageBuild, TaskError> {
+    let described: Vec<(String, String, Vec<String>)> = mounts
+        .iter()
+        .map(|m| (m.type_.clone(), m.source.clone(), m.options.clone()))
+        .collect();
+    let key = spec::image_key(&described).ok_or_else(|| {
+        TaskError::Invalid(
+            "zygote needs the image's snapshot mounts (rootfs) to make its disk".into(),
+        )
+    })?;
+    let store = ImageStore::new(&config.images);
+    if let Some(cached) = store.cached(&key) {
+        return Ok(cached);
+    }
+    let rootfs = bundle.join("rootfs");
+    std::fs::create_dir_all(&rootfs).map_err(TaskError::Mount)?;
+    for m in mounts {
+        let kind = (!m.type_.is_empty()).then_some(m.type_.as_str());
+        let source = (!m.source.is_empty()).then_some(m.source.as_str());
+        if let Err(e) = containerd_shim::mount::mount_rootfs(kind, source, &m.options, &rootfs) {
+            unmount(&rootfs);
+            return Err(TaskError::Mount(std::io::Error::other(e.to_string())));
+        }
+    }
+    let built = store.from_dir(&key, &rootfs);
+    unmount(&rootfs);
+    let built = built?;
+    log::info!(
+        "image {} built from the snapshot in {:.0} ms",
+        built.key,
+        built.build_ms
+    );
+    Ok(built)
+}

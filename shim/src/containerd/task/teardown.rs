@@ -1,0 +1,70 @@
+//! The end of a pod: its VM stopped when its last task is gone (its timings
+//! logged), and the shim's own end when containerd asks for it.
+
+use std::sync::Arc;
+
+use super::super::pod::{PodEnd, PodTimings};
+use super::TaskService;
+
+impl TaskService {
+    /// containerd's `shutdown`: the shim ends only when no task is left.
+    pub async fn shutdown_if_idle(&self) {
+        if self.state().table.is_empty() {
+            self.teardown_if_idle().await;
+            self.flush_events().await;
+            self.exit.signal();
+        }
+    }
+
+    /// With no task left, the pod's VM goes, and nothing of it stays.
+    pub(super) async fn teardown_if_idle(&self) {
+        let pod = {
+            let mut state = self.state();
+            if !state.table.is_empty() {
+                return;
+            }
+            state.pod.take()
+        };
+        let Some(pod) = pod else { return };
+        log::info!("stopping the pod VM");
+        let (template, timings) = (pod.template.clone(), pod.timings);
+        let ended = tokio::task::spawn_blocking(move || {
+            // Waiter and OOM threads hold references for a moment after an exit.
+            let mut pod = pod;
+            for _ in 0..100 {
+                match Arc::try_unwrap(pod) {
+                    Ok(p) => return Some(p.shutdown()),
+                    Err(again) => pod = again,
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            log::warn!("the pod VM is still referenced; it stops with the shim");
+            None
+        })
+        .await;
+        if let Ok(Some(end)) = ended {
+            self.log_timings(&template, timings, end);
+        }
+    }
+
+    /// Appends the pod VM's timings to the configured log (benchmarks read it).
+    fn log_timings(&self, template: &str, timings: PodTimings, end: PodEnd) {
+        let Some(path) = self.state().timings_log.clone() else {
+            return;
+        };
+        let line = serde_json::json!({
+            "template": template,
+            "pod": timings,
+            "end": end,
+        });
+        use std::io::Write;
+        let written = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| writeln!(f, "{line}"));
+        if let Err(e) = written {
+            log::warn!("timings log {}: {e}", path.display());
+        }
+    }
+}

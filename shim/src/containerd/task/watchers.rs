@@ -1,0 +1,238 @@
+//! The threads that watch the pod VM for the Task service: one exit waiter
+//! per started process, the monitor of the VM and its agent, the OOM stream.
+//! None holds a strong reference to the VM: each ends when the VM goes.
+//!
+//! An exit status is never invented: a waiter that loses its connection
+//! while the VM still runs dials again (the agent keeps the status until
+//! the process is removed); only a VM that stopped — by itself, or halted by
+//! the monitor because its agent stopped answering — makes its processes
+//! exit with 255 (as Kata reports them), and then none of them runs any more.
+
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use containerd_shim_protos::events::task::TaskOOM;
+use containerd_shim_protos::topics;
+use zygote_agent_api::ContainerRef;
+
+use super::super::io::Outputs;
+use super::super::pod::{PodError, PodVm, ProcessExit};
+use super::TaskService;
+use super::events::now_ns;
+
+/// How often the monitor looks at the pod VM (host side only: no guest work).
+const MONITOR_INTERVAL: Duration = Duration::from_millis(500);
+/// How often it pings the agent, and how long an answer may take.
+const PING_INTERVAL: Duration = Duration::from_secs(10);
+const PING_TIMEOUT: Duration = Duration::from_secs(10);
+/// Unanswered pings in a row that make the guest unresponsive.
+const PINGS_MISSED: u32 = 2;
+/// How long an exec's exit waits for its output to reach containerd: a
+/// background child of the exec may hold its stdout open for as long as it
+/// lives (`sh -c 'sleep 600 & echo hi'`; Kata #869). Its copy goes on.
+const EXEC_OUTPUT_GRACE: Duration = Duration::from_secs(2);
+/// Pause before a waiter whose connection broke dials again.
+const REDIAL_PAUSE: Duration = Duration::from_millis(200);
+
+/// The status of processes whose VM stopped under them.
+pub const VM_GONE_STATUS: u32 = 255;
+
+impl TaskService {
+    /// Waits for `process`'s exit on a connection of its own (whose stream is
+    /// returned, to be shut down if the VM dies), then reports it once its
+    /// output has reached containerd (an exec's: at most a grace).
+    pub(super) fn spawn_waiter(
+        &self,
+        pod: &Arc<PodVm>,
+        process: ContainerRef,
+        outputs: Outputs,
+    ) -> Result<std::os::unix::net::UnixStream, PodError> {
+        let first = pod.wait_for(process.clone())?;
+        let stream = first.stream().map_err(zygote_agent_api::ClientError::Io)?;
+        let (service, weak) = (self.clone(), Arc::downgrade(pod));
+        std::thread::Builder::new()
+            .name("wait".into())
+            .spawn(move || {
+                let wanted = || {
+                    let mut state = service.state();
+                    state.table.process(&process.id, &process.exec_id).is_ok()
+                };
+                let Some(exit) = wait_exit(&weak, &process, first, wanted) else {
+                    return;
+                };
+                let what = format!("{} {}", process.id, process.exec_id);
+                log::info!("{what} exited {}", exit.status);
+                if process.exec_id.is_empty() {
+                    outputs.drain();
+                } else if !outputs.drain_within(EXEC_OUTPUT_GRACE) {
+                    log::info!(
+                        "{what}: its output is still open (a background child); exit reported"
+                    );
+                }
+                service.exited(&process.id, &process.exec_id, exit);
+            })
+            .map_err(|e| PodError::Stopped(format!("cannot start a waiter thread: {e}")))?;
+        Ok(stream)
+    }
+
+    /// Records an exit and publishes TaskExit (once per process).
+    pub(super) fn exited(&self, id: &str, exec_id: &str, exit: ProcessExit) {
+        let recorded = {
+            let mut state = self.state();
+            match state.table.process(id, exec_id) {
+                Ok(p) => p.set_exit(exit),
+                Err(_) => false,
+            }
+        };
+        if recorded {
+            self.publish_exit(id, exec_id, exit);
+        }
+    }
+
+    /// Watches the pod VM: if it stops (a guest panic, a VMM error), or its
+    /// agent stops answering (then it is halted first, so that nothing of it
+    /// runs on), every task still running is marked exited with the reason
+    /// logged, so containerd and kubelet see it.
+    pub(super) fn monitor(&self, pod: &Arc<PodVm>) {
+        let (service, weak) = (self.clone(), Arc::downgrade(pod));
+        let spawned = std::thread::Builder::new()
+            .name("monitor".into())
+            .spawn(move || {
+                let mut missed = 0;
+                let mut last_ping = Instant::now();
+                loop {
+                    std::thread::sleep(MONITOR_INTERVAL);
+                    let Some(pod) = weak.upgrade() else { return };
+                    let mut dead = pod.check().err().map(|e| e.to_string());
+                    if dead.is_none() && last_ping.elapsed() >= PING_INTERVAL {
+                        last_ping = Instant::now();
+                        match pod.ping(PING_TIMEOUT) {
+                            Ok(()) => missed = 0,
+                            Err(e) => {
+                                missed += 1;
+                                if missed >= PINGS_MISSED {
+                                    let halted = pod.halt();
+                                    dead = Some(format!(
+                                        "the agent did not answer {missed} pings within \
+                                         {PING_TIMEOUT:?} ({e}); the VM was halted ({halted:?})"
+                                    ));
+                                }
+                            }
+                        }
+                    }
+                    let Some(why) = dead else { continue };
+                    drop(pod);
+                    log::error!("the pod VM failed: {why}; its running tasks are marked exited");
+                    service.fail_all();
+                    return;
+                }
+            });
+        if let Err(e) = spawned {
+            log::error!("no monitor for the pod VM: {e}");
+        }
+    }
+
+    /// Marks every running process in the (stopped) VM exited.
+    fn fail_all(&self) {
+        let running = self.state().table.running_in_vm();
+        let exit = ProcessExit {
+            status: VM_GONE_STATUS,
+            at_ns: now_ns(),
+        };
+        for (id, exec_id) in running {
+            self.exited(&id, &exec_id, exit);
+        }
+    }
+
+    /// Publishes TaskOOM for each OOM kill in the VM.
+    pub(super) fn watch_ooms(&self, pod: &PodVm) {
+        // Its own connection, and no hold on the VM: it ends when the VM does.
+        let ooms = match pod.oom_stream() {
+            Ok(s) => s,
+            Err(e) => {
+                log::warn!("no OOM events: {e}");
+                return;
+            }
+        };
+        let service = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("oom".into())
+            .spawn(move || {
+                for id in ooms {
+                    let event = TaskOOM {
+                        container_id: id,
+                        ..Default::default()
+                    };
+                    service.events.publish(topics::TASK_OOM_EVENT_TOPIC, &event);
+                }
+            });
+        if let Err(e) = spawned {
+            log::warn!("no OOM events: {e}");
+        }
+    }
+}
+
+/// `process`'s exit: from the agent, dialling again while the VM runs; the
+/// VM's fate if it stopped. None when nobody wants it any more (the process
+/// was deleted) or the agent no longer knows the process.
+fn wait_exit(
+    pod: &Weak<PodVm>,
+    process: &ContainerRef,
+    first: super::super::pod::ExitWait,
+    wanted: impl Fn() -> bool,
+) -> Option<ProcessExit> {
+    let mut wait = Some(first);
+    loop {
+        let error = match wait.take().map(|w| w.wait()) {
+            Some(Ok(exit)) => return Some(exit),
+            Some(Err(PodError::Agent(e))) if e.code().is_some() => {
+                log::error!(
+                    "{} {}: the agent cannot wait: {e}",
+                    process.id,
+                    process.exec_id
+                );
+                return None;
+            }
+            Some(Err(e)) => e.to_string(),
+            None => String::new(),
+        };
+        if !wanted() {
+            return None;
+        }
+        let Some(vm) = pod.upgrade() else {
+            log::error!(
+                "{} {}: the pod VM is gone ({error}); exit {VM_GONE_STATUS}",
+                process.id,
+                process.exec_id
+            );
+            return Some(gone());
+        };
+        if let Err(stopped) = vm.check() {
+            log::error!(
+                "{} {}: {stopped}; exit {VM_GONE_STATUS}",
+                process.id,
+                process.exec_id
+            );
+            return Some(gone());
+        }
+        if !error.is_empty() {
+            log::warn!(
+                "{} {}: lost the wait ({error}); dialling again",
+                process.id,
+                process.exec_id
+            );
+        }
+        std::thread::sleep(REDIAL_PAUSE);
+        match vm.wait_for(process.clone()) {
+            Ok(w) => wait = Some(w),
+            Err(e) => log::warn!("{} {}: {e}", process.id, process.exec_id),
+        }
+    }
+}
+
+fn gone() -> ProcessExit {
+    ProcessExit {
+        status: VM_GONE_STATUS,
+        at_ns: now_ns(),
+    }
+}
