@@ -276,13 +276,88 @@ pub fn initramfs_with(name: &str, files: &[(&str, &Path)]) -> TempFile {
     TempFile::new(&format!("{name}.cpio"), &bytes)
 }
 
-/// Runs a busybox shell script in the guest through the agent's Exec. On a PVM
-/// host a fresh guest process sometimes segfaults (docs/guest-kernel.md: a lost
-/// vector register, worse with 2 vCPUs); such a run (exit 139) is retried twice,
-/// and said — the scripts the tests run are idempotent.
+/// The exit status of a process killed by SIGSEGV (128 + 11), as the agent,
+/// containerd and the CRI report it.
+pub const SEGV_STATUS: i64 = 128 + libc::SIGSEGV as i64;
+
+/// The one failure a test may retry on a PVM host: the PVM guest fault
+/// (docs/guest-kernel.md: a user vector register lost across preemption)
+/// crashed a guest process, which shows as that process's own exit status
+/// being SIGSEGV ([`SEGV_STATUS`], a status field, never a substring of a
+/// message). Every other failure fails the test where it happens.
+#[derive(Debug)]
+pub struct PvmSegv {
+    /// Which process, and where its status was read.
+    pub what: String,
+}
+
+impl PvmSegv {
+    /// `Err(PvmSegv)` if `status` (a process's own exit status) is SIGSEGV.
+    pub fn check(status: i64, what: impl FnOnce() -> String) -> Result<(), PvmSegv> {
+        if status == SEGV_STATUS {
+            Err(PvmSegv { what: what() })
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// Where retries are counted: `$ZYGOTE_RETRY_LOG` (hack/test sets it and
+/// prints the summary), else a file in the temporary directory.
+pub fn retry_log() -> PathBuf {
+    std::env::var_os("ZYGOTE_RETRY_LOG")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| std::env::temp_dir().join("zygote-test-retries.log"))
+}
+
+/// Records one retry of the current test (named after its thread, as the
+/// test harness names it) in [`retry_log`], and says it on stderr.
+pub fn record_retry(what: &str) {
+    use std::io::Write;
+    let current = std::thread::current();
+    let test = current.name().unwrap_or("unnamed");
+    eprintln!("PVM retry in {test}: {what}");
+    let line = format!("{test}\t{}\n", what.replace(['\n', '\t'], " "));
+    let written = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(retry_log())
+        .and_then(|mut f| f.write_all(line.as_bytes()));
+    if let Err(e) = written {
+        panic!("cannot count a retry in {}: {e}", retry_log().display());
+    }
+}
+
+/// Whether a round that failed with `segv` may run again: only on a PVM host,
+/// and only for its first two attempts (0 and 1). The retry is counted.
+pub fn may_retry(segv: &PvmSegv, attempt: u32) -> bool {
+    if zygote_vmm::KvmKind::detect() != zygote_vmm::KvmKind::Pvm || attempt >= 2 {
+        return false;
+    }
+    record_retry(&segv.what);
+    true
+}
+
+/// Runs `round` (given its attempt number, 0..3); a round that ended in
+/// [`PvmSegv`] runs again on a PVM host (counted), and fails the test on
+/// hardware KVM or the third time. Any other failure panics inside `round`.
+pub fn retry_pvm_segv<T>(mut round: impl FnMut(u32) -> Result<T, PvmSegv>) -> T {
+    for attempt in 0.. {
+        match round(attempt) {
+            Ok(v) => return v,
+            Err(segv) if may_retry(&segv, attempt) => {}
+            Err(segv) => panic!("{} (exit status SIGSEGV)", segv.what),
+        }
+    }
+    unreachable!("the loop returns or panics")
+}
+
+/// Runs a busybox shell script in the guest through the agent's Exec. A run
+/// whose shell's own status is SIGSEGV (the PVM guest fault) runs again (see
+/// [`retry_pvm_segv`]) — the scripts the tests run are idempotent.
 pub fn guest_sh(sandbox: &zygote::sandbox::Sandbox, script: &str) -> zygote_agent_api::ExecResult {
     use zygote_agent_api::{Exec, request, response};
-    for attempt in 1..=3 {
+    retry_pvm_segv(|_| {
         let mut c = sandbox.client().expect("agent connection");
         c.set_timeout(std::time::Duration::from_secs(120))
             .expect("timeout");
@@ -301,16 +376,9 @@ pub fn guest_sh(sandbox: &zygote::sandbox::Sandbox, script: &str) -> zygote_agen
         let response::Body::Exec(r) = body else {
             panic!("unexpected answer {body:?}")
         };
-        if r.exit_code == 128 + libc::SIGSEGV
-            && sandbox.kind() == zygote_vmm::KvmKind::Pvm
-            && attempt < 3
-        {
-            eprintln!("PVM: a guest process segfaulted (known residue), retrying: {script}");
-            continue;
-        }
-        return r;
-    }
-    unreachable!("the last attempt returns")
+        PvmSegv::check(r.exit_code.into(), || format!("guest shell: {script}"))?;
+        Ok(r)
+    })
 }
 
 /// [`guest_sh`] that must succeed; its trimmed stdout.
@@ -325,27 +393,28 @@ pub fn guest_stdout(sandbox: &zygote::sandbox::Sandbox, script: &str) -> String 
     String::from_utf8_lossy(&r.stdout).trim().to_string()
 }
 
-/// Builds a template; on a PVM host a warm-up command whose guest process
-/// segfaulted (exit 139, the known residue of docs/guest-kernel.md) is retried
-/// with a fresh boot, up to twice, and said. Warm-up commands must be idempotent.
+/// Builds a template; a warm-up command whose own exit status was SIGSEGV
+/// (the PVM guest fault) builds again with a fresh boot (see
+/// [`retry_pvm_segv`]). Warm-up commands must be idempotent.
 pub fn build_template(
     store: &zygote_vmm::snapshot::TemplateStore,
     spec: &zygote::template::BuildSpec,
 ) -> zygote::template::BuildReport {
-    for attempt in 1..=3 {
-        match zygote::template::build(store, spec) {
-            Ok(report) => return report,
-            Err(zygote::template::BuildError::Warm { argv, detail })
-                if detail.starts_with("exit 139")
-                    && zygote_vmm::KvmKind::detect() == zygote_vmm::KvmKind::Pvm
-                    && attempt < 3 =>
-            {
-                eprintln!("PVM: warm-up {argv:?} segfaulted (known residue); building again");
-            }
-            Err(e) => panic!("template {}: {e:?}", spec.name),
+    retry_pvm_segv(|_| match zygote::template::build(store, spec) {
+        Ok(report) => Ok(report),
+        Err(zygote::template::BuildError::Warm {
+            argv,
+            status: Some(status),
+            detail,
+        }) => {
+            PvmSegv::check(status.into(), || format!("warm-up {argv:?}: {detail}"))?;
+            panic!(
+                "template {}: warm-up {argv:?} exited {status}: {detail}",
+                spec.name
+            )
         }
-    }
-    unreachable!("the last attempt returns or panics")
+        Err(e) => panic!("template {}: {e:?}", spec.name),
+    })
 }
 
 /// Runs `cmd`, panicking with its output if it fails.

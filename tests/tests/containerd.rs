@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use zygote_tests::vm_lock;
+use zygote_tests::{PvmSegv, retry_pvm_segv, vm_lock};
 
 const RUNTIME: &str = "io.containerd.zygote.v2";
 
@@ -96,26 +96,6 @@ fn cleanup(id: &str) {
     let _ = ctr(&["container", "rm", id]);
 }
 
-/// Runs `round` (given its attempt number) up to three times: on PVM a
-/// container's process can segfault when another process starts beside it
-/// (docs/guest-kernel.md), so a round that failed with one of the `signs`
-/// of that is retried there, and said; any other failure fails the test.
-fn retry_on_pvm(round: impl Fn(u32) -> Result<(), String>, signs: &[&str]) {
-    for attempt in 0..3 {
-        match round(attempt) {
-            Ok(()) => return,
-            Err(why)
-                if attempt < 2
-                    && zygote_vmm::KvmKind::detect() == zygote_vmm::KvmKind::Pvm
-                    && signs.iter().any(|s| why.contains(s)) =>
-            {
-                eprintln!("PVM: {why}; retrying")
-            }
-            Err(why) => panic!("{why}"),
-        }
-    }
-}
-
 /// Cleans container `id` up when dropped, so that a failing test leaves no
 /// task, container or shim behind.
 struct Removed(String);
@@ -141,7 +121,8 @@ fn shim_pids(id: &str) -> Vec<u32> {
 /// `ctr events`, collected in the background.
 struct Events {
     child: Child,
-    reader: Option<std::thread::JoinHandle<Vec<String>>>,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Drop for Events {
@@ -155,13 +136,48 @@ impl Events {
     fn start() -> Self {
         let mut child = ctr_cmd(&["events"]).stdout(Stdio::piped()).spawn().unwrap();
         let out = child.stdout.take().unwrap();
-        let reader =
-            std::thread::spawn(move || BufReader::new(out).lines().map_while(Result::ok).collect());
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
         // containerd subscribes the client before the first event it must see.
         std::thread::sleep(Duration::from_millis(300));
         Events {
             child,
+            lines,
             reader: Some(reader),
+        }
+    }
+
+    /// The exit status of process `process` (the container's id for its
+    /// init, else the exec id) of container `id`, from its `/tasks/exit`
+    /// event if one came within `wait`.
+    fn exit_status(&self, id: &str, process: &str, wait: Duration) -> Option<i64> {
+        let deadline = Instant::now() + wait;
+        loop {
+            let found = self.lines.lock().unwrap().iter().find_map(|l| {
+                // "DATE TIME ZONE UTC NAMESPACE /tasks/exit {...}"
+                let json = &l[l.find(" /tasks/exit ")? + " /tasks/exit ".len()..];
+                let v: serde_json::Value = serde_json::from_str(json.trim()).ok()?;
+                (v["container_id"] == id && v["id"] == process)
+                    .then(|| v["exit_status"].as_i64().unwrap_or(0))
+            });
+            if found.is_some() || Instant::now() >= deadline {
+                return found;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `Err` if the container's own process `id` exited SIGSEGV (the PVM
+    /// guest fault) within `wait`.
+    fn container_segv(&self, id: &str, wait: Duration, context: &str) -> Result<(), PvmSegv> {
+        match self.exit_status(id, id, wait) {
+            Some(status) => PvmSegv::check(status, || format!("container {id} ({context})")),
+            None => Ok(()),
         }
     }
 
@@ -186,7 +202,8 @@ impl Events {
         std::thread::sleep(Duration::from_millis(500));
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let lines = self.reader.take().expect("read once").join().unwrap();
+        self.reader.take().expect("read once").join().unwrap();
+        let lines = std::mem::take(&mut *self.lines.lock().unwrap());
         lines
             .iter()
             .filter(|l| l.contains(&format!("\"{id}\"")))
@@ -336,30 +353,25 @@ fn a_detached_task_execs_lists_processes_reports_metrics_and_is_killed() {
     let _vm = vm_lock();
     // The exec can also find the container already gone (crashed) before its
     // exit reached containerd.
-    retry_on_pvm(detached_round, &["139", "is exited"]);
+    retry_pvm_segv(detached_round);
 }
 
-/// One detached task: exec, ps, metrics, kill, events. Err names a failure
-/// that may be the PVM residue (a 139 status) so that it can be retried.
-fn detached_round(attempt: u32) -> Result<(), String> {
+/// One detached task: exec, ps, metrics, kill, events. Err when the exec's
+/// or the container's own exit status was SIGSEGV (the PVM guest fault);
+/// every other failure panics.
+fn detached_round(attempt: u32) -> Result<(), PvmSegv> {
     let id = cid(&format!("detached{attempt}"));
     cleanup(&id);
     let _removed = Removed(id.clone());
     let events = Events::start();
     let run = zygote_run(&["-d"], &id, &["sleep", "1000"]);
     assert!(run.status.success(), "{}", text(&run.stderr));
-    // The task's state, and if it stopped, its exit status (which `ctr task
-    // rm` prints: "exit with non-zero exit code N").
-    let status_of = |id: &str| {
-        let state = text(&ctr(&["task", "ls"]).stdout)
+    let state_of = |id: &str| {
+        text(&ctr(&["task", "ls"]).stdout)
             .lines()
             .find(|l| l.starts_with(id))
             .unwrap_or_default()
-            .to_string();
-        if !state.contains("STOPPED") {
-            return state;
-        }
-        format!("{state}; {}", text(&ctr(&["task", "rm", id]).stderr).trim())
+            .to_string()
     };
     let result = (|| {
         let exec = ctr(&[
@@ -374,12 +386,17 @@ fn detached_round(attempt: u32) -> Result<(), String> {
         ]);
         let exec_out = text(&exec.stdout);
         if exec.status.code() != Some(4) {
-            return Err(format!(
+            let context = format!(
                 "exec exited {:?}: {exec_out} {}; the task: {}",
                 exec.status.code(),
                 text(&exec.stderr),
-                status_of(&id)
-            ));
+                state_of(&id)
+            );
+            PvmSegv::check(exec.status.code().unwrap_or(0).into(), || {
+                format!("exec e1 of {id}: {context}")
+            })?;
+            events.container_segv(&id, Duration::from_secs(5), &context)?;
+            panic!("{context}");
         }
         assert!(exec_out.starts_with("in-container\nsleep"), "{exec_out:?}");
 
@@ -406,11 +423,9 @@ fn detached_round(attempt: u32) -> Result<(), String> {
         // SIGTERM it has no handler for (under runc as well).
         let kill = ctr(&["task", "kill", "-s", "SIGKILL", &id]);
         if !kill.status.success() {
-            return Err(format!(
-                "kill: {}; the task: {}",
-                text(&kill.stderr),
-                status_of(&id)
-            ));
+            let context = format!("kill: {}; the task: {}", text(&kill.stderr), state_of(&id));
+            events.container_segv(&id, Duration::from_secs(5), &context)?;
+            panic!("{context}");
         }
         wait_task(&id, "STOPPED");
         let rm = ctr(&["task", "rm", &id]);
@@ -694,12 +709,12 @@ fn a_guest_panic_marks_the_tasks_exited_and_leaves_nothing_behind() {
         return;
     }
     let _vm = vm_lock();
-    retry_on_pvm(panic_round, &["crashed before the kernel"]);
+    retry_pvm_segv(panic_round);
 }
 
 /// Crashes a pod's kernel from a container; Err if the container's process
 /// crashed (139) before the kernel did.
-fn panic_round(attempt: u32) -> Result<(), String> {
+fn panic_round(attempt: u32) -> Result<(), PvmSegv> {
     let runs_before = vm_run_dirs();
     let log = LogMark::now();
     let id = cid(&format!("panic{attempt}"));
@@ -720,15 +735,15 @@ fn panic_round(attempt: u32) -> Result<(), String> {
         "-c",
         "echo c > /proc/sysrq-trigger",
     ]);
+    PvmSegv::check(crash.status.code().unwrap_or(0).into(), || {
+        format!("exec crash of {id} (before it wrote to sysrq-trigger)")
+    })?;
     assert!(!crash.status.success(), "the exec cannot finish normally");
     wait_task(&id, "STOPPED");
+    // The container's own process crashed before the kernel did?
+    events.container_segv(&id, Duration::from_secs(5), "before the kernel panicked")?;
     let rm = ctr(&["task", "rm", &id]);
     let rm_text = format!("{}{}", text(&rm.stdout), text(&rm.stderr));
-    if rm_text.contains("exit code 139") {
-        return Err(format!(
-            "the container crashed before the kernel: {rm_text}"
-        ));
-    }
     assert!(rm.status.success(), "{rm_text}");
     let _ = ctr(&["container", "rm", &id]);
     let topics = events.topics_of(&id);

@@ -30,7 +30,7 @@ fn two_vcpus_boot_and_answer() {
 }
 
 /// Boots the real kernel, pings the agent over vsock, runs the exec/pipe stress
-/// inside the guest, powers off, and checks nothing is left.
+/// inside the guest (100 rounds; `hack/stress` runs 500), powers off, and checks nothing is left.
 ///
 /// One vCPU and one round at a time: on PVM, more concurrency raises the known
 /// residue (docs/guest-kernel.md) to single-threaded processes too.
@@ -64,11 +64,17 @@ fn boot_ping_stress_and_power_off() {
     let second = b.ping().unwrap().uptime_ns;
     assert!(second >= first && first >= pong.uptime_ns);
 
-    // ≥ 500 fresh execs with pipe round trips, every 10th multi-threaded.
+    // Fresh execs with pipe round trips, every 10th multi-threaded: 100 in
+    // the suite (enough to see a rate), `hack/stress` runs 500
+    // (ZYGOTE_STRESS_ROUNDS).
+    let rounds: u32 = std::env::var("ZYGOTE_STRESS_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
     a.set_timeout(Duration::from_secs(3600)).unwrap();
     let body = a
         .call(request::Body::SelfTest(SelfTest {
-            rounds: 500,
+            rounds,
             threads_every: 10,
             parallel: 1,
             bytes: 65536,
@@ -79,8 +85,8 @@ fn boot_ping_stress_and_power_off() {
         panic!("unexpected answer {body:?}")
     };
     eprintln!("guest stress: {}", report.summary());
-    assert_eq!(report.execs, 500);
-    assert_eq!(report.threaded, 50);
+    assert_eq!(report.execs, rounds);
+    assert_eq!(report.threaded, rounds / 10);
     // Every round is accounted for: it passed or its failure is described.
     let failed = report.execs - report.ok;
     assert_eq!(
@@ -92,26 +98,30 @@ fn boot_ping_stress_and_power_off() {
         "{:?}",
         report.failures
     );
+    // Only the PVM guest fault's own signatures are tolerated, and only on
+    // PVM: a child killed by SIGSEGV, or a canary naming the lost register.
+    // Any other failure (a hang, another signal, corrupted data) fails.
+    assert_eq!(report.other_failures, 0, "{:?}", report.failures);
+    let faulted = report.segfaults + report.tls_corruptions;
     if sandbox.kind() == zygote_vmm::KvmKind::Hardware {
         assert_eq!(
-            failed, 0,
+            faulted, 0,
             "no failures on hardware KVM: {:?}",
             report.failures
         );
-    } else {
-        // PVM: the known residue (docs/guest-kernel.md) loses vector registers when
-        // guest tasks are preempted; on one vCPU it has stayed at a few percent.
-        // A gross breakage (most rounds failing) still fails the test.
-        assert!(
-            report.ok >= report.execs * 8 / 10,
-            "far above the known PVM residue: {:?}",
-            report.failures
-        );
-        eprintln!(
-            "known PVM residue: {failed} of {} rounds failed",
-            report.execs
+    }
+    // On one vCPU the fault has stayed at a few percent: far more is a breakage.
+    assert!(
+        faulted <= rounds / 5,
+        "far above the known PVM rate: {:?}",
+        report.failures
+    );
+    for _ in 0..faulted {
+        zygote_tests::record_retry(
+            "guest stress round hit the PVM fault (SIGSEGV or lost-register canary)",
         );
     }
+    eprintln!("PVM fault in {faulted} of {rounds} stress rounds");
     drop((a, b));
 
     let reason = sandbox.shutdown(Duration::from_secs(60));
