@@ -451,6 +451,68 @@ fn detached_round(attempt: u32) -> Result<(), PvmSegv> {
 }
 
 #[test]
+fn execs_end_with_their_process_and_a_missing_program_fails_its_start() {
+    if !containerd_available() {
+        return;
+    }
+    let _vm = vm_lock();
+    retry_pvm_segv(exec_edges_round);
+    // A container whose program does not exist fails its start (as under
+    // runc), and nothing of it is left.
+    let runs_before = vm_run_dirs();
+    let id = cid("nobinary");
+    cleanup(&id);
+    let _removed = Removed(id.clone());
+    let run = zygote_run(&["--rm"], &id, &["/bin/no-such-program"]);
+    let err = text(&run.stderr);
+    assert!(!run.status.success(), "{}", text(&run.stdout));
+    assert!(err.contains("no-such-program"), "{err}");
+    cleanup(&id);
+    assert!(shim_pids(&id).is_empty());
+    assert_no_run_dirs_left(&runs_before);
+}
+
+/// One container (its id has `_`, which a host name cannot): its host name,
+/// an exec whose background child
+/// keeps its stdout open, an exec of a missing program.
+fn exec_edges_round(attempt: u32) -> Result<(), PvmSegv> {
+    let id = cid(&format!("edge_{attempt}"));
+    cleanup(&id);
+    let _removed = Removed(id.clone());
+    let events = Events::start();
+    let run = zygote_run(&["-d"], &id, &["sleep", "1000"]);
+    assert!(run.status.success(), "{}", text(&run.stderr));
+    let exec = |exec_id: &str, argv: &[&str]| -> Result<Output, PvmSegv> {
+        let mut args = vec!["task", "exec", "--exec-id", exec_id, &id];
+        args.extend_from_slice(argv);
+        let out = ctr(&args);
+        let status = out.status.code().unwrap_or(0);
+        PvmSegv::check(status.into(), || format!("exec {exec_id} of {id}"))?;
+        if !out.status.success() {
+            events.container_segv(&id, Duration::from_secs(5), exec_id)?;
+        }
+        Ok(out)
+    };
+    let host = exec("host", &["hostname"])?;
+    assert_eq!(
+        text(&host.stdout).trim(),
+        id.replace('_', "-"),
+        "the id made a host name"
+    );
+    // The exec's own process ends; its child still holds its stdout. The
+    // exec returns with what was written (it used to wait for the child).
+    let bg = exec("bg", &["sh", "-c", "sleep 600 & echo hi"])?;
+    assert!(bg.status.success(), "{}", text(&bg.stderr));
+    assert_eq!(text(&bg.stdout), "hi\n");
+    let missing = exec("missing", &["/bin/no-such-program"])?;
+    assert!(!missing.status.success(), "{}", text(&missing.stdout));
+    let err = text(&missing.stderr);
+    assert!(err.contains("no-such-program"), "{err}");
+    cleanup(&id);
+    Ok(())
+}
+
+#[test]
 fn a_terminal_and_two_containers_from_one_template() {
     if !containerd_available() {
         return;
@@ -524,11 +586,18 @@ fn template_dirs() -> Vec<(String, String)> {
 /// Waits a moment for containerd's clean-up (`shim delete`), then asserts
 /// that the VM run directories are what they were before.
 fn assert_no_run_dirs_left(before: &[PathBuf]) {
+    // Only new ones count: one of an earlier test's VM may still be going.
+    let new = || -> Vec<PathBuf> {
+        vm_run_dirs()
+            .into_iter()
+            .filter(|d| !before.contains(d))
+            .collect()
+    };
     let deadline = Instant::now() + Duration::from_secs(10);
-    while vm_run_dirs() != before && Instant::now() < deadline {
+    while !new().is_empty() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(200));
     }
-    assert_eq!(vm_run_dirs(), before, "no VM run directory is left");
+    assert_eq!(new(), Vec::<PathBuf>::new(), "no VM run directory is left");
 }
 
 /// A point in containerd's log (where the shims' logs go), to read only what
@@ -829,4 +898,184 @@ fn an_unresponsive_guest_is_detected_and_its_tasks_marked_exited() {
     cleanup(&id);
     assert!(shim_pids(&id).is_empty());
     assert_no_run_dirs_left(&runs_before);
+}
+
+/// Restarts hack/containerd's containerd (its shims keep running).
+fn restart_containerd() {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../hack/containerd");
+    for action in ["stop", "start"] {
+        let out = Command::new(&script).arg(action).output().unwrap();
+        assert!(
+            out.status.success(),
+            "hack/containerd {action}: {}",
+            text(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn tasks_outlive_a_containerd_restart() {
+    if !containerd_available() {
+        return;
+    }
+    let _vm = vm_lock();
+    retry_pvm_segv(restart_round);
+}
+
+/// Two tasks across a containerd restart: one exits while containerd is
+/// down (its exit is reported once containerd is back), the other keeps
+/// running and is listed, exec'd into, measured and killed after it.
+fn restart_round(attempt: u32) -> Result<(), PvmSegv> {
+    let (lasting, brief) = (
+        cid(&format!("lasting{attempt}")),
+        cid(&format!("brief{attempt}")),
+    );
+    let _removed = [Removed(lasting.clone()), Removed(brief.clone())];
+    for id in [&lasting, &brief] {
+        cleanup(id);
+    }
+    let run = zygote_run(&["-d"], &lasting, &["sleep", "1000"]);
+    assert!(run.status.success(), "{}", text(&run.stderr));
+    let run = zygote_run(&["-d"], &brief, &["sh", "-c", "sleep 15; exit 7"]);
+    assert!(run.status.success(), "{}", text(&run.stderr));
+    let shims = [shim_pids(&lasting), shim_pids(&brief)];
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../hack/containerd");
+    let stop = Command::new(&script).arg("stop").output().unwrap();
+    assert!(stop.status.success(), "{}", text(&stop.stderr));
+    // `brief` exits while containerd is away: its shim keeps the event.
+    std::thread::sleep(Duration::from_secs(25));
+    restart_containerd();
+    assert_eq!(
+        [shim_pids(&lasting), shim_pids(&brief)],
+        shims,
+        "the same shims serve the tasks"
+    );
+    let events = Events::start();
+    wait_task(&brief, "STOPPED");
+    // `ctr task rm` says "task ID exit with non-zero exit code N".
+    let rm = ctr(&["task", "rm", &brief]);
+    let rm_said = format!("{}{}", text(&rm.stdout), text(&rm.stderr));
+    assert!(rm.status.success(), "{rm_said}");
+    let status: Option<i64> = rm_said
+        .split("exit code ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.trim_matches('"').parse().ok());
+    PvmSegv::check(status.unwrap_or(0), || {
+        format!("container {brief}: {rm_said}")
+    })?;
+    assert_eq!(status, Some(7), "its own exit status: {rm_said}");
+
+    wait_task(&lasting, "RUNNING");
+    let exec = ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "after",
+        &lasting,
+        "echo",
+        "still-here",
+    ]);
+    PvmSegv::check(exec.status.code().unwrap_or(0).into(), || {
+        format!("exec after the restart in {lasting}")
+    })?;
+    assert!(exec.status.success(), "{}", text(&exec.stderr));
+    assert_eq!(text(&exec.stdout), "still-here\n");
+    let metrics = ctr(&["task", "metrics", "--format", "json", &lasting]);
+    let m = text(&metrics.stdout);
+    assert!(metrics.status.success(), "{m} {}", text(&metrics.stderr));
+    let v: serde_json::Value = serde_json::from_str(&m).unwrap_or_else(|e| panic!("{e}: {m}"));
+    assert!(v["memory"]["usage"].as_u64().unwrap_or(0) > 0, "{m}");
+    let kill = ctr(&["task", "kill", "-s", "SIGKILL", &lasting]);
+    assert!(kill.status.success(), "{}", text(&kill.stderr));
+    wait_task(&lasting, "STOPPED");
+    let status = events.exit_status(&lasting, &lasting, Duration::from_secs(30));
+    PvmSegv::check(status.unwrap_or(0), || format!("container {lasting}"))?;
+    assert_eq!(
+        status,
+        Some(137),
+        "its exit reached containerd's subscribers"
+    );
+    cleanup(&lasting);
+    cleanup(&brief);
+    Ok(())
+}
+
+/// What a container's life could leave behind on the host.
+#[derive(Debug, PartialEq, Eq)]
+struct HostFootprint {
+    /// zygote shim processes.
+    shims: usize,
+    /// VM run directories.
+    run_dirs: usize,
+    /// Mounts in the host's mount table.
+    mounts: usize,
+    /// Shim sockets (`/run/containerd/s`).
+    shim_sockets: usize,
+    /// containerd's FIFO directories (`/run/containerd/fifo`).
+    fifo_dirs: usize,
+    /// Open file descriptors of containerd.
+    containerd_fds: usize,
+}
+
+fn count_entries(dir: &str) -> usize {
+    std::fs::read_dir(dir).map_or(0, |rd| rd.count())
+}
+
+fn host_footprint() -> HostFootprint {
+    let pid = std::fs::read_to_string(socket().with_file_name("containerd.pid"))
+        .expect("hack/containerd's pid file");
+    let shims = Command::new("pgrep")
+        .args(["-c", "-f", "containerd-shim-zygote-v2 -namespace"])
+        .output()
+        .map_or(0, |o| text(&o.stdout).trim().parse().unwrap_or(0));
+    HostFootprint {
+        shims,
+        run_dirs: vm_run_dirs().len(),
+        mounts: std::fs::read_to_string("/proc/self/mountinfo")
+            .expect("mountinfo")
+            .lines()
+            .count(),
+        shim_sockets: count_entries("/run/containerd/s"),
+        fifo_dirs: count_entries("/run/containerd/fifo"),
+        containerd_fds: count_entries(&format!("/proc/{}/fd", pid.trim())),
+    }
+}
+
+#[test]
+fn create_start_delete_cycles_leave_nothing_behind() {
+    if !containerd_available() {
+        return;
+    }
+    let _vm = vm_lock();
+    // A few in the suite; `hack/cycles` runs 100 (ZYGOTE_CYCLES).
+    let cycles: u32 = std::env::var("ZYGOTE_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let cycle = |n: u32| -> Result<(), PvmSegv> {
+        let id = cid(&format!("cycle{n}"));
+        let run = zygote_run(&["--rm"], &id, &["true"]);
+        PvmSegv::check(run.status.code().unwrap_or(0).into(), || {
+            format!("container {id}")
+        })?;
+        assert!(run.status.success(), "cycle {n}: {}", text(&run.stderr));
+        Ok(())
+    };
+    // The first cycle warms containerd up (its own caches and connections).
+    retry_pvm_segv(|_| cycle(0));
+    std::thread::sleep(Duration::from_secs(1));
+    let before = host_footprint();
+    for n in 1..=cycles {
+        retry_pvm_segv(|_| cycle(n));
+    }
+    // containerd's `shim delete` and the shim's exit finish just after `ctr`.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut after = host_footprint();
+    while after != before && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+        after = host_footprint();
+    }
+    eprintln!("{cycles} create/start/delete cycles: before {before:?}, after {after:?}");
+    assert_eq!(after, before, "{cycles} cycles left something behind");
 }

@@ -331,3 +331,152 @@ async fn remove_pod(runtime: &mut RuntimeServiceClient<Channel>, pod: &str) {
     }
     assert!(!shim_running(pod), "the pod's shim is gone");
 }
+
+/// The pod's shim's pid.
+fn shim_pid(pod: &str) -> Option<u32> {
+    let out = std::process::Command::new("pgrep")
+        .args(["-f", &format!("containerd-shim-zygote-v2 .*-id {pod} ")])
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// VM run directories of process `pid`.
+fn run_dirs_of(pid: u32) -> usize {
+    let prefix = format!("vm-{pid}-");
+    std::fs::read_dir(zygote::paths::run_root())
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn two_containers_created_at_once_share_one_vm() {
+    let _vm = vm_lock();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let Some(channel) = connect().await else {
+            return;
+        };
+        let mut runtime = RuntimeServiceClient::new(channel);
+        for attempt in 0.. {
+            match twin_round(&mut runtime, attempt).await {
+                Ok(()) => return,
+                Err(segv) if zygote_tests::may_retry(&segv, attempt) => {}
+                Err(segv) => panic!("{} (exit status SIGSEGV)", segv.what),
+            }
+        }
+    });
+}
+
+/// A pod whose two first containers are created at the same moment: one VM
+/// (one run directory of its shim), both containers in it (one boot id).
+async fn twin_round(
+    runtime: &mut RuntimeServiceClient<Channel>,
+    attempt: u32,
+) -> Result<(), PvmSegv> {
+    let logs =
+        std::env::temp_dir().join(format!("zygote-cri-twin-{}-{attempt}", std::process::id()));
+    std::fs::create_dir_all(&logs).unwrap();
+    let pod_config = cri::PodSandboxConfig {
+        metadata: Some(cri::PodSandboxMetadata {
+            name: "twins".into(),
+            uid: format!("twins-{}-{attempt}", std::process::id()),
+            namespace: "default".into(),
+            attempt: 0,
+        }),
+        hostname: "twins".into(),
+        log_directory: logs.to_string_lossy().into(),
+        linux: Some(cri::LinuxPodSandboxConfig {
+            security_context: Some(cri::LinuxSandboxSecurityContext {
+                namespace_options: Some(cri::NamespaceOption {
+                    network: cri::NamespaceMode::Node as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let pod = runtime
+        .run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(pod_config.clone()),
+            runtime_handler: "zygote".into(),
+        })
+        .await
+        .expect("RunPodSandbox")
+        .into_inner()
+        .pod_sandbox_id;
+    let _guard = PodGuard(pod.clone());
+    let create = |name: &str| cri::CreateContainerRequest {
+        pod_sandbox_id: pod.clone(),
+        config: Some(cri::ContainerConfig {
+            metadata: Some(cri::ContainerMetadata {
+                name: name.into(),
+                attempt: 0,
+            }),
+            image: Some(cri::ImageSpec {
+                image: image(),
+                ..Default::default()
+            }),
+            command: vec!["sleep".into(), "1000".into()],
+            log_path: format!("{name}.log"),
+            ..Default::default()
+        }),
+        sandbox_config: Some(pod_config.clone()),
+    };
+    let (mut a_client, mut b_client) = (runtime.clone(), runtime.clone());
+    let (a, b) = tokio::join!(
+        a_client.create_container(create("a")),
+        b_client.create_container(create("b"))
+    );
+    let ids = [
+        a.expect("CreateContainer a").into_inner().container_id,
+        b.expect("CreateContainer b").into_inner().container_id,
+    ];
+    let shim = shim_pid(&pod).expect("the pod's shim");
+    assert_eq!(run_dirs_of(shim), 1, "one VM for the pod");
+    let mut boot_ids = Vec::new();
+    for id in &ids {
+        runtime
+            .start_container(cri::StartContainerRequest {
+                container_id: id.clone(),
+            })
+            .await
+            .expect("StartContainer");
+        let exec = runtime
+            .exec_sync(cri::ExecSyncRequest {
+                container_id: id.clone(),
+                cmd: vec!["cat".into(), "/proc/sys/kernel/random/boot_id".into()],
+                timeout: 120,
+            })
+            .await
+            .expect("ExecSync")
+            .into_inner();
+        if let Err(segv) = PvmSegv::check(exec.exit_code.into(), || format!("ExecSync in {id}")) {
+            remove_pod(runtime, &pod).await;
+            return Err(segv);
+        }
+        assert_eq!(exec.exit_code, 0, "{exec:?}");
+        boot_ids.push(String::from_utf8_lossy(&exec.stdout).into_owned());
+    }
+    assert_eq!(
+        boot_ids[0], boot_ids[1],
+        "both containers run in the one VM"
+    );
+    remove_pod(runtime, &pod).await;
+    assert_eq!(run_dirs_of(shim), 0, "nothing of the VM is left");
+    std::fs::remove_dir_all(&logs).unwrap();
+    Ok(())
+}

@@ -443,13 +443,16 @@ impl Machine {
     }
 
     /// Stops the guest for good from a shared reference (e.g. a monitor that
-    /// found it unresponsive): its vCPUs leave their run loops and never run
-    /// again, and its exit reason becomes [`ExitReason::Stopped`] unless it
-    /// had one. Its threads are joined at [`Machine::shutdown`] or drop.
-    pub fn halt(&self) -> ExitReason {
+    /// found it unresponsive): its exit reason becomes
+    /// [`ExitReason::Stopped`] unless it had one, and its vCPUs are kicked
+    /// out of `KVM_RUN` and never enter it again, so no guest code runs
+    /// after this returns. Waits up to `limit` for the vCPU threads to end
+    /// (one stopped by a debugger ends when it runs again); says whether
+    /// they did. Its threads are joined at [`Machine::shutdown`] or drop.
+    pub fn halt(&self, limit: Duration) -> (ExitReason, bool) {
         self.exit.raise(ExitReason::Stopped);
-        vcpu::halt_threads(&self.vcpu_threads, &self.stop);
-        self.exit.reason().unwrap_or(ExitReason::Stopped)
+        let ended = vcpu::halt_threads(&self.vcpu_threads, &self.stop, Some(limit));
+        (self.exit.reason().unwrap_or(ExitReason::Stopped), ended)
     }
 
     /// Stops the VM (if still running), joins its threads and releases everything.

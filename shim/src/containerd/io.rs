@@ -182,17 +182,21 @@ pub struct Bridged {
     /// The vsock connections, to shut down if the VM dies (their copies then
     /// end, and containerd's FIFOs close).
     pub streams: Vec<UnixStream>,
+    /// The stdin copy, which ends (and half-closes the stream: the process
+    /// reads end of file) when containerd's side of the stdin FIFO closes.
+    pub stdin: Option<JoinHandle<()>>,
 }
 
 /// Attaches the process `key`'s streams through `vsock` and starts copying;
-/// `close_stdin` runs when containerd's stdin ends. `owner` (container id,
-/// namespace) is what a `binary://` logging program is told.
+/// When containerd's stdin ends, the stdin stream is half-closed: the end
+/// of file travels in band, after every byte before it (a separate
+/// `CloseStdin` call could overtake data still on its way). `owner`
+/// (container id, namespace) is what a `binary://` logging program is told.
 pub fn bridge(
     vsock: &Path,
     key: &str,
     owner: (&str, &str),
     paths: &StdioPaths,
-    close_stdin: impl FnOnce() + Send + 'static,
 ) -> Result<Bridged, IoError> {
     let timeout = Duration::from_secs(30);
     let mut copies = Vec::new();
@@ -230,18 +234,16 @@ pub fn bridge(
             .expect("spawn an io thread");
         copies.push(handle);
     }
-    if let Some((fifo, conn)) = stdin {
+    let stdin = stdin.map(|(fifo, conn)| {
         std::thread::Builder::new()
             .name("io-stdin".into())
-            .spawn(move || {
-                copy_in(&fifo, conn);
-                close_stdin();
-            })
-            .expect("spawn an io thread");
-    }
+            .spawn(move || copy_in(&fifo, conn))
+            .expect("spawn an io thread")
+    });
     Ok(Bridged {
         outputs: Outputs { copies, logger },
         streams,
+        stdin,
     })
 }
 
@@ -274,10 +276,11 @@ fn copy_out(key: &str, stream: &str, s: Sink, mut conn: UnixStream) {
 
 fn copy_in(fifo: &Path, mut conn: UnixStream) {
     // Blocks until containerd's side has it open for writing.
-    let Ok(mut input) = File::open(fifo) else {
-        return;
-    };
-    let _ = std::io::copy(&mut input, &mut conn);
+    if let Ok(mut input) = File::open(fifo) {
+        let _ = std::io::copy(&mut input, &mut conn);
+    }
+    // The guest's process reads end of file after everything copied.
+    let _ = conn.shutdown(std::net::Shutdown::Write);
 }
 
 #[cfg(test)]

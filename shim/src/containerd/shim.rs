@@ -153,6 +153,11 @@ pub async fn serve(runtime_id: &str, flags: &Flags) -> Result<(), ShimError> {
     }
     let listener = std::os::unix::net::UnixListener::bind(&path)
         .map_err(|e| ShimError::Other(format!("listen on {path}: {e}")))?;
+    // The bundle's `address` file: a restarted containerd reconnects to the
+    // shims it finds there (without it, it takes the shim for dead and
+    // deletes its tasks), as Go shims write it.
+    std::fs::write("address", &flags.socket)
+        .map_err(|e| ShimError::Other(format!("write the bundle's address file: {e}")))?;
     let mut config = Config::default();
     let mut shim = ZygoteShim::new(runtime_id, flags, &mut config).await;
     containerd_shim::logger::init(flags.debug, "info", &flags.namespace, &flags.id)?;

@@ -71,17 +71,27 @@ pub fn install_kick_handler() -> std::io::Result<()> {
 /// has finished (a kick can land just before the thread re-enters, so it repeats),
 /// then joins them.
 pub fn stop_threads<T>(threads: &mut Vec<std::thread::JoinHandle<T>>, stop: &AtomicBool) -> Vec<T> {
-    halt_threads(threads, stop);
+    halt_threads(threads, stop, None);
     threads.drain(..).filter_map(|t| t.join().ok()).collect()
 }
 
-/// Stops the vCPU threads' run loops, as [`stop_threads`], and returns once
-/// they have ended, without joining them (they are joined later, by whoever
-/// owns them).
-pub fn halt_threads<T>(threads: &[std::thread::JoinHandle<T>], stop: &AtomicBool) {
+/// Stops the vCPU threads' run loops, as [`stop_threads`], without joining
+/// them (whoever owns them joins them later): once `stop` is set and they
+/// are kicked out of `KVM_RUN`, none enters it again. Waits until they have
+/// ended, at most `limit` (a thread that is itself stopped, e.g. by a
+/// debugger, ends only when it runs again); returns whether they all did.
+pub fn halt_threads<T>(
+    threads: &[std::thread::JoinHandle<T>],
+    stop: &AtomicBool,
+    limit: Option<std::time::Duration>,
+) -> bool {
     stop.store(true, Ordering::Release);
     let signal = vcpu_kick_signal();
+    let start = std::time::Instant::now();
     while threads.iter().any(|t| !t.is_finished()) {
+        if limit.is_some_and(|l| start.elapsed() >= l) {
+            return false;
+        }
         for t in threads.iter().filter(|t| !t.is_finished()) {
             // SAFETY: the thread is alive (not finished, not joined), so its pthread_t
             // is valid; the signal has a no-op handler installed.
@@ -94,6 +104,7 @@ pub fn halt_threads<T>(threads: &[std::thread::JoinHandle<T>], stop: &AtomicBool
         }
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
+    true
 }
 
 /// Counters a vCPU thread keeps for the machine's timeline.

@@ -508,13 +508,12 @@ impl Registry {
             })
             .map_err(os("start a waiter thread"))?;
         match super::wait_ready(&ready, std::time::Duration::from_secs(60)) {
-            Some(super::Ready { failed: Some(why), .. }) => {
+            Some(super::Ready {
+                failed: Some(why), ..
+            }) => {
                 // runc fails `start` (or `exec`) the same way; the init
                 // exits 127 and the process is left exited.
-                return Err(ContainerError::StartFailed {
-                    id: id.into(),
-                    why,
-                });
+                return Err(ContainerError::StartFailed { id: id.into(), why });
             }
             Some(super::Ready { pid, failed: None }) => {
                 let _ = c.pid.set(pid);

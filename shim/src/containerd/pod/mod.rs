@@ -325,9 +325,10 @@ impl PodVm {
     }
 
     /// Stops the guest for good (its processes with it), e.g. when its
-    /// agent stopped answering: after this, no process of it still runs.
-    pub fn halt(&self) -> zygote_vmm::ExitReason {
-        self.sandbox.machine().halt()
+    /// agent stopped answering: after this, no guest code runs. Says whether
+    /// the vCPU threads had ended within 5 s (see `Machine::halt`).
+    pub fn halt(&self) -> (zygote_vmm::ExitReason, bool) {
+        self.sandbox.machine().halt(Duration::from_secs(5))
     }
 
     /// An agent error, or why the VM stopped if it did.

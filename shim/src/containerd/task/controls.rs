@@ -27,6 +27,9 @@ pub struct ProcessView {
     pub exit: Option<ProcessExit>,
 }
 
+/// How long `CloseIO` lets the stdin copy end by itself.
+const STDIN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
 impl TaskService {
     /// What `state` says of a process.
     pub fn view(&self, id: &str, exec_id: &str) -> Result<ProcessView, TaskError> {
@@ -137,9 +140,28 @@ impl TaskService {
         blocking(move || Ok(pod.resize_tty(&key, width, height)?)).await
     }
 
-    /// Closes a process's stdin.
+    /// Closes a process's stdin. containerd closes its side of the stdin
+    /// FIFO first: the copy then ends by itself and the end of file follows
+    /// the last byte in band. Only a copy still going after a grace is cut
+    /// short by the agent (which could overtake bytes still on their way).
     pub async fn close_stdin(&self, id: &str, exec_id: &str) -> Result<(), TaskError> {
-        self.state().table.process(id, exec_id)?;
+        let copy = self.state().table.process(id, exec_id)?.stdin_copy.take();
+        let ended = match copy {
+            Some(copy) => {
+                blocking(move || {
+                    let start = std::time::Instant::now();
+                    while !copy.is_finished() && start.elapsed() < STDIN_GRACE {
+                        std::thread::sleep(std::time::Duration::from_millis(10));
+                    }
+                    Ok(copy.is_finished())
+                })
+                .await?
+            }
+            None => false,
+        };
+        if ended {
+            return Ok(());
+        }
         let pod = self.pod()?;
         let key = process_ref(id, exec_id);
         blocking(move || Ok(pod.close_stdin(&key)?)).await

@@ -190,28 +190,26 @@ impl TaskService {
         let pod = self.pod()?;
         let key = process_ref(id, exec_id);
         let owner = (id.to_string(), self.events.namespace().to_string());
-        let pod2 = pod.clone();
-        let key2 = key.clone();
-        let (guest_pid, bridged) = blocking(move || {
-            // containerd may never open a stdin it passed: the copy waits,
-            // without keeping the VM alive.
-            let close_pod = Arc::downgrade(&pod2);
-            let close_key = key2.clone();
-            let bridged = bridge(
-                pod2.vsock_path(),
-                &key2.key(),
-                (&owner.0, &owner.1),
-                &stdio,
-                move || {
-                    if let Some(pod) = close_pod.upgrade() {
-                        let _ = pod.close_stdin(&close_key);
-                    }
-                },
-            )?;
-            let pid = pod2.start(&key2)?;
-            Ok((pid, bridged))
-        })
-        .await?;
+        // stdio first. containerd may never open a stdin it passed: the
+        // copy waits, without keeping the VM alive.
+        let (vsock, stream_key) = (pod.vsock_path().to_path_buf(), key.key());
+        let mut bridged =
+            blocking(move || Ok(bridge(&vsock, &stream_key, (&owner.0, &owner.1), &stdio)?))
+                .await?;
+        // The stdin copy is known before the start: a `CloseIO` that comes
+        // while the start is in flight waits for it instead of overtaking it.
+        self.state().table.process(id, exec_id)?.stdin_copy = bridged.stdin.take();
+        let (pod2, key2) = (pod.clone(), key.clone());
+        let started_in_vm = blocking(move || Ok(pod2.start(&key2)?)).await;
+        let guest_pid = match started_in_vm {
+            Ok(pid) => pid,
+            Err(e) => {
+                for s in &bridged.streams {
+                    let _ = s.shutdown(std::net::Shutdown::Both);
+                }
+                return Err(e);
+            }
+        };
         let mut streams = bridged.streams;
         self.state().table.process(id, exec_id)?.started = true;
         // Published before the waiter can publish the exit.

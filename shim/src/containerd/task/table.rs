@@ -21,6 +21,8 @@ pub struct Process {
     exit_tx: watch::Sender<Option<ProcessExit>>,
     /// Its vsock connections (stdio, wait), shut down at its exit.
     pub streams: Vec<UnixStream>,
+    /// Its stdin copy, while it may still run.
+    pub stdin_copy: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Process {
@@ -31,6 +33,7 @@ impl Process {
             started: false,
             exit_tx: watch::channel(None).0,
             streams: Vec::new(),
+            stdin_copy: None,
         }
     }
 

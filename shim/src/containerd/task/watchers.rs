@@ -111,10 +111,17 @@ impl TaskService {
                             Err(e) => {
                                 missed += 1;
                                 if missed >= PINGS_MISSED {
-                                    let halted = pod.halt();
+                                    let (reason, ended) = pod.halt();
+                                    let threads = if ended {
+                                        "its vCPU threads ended"
+                                    } else {
+                                        "its vCPU threads are held outside KVM_RUN (stopped) \
+                                         and end when they run"
+                                    };
                                     dead = Some(format!(
                                         "the agent did not answer {missed} pings within \
-                                         {PING_TIMEOUT:?} ({e}); the VM was halted ({halted:?})"
+                                         {PING_TIMEOUT:?} ({e}); the VM was halted \
+                                         ({reason:?}; {threads})"
                                     ));
                                 }
                             }
