@@ -171,13 +171,19 @@ pub fn build(store: &TemplateStore, spec: &BuildSpec) -> Result<BuildReport, Bui
     for m in &spec.mounts {
         mount_image(&sandbox, m)?;
     }
+    let mut spawned = Vec::new();
     for process in &spec.spawn {
-        start_process(&sandbox, process)?;
+        spawned.push((process, start_process(&sandbox, process)?));
     }
     for argv in &spec.warm {
         warm(&sandbox, argv)?;
     }
     std::thread::sleep(spec.settle);
+    // A template holds what it was asked to: a process that died on the way
+    // (say why) is not snapshotted dead into every fork.
+    for (process, pid) in spawned {
+        check_alive(&sandbox, process, pid)?;
+    }
     let boot = sandbox.boot.expect("a booted sandbox has a boot timeline");
     let agent_started_ns = sandbox.pong.agent_started_ns;
     let since_pong = sandbox
@@ -286,7 +292,7 @@ fn mount_image(sandbox: &Sandbox, m: &zygote_agent_api::MountImage) -> Result<()
     }
 }
 
-fn start_process(sandbox: &Sandbox, spec: &Spawn) -> Result<(), BuildError> {
+fn start_process(sandbox: &Sandbox, spec: &Spawn) -> Result<u32, BuildError> {
     let fail = |detail: String| BuildError::Warm {
         argv: spec.argv.clone(),
         status: None,
@@ -294,9 +300,34 @@ fn start_process(sandbox: &Sandbox, spec: &Spawn) -> Result<(), BuildError> {
     };
     let mut client = sandbox.client()?;
     match client.call(request::Body::Spawn(spec.clone())) {
-        Ok(response::Body::Spawned(_)) => Ok(()),
+        Ok(response::Body::Spawned(s)) => Ok(s.pid),
         Ok(other) => Err(fail(format!("unexpected answer {other:?}"))),
         Err(e) => Err(fail(e.to_string())),
+    }
+}
+
+/// Fails if the process the agent spawned as `pid` has ended, with its
+/// exit status.
+fn check_alive(sandbox: &Sandbox, spec: &Spawn, pid: u32) -> Result<(), BuildError> {
+    let fail = |status: Option<i32>, detail: String| BuildError::Warm {
+        argv: spec.argv.clone(),
+        status,
+        detail,
+    };
+    let mut client = sandbox.client()?;
+    match client.call(request::Body::SpawnStatus(zygote_agent_api::Spawned {
+        pid,
+    })) {
+        Ok(response::Body::Spawned(_)) => Ok(()),
+        Ok(response::Body::Exited(e)) => Err(fail(
+            Some(e.exit_code),
+            format!(
+                "pid {pid} ended before the snapshot with status {}",
+                e.exit_code
+            ),
+        )),
+        Ok(other) => Err(fail(None, format!("unexpected answer {other:?}"))),
+        Err(e) => Err(fail(None, e.to_string())),
     }
 }
 

@@ -1025,8 +1025,13 @@ fn count_entries(dir: &str) -> usize {
 fn host_footprint() -> HostFootprint {
     let pid = std::fs::read_to_string(socket().with_file_name("containerd.pid"))
         .expect("hack/containerd's pid file");
+    // Shims of this containerd (another, e.g. hack/conformance's, has its own).
+    let ours = format!(
+        "containerd-shim-zygote-v2 -namespace .* -address {} ",
+        socket().display()
+    );
     let shims = Command::new("pgrep")
-        .args(["-c", "-f", "containerd-shim-zygote-v2 -namespace"])
+        .args(["-c", "-f", &ours])
         .output()
         .map_or(0, |o| text(&o.stdout).trim().parse().unwrap_or(0));
     HostFootprint {

@@ -147,6 +147,23 @@ pub fn handle(req: Request, agent_started_ns: u64) -> (Response, After) {
                 return (error_response(id, code, &e.to_string()), After::Continue);
             }
         },
+        Some(request::Body::SpawnStatus(p)) => match workload::status(p.pid) {
+            Some(None) => (response::Body::Spawned(p), After::Continue),
+            Some(Some(code)) => (
+                response::Body::Exited(zygote_agent_api::ProcessExit {
+                    exit_code: code,
+                    ..Default::default()
+                }),
+                After::Continue,
+            ),
+            None => {
+                let message = format!("process {} was not started by the agent", p.pid);
+                return (
+                    error_response(id, Code::NotFound, &message),
+                    After::Continue,
+                );
+            }
+        },
         Some(request::Body::Reconcile(r)) => {
             let received = std::time::Instant::now();
             match reconcile::validate(&r) {

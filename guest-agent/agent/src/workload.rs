@@ -115,6 +115,25 @@ pub fn spec_of(pid: u32) -> Option<Spawn> {
         .map(|e| e.spec.clone())
 }
 
+/// Whether process `pid` (one the agent started) still runs: `Some(None)`
+/// if it does, `Some(Some(code))` with its exit code (128 + N: killed by
+/// signal N) if it ended, `None` if the agent did not start it.
+pub fn status(pid: u32) -> Option<Option<i32>> {
+    use std::os::unix::process::ExitStatusExt;
+    let mut table = table();
+    let entry = table.as_mut().expect("initialised").get_mut(&pid)?;
+    let ended = entry
+        .child
+        .wait_timeout(Some(std::time::Duration::ZERO))
+        .ok()
+        .flatten();
+    Some(ended.map(|s| {
+        s.code()
+            .or_else(|| s.signal().map(|n| 128 + n))
+            .unwrap_or(128)
+    }))
+}
+
 /// Kills process `pid` (one the agent started), waits for it, forgets it and
 /// returns how it was started.
 pub fn kill(pid: u32) -> Option<Spawn> {
@@ -155,6 +174,8 @@ mod tests {
         let pid = spawn(&spec).unwrap();
         assert_eq!(spec_of(pid), Some(spec.clone()));
         std::thread::sleep(std::time::Duration::from_millis(200));
+        assert_eq!(status(pid), Some(None), "still running");
+        assert_eq!(status(1), None, "not one of ours");
         assert_eq!(kill(pid), Some(spec));
         assert_eq!(spec_of(pid), None);
         let text = std::fs::read_to_string(&out).unwrap();

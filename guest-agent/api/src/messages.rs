@@ -9,7 +9,7 @@ pub struct Request {
     /// What is asked.
     #[prost(
         oneof = "request::Body",
-        tags = "2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23"
+        tags = "2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24"
     )]
     pub body: Option<request::Body>,
 }
@@ -89,6 +89,10 @@ pub mod request {
         /// the reading would widen the round trip and bias its midpoint.
         #[prost(message, tag = "23")]
         ReadClock(super::Empty),
+        /// Whether a process started by `Spawn` still runs (answered with
+        /// `Spawned`) or how it ended (`Exited`).
+        #[prost(message, tag = "24")]
+        SpawnStatus(super::Spawned),
     }
 }
 
@@ -833,6 +837,7 @@ mod tests {
                 resources_json: b"{}".to_vec(),
             }),
             Q::ReadClock(Empty {}),
+            Q::SpawnStatus(Spawned { pid: 7 }),
         ];
         for body in requests {
             let req = Request {
