@@ -65,6 +65,9 @@ pub enum IoError {
         /// Cause.
         source: zygote_agent_api::ClientError,
     },
+    /// The stdin copy's wake-up channel could not be made.
+    #[error("a socket pair for the stdin copy")]
+    Wake(#[source] std::io::Error),
 }
 
 fn target(uri: &str) -> Result<Option<Target>, IoError> {
@@ -183,8 +186,32 @@ pub struct Bridged {
     /// end, and containerd's FIFOs close).
     pub streams: Vec<UnixStream>,
     /// The stdin copy, which ends (and half-closes the stream: the process
-    /// reads end of file) when containerd's side of the stdin FIFO closes.
-    pub stdin: Option<JoinHandle<()>>,
+    /// reads end of file) when containerd's side of the stdin FIFO closes,
+    /// or when told to.
+    pub stdin: Option<StdinCopy>,
+}
+
+/// A running copy of containerd's stdin FIFO to the process's stdin stream.
+#[derive(Debug)]
+pub struct StdinCopy {
+    thread: JoinHandle<()>,
+    /// Written to ask the copy to end.
+    wake: UnixStream,
+}
+
+impl StdinCopy {
+    /// containerd's `CloseIO`: the copy passes on what is already in the
+    /// FIFO, then ends and half-closes the stream, so the end of file
+    /// follows the last byte in band (containerd calls it before it closes
+    /// its own end). Returns whether it ended within `grace`.
+    pub fn close(self, grace: Duration) -> bool {
+        let _ = (&self.wake).write_all(b"x");
+        let start = std::time::Instant::now();
+        while !self.thread.is_finished() && start.elapsed() < grace {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.thread.is_finished()
+    }
 }
 
 /// Attaches the process `key`'s streams through `vsock` and starts copying;
@@ -234,12 +261,17 @@ pub fn bridge(
             .expect("spawn an io thread");
         copies.push(handle);
     }
-    let stdin = stdin.map(|(fifo, conn)| {
-        std::thread::Builder::new()
-            .name("io-stdin".into())
-            .spawn(move || copy_in(&fifo, conn))
-            .expect("spawn an io thread")
-    });
+    let stdin = match stdin {
+        Some((fifo, conn)) => {
+            let (wake, woken) = UnixStream::pair().map_err(IoError::Wake)?;
+            let thread = std::thread::Builder::new()
+                .name("io-stdin".into())
+                .spawn(move || copy_in(&fifo, conn, woken))
+                .expect("spawn an io thread");
+            Some(StdinCopy { thread, wake })
+        }
+        None => None,
+    };
     Ok(Bridged {
         outputs: Outputs { copies, logger },
         streams,
@@ -274,10 +306,61 @@ fn copy_out(key: &str, stream: &str, s: Sink, mut conn: UnixStream) {
     }
 }
 
-fn copy_in(fifo: &Path, mut conn: UnixStream) {
-    // Blocks until containerd's side has it open for writing.
-    if let Ok(mut input) = File::open(fifo) {
-        let _ = std::io::copy(&mut input, &mut conn);
+/// Copies containerd's stdin FIFO to `conn` until the FIFO's writer goes
+/// or `woken` is written to (then what the FIFO holds is passed on first),
+/// then half-closes `conn`: the process reads end of file after it all.
+fn copy_in(fifo: &Path, mut conn: UnixStream, woken: UnixStream) {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    // Non-blocking open: a FIFO nobody writes to yet must not hold the thread
+    // where a close request cannot reach it.
+    let input = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(fifo);
+    if let Ok(mut input) = input {
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut closing = false;
+        loop {
+            if !closing {
+                let mut fds = [
+                    libc::pollfd {
+                        fd: input.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    },
+                    libc::pollfd {
+                        fd: woken.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    },
+                ];
+                // SAFETY: poll on two valid pollfds in a local array.
+                let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+                if n < 0 {
+                    if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                        continue;
+                    }
+                    break;
+                }
+                closing = fds[1].revents != 0;
+                if fds[0].revents == 0 {
+                    continue;
+                }
+            }
+            match input.read(&mut buf) {
+                // The writer went, or (closing) nothing more is waiting.
+                Ok(0) => break,
+                Ok(n) => {
+                    if conn.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && !closing => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
     }
     // The guest's process reads end of file after everything copied.
     let _ = conn.shutdown(std::net::Shutdown::Write);
@@ -286,6 +369,46 @@ fn copy_in(fifo: &Path, mut conn: UnixStream) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// containerd calls CloseIO while its end of the stdin FIFO is still
+    /// open: what it wrote still arrives, then the end of file.
+    #[test]
+    fn a_close_passes_on_what_was_written_then_ends_the_stream() {
+        let dir = std::env::temp_dir().join(format!("zygote-stdin-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("stdin");
+        let c = std::ffi::CString::new(fifo.to_string_lossy().as_bytes()).unwrap();
+        // SAFETY: a valid path string.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let (conn, mut guest) = UnixStream::pair().unwrap();
+        let (wake, woken) = UnixStream::pair().unwrap();
+        let path = fifo.clone();
+        let thread = std::thread::spawn(move || copy_in(&path, conn, woken));
+        let copy = StdinCopy { thread, wake };
+        // containerd's side: written, and still open.
+        let mut writer = OpenOptions::new().write(true).open(&fifo).unwrap();
+        writer.write_all(b"first\nsecond\n").unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(copy.close(Duration::from_secs(5)), "the copy ended");
+        let mut got = String::new();
+        guest.read_to_string(&mut got).unwrap();
+        assert_eq!(got, "first\nsecond\n");
+        drop(writer);
+
+        // Its writer gone, a copy ends by itself; a close afterwards is fine.
+        let (conn, mut guest) = UnixStream::pair().unwrap();
+        let (wake, woken) = UnixStream::pair().unwrap();
+        let path = fifo.clone();
+        let thread = std::thread::spawn(move || copy_in(&path, conn, woken));
+        let mut writer = OpenOptions::new().write(true).open(&fifo).unwrap();
+        writer.write_all(b"all").unwrap();
+        drop(writer);
+        let mut got = String::new();
+        guest.read_to_string(&mut got).unwrap();
+        assert_eq!(got, "all");
+        assert!(StdinCopy { thread, wake }.close(Duration::from_secs(5)));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn stdio_targets() {

@@ -27,7 +27,7 @@ pub struct ProcessView {
     pub exit: Option<ProcessExit>,
 }
 
-/// How long `CloseIO` lets the stdin copy end by itself.
+/// How long `CloseIO` lets the stdin copy pass on what it has and end.
 const STDIN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl TaskService {
@@ -140,23 +140,13 @@ impl TaskService {
         blocking(move || Ok(pod.resize_tty(&key, width, height)?)).await
     }
 
-    /// Closes a process's stdin. containerd closes its side of the stdin
-    /// FIFO first: the copy then ends by itself and the end of file follows
-    /// the last byte in band. Only a copy still going after a grace is cut
-    /// short by the agent (which could overtake bytes still on their way).
+    /// Closes a process's stdin: its copy passes on what containerd already
+    /// wrote, then the end of file follows in band. Only a copy that does
+    /// not end within a grace is cut short by the agent.
     pub async fn close_stdin(&self, id: &str, exec_id: &str) -> Result<(), TaskError> {
         let copy = self.state().table.process(id, exec_id)?.stdin_copy.take();
         let ended = match copy {
-            Some(copy) => {
-                blocking(move || {
-                    let start = std::time::Instant::now();
-                    while !copy.is_finished() && start.elapsed() < STDIN_GRACE {
-                        std::thread::sleep(std::time::Duration::from_millis(10));
-                    }
-                    Ok(copy.is_finished())
-                })
-                .await?
-            }
+            Some(copy) => blocking(move || Ok(copy.close(STDIN_GRACE))).await?,
             None => false,
         };
         if ended {

@@ -22,7 +22,7 @@ pub struct Process {
     /// Its vsock connections (stdio, wait), shut down at its exit.
     pub streams: Vec<UnixStream>,
     /// Its stdin copy, while it may still run.
-    pub stdin_copy: Option<std::thread::JoinHandle<()>>,
+    pub stdin_copy: Option<super::super::io::StdinCopy>,
 }
 
 impl Process {
