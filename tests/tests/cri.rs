@@ -42,6 +42,55 @@ async fn connect() -> Option<Channel> {
     Some(channel)
 }
 
+/// A host-network pod named `name` (attempt `attempt`) logging to a fresh
+/// directory; its config and that directory.
+fn pod_config(name: &str, attempt: u32) -> (cri::PodSandboxConfig, std::path::PathBuf) {
+    let logs = std::env::temp_dir().join(format!(
+        "zygote-cri-{name}-{}-{attempt}",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&logs).unwrap();
+    let config = cri::PodSandboxConfig {
+        metadata: Some(cri::PodSandboxMetadata {
+            name: name.into(),
+            uid: format!("{name}-{}-{attempt}", std::process::id()),
+            namespace: "default".into(),
+            attempt: 0,
+        }),
+        hostname: name.into(),
+        log_directory: logs.to_string_lossy().into(),
+        linux: Some(cri::LinuxPodSandboxConfig {
+            security_context: Some(cri::LinuxSandboxSecurityContext {
+                // Host network: no CNI here (and no NIC in the VM yet).
+                namespace_options: Some(cri::NamespaceOption {
+                    network: cri::NamespaceMode::Node as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    (config, logs)
+}
+
+/// Runs pod `config` with the handler `zygote`; its id.
+async fn run_pod(
+    runtime: &mut RuntimeServiceClient<Channel>,
+    config: &cri::PodSandboxConfig,
+) -> String {
+    runtime
+        .run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(config.clone()),
+            runtime_handler: "zygote".into(),
+        })
+        .await
+        .expect("RunPodSandbox")
+        .into_inner()
+        .pod_sandbox_id
+}
+
 /// Kills the pod's shim (and so its VM) if the test fails before removing
 /// the pod: nothing keeps running after a failed test.
 struct PodGuard(String);
@@ -125,40 +174,8 @@ async fn pod_round(
     runtime: &mut RuntimeServiceClient<Channel>,
     attempt: u32,
 ) -> Result<(), PvmSegv> {
-    let logs = std::env::temp_dir().join(format!("zygote-cri-{}-{attempt}", std::process::id()));
-    std::fs::create_dir_all(&logs).unwrap();
-    let uid = format!("uid-{}-{attempt}", std::process::id());
-    let pod_config = cri::PodSandboxConfig {
-        metadata: Some(cri::PodSandboxMetadata {
-            name: "zpod".into(),
-            uid: uid.clone(),
-            namespace: "default".into(),
-            attempt: 0,
-        }),
-        hostname: "zpod".into(),
-        log_directory: logs.to_string_lossy().into(),
-        linux: Some(cri::LinuxPodSandboxConfig {
-            security_context: Some(cri::LinuxSandboxSecurityContext {
-                // Host network: no CNI here (and no NIC in the VM yet).
-                namespace_options: Some(cri::NamespaceOption {
-                    network: cri::NamespaceMode::Node as i32,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    let pod = runtime
-        .run_pod_sandbox(cri::RunPodSandboxRequest {
-            config: Some(pod_config.clone()),
-            runtime_handler: "zygote".into(),
-        })
-        .await
-        .expect("RunPodSandbox")
-        .into_inner()
-        .pod_sandbox_id;
+    let (pod_config, logs) = pod_config("zpod", attempt);
+    let pod = run_pod(runtime, &pod_config).await;
     let _guard = PodGuard(pod.clone());
     assert!(shim_running(&pod), "one shim for the pod");
 
@@ -358,7 +375,7 @@ fn run_dirs_of(pid: u32) -> usize {
 }
 
 #[test]
-fn two_containers_created_at_once_share_one_vm() {
+fn two_first_containers_started_at_once_share_one_vm() {
     let _vm = vm_lock();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -379,45 +396,15 @@ fn two_containers_created_at_once_share_one_vm() {
     });
 }
 
-/// A pod whose two first containers are created at the same moment: one VM
+/// A pod whose two first containers start at the same moment (the CRI
+/// makes their tasks then, so both ask the shim to create the pod VM): one VM
 /// (one run directory of its shim), both containers in it (one boot id).
 async fn twin_round(
     runtime: &mut RuntimeServiceClient<Channel>,
     attempt: u32,
 ) -> Result<(), PvmSegv> {
-    let logs =
-        std::env::temp_dir().join(format!("zygote-cri-twin-{}-{attempt}", std::process::id()));
-    std::fs::create_dir_all(&logs).unwrap();
-    let pod_config = cri::PodSandboxConfig {
-        metadata: Some(cri::PodSandboxMetadata {
-            name: "twins".into(),
-            uid: format!("twins-{}-{attempt}", std::process::id()),
-            namespace: "default".into(),
-            attempt: 0,
-        }),
-        hostname: "twins".into(),
-        log_directory: logs.to_string_lossy().into(),
-        linux: Some(cri::LinuxPodSandboxConfig {
-            security_context: Some(cri::LinuxSandboxSecurityContext {
-                namespace_options: Some(cri::NamespaceOption {
-                    network: cri::NamespaceMode::Node as i32,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    let pod = runtime
-        .run_pod_sandbox(cri::RunPodSandboxRequest {
-            config: Some(pod_config.clone()),
-            runtime_handler: "zygote".into(),
-        })
-        .await
-        .expect("RunPodSandbox")
-        .into_inner()
-        .pod_sandbox_id;
+    let (pod_config, logs) = pod_config("twins", attempt);
+    let pod = run_pod(runtime, &pod_config).await;
     let _guard = PodGuard(pod.clone());
     let create = |name: &str| cri::CreateContainerRequest {
         pod_sandbox_id: pod.clone(),
@@ -436,25 +423,36 @@ async fn twin_round(
         }),
         sandbox_config: Some(pod_config.clone()),
     };
+    let mut ids = Vec::new();
+    for name in ["a", "b"] {
+        let created = runtime
+            .create_container(create(name))
+            .await
+            .expect("CreateContainer");
+        ids.push(created.into_inner().container_id);
+    }
+    // The CRI creates the task (the shim's Create, which makes the VM) at
+    // StartContainer: both at once.
+    let start = |id: &str| cri::StartContainerRequest {
+        container_id: id.into(),
+    };
     let (mut a_client, mut b_client) = (runtime.clone(), runtime.clone());
     let (a, b) = tokio::join!(
-        a_client.create_container(create("a")),
-        b_client.create_container(create("b"))
+        a_client.start_container(start(&ids[0])),
+        b_client.start_container(start(&ids[1]))
     );
-    let ids = [
-        a.expect("CreateContainer a").into_inner().container_id,
-        b.expect("CreateContainer b").into_inner().container_id,
-    ];
+    a.expect("StartContainer a");
+    b.expect("StartContainer b");
     let shim = shim_pid(&pod).expect("the pod's shim");
-    assert_eq!(run_dirs_of(shim), 1, "one VM for the pod");
+    assert_eq!(
+        run_dirs_of(shim),
+        1,
+        "one VM for the pod (shim {shim}; run dirs {:?})",
+        std::fs::read_dir(zygote::paths::run_root())
+            .map(|rd| rd.flatten().map(|e| e.file_name()).collect::<Vec<_>>())
+    );
     let mut boot_ids = Vec::new();
     for id in &ids {
-        runtime
-            .start_container(cri::StartContainerRequest {
-                container_id: id.clone(),
-            })
-            .await
-            .expect("StartContainer");
         let exec = runtime
             .exec_sync(cri::ExecSyncRequest {
                 container_id: id.clone(),
