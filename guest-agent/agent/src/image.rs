@@ -83,10 +83,14 @@ pub fn mount(device: &str, target: &str, warm: bool) -> Result<u64, MountError> 
     Ok(if warm { read_all(Path::new(target)) } else { 0 })
 }
 
-/// Reads every regular file below `dir` (not following symbolic links).
+/// Reads every regular file below `dir` once (not following symbolic
+/// links; a file with several hard links, as busybox's applets often are,
+/// is read once: it is one inode, and each read is guest kernel work).
 fn read_all(dir: &Path) -> u64 {
+    use std::os::unix::fs::DirEntryExt;
     let mut total = 0;
     let mut buf = vec![0u8; 256 * 1024];
+    let mut seen = std::collections::HashSet::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
         let Ok(entries) = std::fs::read_dir(&d) else {
@@ -96,7 +100,7 @@ fn read_all(dir: &Path) -> u64 {
             let Ok(kind) = e.file_type() else { continue };
             if kind.is_dir() {
                 stack.push(e.path());
-            } else if kind.is_file() {
+            } else if kind.is_file() && seen.insert(e.ino()) {
                 if let Ok(mut f) = std::fs::File::open(e.path()) {
                     while let Ok(n) = f.read(&mut buf) {
                         if n == 0 {
@@ -114,6 +118,19 @@ fn read_all(dir: &Path) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hard_links_are_read_once() {
+        let d = std::env::temp_dir().join(format!("zygote-links-{}", std::process::id()));
+        std::fs::create_dir_all(d.join("bin")).unwrap();
+        std::fs::write(d.join("bin/busybox"), vec![7u8; 10_000]).unwrap();
+        for applet in ["sh", "ls", "cat"] {
+            std::fs::hard_link(d.join("bin/busybox"), d.join("bin").join(applet)).unwrap();
+        }
+        std::fs::write(d.join("other"), b"abc").unwrap();
+        assert_eq!(read_all(&d), 10_003);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
 
     #[test]
     fn devices_and_targets_are_checked_first() {

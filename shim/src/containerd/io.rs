@@ -284,7 +284,7 @@ fn copy_out(key: &str, stream: &str, s: Sink, mut conn: UnixStream) {
     let mut out = match open_sink(s) {
         Ok(f) => f,
         Err(e) => {
-            log::warn!("{key} {stream}: cannot open {what}: {e}; its output is discarded");
+            tracing::warn!("{key} {stream}: cannot open {what}: {e}; its output is discarded");
             let _ = std::io::copy(&mut conn, &mut std::io::sink());
             return;
         }

@@ -212,7 +212,7 @@ impl Logger {
                 Ok(None) => std::thread::sleep(Duration::from_millis(20)),
             }
         }
-        log::warn!(
+        tracing::warn!(
             "logging binary {} did not exit {GRACE:?} after its input ended: killed",
             self.path.display()
         );

@@ -58,7 +58,7 @@ impl Shim for ZygoteShim {
         let bundle = std::env::current_dir().unwrap_or_default();
         let removed = bundle::cleanup(&bundle);
         let swept = crate::sandbox::sweep_dead_run_dirs();
-        log::info!(
+        tracing::info!(
             "delete {} in {}: cleaned up (VM run dir {removed:?}; {swept} more of dead shims)",
             self.id,
             self.namespace
@@ -167,7 +167,7 @@ pub async fn serve(runtime_id: &str, flags: &Flags) -> Result<(), ShimError> {
     // cleans up only bundles it still knows).
     let swept = crate::sandbox::sweep_dead_run_dirs();
     if swept > 0 {
-        log::info!("removed {swept} run directories of dead shims");
+        tracing::info!("removed {swept} run directories of dead shims");
     }
     // Events wait (in order) for containerd's socket if it is away.
     let service = TaskService::new(
@@ -187,7 +187,7 @@ pub async fn serve(runtime_id: &str, flags: &Flags) -> Result<(), ShimError> {
         .register_service(services);
     server.start().await?;
     signal_started();
-    log::info!("zygote shim serving {path}");
+    tracing::info!("zygote shim serving {path}");
     shim.wait().await;
     service.flush_events().await;
     server.shutdown().await.unwrap_or_default();

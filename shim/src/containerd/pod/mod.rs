@@ -230,7 +230,7 @@ impl PodVm {
         let template_build_cpu_ms = ms(process_cpu_time().saturating_sub(cpu_before));
         let template_build_ms = if built.reused { 0.0 } else { built.total_ms };
         if !built.reused {
-            log::info!(
+            tracing::info!(
                 "template {name} built for image {} in {:.0} ms (cold path)",
                 image.key,
                 built.total_ms
@@ -364,7 +364,7 @@ impl PodVm {
         // The device threads end with the VM: read them just before.
         let devices = threads_cpu("zygote-", "zygote-vcpu");
         let (reason, times) = self.sandbox.kill_timed();
-        log::info!("pod VM stopped: {reason:?}");
+        tracing::info!("pod VM stopped: {reason:?}");
         PodEnd {
             life_ms,
             guest_run_ms: ms(times.run),

@@ -95,7 +95,7 @@ impl Events {
         let mut any = Any::new();
         any.type_url = event.descriptor_dyn().full_name().to_string();
         if let Err(e) = event.write_to_vec_dyn(&mut any.value) {
-            log::error!("event {topic} cannot be encoded: {e}");
+            tracing::error!("event {topic} cannot be encoded: {e}");
             return;
         }
         let mut envelope = Envelope::new();
@@ -106,7 +106,7 @@ impl Events {
         self.pending.count.fetch_add(1, Ordering::SeqCst);
         if self.tx.send(envelope).is_err() {
             self.pending.count.fetch_sub(1, Ordering::SeqCst);
-            log::error!("event {topic} lost: the forwarder has stopped");
+            tracing::error!("event {topic} lost: the forwarder has stopped");
         }
     }
 
@@ -120,7 +120,7 @@ impl Events {
                 break;
             }
             if tokio::time::timeout_at(deadline, drained).await.is_err() {
-                log::warn!(
+                tracing::warn!(
                     "{} events not taken by containerd when the shim exits",
                     self.pending.count.load(Ordering::SeqCst)
                 );
@@ -159,14 +159,14 @@ async fn forward_in_order(
             };
             client = None;
             if started.elapsed() > GIVE_UP {
-                log::error!(
+                tracing::error!(
                     "event {} lost: containerd did not take it for {GIVE_UP:?}: {error}",
                     request.envelope().topic()
                 );
                 break;
             }
             if !said {
-                log::warn!(
+                tracing::warn!(
                     "event {}: {error}; retrying in order until containerd takes it",
                     request.envelope().topic()
                 );

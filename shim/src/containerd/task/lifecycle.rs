@@ -71,7 +71,7 @@ impl TaskService {
                 .create_in_vm(&id, config, &bundle, &req.rootfs, &oci)
                 .await;
             if let Err(e) = created {
-                log::error!("create {id}: {}", e.describe());
+                tracing::error!("create {id}: {}", e.describe());
                 bundle::release(&bundle);
                 self.teardown_if_idle().await;
                 return Err(e);
@@ -101,7 +101,7 @@ impl TaskService {
             ..Default::default()
         };
         self.events.publish(topics::TASK_CREATE_EVENT_TOPIC, &event);
-        log::info!(
+        tracing::info!(
             "created {id} in {:.1} ms",
             started.elapsed().as_secs_f64() * 1e3
         );
@@ -129,7 +129,7 @@ impl TaskService {
         let hostname = spec::hostname(oci, id);
         let (guest, notes) = spec::for_guest(oci);
         for n in notes {
-            log::info!("{id}: {n}");
+            tracing::info!("{id}: {n}");
         }
         let spec_json = serde_json::to_vec(&guest).expect("a JSON value serializes");
         let upper = config.upper_size_mib;
@@ -144,7 +144,7 @@ impl TaskService {
                 None => {
                     let pod = Arc::new(PodVm::create(&config, &image, &hostname)?);
                     if let Err(e) = bundle::record_run_dir(&bundle, pod.run_dir()) {
-                        log::warn!("{id2}: cannot record the VM's run dir in the bundle: {e}");
+                        tracing::warn!("{id2}: cannot record the VM's run dir in the bundle: {e}");
                     }
                     service.state().pod = Some(pod.clone());
                     Ok((pod, true))
@@ -216,7 +216,7 @@ impl TaskService {
         self.publish_start(id, exec_id);
         match self.spawn_waiter(&pod, key, bridged.outputs) {
             Ok(stream) => streams.push(stream),
-            Err(e) => log::error!("{id} {exec_id}: no exit waiter: {e}"),
+            Err(e) => tracing::error!("{id} {exec_id}: no exit waiter: {e}"),
         }
         if let Ok(p) = self.state().table.process(id, exec_id) {
             if p.exit().is_some() {
@@ -227,7 +227,7 @@ impl TaskService {
             }
             p.streams = streams;
         }
-        log::info!(
+        tracing::info!(
             "started {id} {exec_id} (guest pid {guest_pid}) in {:.1} ms",
             started.elapsed().as_secs_f64() * 1e3
         );
@@ -254,7 +254,7 @@ impl TaskService {
                 let key = process_ref(id, exec_id);
                 let removed = blocking(move || Ok(pod.remove(&key)?)).await;
                 if let Err(e) = removed {
-                    log::warn!("remove {id} {exec_id} from the VM: {e}");
+                    tracing::warn!("remove {id} {exec_id} from the VM: {e}");
                 }
             }
         }
@@ -272,7 +272,7 @@ impl TaskService {
             state.table.remove(id, exec_id);
             state.table.is_empty()
         };
-        log::info!("deleted {id} {exec_id}");
+        tracing::info!("deleted {id} {exec_id}");
         if exec_id.is_empty() {
             bundle::release(Path::new(&bundle));
             let event = TaskDelete {

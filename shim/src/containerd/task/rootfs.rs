@@ -43,7 +43,7 @@ pub fn image_of(
     let built = store.from_dir(&key, &rootfs);
     unmount(&rootfs);
     let built = built?;
-    log::info!(
+    tracing::info!(
         "image {} built from the snapshot in {:.0} ms",
         built.key,
         built.build_ms

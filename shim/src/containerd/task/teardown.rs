@@ -26,7 +26,7 @@ impl TaskService {
             state.pod.take()
         };
         let Some(pod) = pod else { return };
-        log::info!("stopping the pod VM");
+        tracing::info!("stopping the pod VM");
         let (template, timings) = (pod.template.clone(), pod.timings);
         let ended = tokio::task::spawn_blocking(move || {
             // Waiter and OOM threads hold references for a moment after an exit.
@@ -38,7 +38,7 @@ impl TaskService {
                 }
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }
-            log::warn!("the pod VM is still referenced; it stops with the shim");
+            tracing::warn!("the pod VM is still referenced; it stops with the shim");
             None
         })
         .await;
@@ -64,7 +64,7 @@ impl TaskService {
             .open(&path)
             .and_then(|mut f| writeln!(f, "{line}"));
         if let Err(e) = written {
-            log::warn!("timings log {}: {e}", path.display());
+            tracing::warn!("timings log {}: {e}", path.display());
         }
     }
 }

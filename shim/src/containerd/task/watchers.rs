@@ -61,11 +61,11 @@ impl TaskService {
                     return;
                 };
                 let what = format!("{} {}", process.id, process.exec_id);
-                log::info!("{what} exited {}", exit.status);
+                tracing::info!("{what} exited {}", exit.status);
                 if process.exec_id.is_empty() {
                     outputs.drain();
                 } else if !outputs.drain_within(EXEC_OUTPUT_GRACE) {
-                    log::info!(
+                    tracing::info!(
                         "{what}: its output is still open (a background child); exit reported"
                     );
                 }
@@ -129,13 +129,15 @@ impl TaskService {
                     }
                     let Some(why) = dead else { continue };
                     drop(pod);
-                    log::error!("the pod VM failed: {why}; its running tasks are marked exited");
+                    tracing::error!(
+                        "the pod VM failed: {why}; its running tasks are marked exited"
+                    );
                     service.fail_all();
                     return;
                 }
             });
         if let Err(e) = spawned {
-            log::error!("no monitor for the pod VM: {e}");
+            tracing::error!("no monitor for the pod VM: {e}");
         }
     }
 
@@ -157,7 +159,7 @@ impl TaskService {
         let ooms = match pod.oom_stream() {
             Ok(s) => s,
             Err(e) => {
-                log::warn!("no OOM events: {e}");
+                tracing::warn!("no OOM events: {e}");
                 return;
             }
         };
@@ -174,7 +176,7 @@ impl TaskService {
                 }
             });
         if let Err(e) = spawned {
-            log::warn!("no OOM events: {e}");
+            tracing::warn!("no OOM events: {e}");
         }
     }
 }
@@ -193,7 +195,7 @@ fn wait_exit(
         let error = match wait.take().map(|w| w.wait()) {
             Some(Ok(exit)) => return Some(exit),
             Some(Err(PodError::Agent(e))) if e.code().is_some() => {
-                log::error!(
+                tracing::error!(
                     "{} {}: the agent cannot wait: {e}",
                     process.id,
                     process.exec_id
@@ -207,7 +209,7 @@ fn wait_exit(
             return None;
         }
         let Some(vm) = pod.upgrade() else {
-            log::error!(
+            tracing::error!(
                 "{} {}: the pod VM is gone ({error}); exit {VM_GONE_STATUS}",
                 process.id,
                 process.exec_id
@@ -215,7 +217,7 @@ fn wait_exit(
             return Some(gone());
         };
         if let Err(stopped) = vm.check() {
-            log::error!(
+            tracing::error!(
                 "{} {}: {stopped}; exit {VM_GONE_STATUS}",
                 process.id,
                 process.exec_id
@@ -223,7 +225,7 @@ fn wait_exit(
             return Some(gone());
         }
         if !error.is_empty() {
-            log::warn!(
+            tracing::warn!(
                 "{} {}: lost the wait ({error}); dialling again",
                 process.id,
                 process.exec_id
@@ -232,7 +234,7 @@ fn wait_exit(
         std::thread::sleep(REDIAL_PAUSE);
         match vm.wait_for(process.clone()) {
             Ok(w) => wait = Some(w),
-            Err(e) => log::warn!("{} {}: {e}", process.id, process.exec_id),
+            Err(e) => tracing::warn!("{} {}: {e}", process.id, process.exec_id),
         }
     }
 }
