@@ -92,6 +92,29 @@ fn run(root: &Path, json: &[u8]) -> (i32, String, String) {
     (status.code().unwrap_or(-1), out, err)
 }
 
+/// Launches `argv` in `root` with no stdio; the child (the container's
+/// init) and what its started pipe said within 10 s.
+fn launch_silent(
+    root: &Path,
+    argv: &[&str],
+) -> (
+    zygote_agent::procs::Child,
+    Option<zygote_agent::container::Ready>,
+) {
+    let config = launch_config(&spec(argv, serde_json::json!({})), root).unwrap();
+    let (ready, ready_w) = ready_pipe().unwrap();
+    let child = launch(
+        &config,
+        Path::new(AGENT),
+        Stdio::null(),
+        Stdio::null(),
+        Stdio::null(),
+        ready_w,
+    )
+    .unwrap();
+    (child, wait_ready(&ready, Duration::from_secs(10)))
+}
+
 #[test]
 fn process_spec_is_applied_inside_its_own_namespaces() {
     if !is_root() {
@@ -173,41 +196,16 @@ fn exit_codes_signals_and_start_failures() {
 
     // A program that does not exist: the started pipe says why, and the
     // init exits 127 (the agent fails the start with it, as runc does).
-    let config = launch_config(
-        &spec(&["/bin/no-such-program"], serde_json::json!({})),
-        &root,
-    )
-    .unwrap();
-    let (ready, ready_w) = ready_pipe().unwrap();
-    let mut child = launch(
-        &config,
-        Path::new(AGENT),
-        Stdio::null(),
-        Stdio::null(),
-        Stdio::null(),
-        ready_w,
-    )
-    .unwrap();
-    let said = wait_ready(&ready, Duration::from_secs(10)).expect("the pipe closes");
+    let (mut child, said) = launch_silent(&root, &["/bin/no-such-program"]);
+    let said = said.expect("the pipe closes");
     let why = said.failed.expect("a missing program is a failed start");
     assert!(why.contains("exec /bin/no-such-program"), "{why}");
     assert_eq!(child.wait().unwrap().code(), Some(127));
 
     // Killed from outside by signal 9: reported as 128 + 9.
-    let config =
-        launch_config(&spec(&["/bin/sleep", "100"], serde_json::json!({})), &root).unwrap();
-    let (ready, ready_w) = ready_pipe().unwrap();
-    let mut child = launch(
-        &config,
-        Path::new(AGENT),
-        Stdio::null(),
-        Stdio::null(),
-        Stdio::null(),
-        ready_w,
-    )
-    .unwrap();
-    let ready_said = wait_ready(&ready, Duration::from_secs(10))
-        .expect("the started pipe gives the pid and closes when the process has exec'd");
+    let (mut child, ready_said) = launch_silent(&root, &["/bin/sleep", "100"]);
+    let ready_said =
+        ready_said.expect("the started pipe gives the pid and closes when the process has exec'd");
     assert_eq!(ready_said.failed, None);
     let started = ready_said.pid;
     let cmdline = std::fs::read_to_string(format!("/proc/{started}/cmdline")).unwrap_or_default();
