@@ -157,14 +157,33 @@ impl TaskService {
         blocking(move || Ok(pod.close_stdin(&key)?)).await
     }
 
-    /// The guest pids of a container (the pause container: the shim's).
+    /// The pids of a container's processes (the pause container: the shim's).
+    ///
+    /// The container's own process goes by the task's pid (the shim's, as
+    /// containerd knows the task), as under runc the task's pid is among
+    /// its container's; the others by their guest pids.
     pub async fn list_pids(&self, id: &str) -> Result<Vec<u32>, TaskError> {
-        if self.state().table.container(id)?.sandbox {
-            return Ok(vec![task_pid()]);
-        }
+        let init_guest_pid = {
+            let mut state = self.state();
+            let c = state.table.container(id)?;
+            if c.sandbox {
+                return Ok(vec![task_pid()]);
+            }
+            c.init.guest_pid
+        };
         let pod = self.pod()?;
         let id = id.to_string();
-        blocking(move || Ok(pod.pids(&id)?)).await
+        let pids = blocking(move || Ok(pod.pids(&id)?)).await?;
+        Ok(pids
+            .into_iter()
+            .map(|pid| {
+                if Some(pid) == init_guest_pid {
+                    task_pid()
+                } else {
+                    pid
+                }
+            })
+            .collect())
     }
 
     /// A container's counters (the pause container: none yet).

@@ -2,8 +2,9 @@
 //! process table and the pod VM, and the events it raises.
 //!
 //! Pids: a task's pid, as containerd sees it, is the shim's own (the host
-//! process that holds the pod's VM), as Kata answers with its VMM's; the
-//! guest pids of a container's processes are what `pids` lists.
+//! process that holds the pod's VM), as Kata answers with its VMM's; `pids`
+//! lists a container's own process by that pid and the others by their
+//! guest pids.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -211,7 +212,12 @@ impl TaskService {
             }
         };
         let mut streams = bridged.streams;
-        self.state().table.process(id, exec_id)?.started = true;
+        {
+            let mut state = self.state();
+            let p = state.table.process(id, exec_id)?;
+            p.started = true;
+            p.guest_pid = Some(guest_pid);
+        }
         // Published before the waiter can publish the exit.
         self.publish_start(id, exec_id);
         match self.spawn_waiter(&pod, key, bridged.outputs) {

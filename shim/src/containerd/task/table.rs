@@ -18,6 +18,8 @@ pub struct Process {
     pub stdio: StdioPaths,
     /// Started (its process ran, or the sandbox's pause "ran").
     pub started: bool,
+    /// Its pid in the guest, once started.
+    pub guest_pid: Option<u32>,
     exit_tx: watch::Sender<Option<ProcessExit>>,
     /// Its vsock connections (stdio, wait), shut down at its exit.
     pub streams: Vec<UnixStream>,
@@ -31,6 +33,7 @@ impl Process {
         Process {
             stdio,
             started: false,
+            guest_pid: None,
             exit_tx: watch::channel(None).0,
             streams: Vec::new(),
             stdin_copy: None,
