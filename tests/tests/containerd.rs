@@ -451,14 +451,14 @@ fn detached_round(attempt: u32) -> Result<(), PvmSegv> {
 }
 
 #[test]
-fn execs_end_with_their_process_and_a_missing_program_fails_its_start() {
+fn execs_end_with_their_process_and_a_missing_program_is_refused() {
     if !containerd_available() {
         return;
     }
     let _vm = vm_lock();
     retry_pvm_segv(exec_edges_round);
-    // A container whose program does not exist fails its start (as under
-    // runc), and nothing of it is left.
+    // A container whose program does not exist is refused at create (as
+    // under runc), and nothing of it is left.
     let runs_before = vm_run_dirs();
     let id = cid("nobinary");
     cleanup(&id);

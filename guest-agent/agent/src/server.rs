@@ -76,7 +76,8 @@ fn container_call(
                 ContainerError::InvalidId(_)
                 | ContainerError::Spec(_)
                 | ContainerError::Rootfs(_)
-                | ContainerError::StartFailed { .. } => Code::InvalidArgument,
+                | ContainerError::StartFailed { .. }
+                | ContainerError::NoProgram { .. } => Code::InvalidArgument,
                 ContainerError::Exists(_) => Code::AlreadyExists,
                 ContainerError::State { .. } => Code::FailedPrecondition,
                 ContainerError::Os { .. } => Code::Internal,

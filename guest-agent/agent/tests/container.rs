@@ -261,6 +261,22 @@ fn registry_runs_a_container_with_streams_over_an_overlay() {
         registry.create("c2", &json, "relative", 0),
         Err(ContainerError::Rootfs(_))
     ));
+    // A program that is not in the image fails the create (as runc's does),
+    // on the PATH or by path, and leaves nothing.
+    for program in ["no-such-program", "/bin/no-such-program"] {
+        let missing = spec(&[program], serde_json::json!({}));
+        assert!(
+            matches!(
+                registry.create("c3", &missing, image.to_str().unwrap(), 0),
+                Err(ContainerError::NoProgram { .. })
+            ),
+            "{program}"
+        );
+        assert!(matches!(
+            registry.start("c3"),
+            Err(ContainerError::NotFound(_))
+        ));
+    }
     assert!(matches!(
         registry.start("nope"),
         Err(ContainerError::NotFound(_))

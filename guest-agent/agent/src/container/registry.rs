@@ -50,6 +50,14 @@ pub enum ContainerError {
     /// "process already finished", NOT_FOUND).
     #[error("process {0} already finished")]
     Finished(String),
+    /// The process's program is not in the container.
+    #[error("{id}: no program {program:?} in the container (looked up on its PATH)")]
+    NoProgram {
+        /// Container id.
+        id: String,
+        /// `args[0]`.
+        program: String,
+    },
     /// The process could not be started (e.g. its program does not exist).
     #[error("{id}: cannot start its process: {why}")]
     StartFailed {
@@ -161,6 +169,34 @@ impl Pipes {
             tty: Some(master),
         })
     }
+}
+
+/// Whether the process's program (`args[0]`, looked up on the spec's PATH
+/// as a shell would) can be in the container's root `root`: it is there (as
+/// any kind of file: a link may point into a mount), or it would be on one
+/// of the spec's mounts, which are made only at start.
+fn program_may_exist(root: &Path, config: &LaunchConfig) -> bool {
+    let arg0 = &config.args[0];
+    let candidates: Vec<PathBuf> = if arg0.contains('/') {
+        vec![config.cwd.join(arg0)]
+    } else {
+        let path = config
+            .env
+            .iter()
+            .find_map(|e| e.strip_prefix("PATH="))
+            .unwrap_or("/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+        path.split(':')
+            .filter(|d| d.starts_with('/'))
+            .map(|d| Path::new(d).join(arg0))
+            .collect()
+    };
+    candidates.iter().any(|p| {
+        config.mounts.iter().any(|m| p.starts_with(&m.destination))
+            || root
+                .join(p.strip_prefix("/").unwrap_or(p))
+                .symlink_metadata()
+                .is_ok()
+    })
 }
 
 /// How long an exec's exit waits for its output to end (a background child
@@ -397,6 +433,14 @@ impl Registry {
             mount_state_tmpfs(&dir, upper_size_mib)?;
             let merged = mount_overlay(lower, &dir)?;
             let mut config = launch_config(spec_json, &merged)?;
+            // As `runc create` does: a program that is not there fails the
+            // create, not a start that would "exit 127" later.
+            if !program_may_exist(&merged, &config) {
+                return Err(ContainerError::NoProgram {
+                    id: id.into(),
+                    program: config.args[0].clone(),
+                });
+            }
             if let Some(root) = &self.cgroup_root {
                 let cg = super::cgroup::create(root, id, &config.resources)
                     .map_err(os(format!("create the cgroup of {id}")))?;
