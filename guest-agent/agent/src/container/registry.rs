@@ -212,7 +212,9 @@ fn wait_finished(threads: &[JoinHandle<()>], grace: std::time::Duration) {
     }
 }
 
-struct Container {
+/// A process the registry runs in a container: the container's own (its
+/// init; it owns the container's root and cgroup) or an exec in it.
+struct ContainerProcess {
     config: LaunchConfig,
     dir: PathBuf,
     /// The cgroup this entry created (an exec shares its container's).
@@ -227,7 +229,7 @@ struct Container {
     pid: OnceLock<u32>,
 }
 
-impl Container {
+impl ContainerProcess {
     /// A process not started yet, with its stdio pipes.
     fn new(
         config: LaunchConfig,
@@ -240,7 +242,7 @@ impl Container {
         } else {
             Pipes::plain()?
         };
-        Ok(Container {
+        Ok(ContainerProcess {
             config,
             dir,
             cgroup,
@@ -257,7 +259,7 @@ impl Container {
 /// All containers.
 #[derive(Default)]
 pub struct Registry {
-    containers: Mutex<HashMap<String, Arc<Container>>>,
+    containers: Mutex<HashMap<String, Arc<ContainerProcess>>>,
     state_dir: PathBuf,
     agent_exe: PathBuf,
     cgroup_root: Option<PathBuf>,
@@ -396,7 +398,7 @@ impl Registry {
         })
     }
 
-    fn get(&self, id: &str) -> Result<Arc<Container>, ContainerError> {
+    fn get(&self, id: &str) -> Result<Arc<ContainerProcess>, ContainerError> {
         self.containers
             .lock()
             .expect("registry lock")
@@ -452,7 +454,7 @@ impl Registry {
                 config.cgroup = Some(cg);
             }
             let cgroup = config.cgroup.clone();
-            Container::new(config, dir.clone(), cgroup, None)
+            ContainerProcess::new(config, dir.clone(), cgroup, None)
         })();
         match result {
             Ok(c) => {
@@ -620,7 +622,7 @@ impl Registry {
         if containers.contains_key(&key) {
             return Err(ContainerError::Exists(key));
         }
-        let exec = Container::new(config, parent.dir.clone(), None, Some(id.into()))?;
+        let exec = ContainerProcess::new(config, parent.dir.clone(), None, Some(id.into()))?;
         containers.insert(key, Arc::new(exec));
         Ok(())
     }
