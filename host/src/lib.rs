@@ -1,0 +1,20 @@
+//! zygote's host runtime library: what the containerd shim and the `zygote`
+//! CLI share, and nothing of containerd.
+//!
+//! - [`paths`]: where the kernel, the guest image and VM run directories live.
+//! - [`sandbox`]: a VM booted or forked for zygote with its agent reachable:
+//!   boot, fork, wait for the agent's Ping (with a timeline), shut down,
+//!   clean up (also what dead processes left).
+//! - [`template`]: building templates (boot, warm, snapshot) and their metadata.
+//! - [`image`]: container images made into read-only erofs disks, cached.
+//! - [`reconcile`]: driving a fork's reconcile (clock offset, entropy, identity, policy).
+//! - [`procmem`]: a process's memory figures (PSS) for benchmarks.
+//! - [`doctor`]: checks of a node (KVM kind, kernel and image present).
+
+pub mod doctor;
+pub mod image;
+pub mod paths;
+pub mod procmem;
+pub mod reconcile;
+pub mod sandbox;
+pub mod template;
