@@ -221,7 +221,7 @@ impl TaskService {
         // Published before the waiter can publish the exit.
         self.publish_start(id, exec_id);
         match self.spawn_waiter(&pod, key, bridged.outputs) {
-            Ok(stream) => streams.push(stream),
+            Ok(stream) => streams.extend(stream),
             Err(e) => tracing::error!("{id} {exec_id}: no exit waiter: {e}"),
         }
         if let Ok(p) = self.state().table.process(id, exec_id) {

@@ -46,9 +46,20 @@ impl TaskService {
         pod: &Arc<PodVm>,
         process: ContainerRef,
         outputs: Outputs,
-    ) -> Result<std::os::unix::net::UnixStream, PodError> {
-        let first = pod.wait_for(process.clone())?;
-        let stream = first.stream().map_err(zygote_agent_api::ClientError::Io)?;
+    ) -> Result<Option<std::os::unix::net::UnixStream>, PodError> {
+        // A first dial that fails is dialled again by the waiter itself: a
+        // started process must get its exit reported.
+        let first = pod
+            .wait_for(process.clone())
+            .map_err(|e| {
+                tracing::warn!(
+                    "{} {}: {e}; the waiter dials again",
+                    process.id,
+                    process.exec_id
+                )
+            })
+            .ok();
+        let stream = first.as_ref().and_then(|w| w.stream().ok());
         let (service, weak) = (self.clone(), Arc::downgrade(pod));
         std::thread::Builder::new()
             .name("wait".into())
@@ -187,10 +198,10 @@ impl TaskService {
 fn wait_exit(
     pod: &Weak<PodVm>,
     process: &ContainerRef,
-    first: super::super::pod::ExitWait,
+    first: Option<super::super::pod::ExitWait>,
     wanted: impl Fn() -> bool,
 ) -> Option<ProcessExit> {
-    let mut wait = Some(first);
+    let mut wait = first;
     loop {
         let error = match wait.take().map(|w| w.wait()) {
             Some(Ok(exit)) => return Some(exit),
