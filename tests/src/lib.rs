@@ -74,6 +74,32 @@ pub fn fd_count() -> usize {
         .unwrap_or(0)
 }
 
+/// A fresh directory `$TMPDIR/zygote-{name}-{pid}` for a fixture that lives
+/// as long as the test binary (a `static`, which is never dropped): it is
+/// removed when the binary exits, from an `atexit` handler (the test harness
+/// ends with `exit`).
+pub fn scratch_dir(name: &str) -> PathBuf {
+    static DIRS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+    static REGISTER: std::sync::Once = std::sync::Once::new();
+    extern "C" fn remove_all() {
+        let dirs = std::mem::take(&mut *DIRS.lock().unwrap_or_else(|e| e.into_inner()));
+        for dir in dirs {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+    // SAFETY: registers a plain function; it runs once, at exit.
+    REGISTER.call_once(|| unsafe {
+        libc::atexit(remove_all);
+    });
+    let dir = std::env::temp_dir().join(format!("zygote-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    DIRS.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(dir.clone());
+    dir
+}
+
 /// A temporary file with `bytes`, removed on drop.
 #[derive(Debug)]
 pub struct TempFile(pub PathBuf);

@@ -25,7 +25,7 @@ fn go_version() -> String {
 
 #[test]
 fn go_binaries_are_recognized_with_their_version_however_stripped() {
-    let dir = std::env::temp_dir().join(format!("zygote-detect-go-{}", std::process::id()));
+    let dir = zygote_tests::scratch_dir("detect-go");
     let (normal, stripped) = build_gorand(&dir);
     let version = go_version();
     for exe in [&normal, &stripped] {

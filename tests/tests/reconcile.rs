@@ -7,13 +7,13 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use zygote::reconcile::{
-    ReconcileOutcome, ReconcileSpec, measure_offset, ping_round_trip, reconcile,
-};
+use zygote::reconcile::{ReconcileOutcome, ReconcileSpec, measure_offset, reconcile};
 use zygote::sandbox::{Sandbox, SandboxConfig};
 use zygote::template::{BuildSpec, TemplateMeta};
 use zygote_agent_api::{Action, PolicyRule, Spawn};
-use zygote_tests::{build_gorand, guest_available, guest_stdout, initramfs_with, vm_lock};
+use zygote_tests::{
+    build_gorand, guest_available, guest_stdout, initramfs_with, scratch_dir, vm_lock,
+};
 use zygote_vmm::snapshot::{Template, TemplateName, TemplateStore};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
@@ -38,7 +38,7 @@ fn spawn_spec(argv: &[&str]) -> Spawn {
 fn fixture() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
     F.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("zygote-reconcile-{}", std::process::id()));
+        let dir = scratch_dir("reconcile");
         let (normal, stripped) = build_gorand(&dir.join("go"));
         let image = initramfs_with(
             "gorand",
@@ -130,8 +130,9 @@ fn settled_skew(fork: &Sandbox, r: &ReconcileOutcome) -> f64 {
         }
         eprintln!("skew {skew:.1} ± {uncertainty:.1} ms: measuring again");
         std::thread::sleep(Duration::from_secs(1));
-        let idle = ping_round_trip(&mut client).unwrap();
-        let o = measure_offset(&mut client, idle).unwrap();
+        // No idle round trip given: it samples for up to 5 s and keeps the
+        // shortest round trip.
+        let o = measure_offset(&mut client, Duration::ZERO).unwrap();
         (skew, uncertainty) = (o.offset_ns as f64 / 1e6, o.round_trip_ns as f64 / 2e6);
     }
     panic!("no measurement within ± 25 ms (last: {skew:.1} ± {uncertainty:.1} ms)");

@@ -117,10 +117,44 @@ pub async fn start_legacy(flags: &Flags) -> Result<String, ShimError> {
     };
     if let Ok(any) = Any::parse_from_bytes(&input) {
         if !any.type_url.is_empty() {
-            opts.extensions.push(any);
+            opts.extensions.push(as_runc_options(any));
         }
     }
     spawn_grouped(opts).await
+}
+
+/// The type containerd's client sends a runtime other than runc for
+/// `WithShimCgroup` (and `ctr run`'s task options).
+const LEGACY_CREATE_OPTIONS: &str = "containerd.linux.runc.CreateOptions";
+
+/// The runtime options given to `start`, in the form the crate's spawn
+/// reads: runc's `Options`, whose `shim_cgroup` puts the new shim in that
+/// cgroup (as containerd's own shims do). The legacy `CreateOptions` carries
+/// `shim_cgroup` as field 9; anything else passes unchanged.
+fn as_runc_options(any: Any) -> Any {
+    use containerd_shim_protos::protobuf::CodedInputStream;
+    use containerd_shim_protos::protobuf::rt::WireType;
+    use containerd_shim_protos::shim::oci::Options;
+    if !any.type_url.ends_with(LEGACY_CREATE_OPTIONS) {
+        return any;
+    }
+    let mut options = Options::new();
+    let mut input = CodedInputStream::from_bytes(&any.value);
+    while let Ok(Some(tag)) = input.read_raw_tag_or_eof() {
+        let (field, wire) = (tag >> 3, tag & 7);
+        let read = if field == 9 && wire == WireType::LengthDelimited as u32 {
+            input.read_string().map(|cgroup| options.shim_cgroup = cgroup)
+        } else {
+            match WireType::new(wire) {
+                Some(wire) => input.skip_field(wire),
+                None => break,
+            }
+        };
+        if read.is_err() {
+            break;
+        }
+    }
+    Any::pack(&options).unwrap_or(any)
 }
 
 /// Serves the Task API on `flags.socket` until shut down. As the crate's
@@ -203,4 +237,42 @@ pub async fn serve(runtime_id: &str, flags: &Flags) -> Result<(), ShimError> {
 fn signal_started() {
     // SAFETY: dup2 of the process's own standard descriptors.
     unsafe { libc::dup2(libc::STDERR_FILENO, libc::STDOUT_FILENO) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use containerd_shim_protos::protobuf::Message;
+    use containerd_shim_protos::shim::oci::Options;
+
+    /// `WithShimCgroup` for a non-runc runtime: the legacy options' field 9
+    /// (after other fields) becomes runc's `shim_cgroup`.
+    #[test]
+    fn legacy_create_options_give_their_shim_cgroup() {
+        let path = b"/containerd/shim";
+        // no_pivot_root = true (field 1, varint), empty_namespaces = ["a"]
+        // (field 6), shim_cgroup (field 9), io_uid = 7 (field 10).
+        let mut value = vec![0x08, 0x01, 0x32, 0x01, b'a', 0x4a, path.len() as u8];
+        value.extend_from_slice(path);
+        value.extend_from_slice(&[0x50, 0x07]);
+        let any = Any {
+            type_url: LEGACY_CREATE_OPTIONS.into(),
+            value,
+            ..Default::default()
+        };
+        let converted = as_runc_options(any);
+        let options = Options::parse_from_bytes(&converted.value).unwrap();
+        assert_eq!(options.shim_cgroup, "/containerd/shim");
+        assert!(converted.type_url.ends_with("containerd.runc.v1.Options"));
+    }
+
+    #[test]
+    fn other_options_pass_unchanged() {
+        let any = Any {
+            type_url: "runtimeoptions.v1.Options".into(),
+            value: vec![0x0a, 0x01, b'x'],
+            ..Default::default()
+        };
+        assert_eq!(as_runc_options(any.clone()), any);
+    }
 }
