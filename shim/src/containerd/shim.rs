@@ -154,6 +154,7 @@ fn as_runc_options(any: Any) -> Any {
             break;
         }
     }
+    drop(input);
     Any::pack(&options).unwrap_or(any)
 }
 
