@@ -4,6 +4,8 @@
 //! are missing the tests fail with instructions, unless `ZYGOTE_ALLOW_SKIP=1`
 //! says a skip is acceptable (never in CI).
 
+pub mod ctr;
+
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 

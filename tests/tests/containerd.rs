@@ -11,112 +11,8 @@ use std::time::{Duration, Instant};
 
 use zygote_tests::{PvmSegv, retry_pvm_segv, vm_lock};
 
-const RUNTIME: &str = "io.containerd.zygote.v2";
-
+use zygote_tests::ctr::*;
 use zygote_tests::{containerd_socket as socket, test_image as image};
-
-/// Whether hack/containerd's containerd answers (panics with how to start it
-/// unless skipping is allowed).
-fn containerd_available() -> bool {
-    let ok = socket().exists() && ctr(&["version"]).status.success();
-    if ok {
-        return true;
-    }
-    let msg = format!(
-        "no containerd at {}: run hack/containerd (hack/test does)",
-        socket().display()
-    );
-    if std::env::var_os("ZYGOTE_ALLOW_SKIP").is_some_and(|v| v == "1") {
-        eprintln!("SKIP: {msg}");
-        return false;
-    }
-    panic!("{msg}");
-}
-
-fn ctr_cmd(args: &[&str]) -> Command {
-    let mut c = Command::new("ctr");
-    c.arg("--address").arg(socket()).args(args);
-    c
-}
-
-fn ctr(args: &[&str]) -> Output {
-    ctr_cmd(args)
-        .output()
-        .expect("ctr (containerd; hack/containerd installs it)")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-/// `ctr run FLAGS --runtime zygote IMAGE ID ARGV...`.
-fn zygote_run(flags: &[&str], id: &str, argv: &[&str]) -> Output {
-    let image = image();
-    let mut args = vec!["run"];
-    args.extend_from_slice(flags);
-    args.extend_from_slice(&["--runtime", RUNTIME, &image, id]);
-    args.extend_from_slice(argv);
-    ctr(&args)
-}
-
-/// Waits (up to 60 s) until `ctr task ls` shows task `id` as `status`.
-fn wait_task(id: &str, status: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let ls = text(&ctr(&["task", "ls"]).stdout);
-        if ls
-            .lines()
-            .any(|l| l.split_whitespace().next() == Some(id) && l.contains(status))
-        {
-            return;
-        }
-        assert!(Instant::now() < deadline, "task {id} is not {status}: {ls}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-/// A unique container id for this test process.
-fn cid(name: &str) -> String {
-    format!("{name}-{}", std::process::id())
-}
-
-/// Removes what a test may have left of container `id` (task and container).
-fn cleanup(id: &str) {
-    let _ = ctr(&["task", "kill", "-s", "SIGKILL", id]);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline && !ctr(&["task", "rm", "-f", id]).status.success() {
-        if !text(&ctr(&["task", "ls", "-q"]).stdout)
-            .lines()
-            .any(|l| l == id)
-        {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let _ = ctr(&["container", "rm", id]);
-}
-
-/// Cleans container `id` up when dropped, so that a failing test leaves no
-/// task, container or shim behind.
-struct Removed(String);
-
-impl Drop for Removed {
-    fn drop(&mut self) {
-        cleanup(&self.0);
-    }
-}
-
-/// Shim processes serving `id` (the shim is named after the first container of its group).
-fn shim_pids(id: &str) -> Vec<u32> {
-    let out = Command::new("pgrep")
-        .args(["-f", &format!("containerd-shim-zygote-v2 .*-id {id} ")])
-        .output()
-        .unwrap();
-    text(&out.stdout)
-        .lines()
-        .filter_map(|l| l.trim().parse().ok())
-        .collect()
-}
 
 /// `ctr events`, collected in the background.
 struct Events {
@@ -672,14 +568,6 @@ fn damaged_template_copies(store: &std::path::Path) -> Vec<PathBuf> {
     copies
 }
 
-fn vm_run_dirs() -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(zygote::paths::run_root())
-        .map(|rd| rd.flatten().map(|e| e.path()).collect())
-        .unwrap_or_default();
-    v.sort();
-    v
-}
-
 #[test]
 fn failures_are_reported_and_leave_nothing_behind() {
     if !containerd_available() {
@@ -834,21 +722,6 @@ fn panic_round(attempt: u32) -> Result<(), PvmSegv> {
     Ok(())
 }
 
-/// The vCPU threads of process `pid` (named `zygote-vcpu`).
-fn vcpu_threads(pid: u32) -> Vec<i32> {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .map(|rd| {
-            rd.flatten()
-                .filter(|e| {
-                    std::fs::read_to_string(e.path().join("comm"))
-                        .is_ok_and(|c| c.trim() == "zygote-vcpu")
-                })
-                .filter_map(|e| e.file_name().to_str()?.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 #[test]
 fn an_unresponsive_guest_is_detected_and_its_tasks_marked_exited() {
     if !containerd_available() {
@@ -866,29 +739,12 @@ fn an_unresponsive_guest_is_detected_and_its_tasks_marked_exited() {
     assert_eq!(shim.len(), 1);
     // Freeze the guest: stop its vCPU threads alone (ptrace), as a guest that
     // hangs looks to the host. The shim's other threads keep running.
-    let vcpus = vcpu_threads(shim[0]);
-    assert!(!vcpus.is_empty(), "the shim runs the VM's vCPUs");
-    for &tid in &vcpus {
-        // SAFETY: ptrace requests on a thread id, with null address and data.
-        unsafe {
-            assert_eq!(
-                libc::ptrace(libc::PTRACE_SEIZE, tid, 0, 0),
-                0,
-                "seize {tid}"
-            );
-            assert_eq!(libc::ptrace(libc::PTRACE_INTERRUPT, tid, 0, 0), 0);
-            let mut status = 0;
-            libc::waitpid(tid, &mut status, libc::__WALL);
-        }
-    }
+    let frozen = FrozenGuest::freeze(shim[0]);
     let started = Instant::now();
     // Two missed pings (10 s apart, 10 s each) mark the task exited.
     wait_task(&id, "STOPPED");
     eprintln!("marked exited after {:?}", started.elapsed());
-    for &tid in &vcpus {
-        // SAFETY: detaching threads this process seized.
-        unsafe { libc::ptrace(libc::PTRACE_DETACH, tid, 0, 0) };
-    }
+    drop(frozen);
     let log = log.since();
     assert!(
         log.lines()
@@ -1001,52 +857,6 @@ fn restart_round(attempt: u32) -> Result<(), PvmSegv> {
     Ok(())
 }
 
-/// What a container's life could leave behind on the host.
-#[derive(Debug, PartialEq, Eq)]
-struct HostFootprint {
-    /// zygote shim processes.
-    shims: usize,
-    /// VM run directories.
-    run_dirs: usize,
-    /// Mounts in the host's mount table.
-    mounts: usize,
-    /// Shim sockets (`/run/containerd/s`).
-    shim_sockets: usize,
-    /// containerd's FIFO directories (`/run/containerd/fifo`).
-    fifo_dirs: usize,
-    /// Open file descriptors of containerd.
-    containerd_fds: usize,
-}
-
-fn count_entries(dir: &str) -> usize {
-    std::fs::read_dir(dir).map_or(0, |rd| rd.count())
-}
-
-fn host_footprint() -> HostFootprint {
-    let pid = std::fs::read_to_string(socket().with_file_name("containerd.pid"))
-        .expect("hack/containerd's pid file");
-    // Shims of this containerd (another, e.g. hack/conformance's, has its own).
-    let ours = format!(
-        "containerd-shim-zygote-v2 -namespace .* -address {} ",
-        socket().display()
-    );
-    let shims = Command::new("pgrep")
-        .args(["-c", "-f", &ours])
-        .output()
-        .map_or(0, |o| text(&o.stdout).trim().parse().unwrap_or(0));
-    HostFootprint {
-        shims,
-        run_dirs: vm_run_dirs().len(),
-        mounts: std::fs::read_to_string("/proc/self/mountinfo")
-            .expect("mountinfo")
-            .lines()
-            .count(),
-        shim_sockets: count_entries("/run/containerd/s"),
-        fifo_dirs: count_entries("/run/containerd/fifo"),
-        containerd_fds: count_entries(&format!("/proc/{}/fd", pid.trim())),
-    }
-}
-
 #[test]
 fn create_start_delete_cycles_leave_nothing_behind() {
     if !containerd_available() {
@@ -1074,13 +884,7 @@ fn create_start_delete_cycles_leave_nothing_behind() {
     for n in 1..=cycles {
         retry_pvm_segv(|_| cycle(n));
     }
-    // containerd's `shim delete` and the shim's exit finish just after `ctr`.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut after = host_footprint();
-    while after != before && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(500));
-        after = host_footprint();
-    }
+    let after = footprint_after(&before);
     eprintln!("{cycles} create/start/delete cycles: before {before:?}, after {after:?}");
     assert_eq!(after, before, "{cycles} cycles left something behind");
 }

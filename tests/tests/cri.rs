@@ -11,6 +11,7 @@ use k8s_cri::v1 as cri;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use tonic::transport::{Channel, Endpoint, Uri};
+use zygote_tests::ctr::{footprint_after, host_footprint};
 use zygote_tests::{PvmSegv, vm_lock};
 
 use zygote_tests::{containerd_socket as socket, test_image as image};
@@ -117,17 +118,46 @@ fn shim_running(pod: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-#[test]
-fn a_pod_runs_through_the_cri_in_one_vm() {
+/// Runs a CRI test's `body` with a connection to containerd's CRI, holding
+/// the VM lock (returns at once when containerd is absent and skipping is
+/// allowed).
+fn cri_test<F, Fut>(body: F)
+where
+    F: FnOnce(Channel) -> Fut,
+    Fut: Future<Output = ()>,
+{
     let _vm = vm_lock();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     rt.block_on(async {
-        let Some(channel) = connect().await else {
-            return;
-        };
+        if let Some(channel) = connect().await {
+            body(channel).await;
+        }
+    });
+}
+
+/// Runs `round` (given its attempt number) until it passes: a round whose
+/// container's or exec's own exit status was SIGSEGV (the PVM guest fault,
+/// docs/guest-kernel.md) runs again with a new pod, counted
+/// ([`zygote_tests::may_retry`]); any other failure panics in the round.
+async fn until_passed<Fut>(mut round: impl FnMut(u32) -> Fut)
+where
+    Fut: Future<Output = Result<(), PvmSegv>>,
+{
+    for attempt in 0.. {
+        match round(attempt).await {
+            Ok(()) => return,
+            Err(segv) if zygote_tests::may_retry(&segv, attempt) => {}
+            Err(segv) => panic!("{} (exit status SIGSEGV)", segv.what),
+        }
+    }
+}
+
+#[test]
+fn a_pod_runs_through_the_cri_in_one_vm() {
+    cri_test(|channel| async move {
         let mut runtime = RuntimeServiceClient::new(channel.clone());
         let mut images = ImageServiceClient::new(channel);
         let version = runtime
@@ -155,16 +185,11 @@ fn a_pod_runs_through_the_cri_in_one_vm() {
             image()
         );
 
-        // A pod whose container's or exec's own exit status was SIGSEGV (the
-        // PVM guest fault, docs/guest-kernel.md) is retried with a new pod,
-        // and counted; any other failure fails the test.
-        for attempt in 0.. {
-            match pod_round(&mut runtime, attempt).await {
-                Ok(()) => return,
-                Err(segv) if zygote_tests::may_retry(&segv, attempt) => {}
-                Err(segv) => panic!("{} (exit status SIGSEGV)", segv.what),
-            }
-        }
+        until_passed(|attempt| {
+            let mut runtime = runtime.clone();
+            async move { pod_round(&mut runtime, attempt).await }
+        })
+        .await;
     });
 }
 
@@ -376,23 +401,13 @@ fn run_dirs_of(pid: u32) -> usize {
 
 #[test]
 fn two_first_containers_started_at_once_share_one_vm() {
-    let _vm = vm_lock();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let Some(channel) = connect().await else {
-            return;
-        };
-        let mut runtime = RuntimeServiceClient::new(channel);
-        for attempt in 0.. {
-            match twin_round(&mut runtime, attempt).await {
-                Ok(()) => return,
-                Err(segv) if zygote_tests::may_retry(&segv, attempt) => {}
-                Err(segv) => panic!("{} (exit status SIGSEGV)", segv.what),
-            }
-        }
+    cri_test(|channel| async move {
+        let runtime = RuntimeServiceClient::new(channel);
+        until_passed(|attempt| {
+            let mut runtime = runtime.clone();
+            async move { twin_round(&mut runtime, attempt).await }
+        })
+        .await;
     });
 }
 
@@ -476,5 +491,91 @@ async fn twin_round(
     remove_pod(runtime, &pod).await;
     assert_eq!(run_dirs_of(shim), 0, "nothing of the VM is left");
     std::fs::remove_dir_all(&logs).unwrap();
+    Ok(())
+}
+
+#[test]
+fn pod_cycles_leave_nothing_behind() {
+    cri_test(|channel| async move {
+        let runtime = RuntimeServiceClient::new(channel);
+        // A few in the suite; `hack/cycles` runs 20 (ZYGOTE_POD_CYCLES).
+        let cycles: u32 = std::env::var("ZYGOTE_POD_CYCLES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(3);
+        let cycle = |n: u32| {
+            let runtime = runtime.clone();
+            until_passed(move |attempt| {
+                let mut runtime = runtime.clone();
+                async move { pod_cycle(&mut runtime, n, attempt).await }
+            })
+        };
+        // The first cycle warms containerd's CRI up (its caches, the pause image).
+        cycle(0).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let before = host_footprint();
+        for n in 1..=cycles {
+            cycle(n).await;
+        }
+        let after = footprint_after(&before);
+        eprintln!("{cycles} CRI pod cycles: before {before:?}, after {after:?}");
+        assert_eq!(after, before, "{cycles} pod cycles left something behind");
+    });
+}
+
+/// One pod as kubelet runs a short job: sandbox, a container running
+/// `true`, its exit seen, the pod stopped and removed. Err when the
+/// container's own exit status was SIGSEGV.
+async fn pod_cycle(
+    runtime: &mut RuntimeServiceClient<Channel>,
+    n: u32,
+    attempt: u32,
+) -> Result<(), PvmSegv> {
+    let (config, logs) = pod_config(&format!("cycle{n}"), attempt);
+    let pod = run_pod(runtime, &config).await;
+    let _guard = PodGuard(pod.clone());
+    let container = runtime
+        .create_container(cri::CreateContainerRequest {
+            pod_sandbox_id: pod.clone(),
+            config: Some(cri::ContainerConfig {
+                metadata: Some(cri::ContainerMetadata {
+                    name: "job".into(),
+                    attempt: 0,
+                }),
+                image: Some(cri::ImageSpec {
+                    image: image(),
+                    ..Default::default()
+                }),
+                command: vec!["true".into()],
+                log_path: "job.log".into(),
+                ..Default::default()
+            }),
+            sandbox_config: Some(config.clone()),
+        })
+        .await
+        .expect("CreateContainer")
+        .into_inner()
+        .container_id;
+    runtime
+        .start_container(cri::StartContainerRequest {
+            container_id: container.clone(),
+        })
+        .await
+        .expect("StartContainer");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let code = loop {
+        if let Some(code) = container_exit_code(runtime, &container).await {
+            break code;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pod cycle {n}: the container did not exit"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    remove_pod(runtime, &pod).await;
+    std::fs::remove_dir_all(&logs).unwrap();
+    PvmSegv::check(code.into(), || format!("pod cycle {n}: the container"))?;
+    assert_eq!(code, 0, "pod cycle {n}");
     Ok(())
 }

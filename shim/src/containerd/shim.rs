@@ -143,7 +143,9 @@ fn as_runc_options(any: Any) -> Any {
     while let Ok(Some(tag)) = input.read_raw_tag_or_eof() {
         let (field, wire) = (tag >> 3, tag & 7);
         let read = if field == 9 && wire == WireType::LengthDelimited as u32 {
-            input.read_string().map(|cgroup| options.shim_cgroup = cgroup)
+            input
+                .read_string()
+                .map(|cgroup| options.shim_cgroup = cgroup)
         } else {
             match WireType::new(wire) {
                 Some(wire) => input.skip_field(wire),
