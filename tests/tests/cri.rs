@@ -76,6 +76,33 @@ fn pod_config(name: &str, attempt: u32) -> (cri::PodSandboxConfig, std::path::Pa
     (config, logs)
 }
 
+/// CreateContainer for container `name` of the test image in `pod`,
+/// running `command`, logging to `<name>.log`.
+fn container_request(
+    pod: &str,
+    pod_config: &cri::PodSandboxConfig,
+    name: &str,
+    command: &[&str],
+) -> cri::CreateContainerRequest {
+    cri::CreateContainerRequest {
+        pod_sandbox_id: pod.into(),
+        config: Some(cri::ContainerConfig {
+            metadata: Some(cri::ContainerMetadata {
+                name: name.into(),
+                attempt: 0,
+            }),
+            image: Some(cri::ImageSpec {
+                image: image(),
+                ..Default::default()
+            }),
+            command: command.iter().map(|s| s.to_string()).collect(),
+            log_path: format!("{name}.log"),
+            ..Default::default()
+        }),
+        sandbox_config: Some(pod_config.clone()),
+    }
+}
+
 /// Runs pod `config` with the handler `zygote`; its id.
 async fn run_pod(
     runtime: &mut RuntimeServiceClient<Channel>,
@@ -205,24 +232,12 @@ async fn pod_round(
     assert!(shim_running(&pod), "one shim for the pod");
 
     let container = runtime
-        .create_container(cri::CreateContainerRequest {
-            pod_sandbox_id: pod.clone(),
-            config: Some(cri::ContainerConfig {
-                metadata: Some(cri::ContainerMetadata {
-                    name: "app".into(),
-                    attempt: 0,
-                }),
-                image: Some(cri::ImageSpec {
-                    image: image(),
-                    ..Default::default()
-                }),
-                command: vec!["sh".into(), "-c".into()],
-                args: vec!["echo hello-from-cri; exec sleep 1000".into()],
-                log_path: "app.log".into(),
-                ..Default::default()
-            }),
-            sandbox_config: Some(pod_config.clone()),
-        })
+        .create_container(container_request(
+            &pod,
+            &pod_config,
+            "app",
+            &["sh", "-c", "echo hello-from-cri; exec sleep 1000"],
+        ))
         .await
         .expect("CreateContainer")
         .into_inner()
@@ -421,23 +436,7 @@ async fn twin_round(
     let (pod_config, logs) = pod_config("twins", attempt);
     let pod = run_pod(runtime, &pod_config).await;
     let _guard = PodGuard(pod.clone());
-    let create = |name: &str| cri::CreateContainerRequest {
-        pod_sandbox_id: pod.clone(),
-        config: Some(cri::ContainerConfig {
-            metadata: Some(cri::ContainerMetadata {
-                name: name.into(),
-                attempt: 0,
-            }),
-            image: Some(cri::ImageSpec {
-                image: image(),
-                ..Default::default()
-            }),
-            command: vec!["sleep".into(), "1000".into()],
-            log_path: format!("{name}.log"),
-            ..Default::default()
-        }),
-        sandbox_config: Some(pod_config.clone()),
-    };
+    let create = |name: &str| container_request(&pod, &pod_config, name, &["sleep", "1000"]);
     let mut ids = Vec::new();
     for name in ["a", "b"] {
         let created = runtime
@@ -535,23 +534,7 @@ async fn pod_cycle(
     let pod = run_pod(runtime, &config).await;
     let _guard = PodGuard(pod.clone());
     let container = runtime
-        .create_container(cri::CreateContainerRequest {
-            pod_sandbox_id: pod.clone(),
-            config: Some(cri::ContainerConfig {
-                metadata: Some(cri::ContainerMetadata {
-                    name: "job".into(),
-                    attempt: 0,
-                }),
-                image: Some(cri::ImageSpec {
-                    image: image(),
-                    ..Default::default()
-                }),
-                command: vec!["true".into()],
-                log_path: "job.log".into(),
-                ..Default::default()
-            }),
-            sandbox_config: Some(config.clone()),
-        })
+        .create_container(container_request(&pod, &config, "job", &["true"]))
         .await
         .expect("CreateContainer")
         .into_inner()

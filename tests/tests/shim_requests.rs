@@ -34,12 +34,21 @@ fn exec_spec(argv: &[&str]) -> Any {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn state_answers_while_start_stats_and_kill_wait_on_a_frozen_guest() {
+#[test]
+fn state_answers_while_start_stats_and_kill_wait_on_a_frozen_guest() {
     if !containerd_available() {
         return;
     }
     let _vm = vm_lock();
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(requests_while_frozen());
+}
+
+async fn requests_while_frozen() {
     let id = cid("inflight");
     cleanup(&id);
     let _removed = Removed(id.clone());
