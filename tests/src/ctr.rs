@@ -29,18 +29,21 @@ pub fn containerd_available() -> bool {
     panic!("{msg}");
 }
 
+/// `ctr --address <hack/containerd's socket> ARGS`, not run yet.
 pub fn ctr_cmd(args: &[&str]) -> Command {
     let mut c = Command::new("ctr");
     c.arg("--address").arg(socket()).args(args);
     c
 }
 
+/// Runs `ctr ARGS` against hack/containerd's containerd.
 pub fn ctr(args: &[&str]) -> Output {
     ctr_cmd(args)
         .output()
         .expect("ctr (containerd; hack/containerd installs it)")
 }
 
+/// Command output as text.
 pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
