@@ -103,6 +103,26 @@ fn container_request(
     }
 }
 
+/// Creates and starts a container; its id.
+async fn run_container(
+    runtime: &mut RuntimeServiceClient<Channel>,
+    request: cri::CreateContainerRequest,
+) -> String {
+    let container = runtime
+        .create_container(request)
+        .await
+        .expect("CreateContainer")
+        .into_inner()
+        .container_id;
+    runtime
+        .start_container(cri::StartContainerRequest {
+            container_id: container.clone(),
+        })
+        .await
+        .expect("StartContainer");
+    container
+}
+
 /// Runs pod `config` with the handler `zygote`; its id.
 async fn run_pod(
     runtime: &mut RuntimeServiceClient<Channel>,
@@ -231,23 +251,16 @@ async fn pod_round(
     let _guard = PodGuard(pod.clone());
     assert!(shim_running(&pod), "one shim for the pod");
 
-    let container = runtime
-        .create_container(container_request(
+    let container = run_container(
+        runtime,
+        container_request(
             &pod,
             &pod_config,
             "app",
             &["sh", "-c", "echo hello-from-cri; exec sleep 1000"],
-        ))
-        .await
-        .expect("CreateContainer")
-        .into_inner()
-        .container_id;
-    runtime
-        .start_container(cri::StartContainerRequest {
-            container_id: container.clone(),
-        })
-        .await
-        .expect("StartContainer");
+        ),
+    )
+    .await;
 
     let exec = runtime
         .exec_sync(cri::ExecSyncRequest {
@@ -533,18 +546,8 @@ async fn pod_cycle(
     let (config, logs) = pod_config(&format!("cycle{n}"), attempt);
     let pod = run_pod(runtime, &config).await;
     let _guard = PodGuard(pod.clone());
-    let container = runtime
-        .create_container(container_request(&pod, &config, "job", &["true"]))
-        .await
-        .expect("CreateContainer")
-        .into_inner()
-        .container_id;
-    runtime
-        .start_container(cri::StartContainerRequest {
-            container_id: container.clone(),
-        })
-        .await
-        .expect("StartContainer");
+    let container =
+        run_container(runtime, container_request(&pod, &config, "job", &["true"])).await;
     let deadline = Instant::now() + Duration::from_secs(120);
     let code = loop {
         if let Some(code) = container_exit_code(runtime, &container).await {
