@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use zygote_agent_api::{AgentClient, ClientError, Pong, READY_PORT, request};
+use zygote_vmm::devices::virtio::net::{NetConfig, Tap};
 use zygote_vmm::snapshot::{ForkConfig, ForkError, SnapshotError, SnapshotInfo, Template};
 use zygote_vmm::{BuildError, ExitReason, KvmKind, Machine, VmConfig};
 
@@ -49,6 +50,8 @@ pub struct SandboxConfig {
     pub console_log: Option<PathBuf>,
     /// Read-only disk images (`/dev/vda`, ...).
     pub disks: Vec<PathBuf>,
+    /// The NIC every VM has, without a link until a fork is given a tap.
+    pub nic: Option<NetConfig>,
 }
 
 impl Default for SandboxConfig {
@@ -63,6 +66,7 @@ impl Default for SandboxConfig {
             agent_timeout: Duration::from_secs(180),
             console_log: None,
             disks: Vec::new(),
+            nic: Some(NetConfig::default()),
         }
     }
 }
@@ -275,6 +279,7 @@ impl Sandbox {
             ),
             prefault: config.prefault,
             disks: config.disks.clone(),
+            net: config.nic,
         };
         // The agent connects here once it listens; until then the host only waits,
         // instead of probing the guest (each probe costs guest kernel work).
@@ -328,14 +333,24 @@ impl Sandbox {
     }
 
     /// Forks a VM from `template` and waits (up to `timeout`) until its agent
-    /// answers a Ping on a new connection.
+    /// answers a Ping on a new connection. Its NIC, if any, has no link.
     pub fn fork(template: &Template, timeout: Duration) -> Result<Sandbox, SandboxError> {
+        Sandbox::fork_with(template, timeout, None)
+    }
+
+    /// As [`Sandbox::fork`], the NIC's link up on `tap` if one is given.
+    pub fn fork_with(
+        template: &Template,
+        timeout: Duration,
+        tap: Option<Tap>,
+    ) -> Result<Sandbox, SandboxError> {
         let run_dir = RunDir::create()?;
         let vsock = run_dir.0.join("vsock.sock");
         let config = ForkConfig {
             vsock_path: Some(vsock.clone()),
             console_log: Some(run_dir.0.join("console.log")),
             disks: Vec::new(),
+            tap,
         };
         let machine = Machine::fork(template, &config).map_err(|source| SandboxError::Fork {
             template: template.dir().into(),

@@ -2,7 +2,7 @@
 //!
 //! Boot sequence: open KVM → guest RAM (memfd) → VM with in-kernel irqchip/PIT
 //! → load kernel and initramfs → boot data (PVH start info or zero page) → MP
-//! table → devices (serial, i8042, virtio-mmio rng and vsock) → vCPUs
+//! table → devices (serial, i8042, virtio-mmio rng, vsock, blk, net) → vCPUs
 //! configured → vCPU threads started.
 
 use std::fs::File;
@@ -22,6 +22,7 @@ use crate::arch::x86_64::{boot, mptable};
 use crate::devices::bus::{Bus, BusError};
 use crate::devices::legacy::{ConsoleLog, I8042, SerialConsole};
 use crate::devices::virtio::block::Block;
+use crate::devices::virtio::net::{Net, NetConfig};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::{Vsock, VsockError};
 use crate::devices::virtio::{MmioTransport, VirtioDevice};
@@ -63,6 +64,9 @@ pub struct VmConfig {
     pub prefault: bool,
     /// Read-only disk images (virtio-blk: `/dev/vda`, `/dev/vdb`, ...).
     pub disks: Vec<PathBuf>,
+    /// A NIC (virtio-net) without a link: what a template has; its forks
+    /// are given a tap.
+    pub net: Option<NetConfig>,
 }
 
 /// Errors building a machine. Nothing is left running or on disk when one is returned.
@@ -267,6 +271,9 @@ impl Machine {
         }
         for disk in &config.disks {
             virtio.push(Box::new(Block::new(disk)?));
+        }
+        if let Some(net) = config.net {
+            virtio.push(Box::new(Net::new(net, None)));
         }
         let mut devices = Vec::new();
         let mut cmdline_devices = Vec::new();

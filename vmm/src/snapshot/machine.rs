@@ -16,6 +16,7 @@ use crate::builder::{BuildError, LiveDevices, Machine, VirtioSlot, console_sink,
 use crate::devices::legacy::persist::SerialRestoreError;
 use crate::devices::legacy::{I8042, SerialArgs, SerialConsole};
 use crate::devices::virtio::persist::{DeviceArgs, MmioArgs, RestoreError};
+use crate::devices::virtio::net::Tap;
 use crate::devices::virtio::{DeviceState, MmioTransport};
 use crate::exit::{ExitReason, ExitSignal};
 use crate::persist::Persist;
@@ -61,7 +62,7 @@ pub struct SnapshotInfo {
 }
 
 /// What a fork gets of its own.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 pub struct ForkConfig {
     /// The fork's vsock socket (required when the template has a vsock device).
     pub vsock_path: Option<PathBuf>,
@@ -70,6 +71,9 @@ pub struct ForkConfig {
     /// Disk images for the template's block devices, in order (default: the
     /// images the template was built with; they must not have changed).
     pub disks: Vec<PathBuf>,
+    /// A tap for the template's NIC: its link comes up in the fork (none:
+    /// the NIC stays without a link, as in the template).
+    pub tap: Option<Tap>,
 }
 
 /// Errors forking. Nothing is left running or on disk when one is returned.
@@ -86,6 +90,12 @@ pub enum ForkError {
         /// This host's.
         host: KvmKind,
     },
+    /// A tap was given but the template has no NIC (built before NICs were).
+    #[error("the template has no network device: rebuild it")]
+    NoNic,
+    /// Another fd of the tap could not be made.
+    #[error("cannot use the tap")]
+    Tap(#[source] std::io::Error),
     /// The saved machine is not one this VMM builds.
     #[error("template state is inconsistent: {0}")]
     Inconsistent(&'static str),
@@ -264,9 +274,22 @@ impl Machine {
         } else {
             config.disks.clone()
         };
+        let has_nic = state
+            .virtio
+            .iter()
+            .any(|slot| matches!(slot.transport.device, DeviceState::Net(_)));
+        if config.tap.is_some() && !has_nic {
+            return Err(ForkError::NoNic);
+        }
         let device_args = DeviceArgs {
             vsock_path: config.vsock_path.clone(),
             disks,
+            tap: config
+                .tap
+                .as_ref()
+                .map(Tap::try_clone)
+                .transpose()
+                .map_err(ForkError::Tap)?,
         };
         let mut disk = 0;
         let devices = state
@@ -274,7 +297,7 @@ impl Machine {
             .iter()
             .map(|slot| {
                 let args = MmioArgs {
-                    device: device_args.clone(),
+                    device: device_args.for_device(&slot.transport.device)?,
                     disk,
                     mem: ram.memory.clone(),
                     irqfd: irqfd(&vm, slot.irq)?,

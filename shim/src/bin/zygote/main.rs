@@ -77,6 +77,7 @@ impl VmArgs {
             agent_timeout: Duration::from_secs(self.timeout),
             console_log: self.console.clone(),
             disks: self.disks.clone(),
+            ..Default::default()
         }
     }
 }

@@ -7,6 +7,7 @@
 
 pub mod block;
 pub mod mmio;
+pub mod net;
 pub mod persist;
 pub mod rng;
 #[cfg(test)]
@@ -141,6 +142,13 @@ impl Interrupt {
         self.status
             .fetch_or(VIRTIO_MMIO_INT_VRING, Ordering::SeqCst);
         // An irqfd write fails only if its counter would overflow: the interrupt is pending anyway.
+        let _ = self.irqfd.write(1);
+    }
+
+    /// Tells the driver the configuration space changed (e.g. the link status).
+    pub fn signal_config(&self) {
+        self.status
+            .fetch_or(VIRTIO_MMIO_INT_CONFIG, Ordering::SeqCst);
         let _ = self.irqfd.write(1);
     }
 

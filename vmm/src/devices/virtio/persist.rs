@@ -9,6 +9,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::block::{Block, BlockArgs, BlockError, BlockState};
 use super::mmio::MmioTransport;
+use super::net::{Net, NetArgs, NetState, Tap};
 use super::rng::{Rng, RngState};
 use super::vsock::{Vsock, VsockArgs, VsockError, VsockState};
 use super::{Interrupt, VirtioDevice};
@@ -79,18 +80,38 @@ pub enum DeviceState {
     Vsock(VsockState),
     /// virtio-blk (read-only image).
     Block(BlockState),
+    /// virtio-net.
+    Net(NetState),
     /// A test device (unit tests only).
     #[cfg(test)]
     Test,
 }
 
 /// What a restored device needs from the new VM.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 pub struct DeviceArgs {
     /// Where the vsock device listens for host clients.
     pub vsock_path: Option<PathBuf>,
     /// The disk images, in the order of the snapshot's block devices.
     pub disks: Vec<PathBuf>,
+    /// The NIC's tap (none: its link is down).
+    pub tap: Option<Tap>,
+}
+
+impl DeviceArgs {
+    /// The arguments for one device: the paths, and another fd of the tap
+    /// for a NIC (the fork's own fd stays with the caller).
+    pub fn for_device(&self, device: &DeviceState) -> Result<DeviceArgs, RestoreError> {
+        let tap = match (device, &self.tap) {
+            (DeviceState::Net(_), Some(tap)) => Some(tap.try_clone().map_err(RestoreError::Tap)?),
+            _ => None,
+        };
+        Ok(DeviceArgs {
+            vsock_path: self.vsock_path.clone(),
+            disks: self.disks.clone(),
+            tap,
+        })
+    }
 }
 
 /// Errors restoring a transport and its device.
@@ -125,6 +146,9 @@ pub enum RestoreError {
     /// An eventfd could not be created.
     #[error("cannot create an eventfd")]
     Eventfd(#[source] std::io::Error),
+    /// The tap could not be given to the NIC.
+    #[error("cannot give the NIC its tap")]
+    Tap(#[source] std::io::Error),
     /// The device could not be started again.
     #[error("cannot reactivate the device")]
     Activate(#[source] super::ActivateError),
@@ -138,18 +162,21 @@ impl DeviceState {
     /// Rebuilds the device; `disk` is the index of this device among the block devices.
     pub fn restore(
         &self,
-        args: &DeviceArgs,
+        args: DeviceArgs,
         disk: usize,
     ) -> Result<Box<dyn VirtioDevice>, RestoreError> {
         Ok(match self {
             DeviceState::Rng(state) => Box::new(Rng::restore((), state).expect("infallible")),
             DeviceState::Vsock(state) => {
-                let uds_path = args.vsock_path.clone().ok_or(RestoreError::NoVsockPath)?;
+                let uds_path = args.vsock_path.ok_or(RestoreError::NoVsockPath)?;
                 Box::new(Vsock::restore(VsockArgs { uds_path }, state)?)
             }
             DeviceState::Block(state) => {
                 let path = args.disks.get(disk).ok_or(RestoreError::NoDisk(disk))?;
                 Box::new(Block::restore(BlockArgs { path: path.clone() }, state)?)
+            }
+            DeviceState::Net(state) => {
+                Box::new(Net::restore(NetArgs { tap: args.tap }, state).expect("infallible"))
             }
             #[cfg(test)]
             DeviceState::Test => return Err(RestoreError::Test),
@@ -216,7 +243,7 @@ impl Persist for MmioTransport {
     }
 
     fn restore(args: MmioArgs, state: &MmioState) -> Result<Self, RestoreError> {
-        let device = state.device.restore(&args.device, args.disk)?;
+        let device = state.device.restore(args.device, args.disk)?;
         let actual = device.queue_max_sizes().len();
         if actual != state.queues.len() {
             return Err(RestoreError::QueueCount {
@@ -318,7 +345,7 @@ mod tests {
         let args = |path: Option<PathBuf>| MmioArgs {
             device: DeviceArgs {
                 vsock_path: path,
-                disks: vec![],
+                ..Default::default()
             },
             disk: 0,
             mem: mem.clone(),
