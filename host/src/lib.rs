@@ -13,6 +13,7 @@
 
 pub mod doctor;
 pub mod image;
+pub mod net;
 pub mod paths;
 pub mod procmem;
 pub mod reconcile;
