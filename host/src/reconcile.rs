@@ -11,7 +11,7 @@ use zygote_agent_api::{
 };
 
 /// What the host asks of one fork.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct ReconcileSpec {
     /// The VM's generation (≥ 1; each fork of a template gets a new one).
     pub generation: u64,
@@ -21,6 +21,10 @@ pub struct ReconcileSpec {
     pub policy: Vec<PolicyRule>,
     /// Nameservers.
     pub dns: Vec<String>,
+    /// The pod's interface (none: the VM's NIC stays without a link).
+    pub interfaces: Vec<zygote_agent_api::Interface>,
+    /// Routes through it.
+    pub routes: Vec<zygote_agent_api::Route>,
 }
 
 /// What a fork reported, and what the host then sampled from it.
@@ -52,6 +56,9 @@ pub enum ReconcileError {
     /// The agent answered something else.
     #[error("unexpected answer from the agent: {0}")]
     Unexpected(String),
+    /// The guest could not take the pod's network.
+    #[error("the guest could not take the pod's network: {0}")]
+    Network(String),
     /// The host's random source failed.
     #[error("cannot read host randomness")]
     Random(#[source] std::io::Error),
@@ -215,13 +222,23 @@ pub fn reconcile(
         machine_id: machine_id.clone(),
         dns: spec.dns.clone(),
         policy: spec.policy.clone(),
-        interfaces: vec![],
-        routes: vec![],
+        interfaces: spec.interfaces.clone(),
+        routes: spec.routes.clone(),
     }))?;
     let report = match body {
         response::Body::Reconciled(r) => r,
         other => return Err(ReconcileError::Unexpected(format!("{other:?}"))),
     };
+    // A pod whose network could not be set up is not a pod: say why.
+    if !spec.interfaces.is_empty() {
+        if let Some(step) = report
+            .steps
+            .iter()
+            .find(|s| s.name == "network" && s.detail.starts_with("failed"))
+        {
+            return Err(ReconcileError::Network(step.detail.clone()));
+        }
+    }
     // The step above assumed the request took half the round trip; the guest's
     // actual offset is measured against the midpoint of a sample's round trip
     // and corrected (as NTP does) until it is within CLOCK_TOLERANCE — or

@@ -149,6 +149,7 @@ fn fork_and_reconcile(
         hostname: host.into(),
         policy,
         dns: vec!["10.0.0.53".into()],
+        ..Default::default()
     };
     let outcome = reconcile(&mut sandbox.client().unwrap(), &spec).expect("reconcile");
     (sandbox, outcome)
@@ -223,8 +224,7 @@ fn two_forks_become_two_machines_and_go_is_restarted() {
             &ReconcileSpec {
                 generation: 1,
                 hostname: host.into(),
-                policy: vec![],
-                dns: vec![],
+                ..Default::default()
             },
         )
         .unwrap();

@@ -14,6 +14,7 @@ pub mod detect;
 pub mod exec;
 pub mod image;
 pub mod init;
+pub mod net;
 pub mod procs;
 pub mod reconcile;
 pub mod selftest;

@@ -44,6 +44,9 @@ pub enum ReconcileError {
     /// Generation 0 is the template's own.
     #[error("generation must be at least 1")]
     Generation,
+    /// The network identity is not one the VM can take.
+    #[error(transparent)]
+    Network(#[from] crate::net::InvalidNetwork),
 }
 
 fn valid_hostname(h: &str) -> bool {
@@ -112,6 +115,7 @@ pub fn validate(req: &Reconcile) -> Result<(), ReconcileError> {
         return Err(ReconcileError::MachineId(id.clone()));
     }
     actions(&req.policy)?;
+    crate::net::validate(&req.interfaces, &req.routes)?;
     Ok(())
 }
 
@@ -306,19 +310,18 @@ pub fn apply(req: &Reconcile, received: Instant) -> ReconcileReport {
     });
     s.run("identity", || set_identity(req));
     s.run("network", || {
-        let interfaces = if req.interfaces.is_empty() {
-            "no interfaces given".to_string()
-        } else {
-            format!(
-                "{} interfaces given, not applied: the VM has no network device yet",
-                req.interfaces.len()
-            )
-        };
+        // Connections from before the fork first: their peers are another
+        // machine's, whatever the NIC becomes.
         let sockets =
             crate::sockets::destroy_where(crate::sockets::TcpSocket::is_external_connection);
-        match sockets.strip_prefix("failed: ") {
-            Some(why) => format!("failed: {interfaces}; {why}"),
-            None => format!("{interfaces}; {sockets}"),
+        let interfaces = match req.interfaces.first() {
+            None => Ok("no interfaces given".to_string()),
+            Some(iface) => crate::net::configure(iface, &req.routes),
+        };
+        match (interfaces, sockets.strip_prefix("failed: ")) {
+            (Err(why), _) => format!("failed: {why}; {sockets}"),
+            (Ok(done), Some(why)) => format!("failed: {why}; {done}"),
+            (Ok(done), None) => format!("{done}; {sockets}"),
         }
     });
     let mut reports = Vec::new();

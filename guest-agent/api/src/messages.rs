@@ -401,9 +401,12 @@ pub struct Interface {
     /// MAC address.
     #[prost(string, tag = "2")]
     pub mac: String,
-    /// Addresses in CIDR form.
+    /// IPv4 addresses in CIDR form.
     #[prost(string, repeated, tag = "3")]
     pub addresses: Vec<String>,
+    /// MTU.
+    #[prost(uint32, tag = "4")]
+    pub mtu: u32,
 }
 
 /// A route.
@@ -412,7 +415,7 @@ pub struct Route {
     /// Destination in CIDR form (`0.0.0.0/0` for the default route).
     #[prost(string, tag = "1")]
     pub destination: String,
-    /// Gateway address.
+    /// Gateway address (empty: on-link).
     #[prost(string, tag = "2")]
     pub gateway: String,
 }

@@ -147,6 +147,16 @@ fn clean(nl: &mut Netlink) -> Result<(), NetError> {
     Ok(())
 }
 
+/// Whether `path` is this process's own network namespace (the host's, for
+/// a shim): a pod given it has host networking, and it must never be wired.
+pub fn is_own_namespace(path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(path), std::fs::metadata("/proc/self/ns/net")) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
 /// Undoes [`attach`] in `netns`: the tap (if its VM still holds it) and
 /// the filters. Harmless to repeat; a namespace that is gone has nothing
 /// left to undo.
@@ -259,6 +269,15 @@ mod tests {
         let again = attach(&ns.path()).expect("attach again");
         drop(again);
         detach(&ns.path()).unwrap();
+    }
+
+    #[test]
+    fn the_own_namespace_is_recognised() {
+        assert!(is_own_namespace(Path::new("/proc/self/ns/net")));
+        assert!(is_own_namespace(Path::new(&format!("/proc/{}/ns/net", std::process::id()))));
+        let ns = ScratchNs::new("own");
+        assert!(!is_own_namespace(&ns.path()));
+        assert!(!is_own_namespace(Path::new("/nonexistent")));
     }
 
     #[test]

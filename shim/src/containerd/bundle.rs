@@ -1,11 +1,19 @@
 //! What a container's bundle directory holds for zygote: its rootfs mount
 //! point (mounted only while its image disk is built) and a file naming the
-//! pod VM's run directory, so that `delete` after a killed shim can clean up.
+//! pod VM's run directory and one naming the network namespace it is wired
+//! into, so that `delete` after a killed shim can clean up.
 
 use std::path::{Path, PathBuf};
 
 /// A file in the bundle naming the pod VM's run directory.
 pub const RUN_DIR_FILE: &str = "zygote-vm-run-dir";
+/// A file in the bundle naming the network namespace the pod VM is wired into.
+pub const NETNS_FILE: &str = "zygote-netns";
+
+/// Records the pod's network namespace in `bundle`.
+pub fn record_netns(bundle: &Path, netns: &Path) -> std::io::Result<()> {
+    std::fs::write(bundle.join(NETNS_FILE), netns.to_string_lossy().as_bytes())
+}
 
 /// Records the pod VM's run directory in `bundle`.
 pub fn record_run_dir(bundle: &Path, run_dir: &Path) -> std::io::Result<()> {
@@ -20,6 +28,7 @@ pub fn record_run_dir(bundle: &Path, run_dir: &Path) -> std::io::Result<()> {
 pub fn release(bundle: &Path) {
     unmount(&bundle.join("rootfs"));
     let _ = std::fs::remove_file(bundle.join(RUN_DIR_FILE));
+    let _ = std::fs::remove_file(bundle.join(NETNS_FILE));
 }
 
 /// After a shim died: unmounts the bundle's rootfs and removes the pod VM's
@@ -27,6 +36,16 @@ pub fn release(bundle: &Path) {
 /// root). Returns the directory removed.
 pub fn cleanup(bundle: &Path) -> Option<PathBuf> {
     unmount(&bundle.join("rootfs"));
+    // The dead shim's tap went with its fds; its filters are undone here.
+    if let Ok(netns) = std::fs::read_to_string(bundle.join(NETNS_FILE)) {
+        let netns = PathBuf::from(netns.trim());
+        if !crate::net::is_own_namespace(&netns) {
+            if let Err(e) = crate::net::detach(&netns) {
+                tracing::warn!("detach the pod network in {}: {e}", netns.display());
+            }
+        }
+        let _ = std::fs::remove_file(bundle.join(NETNS_FILE));
+    }
     let recorded = std::fs::read_to_string(bundle.join(RUN_DIR_FILE)).ok();
     let _ = std::fs::remove_file(bundle.join(RUN_DIR_FILE));
     let dir = PathBuf::from(recorded?.trim());

@@ -32,6 +32,24 @@ pub fn is_sandbox(spec: &Value) -> bool {
     annotation(spec, CONTAINER_TYPE) == Some("sandbox")
 }
 
+/// Whether the spec is a CRI container's (a pod's pause or application
+/// container), whose network is the pod's.
+pub fn is_cri(spec: &Value) -> bool {
+    annotation(spec, CONTAINER_TYPE).is_some()
+}
+
+/// The network namespace the spec joins: `linux.namespaces`' `network`
+/// entry with a path (none: a new, empty one, or the host's if absent).
+pub fn network_namespace(spec: &Value) -> Option<std::path::PathBuf> {
+    spec["linux"]["namespaces"]
+        .as_array()?
+        .iter()
+        .find(|ns| ns["type"] == "network")?["path"]
+        .as_str()
+        .filter(|p| !p.is_empty())
+        .map(std::path::PathBuf::from)
+}
+
 /// The hostname of the pod VM that container `id` makes: the spec's, else
 /// the id made a valid host name (containerd's ids may hold `_` and `.`,
 /// and be longer than a label; runc would leave the host's name in place,
@@ -151,6 +169,29 @@ pub fn for_guest(spec: &Value) -> (Value, Vec<String>) {
         });
     }
     (out, notes)
+}
+
+#[cfg(test)]
+mod network_tests {
+    use super::*;
+
+    #[test]
+    fn the_network_namespace_is_the_one_with_a_path() {
+        let spec = serde_json::json!({"linux": {"namespaces": [
+            {"type": "pid"},
+            {"type": "network", "path": "/var/run/netns/cni-1"}
+        ]}});
+        assert_eq!(
+            network_namespace(&spec),
+            Some(std::path::PathBuf::from("/var/run/netns/cni-1"))
+        );
+        let fresh = serde_json::json!({"linux": {"namespaces": [{"type": "network"}]}});
+        assert_eq!(network_namespace(&fresh), None);
+        assert_eq!(network_namespace(&serde_json::json!({})), None);
+        assert!(!is_cri(&spec));
+        let pause = serde_json::json!({"annotations": {CONTAINER_TYPE: "sandbox"}});
+        assert!(is_cri(&pause));
+    }
 }
 
 #[cfg(test)]

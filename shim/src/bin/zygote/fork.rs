@@ -109,7 +109,7 @@ pub fn fork(
             generation: 1,
             hostname: format!("zygote-{}-{i}", std::process::id()),
             policy: opts.policy.clone(),
-            dns: vec![],
+            ..Default::default()
         };
         let outcome = reconcile(&mut sandbox.client()?, &spec).context("reconcile")?;
         Ok((sandbox, Some(outcome)))

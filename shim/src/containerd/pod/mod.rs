@@ -61,6 +61,9 @@ pub enum PodError {
     /// The reconcile failed.
     #[error("reconcile of the new VM")]
     Reconcile(#[from] crate::reconcile::ReconcileError),
+    /// The pod's network namespace could not be wired to the VM.
+    #[error("the pod's network")]
+    Network(#[from] crate::net::NetError),
     /// An agent call failed.
     #[error(transparent)]
     Agent(#[from] ClientError),
@@ -147,9 +150,49 @@ pub fn process_cpu_time() -> Duration {
     zygote_vmm::vstate::vcpu::clock_time(libc::CLOCK_PROCESS_CPUTIME_ID)
 }
 
+/// The pod's network while it is attached; detached on drop unless kept.
+struct Attached(Option<PathBuf>);
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        if let Some(netns) = self.0.take() {
+            if let Err(e) = crate::net::detach(&netns) {
+                tracing::warn!("detach the pod network in {}: {e}", netns.display());
+            }
+        }
+    }
+}
+
+/// What the guest is told of the pod's interface.
+fn guest_network(
+    iface: &crate::net::PodInterface,
+) -> (Vec<zygote_agent_api::Interface>, Vec<zygote_agent_api::Route>) {
+    let m = iface.mac;
+    let interface = zygote_agent_api::Interface {
+        name: iface.name.clone(),
+        mac: format!(
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        ),
+        addresses: iface.addresses.iter().map(ToString::to_string).collect(),
+        mtu: iface.mtu,
+    };
+    let routes = iface
+        .routes
+        .iter()
+        .map(|r| zygote_agent_api::Route {
+            destination: r.destination.to_string(),
+            gateway: r.gateway.map(|g| g.to_string()).unwrap_or_default(),
+        })
+        .collect();
+    (vec![interface], routes)
+}
+
 /// A running pod VM.
 pub struct PodVm {
     sandbox: Sandbox,
+    /// The pod's network namespace, wired to the VM's NIC (none: no network).
+    network: Attached,
     /// The template it was forked from.
     pub template: String,
     /// The image it has on /dev/vda.
@@ -190,11 +233,14 @@ pub fn template_name(image: &ImageBuild, config: &ShimConfig) -> String {
 
 impl PodVm {
     /// Forks the pod's VM from `image`'s template (built first if missing or
-    /// stale) and reconciles it with `hostname`.
+    /// stale) and reconciles it with `hostname`; with `netns`, the VM's NIC
+    /// becomes the pod's interface there. On error nothing is left (no VM,
+    /// no tap, no filters).
     pub fn create(
         config: &ShimConfig,
         image: &ImageBuild,
         hostname: &str,
+        netns: Option<&Path>,
     ) -> Result<Self, PodError> {
         let name = template_name(image, config);
         let failed = |message: String| PodError::Template {
@@ -241,7 +287,18 @@ impl PodVm {
             dir: built.dir.clone(),
             why: format!("{:#}", anyhow::Error::from(e)),
         })?;
-        let sandbox = Sandbox::fork(&opened, timeout).map_err(|source| PodError::Fork {
+        let (network, tap, (interfaces, routes)) = match netns {
+            Some(netns) => {
+                let attached = crate::net::attach(netns)?;
+                (
+                    Attached(Some(netns.into())),
+                    Some(attached.tap),
+                    guest_network(&attached.interface),
+                )
+            }
+            None => (Attached(None), None, Default::default()),
+        };
+        let sandbox = Sandbox::fork_with(&opened, timeout, tap).map_err(|source| PodError::Fork {
             name: name.clone(),
             source,
         })?;
@@ -265,7 +322,9 @@ impl PodVm {
                 generation: 1,
                 hostname: hostname.into(),
                 policy,
-                dns: vec![],
+                interfaces,
+                routes,
+                ..Default::default()
             },
         )?;
         client.set_timeout(timeout).map_err(ClientError::Io)?;
@@ -284,7 +343,13 @@ impl PodVm {
             },
             created,
             sandbox,
+            network,
         })
+    }
+
+    /// The network namespace the VM is wired into, if any.
+    pub fn netns(&self) -> Option<&Path> {
+        self.network.0.as_deref()
     }
 
     /// One request on an idle control connection (a new one if none is
@@ -365,6 +430,7 @@ impl PodVm {
         let devices = threads_cpu("zygote-", "zygote-vcpu");
         let (reason, times) = self.sandbox.kill_timed();
         tracing::info!("pod VM stopped: {reason:?}");
+        drop(self.network);
         PodEnd {
             life_ms,
             guest_run_ms: ms(times.run),

@@ -67,6 +67,11 @@ impl TaskService {
         };
         let sandbox = spec::is_sandbox(&oci);
         self.state().timings_log = config.timings_log.clone();
+        if sandbox {
+            // The CRI made the pod's namespace and ran CNI in it before
+            // this create; application containers name the pause's pid's.
+            self.state().pod_netns = spec::network_namespace(&oci);
+        }
         if !sandbox {
             let created = self
                 .create_in_vm(&id, config, &bundle, &req.rootfs, &oci)
@@ -128,6 +133,13 @@ impl TaskService {
             id.to_string(),
         );
         let hostname = spec::hostname(oci, id);
+        let netns = if spec::is_cri(oci) {
+            self.state().pod_netns.clone()
+        } else {
+            spec::network_namespace(oci)
+        }
+        // The host's own namespace is host networking: nothing to wire.
+        .filter(|ns| !crate::net::is_own_namespace(ns));
         let (guest, notes) = spec::for_guest(oci);
         for n in notes {
             tracing::info!("{id}: {n}");
@@ -143,9 +155,14 @@ impl TaskService {
                         .into(),
                 )),
                 None => {
-                    let pod = Arc::new(PodVm::create(&config, &image, &hostname)?);
+                    let pod = Arc::new(PodVm::create(&config, &image, &hostname, netns.as_deref())?);
                     if let Err(e) = bundle::record_run_dir(&bundle, pod.run_dir()) {
                         tracing::warn!("{id2}: cannot record the VM's run dir in the bundle: {e}");
+                    }
+                    if let Some(ns) = pod.netns() {
+                        if let Err(e) = bundle::record_netns(&bundle, ns) {
+                            tracing::warn!("{id2}: cannot record the pod's netns in the bundle: {e}");
+                        }
                     }
                     service.state().pod = Some(pod.clone());
                     Ok((pod, true))

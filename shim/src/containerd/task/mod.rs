@@ -45,6 +45,8 @@ use table::Table;
 #[derive(Default)]
 struct State {
     pod: Option<Arc<PodVm>>,
+    /// The pod's network namespace, from its pause container's spec (CRI).
+    pod_netns: Option<PathBuf>,
     timings_log: Option<PathBuf>,
     table: Table,
 }
