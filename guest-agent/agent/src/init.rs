@@ -53,6 +53,9 @@ pub fn setup() {
         "",
     );
     crate::workload::setup_cgroup();
+    if let Err(e) = crate::net::loopback_up() {
+        eprintln!("zygote-agent: {e}");
+    }
     mount(
         "tmpfs",
         "/run",

@@ -146,6 +146,29 @@ fn nic(nl: &mut Netlink) -> Result<(u32, String), String> {
         .ok_or_else(|| "the VM has no network device (a template built before NICs?)".into())
 }
 
+/// Brings the loopback interface up (at boot: every template, and so every
+/// fork, has localhost; a pod's containers reach each other there).
+pub fn loopback_up() -> Result<(), String> {
+    let mut nl = Netlink::open().map_err(step("netlink"))?;
+    let links = nl
+        .dump(RouteNetlinkMessage::GetLink(LinkMessage::default()))
+        .map_err(step("listing links"))?;
+    for m in links {
+        if let RouteNetlinkMessage::NewLink(l) = m {
+            if l.header.flags.contains(LinkFlags::Loopback) {
+                let mut up = LinkMessage::default();
+                up.header.index = l.header.index;
+                up.header.flags = LinkFlags::Up;
+                up.header.change_mask = LinkFlags::Up;
+                return nl
+                    .request(RouteNetlinkMessage::SetLink(up), 0)
+                    .map_err(step("bringing lo up"));
+            }
+        }
+    }
+    Err("no loopback interface".into())
+}
+
 /// Makes the NIC `iface` and adds `routes` (validated). Returns what was done.
 pub fn configure(iface: &Interface, routes: &[Route]) -> Result<String, String> {
     let mut nl = Netlink::open().map_err(step("netlink"))?;

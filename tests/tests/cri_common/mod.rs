@@ -1,0 +1,266 @@
+//! What the CRI tests share: a client connected to containerd's CRI, pod
+//! and container requests, and the checks and clean-up around a pod.
+
+#![allow(dead_code, reason = "each test file uses its own part")]
+
+use std::time::{Duration, Instant};
+
+use k8s_cri::v1 as cri;
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use tonic::transport::{Channel, Endpoint, Uri};
+use zygote_tests::{PvmSegv, vm_lock};
+
+use zygote_tests::{containerd_socket as socket, test_image as image};
+
+pub async fn connect() -> Option<Channel> {
+    let path = socket();
+    if !path.exists() {
+        let msg = format!(
+            "no containerd at {}: run hack/containerd (hack/test does)",
+            path.display()
+        );
+        if std::env::var_os("ZYGOTE_ALLOW_SKIP").is_some_and(|v| v == "1") {
+            eprintln!("SKIP: {msg}");
+            return None;
+        }
+        panic!("{msg}");
+    }
+    let channel = Endpoint::try_from("http://[::]:50051")
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move {
+                let stream = tokio::net::UnixStream::connect(path).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+            }
+        }))
+        .await
+        .expect("connect to the CRI");
+    Some(channel)
+}
+
+/// A host-network pod named `name` (attempt `attempt`) logging to a fresh
+/// directory; its config and that directory.
+pub fn pod_config(name: &str, attempt: u32) -> (cri::PodSandboxConfig, std::path::PathBuf) {
+    let logs = std::env::temp_dir().join(format!(
+        "zygote-cri-{name}-{}-{attempt}",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&logs).unwrap();
+    let config = cri::PodSandboxConfig {
+        metadata: Some(cri::PodSandboxMetadata {
+            name: name.into(),
+            uid: format!("{name}-{}-{attempt}", std::process::id()),
+            namespace: "default".into(),
+            attempt: 0,
+        }),
+        hostname: name.into(),
+        log_directory: logs.to_string_lossy().into(),
+        linux: Some(cri::LinuxPodSandboxConfig {
+            security_context: Some(cri::LinuxSandboxSecurityContext {
+                // Host network: no CNI here (and no NIC in the VM yet).
+                namespace_options: Some(cri::NamespaceOption {
+                    network: cri::NamespaceMode::Node as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    (config, logs)
+}
+
+
+/// CreateContainer for container `name` of the test image in `pod`,
+/// running `command`, logging to `<name>.log`.
+pub fn container_request(
+    pod: &str,
+    pod_config: &cri::PodSandboxConfig,
+    name: &str,
+    command: &[&str],
+) -> cri::CreateContainerRequest {
+    cri::CreateContainerRequest {
+        pod_sandbox_id: pod.into(),
+        config: Some(cri::ContainerConfig {
+            metadata: Some(cri::ContainerMetadata {
+                name: name.into(),
+                attempt: 0,
+            }),
+            image: Some(cri::ImageSpec {
+                image: image(),
+                ..Default::default()
+            }),
+            command: command.iter().map(|s| s.to_string()).collect(),
+            log_path: format!("{name}.log"),
+            ..Default::default()
+        }),
+        sandbox_config: Some(pod_config.clone()),
+    }
+}
+
+/// Creates and starts a container; its id.
+pub async fn run_container(
+    runtime: &mut RuntimeServiceClient<Channel>,
+    request: cri::CreateContainerRequest,
+) -> String {
+    let container = runtime
+        .create_container(request)
+        .await
+        .expect("CreateContainer")
+        .into_inner()
+        .container_id;
+    runtime
+        .start_container(cri::StartContainerRequest {
+            container_id: container.clone(),
+        })
+        .await
+        .expect("StartContainer");
+    container
+}
+
+/// Runs pod `config` with the handler `zygote`; its id.
+pub async fn run_pod(
+    runtime: &mut RuntimeServiceClient<Channel>,
+    config: &cri::PodSandboxConfig,
+) -> String {
+    runtime
+        .run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(config.clone()),
+            runtime_handler: "zygote".into(),
+        })
+        .await
+        .expect("RunPodSandbox")
+        .into_inner()
+        .pod_sandbox_id
+}
+
+/// Kills the pod's shim (and so its VM) if the test fails before removing
+/// the pod: nothing keeps running after a failed test.
+pub struct PodGuard(pub String);
+
+impl Drop for PodGuard {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let _ = std::process::Command::new("pkill")
+                .args([
+                    "-9",
+                    "-f",
+                    &format!("containerd-shim-zygote-v2 .*-id {} ", self.0),
+                ])
+                .status();
+        }
+    }
+}
+
+pub fn shim_running(pod: &str) -> bool {
+    std::process::Command::new("pgrep")
+        .args(["-f", &format!("containerd-shim-zygote-v2 .*-id {pod} ")])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Runs a CRI test's `body` with a connection to containerd's CRI, holding
+/// the VM lock (returns at once when containerd is absent and skipping is
+/// allowed).
+pub fn cri_test<F, Fut>(body: F)
+where
+    F: FnOnce(Channel) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let _vm = vm_lock();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        if let Some(channel) = connect().await {
+            body(channel).await;
+        }
+    });
+}
+
+/// Runs `round` (given its attempt number) until it passes: a round whose
+/// container's or exec's own exit status was SIGSEGV (the PVM guest fault,
+/// docs/guest-kernel.md) runs again with a new pod, counted
+/// ([`zygote_tests::may_retry`]); any other failure panics in the round.
+pub async fn until_passed<Fut>(mut round: impl FnMut(u32) -> Fut)
+where
+    Fut: Future<Output = Result<(), PvmSegv>>,
+{
+    for attempt in 0.. {
+        match round(attempt).await {
+            Ok(()) => return,
+            Err(segv) if zygote_tests::may_retry(&segv, attempt) => {}
+            Err(segv) => panic!("{} (exit status SIGSEGV)", segv.what),
+        }
+    }
+}
+
+
+/// The container's exit code, if ContainerStatus says it exited.
+pub async fn container_exit_code(
+    runtime: &mut RuntimeServiceClient<Channel>,
+    container: &str,
+) -> Option<i32> {
+    let status = runtime
+        .container_status(cri::ContainerStatusRequest {
+            container_id: container.into(),
+            verbose: false,
+        })
+        .await
+        .ok()?
+        .into_inner()
+        .status?;
+    (status.state == cri::ContainerState::ContainerExited as i32).then_some(status.exit_code)
+}
+
+
+/// Stops and removes the pod; its shim goes with it.
+pub async fn remove_pod(runtime: &mut RuntimeServiceClient<Channel>, pod: &str) {
+    runtime
+        .stop_pod_sandbox(cri::StopPodSandboxRequest {
+            pod_sandbox_id: pod.into(),
+        })
+        .await
+        .expect("StopPodSandbox");
+    runtime
+        .remove_pod_sandbox(cri::RemovePodSandboxRequest {
+            pod_sandbox_id: pod.into(),
+        })
+        .await
+        .expect("RemovePodSandbox");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while shim_running(pod) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(!shim_running(pod), "the pod's shim is gone");
+}
+
+/// The pod's shim's pid.
+pub fn shim_pid(pod: &str) -> Option<u32> {
+    let out = std::process::Command::new("pgrep")
+        .args(["-f", &format!("containerd-shim-zygote-v2 .*-id {pod} ")])
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// VM run directories of process `pid`.
+pub fn run_dirs_of(pid: u32) -> usize {
+    let prefix = format!("vm-{pid}-");
+    std::fs::read_dir(zygote::paths::run_root())
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
