@@ -58,7 +58,7 @@ pub fn pod_config(name: &str, attempt: u32) -> (cri::PodSandboxConfig, std::path
         log_directory: logs.to_string_lossy().into(),
         linux: Some(cri::LinuxPodSandboxConfig {
             security_context: Some(cri::LinuxSandboxSecurityContext {
-                // Host network: no CNI here (and no NIC in the VM yet).
+                // Host network (cri_network.rs runs pods on the CNI network).
                 namespace_options: Some(cri::NamespaceOption {
                     network: cri::NamespaceMode::Node as i32,
                     ..Default::default()
@@ -72,6 +72,117 @@ pub fn pod_config(name: &str, attempt: u32) -> (cri::PodSandboxConfig, std::path
     (config, logs)
 }
 
+
+/// `config` on the pod network (CNI), with `port_mappings` (hostPort, via
+/// CNI's portmap).
+pub fn on_pod_network(
+    mut config: cri::PodSandboxConfig,
+    port_mappings: Vec<cri::PortMapping>,
+) -> cri::PodSandboxConfig {
+    if let Some(ns) = config
+        .linux
+        .as_mut()
+        .and_then(|l| l.security_context.as_mut())
+        .and_then(|s| s.namespace_options.as_mut())
+    {
+        ns.network = cri::NamespaceMode::Pod as i32;
+    }
+    config.port_mappings = port_mappings;
+    config
+}
+
+/// Runs pod `config` with runtime `handler` ("" is containerd's default, runc); its id.
+pub async fn run_pod_with(
+    runtime: &mut RuntimeServiceClient<Channel>,
+    config: &cri::PodSandboxConfig,
+    handler: &str,
+) -> String {
+    runtime
+        .run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(config.clone()),
+            runtime_handler: handler.into(),
+        })
+        .await
+        .expect("RunPodSandbox")
+        .into_inner()
+        .pod_sandbox_id
+}
+
+/// The pod's IP and its network namespace's path, from PodSandboxStatus.
+pub async fn pod_network(
+    runtime: &mut RuntimeServiceClient<Channel>,
+    pod: &str,
+) -> (String, Option<String>) {
+    let status = runtime
+        .pod_sandbox_status(cri::PodSandboxStatusRequest {
+            pod_sandbox_id: pod.into(),
+            verbose: true,
+        })
+        .await
+        .expect("PodSandboxStatus")
+        .into_inner();
+    let ip = status
+        .status
+        .and_then(|s| s.network)
+        .map(|n| n.ip)
+        .unwrap_or_default();
+    let netns = status.info.get("info").and_then(|info| {
+        let v: serde_json::Value = serde_json::from_str(info).ok()?;
+        v["runtimeSpec"]["linux"]["namespaces"]
+            .as_array()?
+            .iter()
+            .find(|n| n["type"] == "network")?["path"]
+            .as_str()
+            .map(String::from)
+    });
+    (ip, netns)
+}
+
+/// Stops and removes pods named `prefix…` that an earlier, failed run left
+/// in containerd (a failed test kills its shim but cannot call the CRI
+/// while unwinding): their CNI state (addresses, hostPort rules) would
+/// otherwise stay.
+pub async fn remove_stale_pods(runtime: &mut RuntimeServiceClient<Channel>, prefix: &str) {
+    let pods = runtime
+        .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
+        .await
+        .expect("ListPodSandbox")
+        .into_inner()
+        .items;
+    for pod in pods {
+        if pod.metadata.as_ref().is_some_and(|m| m.name.starts_with(prefix)) {
+            eprintln!("removing pod {} left by an earlier run", pod.id);
+            let _ = runtime
+                .stop_pod_sandbox(cri::StopPodSandboxRequest {
+                    pod_sandbox_id: pod.id.clone(),
+                })
+                .await;
+            let _ = runtime
+                .remove_pod_sandbox(cri::RemovePodSandboxRequest {
+                    pod_sandbox_id: pod.id,
+                })
+                .await;
+        }
+    }
+}
+
+/// ExecSync `script` with `sh -c`: exit code and stdout.
+pub async fn exec_sh(
+    runtime: &mut RuntimeServiceClient<Channel>,
+    container: &str,
+    script: &str,
+) -> (i32, String) {
+    let out = runtime
+        .exec_sync(cri::ExecSyncRequest {
+            container_id: container.into(),
+            cmd: vec!["sh".into(), "-c".into(), script.into()],
+            timeout: 120,
+        })
+        .await
+        .expect("ExecSync")
+        .into_inner();
+    (out.exit_code, String::from_utf8_lossy(&out.stdout).into_owned())
+}
 
 /// CreateContainer for container `name` of the test image in `pod`,
 /// running `command`, logging to `<name>.log`.
@@ -125,15 +236,7 @@ pub async fn run_pod(
     runtime: &mut RuntimeServiceClient<Channel>,
     config: &cri::PodSandboxConfig,
 ) -> String {
-    runtime
-        .run_pod_sandbox(cri::RunPodSandboxRequest {
-            config: Some(config.clone()),
-            runtime_handler: "zygote".into(),
-        })
-        .await
-        .expect("RunPodSandbox")
-        .into_inner()
-        .pod_sandbox_id
+    run_pod_with(runtime, config, "zygote").await
 }
 
 /// Kills the pod's shim (and so its VM) if the test fails before removing

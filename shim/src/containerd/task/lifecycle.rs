@@ -70,7 +70,9 @@ impl TaskService {
         if sandbox {
             // The CRI made the pod's namespace and ran CNI in it before
             // this create; application containers name the pause's pid's.
-            self.state().pod_netns = spec::network_namespace(&oci);
+            let mut state = self.state();
+            state.pod_netns = spec::network_namespace(&oci);
+            state.pod_hostname = Some(spec::hostname(&oci, &id));
         }
         if !sandbox {
             let created = self
@@ -132,12 +134,19 @@ impl TaskService {
             rootfs_mounts.to_vec(),
             id.to_string(),
         );
-        let hostname = spec::hostname(oci, id);
-        let netns = if spec::is_cri(oci) {
-            self.state().pod_netns.clone()
+        let (hostname, netns) = if spec::is_cri(oci) {
+            // The pod's, from its pause container (an application
+            // container's spec names neither).
+            let state = self.state();
+            let hostname = state.pod_hostname.clone();
+            (
+                hostname.unwrap_or_else(|| spec::hostname(oci, id)),
+                state.pod_netns.clone(),
+            )
         } else {
-            spec::network_namespace(oci)
-        }
+            (spec::hostname(oci, id), spec::network_namespace(oci))
+        };
+        let netns = netns
         // The host's own namespace is host networking: nothing to wire.
         .filter(|ns| !crate::net::is_own_namespace(ns));
         let (guest, notes) = spec::for_guest(oci);

@@ -47,6 +47,8 @@ struct State {
     pod: Option<Arc<PodVm>>,
     /// The pod's network namespace, from its pause container's spec (CRI).
     pod_netns: Option<PathBuf>,
+    /// The pod's hostname, from its pause container's spec (CRI).
+    pod_hostname: Option<String>,
     timings_log: Option<PathBuf>,
     table: Table,
 }
