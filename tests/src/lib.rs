@@ -5,6 +5,7 @@
 //! says a skip is acceptable (never in CI).
 
 pub mod ctr;
+pub mod netns;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};

@@ -2,7 +2,8 @@
 //! bridge, host-local and portmap plugins, set up by hack/containerd on the
 //! bridge zygote0, 198.18.0.0/16 — traffic stays on this machine). A zygote
 //! pod's VM takes the pod's interface: its IP answers from the host, from a
-//! second zygote pod and from a runc pod; its hostPort answers from the host;
+//! second zygote pod and from a runc pod, and on localhost from a second
+//! container of its pod; its hostPort answers from the host;
 //! two pods forked from one template are two hosts (their own MAC and
 //! address, no neighbour from the template); removing the pods leaves no tap,
 //! namespace or shim.
@@ -158,6 +159,13 @@ async fn network_round(
     assert!(body.contains("hello-from-znet-a"), "{body}");
     let body = http_get(&format!("{BRIDGE_IP}:{HOST_PORT}"), deadline).expect("the hostPort answers");
     assert!(body.contains("hello-from-znet-a"), "{body}");
+
+    // Containers of a pod share its VM's network: a second container
+    // reaches the first on localhost.
+    let sidecar = run_container(runtime, container_request(&pod_a, &config_a, "sidecar", &["sleep", "1000"])).await;
+    let (code, out) = exec_sh(runtime, &sidecar, "wget -q -O - http://127.0.0.1:8080/index.html").await;
+    PvmSegv::check(code.into(), || format!("wget in the sidecar: {out}"))?;
+    assert_eq!((code, out.trim()), (0, "hello-from-znet-a"), "localhost between containers");
 
     // A second zygote pod of the same image (a fork of the same template):
     // another host, and it reaches A.

@@ -71,10 +71,11 @@ impl TaskError {
                 Some(Agent::Internal | Agent::Unknown) | None => Code::INTERNAL,
             },
             // What an operator must fix on the node: a missing kernel or
-            // guest image, a damaged template.
-            TaskError::Pod(PodError::Damaged { .. } | PodError::Template { .. }) => {
-                Code::FAILED_PRECONDITION
-            }
+            // guest image, a damaged template, a pod network the VM cannot
+            // take (no namespace, no interface, an IPv6 address, no tap).
+            TaskError::Pod(
+                PodError::Damaged { .. } | PodError::Template { .. } | PodError::Network(_),
+            ) => Code::FAILED_PRECONDITION,
             TaskError::Pod(_)
             | TaskError::Image(_)
             | TaskError::Mount(_)
