@@ -203,6 +203,10 @@ pub struct HostFootprint {
     pub fifo_dirs: usize,
     /// Open file descriptors of containerd.
     pub containerd_fds: usize,
+    /// Network namespaces under /var/run/netns (the CRI's pods').
+    pub netns: usize,
+    /// Network interfaces of the host (pods' veths, taps).
+    pub links: usize,
 }
 
 pub fn count_entries(dir: &str) -> usize {
@@ -231,6 +235,8 @@ pub fn host_footprint() -> HostFootprint {
         shim_sockets: count_entries("/run/containerd/s"),
         fifo_dirs: count_entries("/run/containerd/fifo"),
         containerd_fds: count_entries(&format!("/proc/{}/fd", pid.trim())),
+        netns: count_entries("/var/run/netns"),
+        links: count_entries("/sys/class/net"),
     }
 }
 

@@ -289,15 +289,17 @@ fn pod_cycles_leave_nothing_behind() {
     });
 }
 
-/// One pod as kubelet runs a short job: sandbox, a container running
-/// `true`, its exit seen, the pod stopped and removed. Err when the
-/// container's own exit status was SIGSEGV.
+/// One pod as kubelet runs a short job: sandbox on the CNI network (its VM
+/// wired to the pod's interface), a container running `true`, its exit
+/// seen, the pod stopped and removed. Err when the container's own exit
+/// status was SIGSEGV.
 async fn pod_cycle(
     runtime: &mut RuntimeServiceClient<Channel>,
     n: u32,
     attempt: u32,
 ) -> Result<(), PvmSegv> {
     let (config, logs) = pod_config(&format!("cycle{n}"), attempt);
+    let config = on_pod_network(config, vec![]);
     let pod = run_pod(runtime, &config).await;
     let _guard = PodGuard(pod.clone());
     let container =
