@@ -74,7 +74,11 @@ fn send(ip: &str, deadline: Instant) -> Duration {
     let mut reply = String::new();
     s.read_to_string(&mut reply).unwrap();
     let took = t.elapsed();
-    assert_eq!(reply.trim(), BYTES.to_string(), "the pod counted what was sent");
+    assert_eq!(
+        reply.trim(),
+        BYTES.to_string(),
+        "the pod counted what was sent"
+    );
     took
 }
 
@@ -118,12 +122,19 @@ struct Figures {
 }
 
 async fn measure(runtime: &mut RuntimeServiceClient<Channel>, handler: &str) -> Figures {
-    let name = format!("zbench-{}", if handler.is_empty() { "runc" } else { handler });
+    let name = format!(
+        "zbench-{}",
+        if handler.is_empty() { "runc" } else { handler }
+    );
     let (config, logs) = pod_config(&name, 0);
     let config = on_pod_network(config, vec![]);
     let pod = run_pod_with(runtime, &config, handler).await;
     let _guard = PodGuard(pod.clone());
-    run_container(runtime, container_request(&pod, &config, "servers", &["sh", "-c", SERVERS])).await;
+    run_container(
+        runtime,
+        container_request(&pod, &config, "servers", &["sh", "-c", SERVERS]),
+    )
+    .await;
     let (ip, _) = pod_network(runtime, &pod).await;
     eprintln!("{name}: pod {ip}");
     let deadline = Instant::now() + Duration::from_secs(180);

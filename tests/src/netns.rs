@@ -57,7 +57,10 @@ impl ScratchNs {
             .args(["link", "del", &host])
             .stderr(Stdio::null())
             .status();
-        ip(&format!("link add {host} type veth peer name eth0 netns {}", self.name));
+        ip(&format!(
+            "link add {host} type veth peer name eth0 netns {}",
+            self.name
+        ));
         ip(&format!("addr add 198.19.{subnet}.1/24 dev {host}"));
         ip(&format!("link set {host} up"));
         let n = &self.name;
@@ -96,6 +99,8 @@ impl Drop for ScratchNs {
         if let Some(host) = &self.host_end {
             let _ = Command::new("ip").args(["link", "del", host]).status();
         }
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }

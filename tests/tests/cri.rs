@@ -11,8 +11,8 @@ use k8s_cri::v1 as cri;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use tonic::transport::Channel;
-use zygote_tests::ctr::{footprint_after, host_footprint};
 use zygote_tests::PvmSegv;
+use zygote_tests::ctr::{footprint_after, host_footprint};
 
 use zygote_tests::test_image as image;
 

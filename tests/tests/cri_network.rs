@@ -140,7 +140,11 @@ async fn network_round(
     let config_a = on_pod_network(config_a, vec![port]);
     let pod_a = run_pod(runtime, &config_a).await;
     let _guard_a = PodGuard(pod_a.clone());
-    let web = run_container(runtime, container_request(&pod_a, &config_a, "web", &["sh", "-c", WEB])).await;
+    let web = run_container(
+        runtime,
+        container_request(&pod_a, &config_a, "web", &["sh", "-c", WEB]),
+    )
+    .await;
     let (ip_a, netns_a) = pod_network(runtime, &pod_a).await;
     let netns_a = netns_a.expect("the pod's network namespace in its status");
     eprintln!("pod A {pod_a}: {ip_a} in {netns_a}");
@@ -151,21 +155,38 @@ async fn network_round(
     let nic_a = guest_nic(runtime, &web).await?;
     assert_eq!(nic_a.mac, cni_mac(&netns_a), "the guest takes CNI's MAC");
     assert_eq!(nic_a.addr.split('/').next(), Some(ip_a.as_str()));
-    eprintln!("pod A's neighbours before any traffic: {:?}", nic_a.neighbours);
+    eprintln!(
+        "pod A's neighbours before any traffic: {:?}",
+        nic_a.neighbours
+    );
 
     // From the host, at the pod IP and at the hostPort.
     let deadline = Instant::now() + Duration::from_secs(120);
     let body = http_get(&format!("{ip_a}:8080"), deadline).expect("the pod IP answers");
     assert!(body.contains("hello-from-znet-a"), "{body}");
-    let body = http_get(&format!("{BRIDGE_IP}:{HOST_PORT}"), deadline).expect("the hostPort answers");
+    let body =
+        http_get(&format!("{BRIDGE_IP}:{HOST_PORT}"), deadline).expect("the hostPort answers");
     assert!(body.contains("hello-from-znet-a"), "{body}");
 
     // Containers of a pod share its VM's network: a second container
     // reaches the first on localhost.
-    let sidecar = run_container(runtime, container_request(&pod_a, &config_a, "sidecar", &["sleep", "1000"])).await;
-    let (code, out) = exec_sh(runtime, &sidecar, "wget -q -O - http://127.0.0.1:8080/index.html").await;
+    let sidecar = run_container(
+        runtime,
+        container_request(&pod_a, &config_a, "sidecar", &["sleep", "1000"]),
+    )
+    .await;
+    let (code, out) = exec_sh(
+        runtime,
+        &sidecar,
+        "wget -q -O - http://127.0.0.1:8080/index.html",
+    )
+    .await;
     PvmSegv::check(code.into(), || format!("wget in the sidecar: {out}"))?;
-    assert_eq!((code, out.trim()), (0, "hello-from-znet-a"), "localhost between containers");
+    assert_eq!(
+        (code, out.trim()),
+        (0, "hello-from-znet-a"),
+        "localhost between containers"
+    );
 
     // A second zygote pod of the same image (a fork of the same template):
     // another host, and it reaches A.
@@ -173,33 +194,61 @@ async fn network_round(
     let config_b = on_pod_network(config_b, vec![]);
     let pod_b = run_pod(runtime, &config_b).await;
     let _guard_b = PodGuard(pod_b.clone());
-    let client_b = run_container(runtime, container_request(&pod_b, &config_b, "client", &["sleep", "1000"])).await;
+    let client_b = run_container(
+        runtime,
+        container_request(&pod_b, &config_b, "client", &["sleep", "1000"]),
+    )
+    .await;
     let (ip_b, _) = pod_network(runtime, &pod_b).await;
     let nic_b = guest_nic(runtime, &client_b).await?;
-    assert!(nic_b.neighbours.is_empty(), "no neighbour from the template: {:?}", nic_b.neighbours);
+    assert!(
+        nic_b.neighbours.is_empty(),
+        "no neighbour from the template: {:?}",
+        nic_b.neighbours
+    );
     assert_ne!(nic_b.mac, nic_a.mac, "two forks, two MACs");
     assert_ne!(ip_b, ip_a);
     assert_eq!(nic_b.addr.split('/').next(), Some(ip_b.as_str()));
     let get_a = format!("wget -q -O - http://{ip_a}:8080/index.html");
     let (code, out) = exec_sh(runtime, &client_b, &get_a).await;
     PvmSegv::check(code.into(), || format!("wget in pod B: {out}"))?;
-    assert_eq!((code, out.trim()), (0, "hello-from-znet-a"), "zygote pod B reaches A");
+    assert_eq!(
+        (code, out.trim()),
+        (0, "hello-from-znet-a"),
+        "zygote pod B reaches A"
+    );
 
     // A runc pod on the same network reaches it too.
     let (config_c, logs_c) = pod_config("znet-c", attempt);
     let config_c = on_pod_network(config_c, vec![]);
     let pod_c = run_pod_with(runtime, &config_c, "").await;
-    let client_c = run_container(runtime, container_request(&pod_c, &config_c, "client", &["sleep", "1000"])).await;
+    let client_c = run_container(
+        runtime,
+        container_request(&pod_c, &config_c, "client", &["sleep", "1000"]),
+    )
+    .await;
     let (code, out) = exec_sh(runtime, &client_c, &get_a).await;
-    assert_eq!((code, out.trim()), (0, "hello-from-znet-a"), "runc pod C reaches A");
+    assert_eq!(
+        (code, out.trim()),
+        (0, "hello-from-znet-a"),
+        "runc pod C reaches A"
+    );
 
     // Removed, nothing is left: no shim, no tap (it lived in the pods'
     // namespaces, which the CRI removes), no veth on the host.
     for pod in [&pod_c, &pod_b, &pod_a] {
         remove_pod(runtime, pod).await;
     }
-    assert!(!std::path::Path::new(&netns_a).exists(), "the CRI removed {netns_a}");
-    assert_eq!(host_links("veth").len(), veths_before, "{:?}", host_links("veth"));
+    assert!(
+        !std::path::Path::new(&netns_a).exists(),
+        "the CRI removed {netns_a}"
+    );
+    assert_eq!(
+        host_links("veth").len(),
+        veths_before,
+        "{:?}",
+        host_links("veth")
+    );
     for logs in [logs_a, logs_b, logs_c] {
         let _ = std::fs::remove_dir_all(logs);
     }

@@ -11,6 +11,7 @@
 use std::net::Ipv4Addr;
 
 use zygote_agent_api::{Interface, Route};
+use zygote_netlink::route::AddressFamily;
 use zygote_netlink::route::RouteNetlinkMessage;
 use zygote_netlink::route::address::{AddressAttribute, AddressMessage};
 use zygote_netlink::route::link::{LinkAttribute, LinkFlags, LinkLayerType, LinkMessage};
@@ -18,7 +19,6 @@ use zygote_netlink::route::neighbour::NeighbourMessage;
 use zygote_netlink::route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
-use zygote_netlink::route::AddressFamily;
 use zygote_netlink::{CREATE_EXCL, Netlink};
 
 /// Most addresses and routes accepted for one interface.
@@ -88,7 +88,10 @@ pub fn validate(interfaces: &[Interface], routes: &[Route]) -> Result<(), Invali
     for i in interfaces {
         if i.name.is_empty()
             || i.name.len() >= 16
-            || !i.name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+            || !i
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
         {
             return Err(InvalidNetwork::Name(i.name.clone()));
         }
@@ -182,7 +185,8 @@ pub fn configure(iface: &Interface, routes: &[Route]) -> Result<String, String> 
     link.attributes.push(LinkAttribute::Address(mac.to_vec()));
     link.attributes.push(LinkAttribute::Mtu(iface.mtu));
     if iface.name != name {
-        link.attributes.push(LinkAttribute::IfName(iface.name.clone()));
+        link.attributes
+            .push(LinkAttribute::IfName(iface.name.clone()));
     }
     nl.request(RouteNetlinkMessage::SetLink(link), 0)
         .map_err(step("setting MAC and MTU"))?;
@@ -201,7 +205,9 @@ pub fn configure(iface: &Interface, routes: &[Route]) -> Result<String, String> 
         }
     }
     for m in nl
-        .dump(RouteNetlinkMessage::GetNeighbour(NeighbourMessage::default()))
+        .dump(RouteNetlinkMessage::GetNeighbour(
+            NeighbourMessage::default(),
+        ))
         .map_err(step("listing neighbours"))?
     {
         if let RouteNetlinkMessage::NewNeighbour(n) = m {
@@ -291,12 +297,29 @@ mod tests {
 
     #[test]
     fn parses_and_refuses() {
-        assert_eq!(parse_cidr("198.18.0.5/16"), Some(([198, 18, 0, 5].into(), 16)));
-        for bad in ["198.18.0.5", "198.18.0.5/33", "fd00::1/64", "x/1", "1.2.3.4/-1"] {
+        assert_eq!(
+            parse_cidr("198.18.0.5/16"),
+            Some(([198, 18, 0, 5].into(), 16))
+        );
+        for bad in [
+            "198.18.0.5",
+            "198.18.0.5/33",
+            "fd00::1/64",
+            "x/1",
+            "1.2.3.4/-1",
+        ] {
             assert_eq!(parse_cidr(bad), None, "{bad}");
         }
-        assert_eq!(parse_mac("02:42:c6:12:00:05"), Some([2, 0x42, 0xc6, 0x12, 0, 5]));
-        for bad in ["02:42:c6:12:00", "02:42:c6:12:00:05:06", "2:42:c6:12:00:05", "zz:42:c6:12:00:05"] {
+        assert_eq!(
+            parse_mac("02:42:c6:12:00:05"),
+            Some([2, 0x42, 0xc6, 0x12, 0, 5])
+        );
+        for bad in [
+            "02:42:c6:12:00",
+            "02:42:c6:12:00:05:06",
+            "2:42:c6:12:00:05",
+            "zz:42:c6:12:00:05",
+        ] {
             assert_eq!(parse_mac(bad), None, "{bad}");
         }
         assert_eq!(validate(&[iface()], &[]), Ok(()));
@@ -304,7 +327,10 @@ mod tests {
             destination: d.into(),
             gateway: g.into(),
         };
-        assert_eq!(validate(&[iface()], &[route("0.0.0.0/0", "198.18.0.1")]), Ok(()));
+        assert_eq!(
+            validate(&[iface()], &[route("0.0.0.0/0", "198.18.0.1")]),
+            Ok(())
+        );
         assert!(matches!(
             validate(&[iface()], &[route("0.0.0.0/0", "fe80::1")]),
             Err(InvalidNetwork::Route { .. })
@@ -314,7 +340,10 @@ mod tests {
         assert!(matches!(validate(&[i], &[]), Err(InvalidNetwork::Mac(_))));
         let mut i = iface();
         i.addresses = vec!["2001:db8::5/64".into()];
-        assert!(matches!(validate(&[i], &[]), Err(InvalidNetwork::Address(_))));
+        assert!(matches!(
+            validate(&[i], &[]),
+            Err(InvalidNetwork::Address(_))
+        ));
         let mut i = iface();
         i.name = "../eth0".into();
         assert!(matches!(validate(&[i], &[]), Err(InvalidNetwork::Name(_))));

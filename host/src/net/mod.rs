@@ -121,7 +121,8 @@ fn wire(nl: &mut Netlink) -> Result<(PodInterface, Tap), NetError> {
             source: std::io::Error::from_raw_os_error(libc::ENODEV),
         })?;
     tc::set_up_with_mtu(nl, tap_index, interface.mtu).map_err(netlink("bringing the tap up"))?;
-    tc::add_ingress(nl, interface.index).map_err(netlink("adding the interface's ingress qdisc"))?;
+    tc::add_ingress(nl, interface.index)
+        .map_err(netlink("adding the interface's ingress qdisc"))?;
     tc::add_ingress(nl, tap_index).map_err(netlink("adding the tap's ingress qdisc"))?;
     tc::redirect(nl, interface.index, tap_index)
         .map_err(netlink("redirecting the interface to the tap"))?;
@@ -151,7 +152,10 @@ fn clean(nl: &mut Netlink) -> Result<(), NetError> {
 /// a shim): a pod given it has host networking, and it must never be wired.
 pub fn is_own_namespace(path: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;
-    match (std::fs::metadata(path), std::fs::metadata("/proc/self/ns/net")) {
+    match (
+        std::fs::metadata(path),
+        std::fs::metadata("/proc/self/ns/net"),
+    ) {
         (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
         _ => false,
     }
@@ -181,7 +185,11 @@ mod tests {
             .args(args.split_whitespace())
             .output()
             .expect("ip");
-        assert!(out.status.success(), "ip {args}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "ip {args}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
@@ -208,7 +216,10 @@ mod tests {
         }
         fn with_cni_interface(self, mtu: u32) -> Self {
             let peer = format!("zh{}{}", &self.0[3..6], std::process::id() % 100_000);
-            ip(&format!("link add {peer} type veth peer name eth0 netns {}", self.0));
+            ip(&format!(
+                "link add {peer} type veth peer name eth0 netns {}",
+                self.0
+            ));
             let n = &self.0;
             ip(&format!("-n {n} link set eth0 mtu {mtu} up"));
             ip(&format!("-n {n} addr add 198.18.7.2/24 dev eth0"));
@@ -241,10 +252,16 @@ mod tests {
             }]
         );
         let links = ip(&format!("-n {} -o link show", ns.0));
-        assert!(links.contains("zygote-tap0") && links.contains("mtu 1450"), "{links}");
+        assert!(
+            links.contains("zygote-tap0") && links.contains("mtu 1450"),
+            "{links}"
+        );
         for dev in ["eth0", TAP_NAME] {
             let filters = tc(&ns.0, &format!("filter show dev {dev} parent ffff:"));
-            assert!(filters.contains("mirred") && filters.contains("Redirect"), "{dev}: {filters}");
+            assert!(
+                filters.contains("mirred") && filters.contains("Redirect"),
+                "{dev}: {filters}"
+            );
         }
         // Attaching again while the first is held: the tap name is taken by
         // a live tap; the old wiring is replaced, not doubled.
@@ -274,7 +291,10 @@ mod tests {
     #[test]
     fn the_own_namespace_is_recognised() {
         assert!(is_own_namespace(Path::new("/proc/self/ns/net")));
-        assert!(is_own_namespace(Path::new(&format!("/proc/{}/ns/net", std::process::id()))));
+        assert!(is_own_namespace(Path::new(&format!(
+            "/proc/{}/ns/net",
+            std::process::id()
+        ))));
         let ns = ScratchNs::new("own");
         assert!(!is_own_namespace(&ns.path()));
         assert!(!is_own_namespace(Path::new("/nonexistent")));
@@ -292,17 +312,26 @@ mod tests {
         assert!(matches!(e, NetError::NoInterface), "{e}");
 
         let v6 = ScratchNs::new("v6").with_cni_interface(1500);
-        ip(&format!("-n {} addr add 2001:db8::2/64 dev eth0 nodad", v6.0));
+        ip(&format!(
+            "-n {} addr add 2001:db8::2/64 dev eth0 nodad",
+            v6.0
+        ));
         let e = attach(&v6.path()).unwrap_err();
         assert!(e.to_string().contains("IPv4 only"), "{e}");
 
         // The tap's name is taken by a link that is not a tap.
         let taken = ScratchNs::new("taken").with_cni_interface(1500);
-        ip(&format!("-n {} link add {TAP_NAME} type veth peer name zt-peer", taken.0));
+        ip(&format!(
+            "-n {} link add {TAP_NAME} type veth peer name zt-peer",
+            taken.0
+        ));
         let e = attach(&taken.path()).unwrap_err();
         assert!(matches!(e, NetError::Tap(_)), "{e}");
         let links = ip(&format!("-n {} -o link show", taken.0));
-        assert!(links.contains("zygote-tap0@zt-peer"), "not ours, kept: {links}");
+        assert!(
+            links.contains("zygote-tap0@zt-peer"),
+            "not ours, kept: {links}"
+        );
         for ns in [&v6, &taken] {
             let links = ip(&format!("-n {} -o link show type tun", ns.0));
             assert!(!links.contains("zygote-tap0"), "{links}");

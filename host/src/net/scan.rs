@@ -4,13 +4,13 @@
 use std::net::{IpAddr, Ipv4Addr};
 
 use zygote_netlink::Netlink;
+use zygote_netlink::route::AddressFamily;
 use zygote_netlink::route::RouteNetlinkMessage;
 use zygote_netlink::route::address::{AddressAttribute, AddressMessage, AddressScope};
 use zygote_netlink::route::link::{LinkAttribute, LinkFlags, LinkMessage};
 use zygote_netlink::route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol,
 };
-use zygote_netlink::route::AddressFamily;
 
 use super::NetError;
 
@@ -93,7 +93,11 @@ pub fn pod_link(nl: &mut Netlink, skip: &str) -> Result<PodLink, NetError> {
         .filter(|l| !l.header.flags.contains(LinkFlags::Loopback))
         .filter(|l| link_name(l).is_some_and(|n| n != skip))
         .collect();
-    let names: Vec<String> = links.iter().filter_map(link_name).map(String::from).collect();
+    let names: Vec<String> = links
+        .iter()
+        .filter_map(link_name)
+        .map(String::from)
+        .collect();
     let link = match links.iter().position(|l| link_name(l) == Some("eth0")) {
         Some(i) => &links[i],
         None if links.len() == 1 => &links[0],
@@ -133,7 +137,9 @@ pub fn pod_interface(nl: &mut Netlink, skip: &str) -> Result<PodInterface, NetEr
         .dump(RouteNetlinkMessage::GetAddress(AddressMessage::default()))
         .map_err(io("listing addresses"))?
     {
-        let RouteNetlinkMessage::NewAddress(a) = m else { continue };
+        let RouteNetlinkMessage::NewAddress(a) = m else {
+            continue;
+        };
         if a.header.index != index {
             continue;
         }
@@ -168,7 +174,9 @@ pub fn pod_interface(nl: &mut Netlink, skip: &str) -> Result<PodInterface, NetEr
         .dump(RouteNetlinkMessage::GetRoute(query))
         .map_err(io("listing routes"))?
     {
-        let RouteNetlinkMessage::NewRoute(r) = m else { continue };
+        let RouteNetlinkMessage::NewRoute(r) = m else {
+            continue;
+        };
         if r.header.address_family != AddressFamily::Inet
             || r.header.protocol == RouteProtocol::Kernel
         {

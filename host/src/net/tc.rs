@@ -6,9 +6,8 @@ use zygote_netlink::route::RouteNetlinkMessage;
 use zygote_netlink::route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
 use zygote_netlink::route::tc::{
     TcAction, TcActionAttribute, TcActionGeneric, TcActionMirror, TcActionMirrorOption,
-    TcActionOption, TcActionType, TcAttribute, TcFilterU32, TcFilterU32Option, TcHandle,
-    TcMessage, TcMirror, TcMirrorActionType, TcOption, TcU32Key, TcU32Selector,
-    TcU32SelectorFlags,
+    TcActionOption, TcActionType, TcAttribute, TcFilterU32, TcFilterU32Option, TcHandle, TcMessage,
+    TcMirror, TcMirrorActionType, TcOption, TcU32Key, TcU32Selector, TcU32SelectorFlags,
 };
 use zygote_netlink::{CREATE_EXCL, Netlink};
 
@@ -70,13 +69,19 @@ fn ingress_qdisc(index: u32) -> TcMessage {
 
 /// Adds an ingress qdisc to link `index` (an error if it has one).
 pub fn add_ingress(nl: &mut Netlink, index: u32) -> std::io::Result<()> {
-    nl.request(RouteNetlinkMessage::NewQueueDiscipline(ingress_qdisc(index)), CREATE_EXCL)
+    nl.request(
+        RouteNetlinkMessage::NewQueueDiscipline(ingress_qdisc(index)),
+        CREATE_EXCL,
+    )
 }
 
 /// Removes link `index`'s ingress qdisc and with it its filters; `Ok(false)`
 /// if it had none.
 pub fn delete_ingress(nl: &mut Netlink, index: u32) -> std::io::Result<bool> {
-    match nl.request(RouteNetlinkMessage::DelQueueDiscipline(ingress_qdisc(index)), 0) {
+    match nl.request(
+        RouteNetlinkMessage::DelQueueDiscipline(ingress_qdisc(index)),
+        0,
+    ) {
         Ok(()) => Ok(true),
         Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::EINVAL)) => Ok(false),
         Err(e) => Err(e),
@@ -109,7 +114,8 @@ pub fn redirect(nl: &mut Netlink, from: u32, to: u32) -> std::io::Result<()> {
             mirror,
         ))]),
     ];
-    msg.attributes.push(TcAttribute::Kind(TcFilterU32::KIND.into()));
+    msg.attributes
+        .push(TcAttribute::Kind(TcFilterU32::KIND.into()));
     msg.attributes.push(TcAttribute::Options(vec![
         TcOption::U32(TcFilterU32Option::Selector(selector)),
         TcOption::U32(TcFilterU32Option::Action(vec![action])),

@@ -72,7 +72,6 @@ pub fn pod_config(name: &str, attempt: u32) -> (cri::PodSandboxConfig, std::path
     (config, logs)
 }
 
-
 /// `config` on the pod network (CNI), with `port_mappings` (hostPort, via
 /// CNI's portmap).
 pub fn on_pod_network(
@@ -150,7 +149,11 @@ pub async fn remove_stale_pods(runtime: &mut RuntimeServiceClient<Channel>, pref
         .into_inner()
         .items;
     for pod in pods {
-        if pod.metadata.as_ref().is_some_and(|m| m.name.starts_with(prefix)) {
+        if pod
+            .metadata
+            .as_ref()
+            .is_some_and(|m| m.name.starts_with(prefix))
+        {
             eprintln!("removing pod {} left by an earlier run", pod.id);
             let _ = runtime
                 .stop_pod_sandbox(cri::StopPodSandboxRequest {
@@ -181,7 +184,10 @@ pub async fn exec_sh(
         .await
         .expect("ExecSync")
         .into_inner();
-    (out.exit_code, String::from_utf8_lossy(&out.stdout).into_owned())
+    (
+        out.exit_code,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
 }
 
 /// CreateContainer for container `name` of the test image in `pod`,
@@ -302,7 +308,6 @@ where
     }
 }
 
-
 /// The container's exit code, if ContainerStatus says it exited.
 pub async fn container_exit_code(
     runtime: &mut RuntimeServiceClient<Channel>,
@@ -319,7 +324,6 @@ pub async fn container_exit_code(
         .status?;
     (status.state == cri::ContainerState::ContainerExited as i32).then_some(status.exit_code)
 }
-
 
 /// Stops and removes the pod; its shim goes with it.
 pub async fn remove_pod(runtime: &mut RuntimeServiceClient<Channel>, pod: &str) {
@@ -366,4 +370,3 @@ pub fn run_dirs_of(pid: u32) -> usize {
         })
         .unwrap_or(0)
 }
-

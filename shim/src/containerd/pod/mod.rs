@@ -166,7 +166,10 @@ impl Drop for Attached {
 /// What the guest is told of the pod's interface.
 fn guest_network(
     iface: &crate::net::PodInterface,
-) -> (Vec<zygote_agent_api::Interface>, Vec<zygote_agent_api::Route>) {
+) -> (
+    Vec<zygote_agent_api::Interface>,
+    Vec<zygote_agent_api::Route>,
+) {
     let m = iface.mac;
     let interface = zygote_agent_api::Interface {
         name: iface.name.clone(),
@@ -298,10 +301,11 @@ impl PodVm {
             }
             None => (Attached(None), None, Default::default()),
         };
-        let sandbox = Sandbox::fork_with(&opened, timeout, tap).map_err(|source| PodError::Fork {
-            name: name.clone(),
-            source,
-        })?;
+        let sandbox =
+            Sandbox::fork_with(&opened, timeout, tap).map_err(|source| PodError::Fork {
+                name: name.clone(),
+                source,
+            })?;
         let fork = sandbox.fork.expect("a forked sandbox has a fork timeline");
         let created = Instant::now()
             .checked_sub(Duration::from_secs_f64(fork.ready_ms / 1e3))

@@ -147,8 +147,8 @@ impl TaskService {
             (spec::hostname(oci, id), spec::network_namespace(oci))
         };
         let netns = netns
-        // The host's own namespace is host networking: nothing to wire.
-        .filter(|ns| !crate::net::is_own_namespace(ns));
+            // The host's own namespace is host networking: nothing to wire.
+            .filter(|ns| !crate::net::is_own_namespace(ns));
         let (guest, notes) = spec::for_guest(oci);
         for n in notes {
             tracing::info!("{id}: {n}");
@@ -164,13 +164,16 @@ impl TaskService {
                         .into(),
                 )),
                 None => {
-                    let pod = Arc::new(PodVm::create(&config, &image, &hostname, netns.as_deref())?);
+                    let pod =
+                        Arc::new(PodVm::create(&config, &image, &hostname, netns.as_deref())?);
                     if let Err(e) = bundle::record_run_dir(&bundle, pod.run_dir()) {
                         tracing::warn!("{id2}: cannot record the VM's run dir in the bundle: {e}");
                     }
                     if let Some(ns) = pod.netns() {
                         if let Err(e) = bundle::record_netns(&bundle, ns) {
-                            tracing::warn!("{id2}: cannot record the pod's netns in the bundle: {e}");
+                            tracing::warn!(
+                                "{id2}: cannot record the pod's netns in the bundle: {e}"
+                            );
                         }
                     }
                     service.state().pod = Some(pod.clone());

@@ -57,7 +57,11 @@ impl Net {
     }
 
     fn config_space(&self) -> [u8; 12] {
-        let status = if self.link_up() { VIRTIO_NET_S_LINK_UP } else { 0 };
+        let status = if self.link_up() {
+            VIRTIO_NET_S_LINK_UP
+        } else {
+            0
+        };
         let mut c = [0u8; 12];
         c[..6].copy_from_slice(&self.config.mac);
         c[6..8].copy_from_slice(&status.to_le_bytes());
@@ -120,7 +124,13 @@ impl VirtioDevice for Net {
             None => None,
         };
         let interrupt = args.interrupt.clone();
-        let io = NetIo::new(args.mem, args.queues, args.interrupt, tap, self.acked_features);
+        let io = NetIo::new(
+            args.mem,
+            args.queues,
+            args.interrupt,
+            tap,
+            self.acked_features,
+        );
         let evts = args.queue_evts;
         let worker = Worker::spawn("zygote-net", move |kill| io.run(evts, kill))
             .map_err(ActivateError::Worker)?;

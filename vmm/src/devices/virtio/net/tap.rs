@@ -193,7 +193,11 @@ mod tests {
 
     #[test]
     fn offloads_follow_the_accepted_features() {
-        assert_eq!(offload_flags(features::GUEST_TSO4), 0, "TSO needs checksum offload");
+        assert_eq!(
+            offload_flags(features::GUEST_TSO4),
+            0,
+            "TSO needs checksum offload"
+        );
         assert_eq!(offload_flags(features::GUEST_CSUM), TUN_F_CSUM);
         assert_eq!(
             offload_flags(features::GUEST_CSUM | features::GUEST_TSO4 | features::GUEST_UFO),
@@ -204,7 +208,10 @@ mod tests {
     #[test]
     fn bad_names_are_refused() {
         for name in ["", "a/b", "0123456789abcdef", "tap 0"] {
-            assert!(matches!(Tap::create(name), Err(TapError::Name(_))), "{name:?}");
+            assert!(
+                matches!(Tap::create(name), Err(TapError::Name(_))),
+                "{name:?}"
+            );
         }
     }
 
@@ -218,7 +225,8 @@ mod tests {
                 return;
             }
             let mut tap = Tap::create("ztest0").unwrap();
-            tap.set_offloads(features::GUEST_CSUM | features::GUEST_TSO4).unwrap();
+            tap.set_offloads(features::GUEST_CSUM | features::GUEST_TSO4)
+                .unwrap();
             assert_eq!(tap.name(), "ztest0");
             let mut buf = [0u8; 2048];
             // Nothing queued: the read does not block.
