@@ -2,9 +2,9 @@
 //! zygote pod and a runc pod in the same run (both busybox; traffic stays on
 //! this machine: host ↔ pod over hack/containerd's bridge).
 //!
-//! Per pod: throughput host → pod (64 MiB into `wc -c`, timed until the pod
-//! has counted all of it), pod → host (64 MiB from `head -c`, timed until the
-//! last byte arrives), and the round trip of 100 one-line exchanges with
+//! Per pod: throughput host → pod (64 MiB — `$ZYGOTE_NET_BENCH_MIB` — into
+//! `wc -c`, timed until the pod has counted all of it), pod → host (as many
+//! from `head -c`, timed until the last byte arrives), and the round trip of 100 one-line exchanges with
 //! `cat` on one connection (TCP_NODELAY; p50). For zygote, the CPU time of
 //! the VM's network device thread (`zygote-net`: the queues ↔ the tap, in
 //! the shim) per MiB moved; the guest's TCP stack and the host kernel's tap,
@@ -22,11 +22,23 @@ mod cri_common;
 use cri_common::*;
 
 const MIB: usize = 1 << 20;
-const BYTES: usize = 64 * MIB;
 const EXCHANGES: usize = 100;
-const SERVERS: &str = "nc -ll -p 5003 -e cat & \
-    while true; do nc -l -p 5001 -e wc -c; done & \
-    while true; do nc -l -p 5002 -e head -c 67108864 /dev/zero; done & wait";
+/// MiB moved each way: `$ZYGOTE_NET_BENCH_MIB`, 64 unless set.
+fn mib() -> usize {
+    std::env::var("ZYGOTE_NET_BENCH_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&m| m > 0)
+        .unwrap_or(64)
+}
+
+fn servers(bytes: usize) -> String {
+    format!(
+        "nc -ll -p 5003 -e cat & \
+         while true; do nc -l -p 5001 -e wc -c; done & \
+         while true; do nc -l -p 5002 -e head -c {bytes} /dev/zero; done & wait"
+    )
+}
 
 fn connect(ip: &str, port: u16, deadline: Instant) -> TcpStream {
     let addr: SocketAddr = format!("{ip}:{port}").parse().unwrap();
@@ -62,12 +74,12 @@ fn round_trips(ip: &str, deadline: Instant) -> Vec<f64> {
     rtts
 }
 
-/// Host → pod: 64 MiB, until the pod's `wc -c` answers with the count.
-fn send(ip: &str, deadline: Instant) -> Duration {
+/// Host → pod: `BYTES`, until the pod's `wc -c` answers with the count.
+fn send(ip: &str, deadline: Instant, bytes: usize) -> Duration {
     let mut s = connect(ip, 5001, deadline);
     let chunk = vec![0x5au8; MIB];
     let t = Instant::now();
-    for _ in 0..BYTES / MIB {
+    for _ in 0..bytes / MIB {
         s.write_all(&chunk).unwrap();
     }
     s.shutdown(Shutdown::Write).unwrap();
@@ -76,26 +88,26 @@ fn send(ip: &str, deadline: Instant) -> Duration {
     let took = t.elapsed();
     assert_eq!(
         reply.trim(),
-        BYTES.to_string(),
+        bytes.to_string(),
         "the pod counted what was sent"
     );
     took
 }
 
-/// Pod → host: 64 MiB, until the last byte.
-fn receive(ip: &str, deadline: Instant) -> Duration {
+/// Pod → host: `bytes`, until the last byte.
+fn receive(ip: &str, deadline: Instant, bytes: usize) -> Duration {
     let mut s = connect(ip, 5002, deadline);
     let mut buf = vec![0u8; MIB];
     let mut got = 0;
     let t = Instant::now();
-    while got < BYTES {
+    while got < bytes {
         match s.read(&mut buf).unwrap() {
             0 => break,
             n => got += n,
         }
     }
     let took = t.elapsed();
-    assert_eq!(got, BYTES, "the pod sent all of it");
+    assert_eq!(got, bytes, "the pod sent all of it");
     took
 }
 
@@ -130,9 +142,11 @@ async fn measure(runtime: &mut RuntimeServiceClient<Channel>, handler: &str) -> 
     let config = on_pod_network(config, vec![]);
     let pod = run_pod_with(runtime, &config, handler).await;
     let _guard = PodGuard(pod.clone());
+    let bytes = mib() * MIB;
+    let script = servers(bytes);
     run_container(
         runtime,
-        container_request(&pod, &config, "servers", &["sh", "-c", SERVERS]),
+        container_request(&pod, &config, "servers", &["sh", "-c", &script]),
     )
     .await;
     let (ip, _) = pod_network(runtime, &pod).await;
@@ -140,15 +154,15 @@ async fn measure(runtime: &mut RuntimeServiceClient<Channel>, handler: &str) -> 
     let deadline = Instant::now() + Duration::from_secs(180);
     let rtts = round_trips(&ip, deadline);
     let cpu_before = net_thread_ns(&pod);
-    let tx = send(&ip, deadline);
-    let rx = receive(&ip, Instant::now() + Duration::from_secs(60));
+    let tx = send(&ip, deadline, bytes);
+    let rx = receive(&ip, Instant::now() + Duration::from_secs(60), bytes);
     let cpu_ns = net_thread_ns(&pod).saturating_sub(cpu_before);
     let figures = Figures {
-        tx: mbit_s(BYTES, tx),
-        rx: mbit_s(BYTES, rx),
+        tx: mbit_s(bytes, tx),
+        rx: mbit_s(bytes, rx),
         rtt_p50: (rtts[rtts.len() / 2] * 10.0).round() / 10.0,
         cpu_ms_per_mib: (handler == "zygote")
-            .then(|| (cpu_ns as f64 / 1e6 / (2 * BYTES / MIB) as f64 * 1000.0).round() / 1000.0),
+            .then(|| (cpu_ns as f64 / 1e6 / (2 * mib()) as f64 * 1000.0).round() / 1000.0),
     };
     eprintln!(
         "{name}: tx {} Mbit/s ({tx:.1?}), rx {} Mbit/s ({rx:.1?}), rtt p50 {} µs",
@@ -166,8 +180,9 @@ fn main() {
         let zygote = measure(&mut runtime, "zygote").await;
         let runc = measure(&mut runtime, "").await;
         println!(
-            "net (host <-> pod, 64 MiB each way, {EXCHANGES} exchanges): zygote tx {} rx {} Mbit/s, \
+            "net (host <-> pod, {} MiB each way, {EXCHANGES} exchanges): zygote tx {} rx {} Mbit/s, \
              rtt p50 {} us, net device thread {} ms CPU/MiB; runc tx {} rx {} Mbit/s, rtt p50 {} us",
+            mib(),
             zygote.tx,
             zygote.rx,
             zygote.rtt_p50,

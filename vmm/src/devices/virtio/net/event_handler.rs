@@ -82,13 +82,12 @@ impl NetIo {
         let tap_fd = self.tap.as_ref().map(|t| t.as_fd().as_raw_fd());
         let mut tap_watched = tap_fd.is_some();
         // The driver may have queued buffers before DRIVER_OK.
-        let mut used = self.process_tx();
-        let (u, room) = self.process_rx();
-        used |= u;
+        let tx_used = self.process_tx();
+        let (rx_used, room) = self.process_rx();
         if !room {
             tap_watched = watch_tap(&epoll, tap_fd, false);
         }
-        self.signal(used);
+        self.signal(rx_used, tx_used);
         let mut events = [EpollEvent::default(); 8];
         loop {
             let n = match epoll.wait(-1, &mut events) {
@@ -99,20 +98,20 @@ impl NetIo {
                     return Some(self.into_queues());
                 }
             };
-            let mut used = false;
+            let (mut rx_used, mut tx_used) = (false, false);
             for ev in &events[..n] {
                 match ev.data() {
                     TOKEN_KILL => return Some(self.into_queues()),
                     TOKEN_TXQ => {
                         let _ = evts[TXQ].read();
-                        used |= self.process_tx();
+                        tx_used |= self.process_tx();
                     }
                     TOKEN_RXQ | TOKEN_TAP => {
                         if ev.data() == TOKEN_RXQ {
                             let _ = evts[RXQ].read();
                         }
                         let (u, room) = self.process_rx();
-                        used |= u;
+                        rx_used |= u;
                         if room != tap_watched {
                             tap_watched = watch_tap(&epoll, tap_fd, room);
                         }
@@ -120,7 +119,7 @@ impl NetIo {
                     _ => {}
                 }
             }
-            self.signal(used);
+            self.signal(rx_used, tx_used);
         }
     }
 
@@ -144,8 +143,16 @@ impl NetIo {
         Ok(epoll)
     }
 
-    fn signal(&self, used: bool) {
-        if used {
+    /// Raises the interrupt for queues with used buffers, unless the driver
+    /// asked not to be interrupted for them (`VRING_AVAIL_F_NO_INTERRUPT`,
+    /// e.g. while its NAPI poll runs): an interrupt is a guest kernel entry,
+    /// costly on every KVM and the most costly where the guest kernel is
+    /// emulated.
+    fn signal(&mut self, rx_used: bool, tx_used: bool) {
+        let wants = |used: bool, q: &mut Queue, mem: &GuestMemoryMmap| {
+            used && q.needs_notification(mem).unwrap_or(true)
+        };
+        if wants(rx_used, &mut self.rxq, &self.mem) | wants(tx_used, &mut self.txq, &self.mem) {
             self.interrupt.signal_used_queue();
         }
     }
