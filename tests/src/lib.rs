@@ -287,6 +287,7 @@ pub fn build_gorand(dir: &Path) -> (PathBuf, PathBuf) {
 pub fn initramfs_with(name: &str, files: &[(&str, &Path)]) -> TempFile {
     let stage = std::env::temp_dir().join(format!("zygote-stage-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&stage);
+    std::fs::create_dir_all(&stage).expect("stage dir");
     for (guest, host) in files {
         let dest = stage.join(guest.trim_start_matches('/'));
         std::fs::create_dir_all(dest.parent().expect("a file path")).expect("stage dir");
