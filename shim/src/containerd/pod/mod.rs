@@ -150,7 +150,8 @@ pub fn process_cpu_time() -> Duration {
     zygote_vmm::vstate::vcpu::clock_time(libc::CLOCK_PROCESS_CPUTIME_ID)
 }
 
-/// The pod's network while it is attached; detached on drop unless kept.
+/// The pod's network while it is attached: detached when dropped (with the
+/// pod VM, or when its create fails after the attach).
 struct Attached(Option<PathBuf>);
 
 impl Drop for Attached {

@@ -69,7 +69,9 @@ impl TaskService {
         self.state().timings_log = config.timings_log.clone();
         if sandbox {
             // The CRI made the pod's namespace and ran CNI in it before
-            // this create; application containers name the pause's pid's.
+            // this create. An application container's spec names the
+            // namespace of the pause task's pid instead, which for zygote is
+            // the shim's (the host's): the pod's is taken from here.
             let mut state = self.state();
             state.pod_netns = spec::network_namespace(&oci);
             state.pod_hostname = Some(spec::hostname(&oci, &id));
