@@ -352,7 +352,7 @@ impl Sandbox {
             disks: Vec::new(),
             tap,
         };
-        let machine = Machine::fork(template, &config).map_err(|source| SandboxError::Fork {
+        let machine = Machine::fork(template, config).map_err(|source| SandboxError::Fork {
             template: template.dir().into(),
             source,
         })?;

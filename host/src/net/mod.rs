@@ -114,12 +114,7 @@ pub fn attach(netns: &Path) -> Result<PodNetwork, NetError> {
 fn wire(nl: &mut Netlink) -> Result<(PodInterface, Tap), NetError> {
     let interface = scan::pod_interface(nl, TAP_NAME)?;
     let tap = Tap::create(TAP_NAME).map_err(NetError::Tap)?;
-    let (tap_index, _) = tc::find_link(nl, TAP_NAME)
-        .map_err(netlink("finding the tap"))?
-        .ok_or(NetError::Netlink {
-            what: "finding the tap",
-            source: std::io::Error::from_raw_os_error(libc::ENODEV),
-        })?;
+    let tap_index = tap.index().map_err(netlink("finding the tap"))?;
     tc::set_up_with_mtu(nl, tap_index, interface.mtu).map_err(netlink("bringing the tap up"))?;
     tc::add_ingress(nl, interface.index)
         .map_err(netlink("adding the interface's ingress qdisc"))?;

@@ -155,16 +155,9 @@ pub async fn remove_stale_pods(runtime: &mut RuntimeServiceClient<Channel>, pref
             .is_some_and(|m| m.name.starts_with(prefix))
         {
             eprintln!("removing pod {} left by an earlier run", pod.id);
-            let _ = runtime
-                .stop_pod_sandbox(cri::StopPodSandboxRequest {
-                    pod_sandbox_id: pod.id.clone(),
-                })
-                .await;
-            let _ = runtime
-                .remove_pod_sandbox(cri::RemovePodSandboxRequest {
-                    pod_sandbox_id: pod.id,
-                })
-                .await;
+            if let Err(e) = stop_and_remove(runtime, &pod.id).await {
+                eprintln!("pod {}: {e:?}", pod.id);
+            }
         }
     }
 }
@@ -325,20 +318,29 @@ pub async fn container_exit_code(
     (status.state == cri::ContainerState::ContainerExited as i32).then_some(status.exit_code)
 }
 
-/// Stops and removes the pod; its shim goes with it.
-pub async fn remove_pod(runtime: &mut RuntimeServiceClient<Channel>, pod: &str) {
+/// StopPodSandbox, then RemovePodSandbox.
+async fn stop_and_remove(
+    runtime: &mut RuntimeServiceClient<Channel>,
+    pod: &str,
+) -> Result<(), tonic::Status> {
     runtime
         .stop_pod_sandbox(cri::StopPodSandboxRequest {
             pod_sandbox_id: pod.into(),
         })
-        .await
-        .expect("StopPodSandbox");
+        .await?;
     runtime
         .remove_pod_sandbox(cri::RemovePodSandboxRequest {
             pod_sandbox_id: pod.into(),
         })
+        .await?;
+    Ok(())
+}
+
+/// Stops and removes the pod; its shim goes with it.
+pub async fn remove_pod(runtime: &mut RuntimeServiceClient<Channel>, pod: &str) {
+    stop_and_remove(runtime, pod)
         .await
-        .expect("RemovePodSandbox");
+        .expect("StopPodSandbox, RemovePodSandbox");
     let deadline = Instant::now() + Duration::from_secs(30);
     while shim_running(pod) && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(200)).await;

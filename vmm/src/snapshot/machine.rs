@@ -93,9 +93,6 @@ pub enum ForkError {
     /// A tap was given but the template has no NIC (built before NICs were).
     #[error("the template has no network device: rebuild it")]
     NoNic,
-    /// Another fd of the tap could not be made.
-    #[error("cannot use the tap")]
-    Tap(#[source] std::io::Error),
     /// The saved machine is not one this VMM builds.
     #[error("template state is inconsistent: {0}")]
     Inconsistent(&'static str),
@@ -218,7 +215,7 @@ impl Machine {
     /// copy-on-write, VM, vCPUs and devices restored, its own vsock socket and
     /// console log; the guest is told its vsock connections are gone. Nothing of
     /// the memory file is read here. On error nothing is left behind.
-    pub fn fork(template: &Template, config: &ForkConfig) -> Result<Machine, ForkError> {
+    pub fn fork(template: &Template, config: ForkConfig) -> Result<Machine, ForkError> {
         let start = Instant::now();
         let state = template.state();
         check_shape(state)?;
@@ -281,15 +278,10 @@ impl Machine {
         if config.tap.is_some() && !has_nic {
             return Err(ForkError::NoNic);
         }
-        let device_args = DeviceArgs {
-            vsock_path: config.vsock_path.clone(),
+        let mut device_args = DeviceArgs {
+            vsock_path: config.vsock_path,
             disks,
-            tap: config
-                .tap
-                .as_ref()
-                .map(Tap::try_clone)
-                .transpose()
-                .map_err(ForkError::Tap)?,
+            tap: config.tap,
         };
         let mut disk = 0;
         let devices = state
@@ -297,7 +289,7 @@ impl Machine {
             .iter()
             .map(|slot| {
                 let args = MmioArgs {
-                    device: device_args.for_device(&slot.transport.device)?,
+                    device: device_args.for_device(&slot.transport.device),
                     disk,
                     mem: ram.memory.clone(),
                     irqfd: irqfd(&vm, slot.irq)?,

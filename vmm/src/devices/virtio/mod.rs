@@ -121,6 +121,14 @@ impl ActivateArgs {
     }
 }
 
+/// Whether the driver wants an interrupt for buffers just used on `queue`:
+/// not while it has suppressed them (`VRING_AVAIL_F_NO_INTERRUPT`, e.g.
+/// while it polls). An interrupt is a guest kernel entry, costly on every
+/// KVM and the most where the guest kernel is emulated.
+pub fn driver_wants_interrupt(queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+    virtio_queue::QueueT::needs_notification(queue, mem).unwrap_or(true)
+}
+
 /// A device's interrupt: the status register the driver reads and an irqfd.
 #[derive(Debug)]
 pub struct Interrupt {

@@ -99,18 +99,17 @@ pub struct DeviceArgs {
 }
 
 impl DeviceArgs {
-    /// The arguments for one device: the paths, and another fd of the tap
-    /// for a NIC (the fork's own fd stays with the caller).
-    pub fn for_device(&self, device: &DeviceState) -> Result<DeviceArgs, RestoreError> {
-        let tap = match (device, &self.tap) {
-            (DeviceState::Net(_), Some(tap)) => Some(tap.try_clone().map_err(RestoreError::Tap)?),
-            _ => None,
-        };
-        Ok(DeviceArgs {
+    /// The arguments for one device: the paths, and for a NIC the tap
+    /// (moved: a machine has one NIC).
+    pub fn for_device(&mut self, device: &DeviceState) -> DeviceArgs {
+        DeviceArgs {
             vsock_path: self.vsock_path.clone(),
             disks: self.disks.clone(),
-            tap,
-        })
+            tap: match device {
+                DeviceState::Net(_) => self.tap.take(),
+                _ => None,
+            },
+        }
     }
 }
 
@@ -146,9 +145,6 @@ pub enum RestoreError {
     /// An eventfd could not be created.
     #[error("cannot create an eventfd")]
     Eventfd(#[source] std::io::Error),
-    /// The tap could not be given to the NIC.
-    #[error("cannot give the NIC its tap")]
-    Tap(#[source] std::io::Error),
     /// The device could not be started again.
     #[error("cannot reactivate the device")]
     Activate(#[source] super::ActivateError),

@@ -57,7 +57,7 @@ impl<T> Drop for Worker<T> {
 /// The I/O thread of a device with one queue. `serve` runs once at start (the
 /// driver may have queued requests before DRIVER_OK) and on every
 /// notification, until the thread is stopped; returns whether it used buffers
-/// (the interrupt is then raised). Stopping for a snapshot gives the queue back
+/// (the interrupt is then raised, unless the driver suppressed it). Stopping for a snapshot gives the queue back
 /// as it is then.
 #[derive(Debug, Default)]
 pub struct QueueWorker(Option<Worker<Option<Queue>>>);
@@ -73,7 +73,7 @@ impl QueueWorker {
         let (mem, queue, evt, interrupt) = args.single_queue()?;
         let worker = Worker::spawn(&format!("zygote-{name}"), move |kill| {
             queue_loop(name, queue, evt, kill, |q| {
-                if serve(&mem, q) {
+                if serve(&mem, q) && super::driver_wants_interrupt(q, &mem) {
                     interrupt.signal_used_queue();
                 }
             })

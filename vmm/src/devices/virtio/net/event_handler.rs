@@ -18,7 +18,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{MAX_FRAME, RXQ, TXQ, Tap, VNET_HDR_LEN, features};
-use crate::devices::virtio::Interrupt;
+use crate::devices::virtio::{Interrupt, driver_wants_interrupt};
 use crate::vstate::memory::GuestMemoryMmap;
 
 const TOKEN_KILL: u64 = 0;
@@ -143,16 +143,12 @@ impl NetIo {
         Ok(epoll)
     }
 
-    /// Raises the interrupt for queues with used buffers, unless the driver
-    /// asked not to be interrupted for them (`VRING_AVAIL_F_NO_INTERRUPT`,
-    /// e.g. while its NAPI poll runs): an interrupt is a guest kernel entry,
-    /// costly on every KVM and the most costly where the guest kernel is
-    /// emulated.
+    /// Raises the interrupt for queues with used buffers whose driver wants
+    /// it (not while its NAPI poll runs).
     fn signal(&mut self, rx_used: bool, tx_used: bool) {
-        let wants = |used: bool, q: &mut Queue, mem: &GuestMemoryMmap| {
-            used && q.needs_notification(mem).unwrap_or(true)
-        };
-        if wants(rx_used, &mut self.rxq, &self.mem) | wants(tx_used, &mut self.txq, &self.mem) {
+        let rx = rx_used && driver_wants_interrupt(&mut self.rxq, &self.mem);
+        let tx = tx_used && driver_wants_interrupt(&mut self.txq, &self.mem);
+        if rx || tx {
             self.interrupt.signal_used_queue();
         }
     }

@@ -114,6 +114,18 @@ impl Tap {
         &self.name
     }
 
+    /// The interface's index in the calling thread's network namespace
+    /// (the one it was created in, for a caller that made it).
+    pub fn index(&self) -> std::io::Result<u32> {
+        let name = std::ffi::CString::new(self.name.as_str())
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+        // SAFETY: a NUL-terminated name; if_nametoindex only reads it.
+        match unsafe { libc::if_nametoindex(name.as_ptr()) } {
+            0 => Err(std::io::Error::last_os_error()),
+            index => Ok(index),
+        }
+    }
+
     /// Another fd of the same tap.
     pub fn try_clone(&self) -> std::io::Result<Tap> {
         Ok(Tap {
@@ -228,6 +240,7 @@ mod tests {
             tap.set_offloads(features::GUEST_CSUM | features::GUEST_TSO4)
                 .unwrap();
             assert_eq!(tap.name(), "ztest0");
+            assert!(tap.index().unwrap() > 1, "after loopback");
             let mut buf = [0u8; 2048];
             // Nothing queued: the read does not block.
             let e = tap.read_frame(&mut buf).unwrap_err();
