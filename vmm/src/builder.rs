@@ -413,6 +413,13 @@ impl Machine {
         )
     }
 
+    /// CPU time all vCPU threads spent inside `KVM_RUN` so far (guest work,
+    /// halts excluded; on PVM also the host work done inside `KVM_RUN` on the
+    /// guest's behalf: emulation, shadow paging, copy-on-write faults).
+    pub fn guest_cpu_time(&self) -> Duration {
+        Duration::from_nanos(self.stats.iter().map(|s| s.cpu_in_run_now_ns()).sum())
+    }
+
     /// Time all vCPUs waited halted inside `KVM_RUN` so far (the guest idle,
     /// waiting for an interrupt); None where KVM has no binary statistics.
     pub fn guest_halt_time(&self) -> Option<Duration> {

@@ -121,6 +121,15 @@ pub struct VcpuStats {
     pub thread_cpu_ns: AtomicU64,
     /// Wall time of the vCPU's run loops, ns, added when one ended.
     pub thread_life_ns: AtomicU64,
+    /// The running loop's thread CPU clock (`pthread_getcpuclockid`), 0
+    /// when no loop runs: lets another thread read the vCPU's CPU time live.
+    pub(crate) loop_clock: std::sync::atomic::AtomicI64,
+    /// The thread's CPU time when the running loop began, ns.
+    pub(crate) loop_cpu_start_ns: AtomicU64,
+    /// Wall time the running loop spent outside `KVM_RUN` so far, ns.
+    pub(crate) loop_outside_ns: AtomicU64,
+    /// CPU time inside `KVM_RUN` of the loops that ended, ns.
+    pub(crate) ended_in_run_ns: AtomicU64,
 }
 
 impl VcpuStats {
@@ -141,6 +150,46 @@ impl VcpuStats {
             .load(Ordering::Relaxed)
             .saturating_sub(self.run_ns.load(Ordering::Relaxed))
     }
+
+    /// CPU time the vCPU's thread spent inside `KVM_RUN` so far, read while
+    /// it runs (as [`VcpuStats::cpu_in_run_ns`], which is exact only once the loop
+    /// ended): its thread's CPU clock less its wall time handling exits.
+    pub fn cpu_in_run_now_ns(&self) -> u64 {
+        let ended = self.ended_in_run_ns.load(Ordering::Acquire);
+        let clock = self.loop_clock.load(Ordering::Acquire);
+        if clock == 0 {
+            return ended;
+        }
+        // A loop that ended between the two loads: its clock is gone (the
+        // thread exited) or its time is already in `ended`.
+        let Some(now) = try_clock_time(clock as libc::clockid_t) else {
+            return self.ended_in_run_ns.load(Ordering::Acquire);
+        };
+        let running = (now.as_nanos() as u64)
+            .saturating_sub(self.loop_cpu_start_ns.load(Ordering::Relaxed))
+            .saturating_sub(self.loop_outside_ns.load(Ordering::Relaxed));
+        ended + running
+    }
+}
+
+/// The time of `clock`, or None if the kernel refuses it (the CPU clock of
+/// a thread that exited).
+fn try_clock_time(clock: libc::clockid_t) -> Option<std::time::Duration> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec for clock_gettime to fill.
+    let rc = unsafe { libc::clock_gettime(clock, &mut ts) };
+    (rc == 0).then(|| std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32))
+}
+
+/// The calling thread's CPU clock, for other threads to read.
+fn own_cpu_clock() -> Option<libc::clockid_t> {
+    let mut clock: libc::clockid_t = 0;
+    // SAFETY: pthread_self is always valid; `clock` is a valid out pointer.
+    let rc = unsafe { libc::pthread_getcpuclockid(libc::pthread_self(), &mut clock) };
+    (rc == 0 && clock != 0).then_some(clock)
 }
 
 /// The time of `clock` (e.g. `CLOCK_THREAD_CPUTIME_ID`: the calling
@@ -295,14 +344,28 @@ impl Vcpu {
         stats: Arc<VcpuStats>,
     ) -> Self {
         let (born, cpu_before) = (Instant::now(), thread_cpu_time());
+        stats.loop_outside_ns.store(0, Ordering::Relaxed);
+        stats
+            .loop_cpu_start_ns
+            .store(cpu_before.as_nanos() as u64, Ordering::Relaxed);
+        if let Some(clock) = own_cpu_clock() {
+            stats.loop_clock.store(i64::from(clock), Ordering::Release);
+        }
         self.run_loop(pio, mmio, exit, stop, &stats);
         let cpu = thread_cpu_time().saturating_sub(cpu_before);
+        let life = born.elapsed();
+        let outside = stats.loop_outside_ns.load(Ordering::Relaxed);
+        stats.loop_clock.store(0, Ordering::Release);
+        stats.ended_in_run_ns.fetch_add(
+            (cpu.as_nanos() as u64).saturating_sub(outside),
+            Ordering::AcqRel,
+        );
         stats
             .thread_cpu_ns
             .fetch_add(cpu.as_nanos() as u64, Ordering::Relaxed);
         stats
             .thread_life_ns
-            .fetch_add(born.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            .fetch_add(life.as_nanos() as u64, Ordering::Relaxed);
         self
     }
 
@@ -318,9 +381,10 @@ impl Vcpu {
         while !stop.load(Ordering::Acquire) {
             let entered = Instant::now();
             let result = self.fd.run();
+            let left = Instant::now();
             stats
                 .run_ns
-                .fetch_add(entered.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                .fetch_add((left - entered).as_nanos() as u64, Ordering::Relaxed);
             stats.exits.fetch_add(1, Ordering::Relaxed);
             let reason = match result {
                 Ok(VcpuExit::IoIn(port, data)) => {
@@ -374,6 +438,9 @@ impl Vcpu {
                     errno: e.errno(),
                 }),
             };
+            stats
+                .loop_outside_ns
+                .fetch_add(left.elapsed().as_nanos() as u64, Ordering::Relaxed);
             if let Some(reason) = reason {
                 tracing::debug!(vcpu = index, ?reason, "vCPU stops the VM");
                 exit.raise(reason);
@@ -518,6 +585,32 @@ pub(crate) mod tests {
         assert!(spinning < 50_000_000, "a spin loop does not: {spinning} ns");
     }
 
+    /// Another thread reads a running vCPU's CPU time inside KVM_RUN (the
+    /// shim's per-phase figures), and it agrees with the final count.
+    #[test]
+    fn cpu_in_run_reads_live_and_matches_once_the_loop_ended() {
+        let (_kvm, _ram, _vm, vcpu) = tiny_vm(&[0xeb, 0xfe]); // jmp $
+        let (exit, stop) = (ExitSignal::default(), Arc::new(AtomicBool::new(false)));
+        let stats = Arc::new(VcpuStats::default());
+        let (e, s, st) = (exit.clone(), stop.clone(), stats.clone());
+        let thread = std::thread::spawn(move || vcpu.run(Bus::default(), Bus::default(), e, s, st));
+        std::thread::sleep(Duration::from_millis(200));
+        let first = stats.cpu_in_run_now_ns();
+        std::thread::sleep(Duration::from_millis(200));
+        let second = stats.cpu_in_run_now_ns();
+        let mut threads = vec![thread];
+        stop_threads(&mut threads, &stop);
+        let ended = stats.cpu_in_run_now_ns();
+        assert!(first > 0, "a spinning guest's CPU is seen while it runs");
+        assert!(second > first, "and grows: {first} then {second}");
+        assert!(ended >= second, "{second} then {ended} once ended");
+        let fin = stats.cpu_in_run_ns();
+        assert!(
+            ended.abs_diff(fin) <= fin / 10,
+            "live {ended} and final {fin} agree"
+        );
+    }
+
     /// The vCPU thread's CPU time inside KVM_RUN counts guest work and not a
     /// halted guest, on any KVM (PVM included): the host/guest split of the
     /// benchmarks rests on it.
@@ -536,6 +629,7 @@ pub(crate) mod tests {
             (stats.cpu_in_run_ns(), stats.run_ns.load(Ordering::Relaxed))
         };
         let (halted_cpu, halted_run) = measure(&[0xf4, 0xeb, 0xfd]); // hlt; jmp back
+
         let (spinning_cpu, spinning_run) = measure(&[0xeb, 0xfe]); // jmp $
         assert!(halted_run > 400_000_000, "inside KVM_RUN: {halted_run} ns");
         assert!(

@@ -56,7 +56,9 @@ impl PodVm {
                 rootfs: rootfs.into(),
                 upper_size_mib,
             }),
-        )
+        )?;
+        self.mark("create");
+        Ok(())
     }
 
     /// Prepares exec `exec_id` in container `id` (an OCI process, JSON).
@@ -73,13 +75,18 @@ impl PodVm {
                 exec_id: exec_id.into(),
                 process_json,
             }),
-        )
+        )?;
+        self.mark("exec");
+        Ok(())
     }
 
     /// Starts a prepared process; its pid in the guest once it has exec'd.
     pub fn start(&self, process: &ContainerRef) -> Result<u32, PodError> {
         match self.call(request::Body::StartContainer(process.clone()))? {
-            response::Body::Started(s) => Ok(s.pid),
+            response::Body::Started(s) => {
+                self.mark("start");
+                Ok(s.pid)
+            }
             other => Err(unexpected("StartContainer", other)),
         }
     }
@@ -101,7 +108,9 @@ impl PodVm {
         self.call_empty(
             "RemoveContainer",
             request::Body::RemoveContainer(process.clone()),
-        )
+        )?;
+        self.mark("delete");
+        Ok(())
     }
 
     /// Closes a process's stdin (it reads end of file).

@@ -3,8 +3,10 @@
 //! agent by typed methods (`calls.rs`): the agent's wire types stop here.
 
 mod calls;
+mod phases;
 
 pub use calls::{ExitWait, OomStream, ProcessExit};
+pub use phases::Phase;
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -98,8 +100,12 @@ pub struct PodTimings {
 }
 
 /// A pod VM's life, measured when it stopped.
-#[derive(Debug, Clone, Copy, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct PodEnd {
+    /// Guest CPU phase by phase (fork, reconcile, each container's create,
+    /// start, exit, delete; `teardown`: from the last of those to the VM's stop).
+    #[serde(skip)]
+    pub phases: Vec<Phase>,
     /// Fork → stopped, ms.
     pub life_ms: f64,
     /// vCPU time inside `KVM_RUN`, ms.
@@ -207,6 +213,10 @@ pub struct PodVm {
     timeout: Duration,
     /// Its start.
     pub timings: PodTimings,
+    /// Guest CPU per phase so far.
+    phases: Mutex<phases::Phases>,
+    /// The reconcile's steps as the agent timed them (guest wall time, ms).
+    pub reconcile_steps: Vec<(String, f64)>,
     /// When it was forked.
     pub created: Instant,
 }
@@ -311,6 +321,8 @@ impl PodVm {
         let created = Instant::now()
             .checked_sub(Duration::from_secs_f64(fork.ready_ms / 1e3))
             .unwrap_or_else(Instant::now);
+        let mut phases = phases::Phases::new(created, Duration::ZERO);
+        phases.mark("fork", sandbox.machine().guest_cpu_time());
         let started = Instant::now();
         let policy = config
             .policy
@@ -321,7 +333,7 @@ impl PodVm {
             name: name.clone(),
             source: e,
         })?;
-        reconcile(
+        let outcome = reconcile(
             &mut client,
             &ReconcileSpec {
                 generation: 1,
@@ -332,6 +344,7 @@ impl PodVm {
                 ..Default::default()
             },
         )?;
+        phases.mark("reconcile", sandbox.machine().guest_cpu_time());
         client.set_timeout(timeout).map_err(ClientError::Io)?;
         Ok(PodVm {
             template: name,
@@ -346,10 +359,28 @@ impl PodVm {
                 fork_guest_run_ms: fork.guest_run_ms,
                 reconcile_ms: ms(started.elapsed()),
             },
+            phases: Mutex::new(phases),
+            reconcile_steps: outcome
+                .report
+                .steps
+                .iter()
+                .map(|s| (s.name.clone(), s.elapsed_ns as f64 / 1e6))
+                .collect(),
             created,
             sandbox,
             network,
         })
+    }
+
+    /// Ends phase `name` of the VM's life (see `phases.rs`).
+    pub fn mark(&self, name: &'static str) {
+        let cpu = self.sandbox.machine().guest_cpu_time();
+        self.phases.lock().expect("phases lock").mark(name, cpu);
+    }
+
+    /// The phases ended so far.
+    pub fn phases(&self) -> Vec<Phase> {
+        self.phases.lock().expect("phases lock").list().to_vec()
     }
 
     /// The network namespace the VM is wired into, if any.
@@ -428,6 +459,8 @@ impl PodVm {
     /// clean power-off: its disk is read-only and its writable layers are
     /// guest memory.
     pub fn shutdown(self) -> PodEnd {
+        self.mark("teardown");
+        let phases = self.phases();
         drop(self.idle);
         let life_ms = ms(self.created.elapsed());
         let build_cpu_ms = self.timings.template_build_cpu_ms;
@@ -437,6 +470,7 @@ impl PodVm {
         tracing::info!("pod VM stopped: {reason:?}");
         drop(self.network);
         PodEnd {
+            phases,
             life_ms,
             guest_run_ms: ms(times.run),
             guest_halt_ms: times.halt.map(ms),

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use super::super::pod::{PodEnd, PodTimings};
+use super::super::pod::{Phase, PodEnd, PodTimings};
 use super::TaskService;
 
 impl TaskService {
@@ -28,33 +28,55 @@ impl TaskService {
         let Some(pod) = pod else { return };
         tracing::info!("stopping the pod VM");
         let (template, timings) = (pod.template.clone(), pod.timings);
+        let steps = pod.reconcile_steps.clone();
         let ended = tokio::task::spawn_blocking(move || {
             // Waiter and OOM threads hold references for a moment after an exit.
             let mut pod = pod;
             for _ in 0..100 {
                 match Arc::try_unwrap(pod) {
-                    Ok(p) => return Some(p.shutdown()),
+                    Ok(p) => return Ok(p.shutdown()),
                     Err(again) => pod = again,
                 }
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }
             tracing::warn!("the pod VM is still referenced; it stops with the shim");
-            None
+            pod.mark("teardown");
+            Err(pod.phases())
         })
         .await;
-        if let Ok(Some(end)) = ended {
-            self.log_timings(&template, timings, end);
+        match ended {
+            Ok(Ok(end)) => {
+                let phases = end.phases.clone();
+                self.log_timings(&template, timings, &steps, &phases, Some(end));
+            }
+            // What is known is still written: the phases, without the end.
+            Ok(Err(phases)) => self.log_timings(&template, timings, &steps, &phases, None),
+            Err(e) => tracing::warn!("the pod VM's teardown failed: {e}"),
         }
     }
 
     /// Appends the pod VM's timings to the configured log (benchmarks read it).
-    fn log_timings(&self, template: &str, timings: PodTimings, end: PodEnd) {
+    /// `end` is None when the VM could not be stopped here (it stops with the
+    /// shim); `phases` are those ended.
+    fn log_timings(
+        &self,
+        template: &str,
+        timings: PodTimings,
+        reconcile_steps: &[(String, f64)],
+        phases: &[Phase],
+        end: Option<PodEnd>,
+    ) {
         let Some(path) = self.state().timings_log.clone() else {
             return;
         };
         let line = serde_json::json!({
             "template": template,
             "pod": timings,
+            "reconcile_steps_ms": reconcile_steps
+                .iter()
+                .map(|(name, ms)| (name.clone(), serde_json::json!(ms)))
+                .collect::<serde_json::Map<_, _>>(),
+            "phases": phases,
             "end": end,
         });
         use std::io::Write;

@@ -71,6 +71,9 @@ impl TaskService {
                 let Some(exit) = wait_exit(&weak, &process, first, wanted) else {
                     return;
                 };
+                if let Some(pod) = weak.upgrade() {
+                    pod.mark("exit");
+                }
                 let what = format!("{} {}", process.id, process.exec_id);
                 tracing::info!("{what} exited {}", exit.status);
                 if process.exec_id.is_empty() {
