@@ -2,10 +2,12 @@
 //! do: running zygote tasks, waiting for their states, cleaning up, and
 //! freezing a pod VM's guest.
 
+use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::PvmSegv;
 use crate::{containerd_socket as socket, test_image as image};
 
 /// The runtime `ctr run --runtime` names.
@@ -251,4 +253,141 @@ pub fn footprint_after(before: &HostFootprint) -> HostFootprint {
         after = host_footprint();
     }
     after
+}
+
+/// `ctr events`, collected in the background.
+#[derive(Debug)]
+pub struct Events {
+    child: Child,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Events {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Events {
+    /// Starts `ctr events`.
+    pub fn start() -> Self {
+        let mut child = ctr_cmd(&["events"]).stdout(Stdio::piped()).spawn().unwrap();
+        let out = child.stdout.take().unwrap();
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        // containerd subscribes the client before the first event it must see.
+        std::thread::sleep(Duration::from_millis(300));
+        Events {
+            child,
+            lines,
+            reader: Some(reader),
+        }
+    }
+
+    /// The exit status of process `process` (the container's id for its
+    /// init, else the exec id) of container `id`, from its `/tasks/exit`
+    /// event if one came within `wait`.
+    pub fn exit_status(&self, id: &str, process: &str, wait: Duration) -> Option<i64> {
+        let deadline = Instant::now() + wait;
+        loop {
+            let found = self.lines.lock().unwrap().iter().find_map(|l| {
+                // "DATE TIME ZONE UTC NAMESPACE /tasks/exit {...}"
+                let json = &l[l.find(" /tasks/exit ")? + " /tasks/exit ".len()..];
+                let v: serde_json::Value = serde_json::from_str(json.trim()).ok()?;
+                (v["container_id"] == id && v["id"] == process)
+                    .then(|| v["exit_status"].as_i64().unwrap_or(0))
+            });
+            if found.is_some() || Instant::now() >= deadline {
+                return found;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `Err` if the container's own process `id` exited SIGSEGV (the PVM
+    /// guest fault) within `wait`.
+    pub fn container_segv(&self, id: &str, wait: Duration, context: &str) -> Result<(), PvmSegv> {
+        match self.exit_status(id, id, wait) {
+            Some(status) => PvmSegv::check(status, || format!("container {id} ({context})")),
+            None => Ok(()),
+        }
+    }
+
+    /// Stops collecting; asserts that the events naming `id` among the
+    /// topics `want` came in that order (the shim exited with its last task).
+    pub fn assert_order(self, id: &str, want: &[&str]) {
+        let topics = self.topics_of(id);
+        let seen: Vec<&str> = topics
+            .iter()
+            .map(String::as_str)
+            .filter(|t| want.contains(t))
+            .collect();
+        assert_eq!(seen, want, "all events: {topics:?}");
+        assert!(
+            shim_pids(id).is_empty(),
+            "the shim exited with its last task"
+        );
+    }
+
+    /// The topics of the events naming `id`, in order.
+    pub fn topics_of(mut self, id: &str) -> Vec<String> {
+        std::thread::sleep(Duration::from_millis(500));
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.reader.take().expect("read once").join().unwrap();
+        let lines = std::mem::take(&mut *self.lines.lock().unwrap());
+        lines
+            .iter()
+            .filter(|l| l.contains(&format!("\"{id}\"")))
+            // "DATE TIME ZONE UTC NAMESPACE TOPIC {...}"
+            .filter_map(|l| {
+                l.split_whitespace()
+                    .find(|w| w.starts_with("/tasks/"))
+                    .map(str::to_string)
+            })
+            .collect()
+    }
+}
+
+/// Template directories with their creation stamps.
+pub fn template_dirs() -> Vec<(String, String)> {
+    let root = zygote::paths::templates();
+    let mut v: Vec<(String, String)> = std::fs::read_dir(root)
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with("ctr-"))
+                .map(|e| {
+                    let meta =
+                        std::fs::read_to_string(e.path().join("template.json")).unwrap_or_default();
+                    (e.file_name().to_string_lossy().into_owned(), meta)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// Waits a moment for containerd's clean-up (`shim delete`), then asserts
+/// that the VM run directories are what they were before.
+pub fn assert_no_run_dirs_left(before: &[PathBuf]) {
+    // Only new ones count: one of an earlier test's VM may still be going.
+    let new = || -> Vec<PathBuf> {
+        vm_run_dirs()
+            .into_iter()
+            .filter(|d| !before.contains(d))
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !new().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(new(), Vec::<PathBuf>::new(), "no VM run directory is left");
 }
