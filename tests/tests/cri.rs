@@ -321,3 +321,64 @@ async fn pod_cycle(
     assert_eq!(code, 0, "pod cycle {n}");
     Ok(())
 }
+
+/// The template a shim's VM was forked from: the template directory whose
+/// memory file the shim maps.
+fn mapped_template(shim: u32) -> Option<String> {
+    let maps = std::fs::read_to_string(format!("/proc/{shim}/maps")).ok()?;
+    maps.lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .find(|path| path.ends_with("/memory"))
+        .and_then(|path| std::path::Path::new(path).parent()?.file_name())
+        .map(|name| name.to_string_lossy().into_owned())
+}
+
+/// One image, one template, whichever containerd namespace runs it: a `ctr`
+/// container (namespace `default`) and a CRI pod (`k8s.io`) of the same image
+/// — two unpacks, two snapshot chains — fork from one template, named by the
+/// image's chain ID.
+#[test]
+fn one_image_has_one_template_in_every_namespace() {
+    use zygote_tests::ctr::{Removed, cid, cleanup, ctr, shim_pids, text, wait_task, zygote_run};
+    cri_test(|channel| async move {
+        let mut runtime = RuntimeServiceClient::new(channel);
+        remove_stale_pods(&mut runtime, "zone-").await;
+        let id = cid("one-template");
+        cleanup(&id);
+        let _removed = Removed(id.clone());
+        let run = zygote_run(&["-d"], &id, &["sleep", "1000"]);
+        assert!(run.status.success(), "ctr run: {}", text(&run.stderr));
+        wait_task(&id, "RUNNING");
+        let info: serde_json::Value =
+            serde_json::from_slice(&ctr(&["snapshots", "info", &id]).stdout)
+                .expect("ctr snapshots info");
+        let chain = info["Parent"]
+            .as_str()
+            .expect("the snapshot's parent")
+            .to_string();
+        let shim = shim_pids(&id)[0];
+        let from_ctr = mapped_template(shim).expect("the ctr container's VM maps a template");
+
+        let (config, logs) = pod_config("zone-pod", 0);
+        let pod = run_pod(&mut runtime, &config).await;
+        let _guard = PodGuard(pod.clone());
+        run_container(
+            &mut runtime,
+            container_request(&pod, &config, "app", &["sleep", "1000"]),
+        )
+        .await;
+        let from_cri = shim_pid(&pod)
+            .and_then(mapped_template)
+            .expect("the pod's VM maps a template");
+        eprintln!("image chain {chain}: ctr's VM from {from_ctr}, the CRI pod's from {from_cri}");
+        assert_eq!(from_ctr, from_cri, "one template for the image");
+        let hex = chain.trim_start_matches("sha256:");
+        assert!(
+            from_ctr.contains(&hex[hex.len() - 16..]),
+            "{from_ctr} is named by the chain ID {chain}"
+        );
+        remove_pod(&mut runtime, &pod).await;
+        cleanup(&id);
+        let _ = std::fs::remove_dir_all(logs);
+    });
+}

@@ -16,6 +16,7 @@
 
 pub mod bundle;
 pub mod config;
+pub mod content;
 pub mod io;
 pub mod logger;
 pub mod pod;

@@ -15,6 +15,7 @@ use containerd_shim_protos::protobuf::well_known_types::any::Any;
 use containerd_shim_protos::shim_async::Task;
 
 use super::bundle;
+use super::content::ContainerdApi;
 use super::spec;
 use super::task::events::now;
 use super::task::{Events, TaskService};
@@ -24,6 +25,8 @@ pub struct ZygoteShim {
     exit: Arc<ExitSignal>,
     id: String,
     namespace: String,
+    /// containerd's gRPC socket.
+    address: String,
 }
 
 impl std::fmt::Debug for ZygoteShim {
@@ -46,6 +49,7 @@ impl Shim for ZygoteShim {
             exit: Arc::new(ExitSignal::default()),
             id: args.id.clone(),
             namespace: args.namespace.clone(),
+            address: args.address.clone(),
         }
     }
 
@@ -78,8 +82,18 @@ impl Shim for ZygoteShim {
         TaskService::new(
             Events::start(&publisher.address, &self.namespace),
             self.exit.clone(),
+            containerd_api(&self.address, &self.namespace),
         )
     }
+}
+
+/// containerd's gRPC API as the shim's flags give it (`unix://` or a path).
+fn containerd_api(address: &str, namespace: &str) -> Option<ContainerdApi> {
+    let path = address.strip_prefix("unix://").unwrap_or(address);
+    (!path.is_empty() && !namespace.is_empty()).then(|| ContainerdApi {
+        address: path.into(),
+        namespace: namespace.into(),
+    })
 }
 
 /// Starts (or finds) the shim serving `opts.id`'s pod; returns its address.
@@ -210,6 +224,7 @@ pub async fn serve(runtime_id: &str, flags: &Flags) -> Result<(), ShimError> {
     let service = TaskService::new(
         Events::start(&ttrpc_address, &flags.namespace),
         shim.exit.clone(),
+        containerd_api(&flags.address, &flags.namespace),
     );
     let task: Arc<dyn Task + Send + Sync> = Arc::new(service.clone());
     let mut services = create_task(task.clone());

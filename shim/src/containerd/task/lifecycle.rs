@@ -157,8 +157,9 @@ impl TaskService {
         }
         let spec_json = serde_json::to_vec(&guest).expect("a JSON value serializes");
         let upper = config.upper_size_mib;
+        let chain_id = self.image_chain_id(id).await;
         let (pod, new_pod) = blocking(move || {
-            let image = rootfs::image_of(&config, &bundle, &mounts)?;
+            let image = rootfs::image_of(&config, &bundle, &mounts, chain_id.as_deref())?;
             match existing {
                 Some(p) if p.image == image.path => Ok((p, false)),
                 Some(_) => Err(TaskError::Precondition(
@@ -198,6 +199,19 @@ impl TaskService {
             Ok(())
         })
         .await
+    }
+
+    /// The chain ID of container `id`'s image, from containerd; None (the
+    /// image is then keyed by its snapshot) when containerd cannot say.
+    async fn image_chain_id(&self, id: &str) -> Option<String> {
+        let api = self.containerd.as_ref()?;
+        match api.image_chain_id(id).await {
+            Ok(chain) => Some(chain),
+            Err(e) => {
+                tracing::warn!("{id}: image keyed by its snapshot: {e}");
+                None
+            }
+        }
     }
 
     /// Starts a created process: in the VM, its stdio bridged first, then

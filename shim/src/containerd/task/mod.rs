@@ -61,6 +61,9 @@ pub struct TaskService {
     making_pod: Arc<tokio::sync::Mutex<()>>,
     events: Events,
     exit: Arc<ExitSignal>,
+    /// containerd's API, asked for images' chain IDs (None: images are keyed
+    /// by their snapshots).
+    containerd: Option<super::content::ContainerdApi>,
 }
 
 impl std::fmt::Debug for TaskService {
@@ -76,8 +79,13 @@ impl std::fmt::Debug for TaskService {
 impl TaskService {
     /// A service publishing through `events`; `exit` is signalled when the
     /// pod's last task is gone and containerd asked the shim to shut down.
-    pub fn new(events: Events, exit: Arc<ExitSignal>) -> Self {
+    pub fn new(
+        events: Events,
+        exit: Arc<ExitSignal>,
+        containerd: Option<super::content::ContainerdApi>,
+    ) -> Self {
         TaskService {
+            containerd,
             state: Arc::new(Mutex::new(State::default())),
             making_pod: Arc::new(tokio::sync::Mutex::new(())),
             events,

@@ -1,5 +1,6 @@
 //! The image disk of a container's rootfs: the erofs image cached by the
-//! snapshot's layers, else built from the mounted snapshot.
+//! image's chain ID (or, when containerd cannot say, by the snapshot's
+//! layer directories), else built from the mounted snapshot.
 
 use std::path::Path;
 
@@ -7,25 +8,29 @@ use containerd_shim_protos::api;
 
 use super::super::bundle::unmount;
 use super::super::config::ShimConfig;
+use super::super::content;
 use super::super::spec;
 use super::errors::TaskError;
 use crate::image::{ImageBuild, ImageStore};
 
-/// The image disk for `mounts` (containerd's rootfs mounts of `bundle`).
+/// The image disk for `mounts` (containerd's rootfs mounts of `bundle`),
+/// of the image whose layers have `chain_id` if known.
 pub fn image_of(
     config: &ShimConfig,
     bundle: &Path,
     mounts: &[api::Mount],
+    chain_id: Option<&str>,
 ) -> Result<ImageBuild, TaskError> {
     let described: Vec<(String, String, Vec<String>)> = mounts
         .iter()
         .map(|m| (m.type_.clone(), m.source.clone(), m.options.clone()))
         .collect();
-    let key = spec::image_key(&described).ok_or_else(|| {
+    let snapshot_key = spec::image_key(&described).ok_or_else(|| {
         TaskError::Invalid(
             "zygote needs the image's snapshot mounts (rootfs) to make its disk".into(),
         )
     })?;
+    let key = chain_id.map_or(snapshot_key, content::image_key);
     let store = ImageStore::new(&config.images);
     if let Some(cached) = store.cached(&key) {
         return Ok(cached);
