@@ -167,6 +167,13 @@ pub fn spawn(cmd: &mut Command) -> std::io::Result<Child> {
     })
 }
 
+/// Whether the agent has spawned any process since it started. As PID 1 it
+/// is the ancestor of every user process: while this is false, the guest
+/// runs none but the agent.
+pub fn spawned_any() -> bool {
+    table().as_ref().is_some_and(|t| t.spawned > 0)
+}
+
 /// Forgets a child that will not be waited for (its status is dropped when reaped).
 pub fn disown(child: Child) {
     let pid = child.pid();

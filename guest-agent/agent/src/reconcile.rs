@@ -135,6 +135,13 @@ impl Steps {
     }
 }
 
+/// Whether the workload cgroup holds a process (reading its `cgroup.procs`:
+/// one read, where freezing an empty cgroup costs a write and a wait).
+fn workload_running() -> bool {
+    std::fs::read_to_string(Path::new(workload::CGROUP).join("cgroup.procs"))
+        .is_ok_and(|procs| !procs.trim().is_empty())
+}
+
 fn freeze(on: bool) -> String {
     let dir = Path::new(workload::CGROUP);
     if !dir.exists() {
@@ -296,7 +303,8 @@ pub fn apply(req: &Reconcile, received: Instant) -> ReconcileReport {
     let actions = actions(&req.policy).expect("validated");
     let mut s = Steps { steps: Vec::new() };
     let mut clock_step_ns = 0;
-    s.run("freeze", || freeze(true));
+    // Entropy and the clock first: every process, the agent's threads
+    // included, reads them from the moment the fork runs.
     s.run("entropy", || add_entropy(&req.entropy));
     s.run("clock", || {
         let target = req.host_realtime_ns + req.rtt_ns / 2 + received.elapsed().as_nanos() as u64;
@@ -306,6 +314,15 @@ pub fn apply(req: &Reconcile, received: Instant) -> ReconcileReport {
                 format!("CLOCK_REALTIME stepped by {:.3} s", step as f64 / 1e9)
             }
             Err(e) => format!("failed: clock_settime: {e}"),
+        }
+    });
+    // A workload cgroup with no process has nothing to freeze.
+    let frozen = workload_running();
+    s.run("freeze", || {
+        if frozen {
+            freeze(true)
+        } else {
+            "no workload process".into()
         }
     });
     s.run("identity", || set_identity(req));
@@ -327,6 +344,11 @@ pub fn apply(req: &Reconcile, received: Instant) -> ReconcileReport {
     let mut reports = Vec::new();
     let mut to_restart = Vec::new();
     s.run("audit", || {
+        // The agent is PID 1, the ancestor of every user process: if it has
+        // started none, there is nothing to find (and no /proc to walk).
+        if !crate::procs::spawned_any() {
+            return "no process: the agent has started none".into();
+        }
         for (pid, exe) in processes() {
             let c = detect::classify_pid(pid);
             let (action, signal) = actions[c.class.name()];
@@ -363,7 +385,13 @@ pub fn apply(req: &Reconcile, received: Instant) -> ReconcileReport {
         }
         format!("{} processes found", reports.len())
     });
-    s.run("thaw", || freeze(false));
+    s.run("thaw", || {
+        if frozen {
+            freeze(false)
+        } else {
+            "nothing frozen".into()
+        }
+    });
     s.run("restart", || {
         let n = to_restart.len();
         for (i, spec) in to_restart.drain(..) {
