@@ -104,3 +104,130 @@ impl Drop for ScratchNs {
             .status();
     }
 }
+
+/// ARP frames seen on a host link from the moment it is opened (a packet
+/// socket bound to the link): how a test observes a guest's gratuitous ARP.
+#[derive(Debug)]
+pub struct ArpCapture {
+    fd: std::os::fd::OwnedFd,
+}
+
+/// A gratuitous ARP: the sender announces its own address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Announcement {
+    /// The sender's MAC, lower-case `aa:bb:..`.
+    pub mac: String,
+    /// The announced IPv4 address.
+    pub ip: std::net::Ipv4Addr,
+}
+
+impl ArpCapture {
+    /// Starts capturing ARP on the host link `link`.
+    pub fn open(link: &str) -> std::io::Result<Self> {
+        use std::os::fd::FromRawFd;
+        let name = std::ffi::CString::new(link).map_err(std::io::Error::other)?;
+        // SAFETY: plain FFI calls with checked results; the fd is owned at once.
+        let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        if index == 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let proto = (libc::ETH_P_ARP as u16).to_be();
+        // SAFETY: as above.
+        let raw = unsafe {
+            libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                i32::from(proto),
+            )
+        };
+        if raw < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `raw` is a fresh descriptor nothing else owns.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
+        // SAFETY: zeroed sockaddr_ll is valid; we fill the fields we need.
+        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_protocol = proto;
+        addr.sll_ifindex = index as i32;
+        // SAFETY: `addr` is a valid sockaddr_ll of the size given.
+        let rc = unsafe {
+            use std::os::fd::AsRawFd;
+            libc::bind(
+                fd.as_raw_fd(),
+                std::ptr::addr_of!(addr).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(ArpCapture { fd })
+    }
+
+    /// The gratuitous ARPs (requests or replies whose sender and target
+    /// address are the same) received so far.
+    pub fn announcements(&self) -> Vec<Announcement> {
+        use std::os::fd::AsRawFd;
+        let mut seen = Vec::new();
+        let mut frame = [0u8; 2048];
+        loop {
+            // SAFETY: reads into a buffer of the length given.
+            let n = unsafe {
+                libc::recv(
+                    self.fd.as_raw_fd(),
+                    frame.as_mut_ptr().cast(),
+                    frame.len(),
+                    0,
+                )
+            };
+            let Ok(n) = usize::try_from(n) else { break };
+            if let Some(a) = parse_announcement(&frame[..n]) {
+                seen.push(a);
+            }
+        }
+        seen
+    }
+}
+
+/// An Ethernet frame carrying an IPv4-over-Ethernet ARP in which the sender
+/// announces its own address.
+fn parse_announcement(frame: &[u8]) -> Option<Announcement> {
+    let arp = frame.get(14..42)?;
+    let ipv4_over_ethernet =
+        arp[0..2] == [0, 1] && arp[2..4] == [8, 0] && arp[4] == 6 && arp[5] == 4;
+    let sender_ip = std::net::Ipv4Addr::new(arp[14], arp[15], arp[16], arp[17]);
+    let target_ip = std::net::Ipv4Addr::new(arp[24], arp[25], arp[26], arp[27]);
+    (ipv4_over_ethernet && sender_ip == target_ip).then(|| Announcement {
+        mac: arp[8..14]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":"),
+        ip: sender_ip,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_gratuitous_arp_is_recognised_and_an_ordinary_request_is_not() {
+        let mut frame = vec![0xff; 6];
+        frame.extend([0x02, 0, 0, 0, 0, 1, 0x08, 0x06]);
+        frame.extend([0, 1, 8, 0, 6, 4, 0, 1]);
+        frame.extend([0x02, 0, 0, 0, 0, 1, 198, 18, 0, 7]);
+        frame.extend([0, 0, 0, 0, 0, 0, 198, 18, 0, 7]);
+        assert_eq!(
+            parse_announcement(&frame),
+            Some(Announcement {
+                mac: "02:00:00:00:00:01".into(),
+                ip: "198.18.0.7".parse().unwrap()
+            })
+        );
+        frame[41] = 1;
+        assert_eq!(parse_announcement(&frame), None, "asks for another address");
+        assert_eq!(parse_announcement(&frame[..30]), None, "short");
+    }
+}

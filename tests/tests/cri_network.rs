@@ -5,8 +5,10 @@
 //! second zygote pod and from a runc pod, and on localhost from a second
 //! container of its pod; its hostPort answers from the host;
 //! two pods forked from one template are two hosts (their own MAC and
-//! address, no neighbour from the template); removing the pods leaves no tap,
-//! namespace or shim.
+//! address, no neighbour from the template, a gratuitous ARP as each comes
+//! up); removing the pods leaves no tap, namespace or shim. A network the VM
+//! cannot take (made so by a test CNI plugin chained after the bridge) fails
+//! RunPodSandbox with a clear error and leaves nothing.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -16,6 +18,7 @@ use k8s_cri::v1 as cri;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use tonic::transport::Channel;
 use zygote_tests::PvmSegv;
+use zygote_tests::netns::ArpCapture;
 
 mod cri_common;
 use cri_common::*;
@@ -24,7 +27,9 @@ use cri_common::*;
 const WEB: &str = "mkdir -p /tmp/www && echo hello-from-$(hostname) > /tmp/www/index.html \
                    && exec httpd -f -p 8080 -h /tmp/www";
 const HOST_PORT: i32 = 18080;
-/// The bridge's own address (CNI's gateway): a host address on the pod network.
+/// hack/containerd's CNI bridge, and its own address (CNI's gateway): a host
+/// address on the pod network.
+const BRIDGE: &str = "zygote0";
 const BRIDGE_IP: &str = "198.18.0.1";
 
 /// GET / from `addr`, retried until `deadline` (the server may still be starting).
@@ -192,6 +197,7 @@ async fn network_round(
     // another host, and it reaches A.
     let (config_b, logs_b) = pod_config("znet-b", attempt);
     let config_b = on_pod_network(config_b, vec![]);
+    let arp = ArpCapture::open(BRIDGE).expect("capture ARP on the CNI bridge");
     let pod_b = run_pod(runtime, &config_b).await;
     let _guard_b = PodGuard(pod_b.clone());
     let client_b = run_container(
@@ -207,6 +213,17 @@ async fn network_round(
         nic_b.neighbours
     );
     assert_ne!(nic_b.mac, nic_a.mac, "two forks, two MACs");
+    // B's VM announced its address as its link came up (gratuitous ARP,
+    // seen on the bridge).
+    let announced = arp.announcements();
+    eprintln!("gratuitous ARP on {BRIDGE} while pod B started: {announced:?}");
+    assert!(
+        announced
+            .iter()
+            .any(|a| a.mac == nic_b.mac && a.ip.to_string() == ip_b),
+        "pod B ({} at {ip_b}) announced itself: {announced:?}",
+        nic_b.mac
+    );
     assert_ne!(ip_b, ip_a);
     assert_eq!(nic_b.addr.split('/').next(), Some(ip_b.as_str()));
     let get_a = format!("wget -q -O - http://{ip_a}:8080/index.html");
@@ -253,4 +270,168 @@ async fn network_round(
         let _ = std::fs::remove_dir_all(logs);
     }
     Ok(())
+}
+
+/// The CRI's CNI config directory and plugin directory (hack/containerd's).
+fn cni_dirs() -> (std::path::PathBuf, std::path::PathBuf) {
+    let cni = zygote::paths::home().join("cni");
+    (cni.join("net.d"), cni.join("bin"))
+}
+
+/// A network config in force while it lives: hack/containerd's bridge
+/// network followed by the test plugin `zygote-test-fault`
+/// (tests/fixtures/cni) spoiling each pod's namespace as `fault` says.
+/// Sorted first in the CRI's config directory, which containerd watches.
+struct FaultyNetwork {
+    conf: std::path::PathBuf,
+}
+
+const FAULTY_CONF: &str = "00-zygote-test-fault.conflist";
+const FAULT_PLUGIN: &str = "zygote-test-fault";
+
+impl FaultyNetwork {
+    fn new(fault: &str) -> Self {
+        let (conf_dir, bin_dir) = cni_dirs();
+        let plugin = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fixtures/cni")
+            .join(FAULT_PLUGIN);
+        std::fs::copy(&plugin, bin_dir.join(FAULT_PLUGIN)).expect("install the fault plugin");
+        let default = std::fs::read_to_string(conf_dir.join("10-zygote.conflist"))
+            .expect("hack/containerd's network config");
+        let mut conf: serde_json::Value = serde_json::from_str(&default).unwrap();
+        conf["name"] = format!("zygote-fault-{fault}").into();
+        let bridge = conf["plugins"][0].clone();
+        conf["plugins"] = serde_json::json!([bridge, {"type": FAULT_PLUGIN, "fault": fault}]);
+        let path = conf_dir.join(FAULTY_CONF);
+        std::fs::write(&path, conf.to_string()).unwrap();
+        FaultyNetwork { conf: path }
+    }
+
+    /// Removes what a run that failed before dropping its guard left.
+    fn clear() {
+        let (conf_dir, bin_dir) = cni_dirs();
+        let _ = std::fs::remove_file(conf_dir.join(FAULTY_CONF));
+        let _ = std::fs::remove_file(bin_dir.join(FAULT_PLUGIN));
+    }
+}
+
+impl Drop for FaultyNetwork {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.conf);
+        FaultyNetwork::clear();
+    }
+}
+
+/// Waits until the CRI's loaded network is `name` (containerd reloads its
+/// CNI config when the directory changes).
+async fn cri_network_is(runtime: &mut RuntimeServiceClient<Channel>, name: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let info = runtime
+            .status(cri::StatusRequest { verbose: true })
+            .await
+            .expect("Status")
+            .into_inner()
+            .info;
+        let loaded: Vec<String> = info
+            .get("cniconfig")
+            .and_then(|c| serde_json::from_str::<serde_json::Value>(c).ok())
+            .and_then(|c| c["Networks"].as_array().cloned())
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|n| n["Config"]["Name"].as_str().map(String::from))
+            .collect();
+        if loaded.iter().any(|n| n == name) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the CRI did not load network {name}: {loaded:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// Entries of a directory (0 if it does not exist).
+fn entries(dir: &str) -> usize {
+    std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
+}
+
+/// What a failed sandbox could leave on the host: zygote shims, VM run
+/// directories, network namespaces, veths.
+fn leftovers() -> (usize, usize, usize, usize) {
+    let shims = std::process::Command::new("pgrep")
+        .args(["-c", "-f", "containerd-shim-zygote-v2"])
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .trim()
+                .parse()
+                .unwrap_or(0)
+        })
+        .unwrap_or(0);
+    (
+        shims,
+        entries(&zygote::paths::run_root().to_string_lossy()),
+        entries("/var/run/netns"),
+        host_links("veth").len(),
+    )
+}
+
+#[test]
+fn networks_a_vm_cannot_take_fail_the_pod_clearly_and_leave_nothing() {
+    cri_test(|channel| async move {
+        let mut runtime = RuntimeServiceClient::new(channel);
+        remove_stale_pods(&mut runtime, "zfault-").await;
+        FaultyNetwork::clear();
+        cri_network_is(&mut runtime, "zygote-pods").await;
+        let before = leftovers();
+        let cases = [
+            ("remove-netns", "cannot open network namespace"),
+            ("remove-eth0", "no interface besides loopback"),
+            ("take-tap-name", "cannot create the pod's tap"),
+            ("add-ipv6", "zygote guests take IPv4 only"),
+        ];
+        for (fault, expected) in cases {
+            let network = FaultyNetwork::new(fault);
+            cri_network_is(&mut runtime, &format!("zygote-fault-{fault}")).await;
+            let (config, logs) = pod_config(&format!("zfault-{fault}"), 0);
+            let config = on_pod_network(config, vec![]);
+            let status = runtime
+                .run_pod_sandbox(cri::RunPodSandboxRequest {
+                    config: Some(config),
+                    runtime_handler: "zygote".into(),
+                })
+                .await
+                .expect_err(fault);
+            eprintln!("{fault}: {:?}: {}", status.code(), status.message());
+            assert!(status.message().contains(expected), "{fault}: {status:?}");
+            assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{fault}");
+            drop(network);
+            let _ = std::fs::remove_dir_all(logs);
+            let pods = runtime
+                .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
+                .await
+                .expect("ListPodSandbox")
+                .into_inner()
+                .items;
+            assert!(
+                !pods.iter().any(|p| p
+                    .metadata
+                    .as_ref()
+                    .is_some_and(|m| m.name.starts_with("zfault-"))),
+                "{fault}: the failed pod is not listed"
+            );
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while leftovers() != before && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            assert_eq!(
+                leftovers(),
+                before,
+                "{fault}: (shims, VM run dirs, netns, veths) as before"
+            );
+        }
+        cri_network_is(&mut runtime, "zygote-pods").await;
+    });
 }

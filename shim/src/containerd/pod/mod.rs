@@ -158,6 +158,7 @@ pub fn process_cpu_time() -> Duration {
 
 /// The pod's network while it is attached: detached when dropped (with the
 /// pod VM, or when its create fails after the attach).
+#[derive(Debug)]
 struct Attached(Option<PathBuf>);
 
 impl Drop for Attached {
@@ -167,6 +168,33 @@ impl Drop for Attached {
                 tracing::warn!("detach the pod network in {}: {e}", netns.display());
             }
         }
+    }
+}
+
+/// A pod's network wired to a tap, waiting for its VM (the CRI attaches it
+/// when the pod's sandbox is created, so that a network the VM cannot take
+/// fails `RunPodSandbox`). Detached when dropped, unless a VM took it.
+#[derive(Debug)]
+pub struct WiredNetwork {
+    guard: Attached,
+    tap: zygote_vmm::devices::virtio::net::Tap,
+    interface: crate::net::PodInterface,
+}
+
+impl WiredNetwork {
+    /// Wires a tap to the pod's interface in `netns` (on error nothing is left).
+    pub fn attach(netns: &Path) -> Result<Self, PodError> {
+        let attached = crate::net::attach(netns)?;
+        Ok(WiredNetwork {
+            guard: Attached(Some(attached.netns)),
+            tap: attached.tap,
+            interface: attached.interface,
+        })
+    }
+
+    /// The pod's network namespace.
+    pub fn netns(&self) -> Option<&Path> {
+        self.guard.0.as_deref()
     }
 }
 
@@ -247,14 +275,14 @@ pub fn template_name(image: &ImageBuild, config: &ShimConfig) -> String {
 
 impl PodVm {
     /// Forks the pod's VM from `image`'s template (built first if missing or
-    /// stale) and reconciles it with `hostname`; with `netns`, the VM's NIC
-    /// becomes the pod's interface there. On error nothing is left (no VM,
-    /// no tap, no filters).
+    /// stale) and reconciles it with `hostname`; with `network`, the VM's
+    /// NIC becomes the pod's interface. On error nothing is left (no VM; the
+    /// network, dropped, is detached).
     pub fn create(
         config: &ShimConfig,
         image: &ImageBuild,
         hostname: &str,
-        netns: Option<&Path>,
+        network: Option<WiredNetwork>,
     ) -> Result<Self, PodError> {
         let name = template_name(image, config);
         let failed = |message: String| PodError::Template {
@@ -301,14 +329,10 @@ impl PodVm {
             dir: built.dir.clone(),
             why: format!("{:#}", anyhow::Error::from(e)),
         })?;
-        let (network, tap, (interfaces, routes)) = match netns {
-            Some(netns) => {
-                let attached = crate::net::attach(netns)?;
-                (
-                    Attached(Some(netns.into())),
-                    Some(attached.tap),
-                    guest_network(&attached.interface),
-                )
+        let (network, tap, (interfaces, routes)) = match network {
+            Some(wired) => {
+                let guest = guest_network(&wired.interface);
+                (wired.guard, Some(wired.tap), guest)
             }
             None => (Attached(None), None, Default::default()),
         };

@@ -21,7 +21,7 @@ use zygote_agent_api::ContainerRef;
 use super::super::bundle;
 use super::super::config::{ShimConfig, config_path_from_options};
 use super::super::io::{StdioPaths, bridge};
-use super::super::pod::{IMAGE_ROOT, PodVm, ProcessExit};
+use super::super::pod::{IMAGE_ROOT, PodVm, ProcessExit, WiredNetwork};
 use super::super::spec;
 use super::errors::TaskError;
 use super::events::timestamp_ns;
@@ -71,9 +71,31 @@ impl TaskService {
             // The CRI made the pod's namespace and ran CNI in it before
             // this create. An application container's spec names the
             // namespace of the pause task's pid instead, which for zygote is
-            // the shim's (the host's): the pod's is taken from here.
+            // the shim's (the host's): the pod's is taken from here, and
+            // wired now, so that a network the VM cannot take fails the
+            // sandbox, not each of its containers.
+            let netns =
+                spec::network_namespace(&oci).filter(|ns| !crate::net::is_own_namespace(ns));
+            let wired = match netns.clone() {
+                Some(ns) => {
+                    let bundle = bundle.clone();
+                    Some(
+                        blocking(move || {
+                            let wired = WiredNetwork::attach(&ns)?;
+                            if let Err(e) = bundle::record_netns(&bundle, &ns) {
+                                tracing::warn!("cannot record the pod's netns in the bundle: {e}");
+                            }
+                            Ok(wired)
+                        })
+                        .await
+                        .inspect_err(|e| tracing::error!("create {id}: {}", e.describe()))?,
+                    )
+                }
+                None => None,
+            };
             let mut state = self.state();
-            state.pod_netns = spec::network_namespace(&oci);
+            state.pod_netns = netns;
+            state.pod_network = wired;
             state.pod_hostname = Some(spec::hostname(&oci, &id));
         }
         if !sandbox {
@@ -136,17 +158,23 @@ impl TaskService {
             rootfs_mounts.to_vec(),
             id.to_string(),
         );
-        let (hostname, netns) = if spec::is_cri(oci) {
+        let (hostname, netns, wired) = if spec::is_cri(oci) {
             // The pod's, from its pause container (an application
-            // container's spec names neither).
-            let state = self.state();
+            // container's spec names neither); its network wired then (or
+            // again, if a VM's create failed and dropped it).
+            let mut state = self.state();
             let hostname = state.pod_hostname.clone();
             (
                 hostname.unwrap_or_else(|| spec::hostname(oci, id)),
                 state.pod_netns.clone(),
+                if existing.is_none() {
+                    state.pod_network.take()
+                } else {
+                    None
+                },
             )
         } else {
-            (spec::hostname(oci, id), spec::network_namespace(oci))
+            (spec::hostname(oci, id), spec::network_namespace(oci), None)
         };
         let netns = netns
             // The host's own namespace is host networking: nothing to wire.
@@ -167,8 +195,12 @@ impl TaskService {
                         .into(),
                 )),
                 None => {
-                    let pod =
-                        Arc::new(PodVm::create(&config, &image, &hostname, netns.as_deref())?);
+                    let network = match (wired, netns) {
+                        (Some(wired), _) => Some(wired),
+                        (None, Some(ns)) => Some(WiredNetwork::attach(&ns)?),
+                        (None, None) => None,
+                    };
+                    let pod = Arc::new(PodVm::create(&config, &image, &hostname, network)?);
                     if let Err(e) = bundle::record_run_dir(&bundle, pod.run_dir()) {
                         tracing::warn!("{id2}: cannot record the VM's run dir in the bundle: {e}");
                     }

@@ -47,6 +47,9 @@ struct State {
     pod: Option<Arc<PodVm>>,
     /// The pod's network namespace, from its pause container's spec (CRI).
     pod_netns: Option<PathBuf>,
+    /// The pod's network, wired when its sandbox was created (CRI), until
+    /// its VM takes it.
+    pod_network: Option<super::pod::WiredNetwork>,
     /// The pod's hostname, from its pause container's spec (CRI).
     pod_hostname: Option<String>,
     timings_log: Option<PathBuf>,

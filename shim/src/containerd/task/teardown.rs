@@ -18,13 +18,17 @@ impl TaskService {
 
     /// With no task left, the pod's VM goes, and nothing of it stays.
     pub(super) async fn teardown_if_idle(&self) {
-        let pod = {
+        let (pod, network) = {
             let mut state = self.state();
             if !state.table.is_empty() {
                 return;
             }
-            state.pod.take()
+            (state.pod.take(), state.pod_network.take())
         };
+        if let Some(network) = network {
+            // A pod removed before any container: its tap goes.
+            let _ = tokio::task::spawn_blocking(move || drop(network)).await;
+        }
         let Some(pod) = pod else { return };
         tracing::info!("stopping the pod VM");
         let (template, timings) = (pod.template.clone(), pod.timings);
