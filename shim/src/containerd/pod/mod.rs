@@ -396,9 +396,14 @@ impl PodVm {
         })
     }
 
+    /// The vCPU threads' CPU time inside `KVM_RUN` so far (the guest's work).
+    pub fn guest_cpu(&self) -> Duration {
+        self.sandbox.machine().guest_cpu_time()
+    }
+
     /// Ends phase `name` of the VM's life (see `phases.rs`).
     pub fn mark(&self, name: &'static str) {
-        let cpu = self.sandbox.machine().guest_cpu_time();
+        let cpu = self.guest_cpu();
         self.phases.lock().expect("phases lock").mark(name, cpu);
     }
 

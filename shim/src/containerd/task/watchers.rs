@@ -25,8 +25,53 @@ const MONITOR_INTERVAL: Duration = Duration::from_millis(500);
 /// How often it pings the agent, and how long an answer may take.
 const PING_INTERVAL: Duration = Duration::from_secs(10);
 const PING_TIMEOUT: Duration = Duration::from_secs(10);
-/// Unanswered pings in a row that make the guest unresponsive.
+/// Unanswered pings in a row that make the guest unresponsive, when its
+/// vCPUs did no work meanwhile (stopped, or waiting for nothing).
 const PINGS_MISSED: u32 = 2;
+/// The same for a guest whose vCPUs kept working: busy (e.g. many VMs on
+/// few host CPUs, each guest's agent slow to be scheduled), not hung — until
+/// this many. A guest spinning without its agent ever answering is caught
+/// here, later.
+const BUSY_PINGS_MISSED: u32 = 18;
+/// Guest CPU between two pings that counts as work.
+const BUSY_CPU: Duration = Duration::from_millis(50);
+
+/// The monitor's verdict on the agent's answers to its pings.
+#[derive(Debug, Default)]
+struct Liveness {
+    /// Unanswered pings in a row.
+    missed: u32,
+    /// Of which while the guest did no work.
+    idle_missed: u32,
+}
+
+impl Liveness {
+    /// Records a ping's outcome (`busy`: the guest's vCPUs worked since the
+    /// last ping); Some(description) once the guest counts as unresponsive.
+    fn record(&mut self, answered: bool, busy: bool) -> Option<String> {
+        if answered {
+            *self = Liveness::default();
+            return None;
+        }
+        self.missed += 1;
+        if !busy {
+            self.idle_missed += 1;
+        }
+        if self.idle_missed >= PINGS_MISSED {
+            Some(format!(
+                "the agent did not answer {} pings within {PING_TIMEOUT:?}, the guest doing no work",
+                self.missed
+            ))
+        } else if self.missed >= BUSY_PINGS_MISSED {
+            Some(format!(
+                "the agent did not answer {} pings within {PING_TIMEOUT:?} while the guest kept running",
+                self.missed
+            ))
+        } else {
+            None
+        }
+    }
+}
 /// How long an exec's exit waits for its output to reach containerd: a
 /// background child of the exec may hold its stdout open for as long as it
 /// lives (`sh -c 'sleep 600 & echo hi'`; Kata #869). Its copy goes on.
@@ -112,33 +157,37 @@ impl TaskService {
         let spawned = std::thread::Builder::new()
             .name("monitor".into())
             .spawn(move || {
-                let mut missed = 0;
+                let mut liveness = Liveness::default();
                 let mut last_ping = Instant::now();
+                let mut cpu_at_ping = Duration::ZERO;
                 loop {
                     std::thread::sleep(MONITOR_INTERVAL);
                     let Some(pod) = weak.upgrade() else { return };
                     let mut dead = pod.check().err().map(|e| e.to_string());
                     if dead.is_none() && last_ping.elapsed() >= PING_INTERVAL {
                         last_ping = Instant::now();
-                        match pod.ping(PING_TIMEOUT) {
-                            Ok(()) => missed = 0,
-                            Err(e) => {
-                                missed += 1;
-                                if missed >= PINGS_MISSED {
-                                    let (reason, ended) = pod.halt();
-                                    let threads = if ended {
-                                        "its vCPU threads ended"
-                                    } else {
-                                        "its vCPU threads are held outside KVM_RUN (stopped) \
-                                         and end when they run"
-                                    };
-                                    dead = Some(format!(
-                                        "the agent did not answer {missed} pings within \
-                                         {PING_TIMEOUT:?} ({e}); the VM was halted \
-                                         ({reason:?}; {threads})"
-                                    ));
-                                }
-                            }
+                        let pinged = pod.ping(PING_TIMEOUT);
+                        let cpu = pod.guest_cpu();
+                        let busy = cpu.saturating_sub(cpu_at_ping) >= BUSY_CPU;
+                        cpu_at_ping = cpu;
+                        if let Err(e) = &pinged {
+                            tracing::warn!(
+                                "the agent did not answer a ping within {PING_TIMEOUT:?} ({e}); \
+                                 the guest {}",
+                                if busy { "is working" } else { "did no work" }
+                            );
+                        }
+                        if let Some(why) = liveness.record(pinged.is_ok(), busy) {
+                            let (reason, ended) = pod.halt();
+                            let threads = if ended {
+                                "its vCPU threads ended"
+                            } else {
+                                "its vCPU threads are held outside KVM_RUN (stopped) \
+                                 and end when they run"
+                            };
+                            dead = Some(format!(
+                                "{why}; the VM was halted ({reason:?}; {threads})"
+                            ));
                         }
                     }
                     let Some(why) = dead else { continue };
@@ -257,5 +306,32 @@ fn gone() -> ProcessExit {
     ProcessExit {
         status: VM_GONE_STATUS,
         at_ns: now_ns(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_guest_doing_no_work_is_unresponsive_sooner_than_a_busy_one() {
+        let mut idle = Liveness::default();
+        assert_eq!(idle.record(false, false), None);
+        let why = idle.record(false, false).expect("two idle misses");
+        assert!(why.contains("doing no work"), "{why}");
+
+        let mut busy = Liveness::default();
+        for n in 1..BUSY_PINGS_MISSED {
+            assert_eq!(busy.record(false, true), None, "busy miss {n}");
+        }
+        let why = busy.record(false, true).expect("busy for too long");
+        assert!(why.contains("kept running"), "{why}");
+
+        // An answer clears the count; one idle miss among busy ones is not two.
+        let mut mixed = Liveness::default();
+        mixed.record(false, false);
+        mixed.record(true, false);
+        assert_eq!(mixed.record(false, false), None);
+        assert_eq!(mixed.record(false, true), None);
     }
 }
