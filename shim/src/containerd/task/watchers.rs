@@ -185,9 +185,8 @@ impl TaskService {
                                 "its vCPU threads are held outside KVM_RUN (stopped) \
                                  and end when they run"
                             };
-                            dead = Some(format!(
-                                "{why}; the VM was halted ({reason:?}; {threads})"
-                            ));
+                            dead =
+                                Some(format!("{why}; the VM was halted ({reason:?}; {threads})"));
                         }
                     }
                     let Some(why) = dead else { continue };
