@@ -161,12 +161,22 @@ async fn measure(
     n: usize,
 ) -> Figures {
     let start = Instant::now();
-    let started: Vec<(String, Duration, std::path::PathBuf)> = futures_join_all(
-        (0..n)
-            .map(|i| tokio::spawn(one_pod(runtime.clone(), handler, i)))
-            .collect(),
-    )
-    .await;
+    let tasks: Vec<_> = (0..n)
+        .map(|i| tokio::spawn(one_pod(runtime.clone(), handler, i)))
+        .collect();
+    let mut started = Vec::new();
+    let mut failed = None;
+    for t in tasks {
+        match t.await {
+            Ok(pod) => started.push(pod),
+            Err(e) => failed = failed.or(Some(e)),
+        }
+    }
+    if let Some(e) = failed {
+        // Every pod of the run goes, the failed ones' included.
+        remove_stale_pods(&mut runtime.clone(), "zpods-").await;
+        std::panic::resume_unwind(e.into_panic());
+    }
     let all_running = start.elapsed();
     let guards: Vec<PodGuard> = started.iter().map(|(p, ..)| PodGuard(p.clone())).collect();
     let mut per_pod: Vec<f64> = started
@@ -215,18 +225,6 @@ async fn measure(
         guest_cpu_ms_per_pod: (handler == "zygote").then(|| round1(guest / n as f64)),
         pss_mib_per_idle_pod: round1(pss as f64 / 1024.0 / n as f64),
     }
-}
-
-/// Awaits every task (a panic in one is re-raised).
-async fn futures_join_all<T: Send + 'static>(tasks: Vec<tokio::task::JoinHandle<T>>) -> Vec<T> {
-    let mut out = Vec::with_capacity(tasks.len());
-    for t in tasks {
-        out.push(
-            t.await
-                .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic())),
-        );
-    }
-    out
 }
 
 fn main() {
