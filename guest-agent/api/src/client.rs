@@ -32,6 +32,10 @@ pub enum ClientError {
     /// Reading or writing a frame failed.
     #[error("agent connection failed")]
     Io(#[from] std::io::Error),
+    /// No answer within the connection's timeout. The request may still be
+    /// carried out: the connection is out of step with its requests.
+    #[error("the agent did not answer within {0:?}")]
+    NoAnswer(Duration),
     /// The agent answered with an error.
     #[error("agent error {code}: {message}")]
     Agent {
@@ -57,7 +61,10 @@ impl ClientError {
     /// Whether the connection is unusable after this error (broken, or out
     /// of step with its requests): drop it and dial again.
     pub fn breaks_connection(&self) -> bool {
-        matches!(self, ClientError::Io(_) | ClientError::Unexpected)
+        matches!(
+            self,
+            ClientError::Io(_) | ClientError::NoAnswer(_) | ClientError::Unexpected
+        )
     }
 }
 
@@ -160,7 +167,17 @@ impl AgentClient {
                 body: Some(body),
             },
         )?;
-        let resp: Response = read_frame(&mut self.stream)?;
+        let resp: Response = read_frame(&mut self.stream).map_err(|e| match e.kind() {
+            // What a read timeout (SO_RCVTIMEO) returns.
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => ClientError::NoAnswer(
+                self.stream
+                    .read_timeout()
+                    .ok()
+                    .flatten()
+                    .unwrap_or_default(),
+            ),
+            _ => ClientError::Io(e),
+        })?;
         if resp.id != id {
             return Err(ClientError::Unexpected);
         }
@@ -180,5 +197,27 @@ impl AgentClient {
             response::Body::Pong(p) => Ok(p),
             _ => Err(ClientError::Unexpected),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_agent_that_does_not_answer_in_time_is_said_so() {
+        let (ours, _agent) = UnixStream::pair().unwrap();
+        let mut client = AgentClient {
+            stream: ours,
+            next_id: 1,
+        };
+        client.set_timeout(Duration::from_millis(100)).unwrap();
+        let err = client.ping().unwrap_err();
+        assert!(
+            matches!(err, ClientError::NoAnswer(t) if t == Duration::from_millis(100)),
+            "{err:?}"
+        );
+        assert_eq!(err.to_string(), "the agent did not answer within 100ms");
+        assert!(err.breaks_connection(), "out of step: dropped");
     }
 }
