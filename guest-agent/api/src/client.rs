@@ -156,8 +156,37 @@ impl AgentClient {
         self.stream.set_write_timeout(Some(timeout))
     }
 
+    /// As [`AgentClient::call`], but when no answer has come within the
+    /// connection's timeout, waits another timeout for as long as
+    /// `keep_waiting` says the agent may still answer (e.g. its guest is
+    /// working, only slowly).
+    pub fn call_while(
+        &mut self,
+        body: request::Body,
+        mut keep_waiting: impl FnMut() -> bool,
+    ) -> Result<response::Body, ClientError> {
+        let id = self.send(body)?;
+        let timeout = self
+            .stream
+            .read_timeout()?
+            .unwrap_or(Duration::from_secs(60));
+        // Nothing is read until the answer's first byte is there, so that a
+        // wait that gives up leaves no frame half read.
+        while !readable(&self.stream, timeout)? {
+            if !keep_waiting() {
+                return Err(ClientError::NoAnswer(timeout));
+            }
+        }
+        self.receive(id)
+    }
+
     /// Sends `body` and returns the answer's body (an agent error becomes [`ClientError::Agent`]).
     pub fn call(&mut self, body: request::Body) -> Result<response::Body, ClientError> {
+        let id = self.send(body)?;
+        self.receive(id)
+    }
+
+    fn send(&mut self, body: request::Body) -> Result<u64, ClientError> {
         let id = self.next_id;
         self.next_id += 1;
         write_frame(
@@ -167,6 +196,10 @@ impl AgentClient {
                 body: Some(body),
             },
         )?;
+        Ok(id)
+    }
+
+    fn receive(&mut self, id: u64) -> Result<response::Body, ClientError> {
         let resp: Response = read_frame(&mut self.stream).map_err(|e| match e.kind() {
             // What a read timeout (SO_RCVTIMEO) returns.
             std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => ClientError::NoAnswer(
@@ -200,6 +233,25 @@ impl AgentClient {
     }
 }
 
+/// Whether `stream` has something to read (or its peer hung up) within `timeout`.
+fn readable(stream: &UnixStream, timeout: Duration) -> std::io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    let mut fd = libc::pollfd {
+        fd: stream.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+    loop {
+        // SAFETY: one valid pollfd for the duration of the call.
+        match unsafe { libc::poll(&mut fd, 1, ms) } {
+            -1 if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted => {}
+            -1 => return Err(std::io::Error::last_os_error()),
+            n => return Ok(n > 0),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -219,5 +271,40 @@ mod tests {
         );
         assert_eq!(err.to_string(), "the agent did not answer within 100ms");
         assert!(err.breaks_connection(), "out of step: dropped");
+    }
+
+    #[test]
+    fn a_slow_agent_is_waited_for_while_it_may_still_answer() {
+        use crate::frame::{read_frame, write_frame};
+        let (ours, mut agent) = UnixStream::pair().unwrap();
+        let mut client = AgentClient {
+            stream: ours,
+            next_id: 1,
+        };
+        client.set_timeout(Duration::from_millis(50)).unwrap();
+        // The agent answers after ~4 timeouts; the caller keeps waiting.
+        let answering = std::thread::spawn(move || {
+            let req: Request = read_frame(&mut agent).unwrap();
+            std::thread::sleep(Duration::from_millis(200));
+            let pong = Response {
+                id: req.id,
+                body: Some(response::Body::Pong(Default::default())),
+            };
+            write_frame(&mut agent, &pong).unwrap();
+            agent
+        });
+        let mut asked = 0;
+        let answer = client.call_while(request::Body::Ping(crate::Ping {}), || {
+            asked += 1;
+            true
+        });
+        assert!(matches!(answer, Ok(response::Body::Pong(_))), "{answer:?}");
+        assert!(asked >= 2, "waited past the timeout ({asked} times asked)");
+        let _agent = answering.join().unwrap();
+        // Not waiting any longer: NoAnswer after one timeout.
+        let err = client
+            .call_while(request::Body::Ping(crate::Ping {}), || false)
+            .unwrap_err();
+        assert!(matches!(err, ClientError::NoAnswer(_)), "{err:?}");
     }
 }

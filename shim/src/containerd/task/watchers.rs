@@ -16,7 +16,7 @@ use containerd_shim_protos::topics;
 use zygote_agent_api::ContainerRef;
 
 use super::super::io::Outputs;
-use super::super::pod::{PodError, PodVm, ProcessExit};
+use super::super::pod::{BUSY_CPU, PodError, PodVm, ProcessExit};
 use super::TaskService;
 use super::events::now_ns;
 
@@ -33,8 +33,6 @@ const PINGS_MISSED: u32 = 2;
 /// this many. A guest spinning without its agent ever answering is caught
 /// here, later.
 const BUSY_PINGS_MISSED: u32 = 18;
-/// Guest CPU between two pings that counts as work.
-const BUSY_CPU: Duration = Duration::from_millis(50);
 
 /// The monitor's verdict on the agent's answers to its pings.
 #[derive(Debug, Default)]
@@ -168,6 +166,7 @@ impl TaskService {
                         last_ping = Instant::now();
                         let pinged = pod.ping(PING_TIMEOUT);
                         let cpu = pod.guest_cpu();
+                        // Guest CPU since the last ping: working, or not.
                         let busy = cpu.saturating_sub(cpu_at_ping) >= BUSY_CPU;
                         cpu_at_ping = cpu;
                         if let Err(e) = &pinged {
