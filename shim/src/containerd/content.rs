@@ -15,8 +15,9 @@ use tonic::codegen::http::uri::PathAndQuery;
 use tonic::transport::{Channel, Endpoint, Uri};
 
 /// How long the lookup may take before the shim falls back to keying the
-/// image by its snapshot.
-const TIMEOUT: Duration = Duration::from_secs(5);
+/// image by its snapshot (generous: a fallback key means another template
+/// to build, which costs far more than waiting for a busy containerd).
+const TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Clone, PartialEq, prost::Message)]
 struct GetContainerRequest {
