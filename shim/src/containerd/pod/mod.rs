@@ -27,8 +27,6 @@ use crate::template::{self, BuildSpec};
 
 /// Guest CPU over a wait that counts as the guest working (not hung).
 pub const BUSY_CPU: Duration = Duration::from_millis(50);
-/// The longest an agent call waits for its answer while the guest works.
-const CALL_LIMIT: Duration = Duration::from_secs(600);
 
 /// Where the image disk is mounted in every template (and so in every fork).
 pub const IMAGE_ROOT: &str = "/run/zygote/image";
@@ -365,24 +363,7 @@ impl PodVm {
             Some(c) => c,
             None => self.connect()?,
         };
-        // Past the connection's timeout, a call waits on while the guest
-        // works (many VMs on few host CPUs make a guest slow, not hung),
-        // up to CALL_LIMIT.
-        let started = Instant::now();
-        let mut cpu = self.guest_cpu();
-        let result = client.call_while(body, || {
-            let now = self.guest_cpu();
-            let working = now.saturating_sub(cpu) >= BUSY_CPU;
-            cpu = now;
-            let waiting = working && started.elapsed() < CALL_LIMIT && self.check().is_ok();
-            if waiting {
-                tracing::info!(
-                    "no answer from the agent after {:.0?}; its guest is working: waiting on",
-                    started.elapsed()
-                );
-            }
-            waiting
-        });
+        let result = client.call(body);
         if !matches!(&result, Err(e) if e.breaks_connection()) {
             self.idle.lock().expect("idle lock").push(client);
         }
