@@ -112,19 +112,6 @@ fn vcpu_cpu_ms(pid: u32) -> f64 {
         .sum()
 }
 
-/// The runc shim serving `pod` (containerd-shim-runc-v2 … -id POD).
-fn runc_shim(pod: &str) -> Option<u32> {
-    let out = std::process::Command::new("pgrep")
-        .args(["-f", &format!("containerd-shim-runc-v2 .*-id {pod}( |$)")])
-        .output()
-        .ok()?;
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
-}
-
 struct Figures {
     all_running_ms: f64,
     p50_pod_ms: f64,
@@ -200,7 +187,8 @@ async fn measure(
             guest += vcpus;
             pss += pss_kib(shim);
         } else {
-            let shim = runc_shim(pod).unwrap_or_else(|| panic!("pod {pod}: no runc shim"));
+            let shim = shim_pid_of("containerd-shim-runc-v2", pod)
+                .unwrap_or_else(|| panic!("pod {pod}: no runc shim"));
             // The shim's waited-for children are the runc invocations; its
             // live children are the pause and the container process.
             let mut procs = vec![(shim, true)];

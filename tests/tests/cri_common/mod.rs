@@ -350,8 +350,13 @@ pub async fn remove_pod(runtime: &mut RuntimeServiceClient<Channel>, pod: &str) 
 
 /// The pod's shim's pid.
 pub fn shim_pid(pod: &str) -> Option<u32> {
+    shim_pid_of("containerd-shim-zygote-v2", pod)
+}
+
+/// The pid of the shim `binary` serving `pod` (its `-id POD` argument).
+pub fn shim_pid_of(binary: &str, pod: &str) -> Option<u32> {
     let out = std::process::Command::new("pgrep")
-        .args(["-f", &format!("containerd-shim-zygote-v2 .*-id {pod} ")])
+        .args(["-f", &format!("{binary} .*-id {pod}( |$)")])
         .output()
         .ok()?;
     String::from_utf8_lossy(&out.stdout)
