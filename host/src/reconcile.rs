@@ -25,6 +25,9 @@ pub struct ReconcileSpec {
     pub interfaces: Vec<zygote_agent_api::Interface>,
     /// Routes through it.
     pub routes: Vec<zygote_agent_api::Route>,
+    /// Take no sample after the reconcile (a guest round trip reading its
+    /// identity and entropy back, for reports and tests; a pod needs none).
+    pub skip_sample: bool,
 }
 
 /// What a fork reported, and what the host then sampled from it.
@@ -34,8 +37,8 @@ pub struct ReconcileOutcome {
     pub report: ReconcileReport,
     /// The machine id that was sent.
     pub machine_id: String,
-    /// The guest's sample right after (its identity and entropy).
-    pub sample: SampleResult,
+    /// The guest's sample right after (its identity and entropy), unless skipped.
+    pub sample: Option<SampleResult>,
     /// Guest CLOCK_REALTIME − host CLOCK_REALTIME after the corrections
     /// (midpoint of the least delayed round trip), ms.
     pub realtime_skew_ms: f64,
@@ -259,9 +262,13 @@ pub fn reconcile(
         }
         offset = measure_offset(client, rtt)?;
     }
-    let sample = match client.call(request::Body::Sample(Default::default()))? {
-        response::Body::Sample(s) => s,
-        other => return Err(ReconcileError::Unexpected(format!("{other:?}"))),
+    let sample = if spec.skip_sample {
+        None
+    } else {
+        match client.call(request::Body::Sample(Default::default()))? {
+            response::Body::Sample(s) => Some(s),
+            other => return Err(ReconcileError::Unexpected(format!("{other:?}"))),
+        }
     };
     Ok(ReconcileOutcome {
         report,

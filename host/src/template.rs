@@ -32,6 +32,9 @@ pub struct BuildSpec {
     pub spawn: Vec<Spawn>,
     /// Commands run in the guest (through the agent) before the snapshot.
     pub warm: Vec<Vec<String>>,
+    /// A container staged over a mounted image before the snapshot (its
+    /// first container in every fork starts with one exec).
+    pub stage: Option<zygote_agent_api::StageContainer>,
     /// How long the guest is left alone before the snapshot, so that the agent
     /// has finished with the host's connections and is idle.
     pub settle: Duration,
@@ -78,6 +81,9 @@ pub struct TemplateMeta {
     pub memory_data_bytes: u64,
     /// CRC-32 of the memory file.
     pub memory_crc32: u32,
+    /// Whether a container was staged in it.
+    #[serde(default)]
+    pub staged: bool,
 }
 
 /// Errors building a template.
@@ -178,6 +184,9 @@ pub fn build(store: &TemplateStore, spec: &BuildSpec) -> Result<BuildReport, Bui
     for argv in &spec.warm {
         warm(&sandbox, argv)?;
     }
+    if let Some(stage) = &spec.stage {
+        stage_container(&sandbox, stage)?;
+    }
     std::thread::sleep(spec.settle);
     // A template holds what it was asked to: a process that died on the way
     // (say why) is not snapshotted dead into every fork.
@@ -218,6 +227,7 @@ pub fn build(store: &TemplateStore, spec: &BuildSpec) -> Result<BuildReport, Bui
             memory_write_ms: ms(info.memory_write),
             memory_data_bytes: info.memory.data_bytes,
             memory_crc32: info.memory.crc32,
+            staged: spec.stage.is_some(),
         };
         let path = tmp.join(META_FILE);
         let text = serde_json::to_string_pretty(&meta).expect("plain data serializes");
@@ -240,6 +250,12 @@ pub fn stale_reason(meta: &TemplateMeta, spec: &BuildSpec) -> Option<String> {
         return Some(format!(
             "state format {} (now {STATE_VERSION})",
             meta.format_version
+        ));
+    }
+    if meta.staged != spec.stage.is_some() {
+        return Some(format!(
+            "built {} a staged container",
+            if meta.staged { "with" } else { "without" }
         ));
     }
     if (meta.vcpus, meta.memory_mib) != (spec.sandbox.vcpus, spec.sandbox.memory_mib) {
@@ -275,21 +291,52 @@ pub fn stale_reason(meta: &TemplateMeta, spec: &BuildSpec) -> Option<String> {
     None
 }
 
-fn mount_image(sandbox: &Sandbox, m: &zygote_agent_api::MountImage) -> Result<(), BuildError> {
+/// One agent call during the build (`what` names it in errors) that must
+/// be answered as `expected` says, waiting up to `timeout`.
+fn build_call(
+    sandbox: &Sandbox,
+    what: Vec<String>,
+    body: request::Body,
+    timeout: Duration,
+    expected: fn(&response::Body) -> bool,
+) -> Result<(), BuildError> {
     let fail = |detail: String| BuildError::Warm {
-        argv: vec!["mount".into(), m.device.clone(), m.target.clone()],
+        argv: what.clone(),
         status: None,
         detail,
     };
     let mut client = sandbox.client()?;
     client
-        .set_timeout(Duration::from_secs(300))
+        .set_timeout(timeout)
         .map_err(|e| fail(e.to_string()))?;
-    match client.call(request::Body::MountImage(m.clone())) {
-        Ok(response::Body::Mounted(_)) => Ok(()),
+    match client.call(body) {
+        Ok(answer) if expected(&answer) => Ok(()),
         Ok(other) => Err(fail(format!("unexpected answer {other:?}"))),
         Err(e) => Err(fail(e.to_string())),
     }
+}
+
+fn mount_image(sandbox: &Sandbox, m: &zygote_agent_api::MountImage) -> Result<(), BuildError> {
+    build_call(
+        sandbox,
+        vec!["mount".into(), m.device.clone(), m.target.clone()],
+        request::Body::MountImage(m.clone()),
+        Duration::from_secs(300),
+        |a| matches!(a, response::Body::Mounted(_)),
+    )
+}
+
+fn stage_container(
+    sandbox: &Sandbox,
+    stage: &zygote_agent_api::StageContainer,
+) -> Result<(), BuildError> {
+    build_call(
+        sandbox,
+        vec!["stage".into(), stage.rootfs.clone()],
+        request::Body::StageContainer(stage.clone()),
+        Duration::from_secs(300),
+        |a| matches!(a, response::Body::Spawned(_)),
+    )
 }
 
 fn start_process(sandbox: &Sandbox, spec: &Spawn) -> Result<u32, BuildError> {
@@ -385,6 +432,7 @@ mod tests {
             spawn: vec![],
             warm: vec![],
             settle: Duration::ZERO,
+            stage: None,
             force: false,
         };
         let now = SystemTime::now()
@@ -409,8 +457,18 @@ mod tests {
             memory_write_ms: 0.0,
             memory_data_bytes: 0,
             memory_crc32: 0,
+            staged: false,
         };
         assert_eq!(stale_reason(&meta, &spec), None);
+        let staged = TemplateMeta {
+            staged: true,
+            ..meta.clone()
+        };
+        assert!(
+            stale_reason(&staged, &spec)
+                .unwrap()
+                .contains("with a staged container")
+        );
         let older = TemplateMeta {
             created_unix_s: now - 3600,
             ..meta.clone()

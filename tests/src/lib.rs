@@ -178,6 +178,7 @@ pub fn test_template() -> &'static (
                 format!("echo {TEMPLATE_MARKER} > /tmp/marker"),
             ]],
             settle: std::time::Duration::from_secs(1),
+            stage: None,
             force: false,
         };
         let _guard = vm_lock();

@@ -338,14 +338,33 @@ fn a_terminal_and_two_containers_from_one_template() {
 
     // Two at once: both fork the template the first run built (no new build).
     let templates_before = template_dirs();
-    let ids = [cid("twin-a"), cid("twin-b")];
+    retry_pvm_segv(twins_round);
+    assert_eq!(template_dirs(), templates_before, "no template was built");
+}
+
+/// Two VMs forked from one template, each container on the staged path:
+/// each is its own machine (its host name, a kernel random stream of its
+/// own, the clock set at the fork, not the template's). Err when an exec's
+/// own exit status was SIGSEGV (the PVM guest fault).
+fn twins_round(attempt: u32) -> Result<(), PvmSegv> {
+    let ids = [
+        cid(&format!("twin-a{attempt}")),
+        cid(&format!("twin-b{attempt}")),
+    ];
     let _removed: Vec<Removed> = ids.iter().map(|i| Removed(i.clone())).collect();
+    // Every second here is later than the template's snapshot (the first
+    // run above built it): a fork that kept the template's clock is behind.
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
     for id in &ids {
         cleanup(id);
         let run = zygote_run(&["-d"], id, &["sleep", "1000"]);
         assert!(run.status.success(), "{}", text(&run.stderr));
     }
     let ls = text(&ctr(&["task", "ls"]).stdout);
+    let mut seen = Vec::new();
     for id in &ids {
         assert!(
             ls.lines()
@@ -353,9 +372,35 @@ fn a_terminal_and_two_containers_from_one_template() {
             "{ls}"
         );
         assert_eq!(shim_pids(id).len(), 1, "one shim (one VM) each");
+        let script =
+            "cat /proc/sys/kernel/random/uuid; hostname; date +%s; grep ' / overlay ' /proc/mounts";
+        let out = ctr(&["task", "exec", "--exec-id", "who", id, "sh", "-c", script]);
+        PvmSegv::check(out.status.code().unwrap_or(0).into(), || {
+            format!("exec in {id}")
+        })?;
+        let t = text(&out.stdout);
+        assert!(out.status.success(), "{t} {}", text(&out.stderr));
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 4, "{t:?}");
+        assert_eq!(lines[1], id.as_str(), "its own host name");
+        let guest_now: u64 = lines[2].parse().expect("date +%s");
+        assert!(
+            guest_now >= before,
+            "the guest's clock ({guest_now}) is behind the host's at the start ({before})"
+        );
+        assert!(
+            lines[3].contains("/@staged/"),
+            "its root is the staged container's: {}",
+            lines[3]
+        );
+        seen.push(lines[0].to_string());
     }
-    assert_eq!(template_dirs(), templates_before, "no template was built");
+    assert_ne!(
+        seen[0], seen[1],
+        "each fork's kernel random stream is its own"
+    );
     for id in &ids {
         cleanup(id);
     }
+    Ok(())
 }

@@ -46,14 +46,15 @@ fn run_refused(dir: &std::path::Path, name: &str, config: &str) -> String {
     text(&out.stderr)
 }
 
-/// Copies the image templates of the default store (building one with a run
-/// if there is none) into `store`, each with a byte of its state file flipped
+/// Copies the image templates of the default store (after a run, which
+/// builds the image's template if there is none or rebuilds it if it is
+/// stale — a stale copy would be rebuilt, not refused) into `store`, each with a byte of its state file flipped
 /// and the damaged bytes kept beside it as `state.damaged`. (The same image
 /// in two containerd namespaces has two snapshot chains, so two templates:
 /// all are copied, so that whichever this run selects is damaged.) Returns
 /// the copies' directories.
 fn damaged_template_copies(store: &std::path::Path) -> Vec<PathBuf> {
-    if template_dirs().is_empty() {
+    {
         let id = cid("warm");
         cleanup(&id);
         let _removed = Removed(id.clone());

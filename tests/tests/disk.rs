@@ -34,6 +34,7 @@ fn image_template(dir: &Path, image: &Path, then: &str) -> Template {
             format!("mkdir -p /mnt/image && mount -t erofs -o ro /dev/vda /mnt/image && {then}"),
         ]],
         settle: Duration::from_secs(1),
+        stage: None,
         force: true,
     };
     let report = zygote_tests::build_template(&store, &spec);

@@ -71,6 +71,7 @@ fn fixture() -> &'static Fixture {
                     .into(),
             ]],
             settle: Duration::from_secs(1),
+            stage: None,
             force: true,
         };
         let report = {
@@ -182,17 +183,15 @@ fn two_forks_become_two_machines_and_go_is_restarted() {
         // Clock: the host's time, within 50 ms; monotonic continued from the snapshot.
         let skew = settled_skew(fork, r);
         assert!(skew.abs() < 50.0, "skew {skew} ms");
-        let ran = r
-            .sample
-            .boottime_ns
-            .saturating_sub(f.meta.snapshot_uptime_ns);
+        let sample = r.sample.as_ref().expect("sampled");
+        let ran = sample.boottime_ns.saturating_sub(f.meta.snapshot_uptime_ns);
         assert!(
             ran < 30_000_000_000,
             "boottime jumped by {ran} ns over the snapshot"
         );
         // Identity.
-        assert_eq!(r.sample.hostname, host);
-        assert_eq!(r.sample.machine_id, r.machine_id);
+        assert_eq!(sample.hostname, host);
+        assert_eq!(sample.machine_id, r.machine_id);
         assert_eq!(
             guest_stdout(fork, "cat /etc/resolv.conf"),
             "nameserver 10.0.0.53"
@@ -231,8 +230,9 @@ fn two_forks_become_two_machines_and_go_is_restarted() {
         assert!(again.report.unchanged);
     }
     // Entropy: the two kernels' outputs differ.
-    assert_ne!(ra.sample.random, rb.sample.random);
-    assert_ne!(ra.sample.uuid, rb.sample.uuid);
+    let (sa, sb) = (ra.sample.as_ref().unwrap(), rb.sample.as_ref().unwrap());
+    assert_ne!(sa.random, sb.random);
+    assert_ne!(sa.uuid, sb.uuid);
     // The restarted Go programs were seeded anew in each fork.
     for base in ["/tmp/g1", "/tmp/g2"] {
         let (va, vb) = (go_value(&a, base), go_value(&b, base));

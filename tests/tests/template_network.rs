@@ -65,6 +65,7 @@ fn connections_from_the_template_are_dead_in_every_fork() {
             .to_vec(),
         ],
         settle: Duration::from_secs(1),
+        stage: None,
         force: true,
     };
     let _vm = vm_lock();

@@ -21,9 +21,10 @@ fn main() -> ExitCode {
             Some(config) => zygote_agent::container::init::exec_main(config),
             None => ExitCode::from(2),
         },
-        Some("container-init") => match args.get(2) {
-            Some(config) => zygote_agent::container::init::main(config),
-            None => ExitCode::from(2),
+        Some("container-init") => match (args.get(2).map(String::as_str), args.get(3)) {
+            (Some("--staged"), Some(config)) => zygote_agent::container::staged::main(config),
+            (Some(config), None) => zygote_agent::container::init::main(config),
+            _ => ExitCode::from(2),
         },
         Some("--version") => {
             println!("zygote-agent {}", zygote_agent_api::VERSION);

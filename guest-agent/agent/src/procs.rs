@@ -23,6 +23,8 @@ struct Table {
     exited: HashMap<u32, i32>,
     /// Children spawned so far (the reaper, finding none, waits for this to move).
     spawned: u64,
+    /// Of those, the agent's own helpers that run no user code.
+    helpers: u64,
 }
 
 static TABLE: Mutex<Option<Table>> = Mutex::new(None);
@@ -152,10 +154,22 @@ impl Child {
 
 /// Spawns `cmd` as a child whose exit status the reaper keeps for its owner.
 pub fn spawn(cmd: &mut Command) -> std::io::Result<Child> {
+    spawn_counted(cmd, false)
+}
+
+/// Spawns one of the agent's own helpers (it runs no user code until told
+/// to, after a reconcile): as [`spawn`], but [`spawned_any`] does not
+/// count it.
+pub fn spawn_helper(cmd: &mut Command) -> std::io::Result<Child> {
+    spawn_counted(cmd, true)
+}
+
+fn spawn_counted(cmd: &mut Command, helper: bool) -> std::io::Result<Child> {
     let mut guard = table();
     let inner = cmd.spawn()?;
     let t = guard.as_mut().expect("initialised");
     t.spawned += 1;
+    t.helpers += u64::from(helper);
     if REAPER.load(Ordering::SeqCst) {
         t.owned.insert(inner.id());
     }
@@ -167,11 +181,11 @@ pub fn spawn(cmd: &mut Command) -> std::io::Result<Child> {
     })
 }
 
-/// Whether the agent has spawned any process since it started. As PID 1 it
-/// is the ancestor of every user process: while this is false, the guest
-/// runs none but the agent.
+/// Whether the agent has spawned any process but its helpers since it
+/// started. As PID 1 it is the ancestor of every user process: while this
+/// is false, the guest runs none but the agent and its helpers.
 pub fn spawned_any() -> bool {
-    table().as_ref().is_some_and(|t| t.spawned > 0)
+    table().as_ref().is_some_and(|t| t.spawned > t.helpers)
 }
 
 /// Forgets a child that will not be waited for (its status is dropped when reaped).

@@ -198,6 +198,12 @@ pub fn handle(req: Request, agent_started_ns: u64) -> (Response, After) {
                 .create(&c.id, &c.spec_json, &c.rootfs, c.upper_size_mib)
                 .map(|()| response::Body::Empty(zygote_agent_api::Empty {})),
         ),
+        Some(request::Body::StageContainer(c)) => container_call(
+            id,
+            Registry::global()
+                .stage(&c.rootfs, c.upper_size_mib)
+                .map(|pid| response::Body::Spawned(zygote_agent_api::Spawned { pid })),
+        ),
         Some(request::Body::StartContainer(c)) => container_call(
             id,
             Registry::global()

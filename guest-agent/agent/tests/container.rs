@@ -69,7 +69,7 @@ fn run(root: &Path, json: &[u8]) -> (i32, String, String) {
         Stdio::null(),
         Stdio::piped(),
         Stdio::piped(),
-        ready_w,
+        &ready_w,
     )
     .unwrap();
     let mut out = String::new();
@@ -109,9 +109,10 @@ fn launch_silent(
         Stdio::null(),
         Stdio::null(),
         Stdio::null(),
-        ready_w,
+        &ready_w,
     )
     .unwrap();
+    drop(ready_w);
     (child, wait_ready(&ready, Duration::from_secs(10)))
 }
 
@@ -462,6 +463,145 @@ fn terminal_mode_close_stdin_and_a_limited_writable_layer() {
     assert!(out.contains("full"), "{out:?}");
     registry.remove("w1").unwrap();
     assert!(!state.join("w1").exists(), "its tmpfs is gone");
+    std::fs::remove_dir_all(&image).unwrap();
+    let _ = std::fs::remove_dir_all(&state);
+}
+
+/// A spec whose mounts begin with containerd's defaults (as `ctr`'s and
+/// the CRI's do), then `extra`.
+fn default_mounts_spec(
+    args: &[&str],
+    process: serde_json::Value,
+    extra: serde_json::Value,
+) -> Vec<u8> {
+    let mut v: serde_json::Value = serde_json::from_slice(&spec(args, process)).unwrap();
+    let mut mounts: Vec<serde_json::Value> = zygote_agent::container::staged::premade_mounts()
+        .iter()
+        .map(|m| {
+            serde_json::json!({"destination": m.destination, "type": m.fstype,
+                "source": m.source, "options": m.options})
+        })
+        .collect();
+    mounts.extend(extra.as_array().unwrap().iter().cloned());
+    v["mounts"] = serde_json::Value::Array(mounts);
+    serde_json::to_vec(&v).unwrap()
+}
+
+#[test]
+fn a_staged_container_takes_its_spec_at_start_and_only_once() {
+    use zygote_agent::container::registry::{ContainerError, Registry};
+    if !is_root() {
+        return;
+    }
+    let image = busybox_rootfs("staged");
+    let state = std::env::temp_dir().join(format!("zygote-staged-{}", std::process::id()));
+    let registry = Registry::new(&state, Path::new(AGENT), None);
+    let rootfs = image.to_str().unwrap();
+    let staged = state.join("@staged");
+    let init = registry.stage(rootfs, 0).unwrap();
+    assert!(
+        matches!(registry.stage(rootfs, 0), Err(ContainerError::Exists(_))),
+        "one at a time"
+    );
+    assert!(Path::new(&format!("/proc/{init}")).exists());
+    let tmp = serde_json::json!([{"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
+        "options": ["nosuid", "nodev"]}]);
+    let script = "echo \"$GREETING\"; hostname; id -u; pwd; ls /dev/pts/ptmx >/dev/null && echo x > /dev/null && ls -l /dev/null | head -c 10; echo; \
+        grep -c ' /tmp tmpfs' /proc/mounts; grep -c ' /sys sysfs ro' /proc/mounts; echo $$; exit 3";
+    let json = default_mounts_spec(
+        &["/bin/sh", "-c", script],
+        serde_json::json!({"env": ["PATH=/bin", "GREETING=hello"], "user": {"uid": 1000, "gid": 1000}, "cwd": "/tmp"}),
+        tmp.clone(),
+    );
+    // The first container over the image takes it: its state is the staged one's.
+    registry.create("s1", &json, rootfs, 0).unwrap();
+    assert!(staged.exists() && !state.join("s1").exists());
+    let mut out = attach_pair(&registry, "s1", "stdout");
+    let mut err = attach_pair(&registry, "s1", "stderr");
+    registry.start("s1").unwrap();
+    assert_eq!(registry.wait("s1").unwrap(), 3);
+    let (mut text, mut errors) = (String::new(), String::new());
+    out.read_to_string(&mut text).unwrap();
+    err.read_to_string(&mut errors).unwrap();
+    assert_eq!(
+        text, "hello\nbox\n1000\n/tmp\ncrw-rw-rw-\n1\n1\n1\n",
+        "stderr: {errors}"
+    );
+    registry.remove("s1").unwrap();
+    assert!(!staged.exists(), "its root went with it");
+    assert!(!Path::new(&format!("/proc/{init}")).exists());
+
+    // The next takes the normal path.
+    registry.create("s2", &json, rootfs, 0).unwrap();
+    assert!(state.join("s2").exists());
+    registry.remove("s2").unwrap();
+
+    // A terminal, and a spec without the default /sys (unmounted at start).
+    registry.stage(rootfs, 0).unwrap();
+    let mut json: serde_json::Value = serde_json::from_slice(&default_mounts_spec(
+        &[
+            "/bin/sh",
+            "-c",
+            "[ -t 0 ] && echo tty; hostname; grep -c ' /sys ' /proc/mounts",
+        ],
+        serde_json::json!({"terminal": true}),
+        tmp,
+    ))
+    .unwrap();
+    json["mounts"].as_array_mut().unwrap().remove(3);
+    // No hostname of its own: the VM's (here the host's), as a fresh UTS
+    // namespace would have copied it at start.
+    json.as_object_mut().unwrap().remove("hostname");
+    let json = serde_json::to_vec(&json).unwrap();
+    registry.create("t1", &json, rootfs, 0).unwrap();
+    assert!(staged.exists(), "took the staged one");
+    let mut out = attach_pair(&registry, "t1", "stdout");
+    registry.start("t1").unwrap();
+    let mut text = String::new();
+    out.read_to_string(&mut text).unwrap();
+    assert_eq!(registry.wait("t1").unwrap(), 1, "grep found none: {text:?}");
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    assert_eq!(text, format!("tty\r\n{}\r\n0\r\n", host.trim()));
+    registry.remove("t1").unwrap();
+
+    // A spec the staged mounts do not fit leaves it for another; one that
+    // takes it and is removed unstarted leaves nothing.
+    let init = registry.stage(rootfs, 0).unwrap();
+    // Its own /dev, then the default /dev/pts: the staged /dev/pts would be
+    // under a /dev made after it.
+    let mut other: serde_json::Value =
+        serde_json::from_slice(&spec(&["/bin/sh", "-c", "true"], serde_json::json!({}))).unwrap();
+    let pts = &zygote_agent::container::staged::premade_mounts()[2];
+    other["mounts"] = serde_json::json!([
+        {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid"]},
+        {"destination": pts.destination, "type": pts.fstype, "source": pts.source, "options": pts.options}
+    ]);
+    let other = serde_json::to_vec(&other).unwrap();
+    registry.create("n1", &other, rootfs, 0).unwrap();
+    assert!(state.join("n1").exists(), "normal path");
+    registry.remove("n1").unwrap();
+    let fits = default_mounts_spec(&["/bin/sh"], serde_json::json!({}), serde_json::json!([]));
+    registry.create("u1", &fits, rootfs, 0).unwrap();
+    registry.remove("u1").unwrap();
+    assert!(!staged.exists());
+    assert!(!Path::new(&format!("/proc/{init}")).exists());
+
+    // A program missing from the image fails the create and spends the slot cleanly.
+    let init = registry.stage(rootfs, 0).unwrap();
+    let missing = default_mounts_spec(
+        &["/bin/nothing"],
+        serde_json::json!({}),
+        serde_json::json!([]),
+    );
+    assert!(matches!(
+        registry.create("m1", &missing, rootfs, 0),
+        Err(ContainerError::NoProgram { .. })
+    ));
+    assert!(!staged.exists());
+    assert!(!Path::new(&format!("/proc/{init}")).exists());
+    registry.stage(rootfs, 0).unwrap();
+    registry.unstage();
+    assert!(!staged.exists());
     std::fs::remove_dir_all(&image).unwrap();
     let _ = std::fs::remove_dir_all(&state);
 }

@@ -9,7 +9,7 @@ pub struct Request {
     /// What is asked.
     #[prost(
         oneof = "request::Body",
-        tags = "2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24"
+        tags = "2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25"
     )]
     pub body: Option<request::Body>,
 }
@@ -93,6 +93,11 @@ pub mod request {
         /// `Spawned`) or how it ended (`Exited`).
         #[prost(message, tag = "24")]
         SpawnStatus(super::Spawned),
+        /// Stage a container over an image (in a template, before the
+        /// snapshot): its first container in every fork starts with one
+        /// exec. Answered with `Spawned` (the staged init's pid).
+        #[prost(message, tag = "25")]
+        StageContainer(super::StageContainer),
     }
 }
 
@@ -595,6 +600,17 @@ pub struct CreateContainer {
     pub upper_size_mib: u32,
 }
 
+/// Stage a container (see `request::Body::StageContainer`).
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct StageContainer {
+    /// The image's root file system in the guest, as `CreateContainer` will name it.
+    #[prost(string, tag = "1")]
+    pub rootfs: String,
+    /// Size limit of the writable layer's tmpfs, MiB (0: half the guest's RAM).
+    #[prost(uint32, tag = "2")]
+    pub upper_size_mib: u32,
+}
+
 /// Mount a read-only image disk.
 #[derive(Clone, PartialEq, Eq, prost::Message)]
 pub struct MountImage {
@@ -841,6 +857,10 @@ mod tests {
             }),
             Q::ReadClock(Empty {}),
             Q::SpawnStatus(Spawned { pid: 7 }),
+            Q::StageContainer(StageContainer {
+                rootfs: "/run/zygote/image".into(),
+                upper_size_mib: 64,
+            }),
         ];
         for body in requests {
             let req = Request {

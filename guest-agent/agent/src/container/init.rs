@@ -15,12 +15,12 @@ use super::spec::{LaunchConfig, MountSpec};
 /// Exit status when the container's process could not be started.
 pub const EXIT_SETUP_FAILED: u8 = 127;
 
-fn cstr(s: impl AsRef<std::ffi::OsStr>) -> CString {
+pub(super) fn cstr(s: impl AsRef<std::ffi::OsStr>) -> CString {
     use std::os::unix::ffi::OsStrExt;
     CString::new(s.as_ref().as_bytes()).unwrap_or_else(|_| c"".into())
 }
 
-fn check(rc: libc::c_int, what: &str) -> Result<(), String> {
+pub(super) fn check(rc: libc::c_int, what: &str) -> Result<(), String> {
     if rc == 0 {
         Ok(())
     } else {
@@ -28,13 +28,14 @@ fn check(rc: libc::c_int, what: &str) -> Result<(), String> {
     }
 }
 
-fn mount(
+/// mount(2); an empty `fstype` or `data` is passed as none.
+pub(super) fn mount_raw(
     source: &str,
     target: &Path,
     fstype: &str,
     flags: libc::c_ulong,
     data: &str,
-) -> Result<(), String> {
+) -> std::io::Result<()> {
     let (s, t, f, d) = (cstr(source), cstr(target), cstr(fstype), cstr(data));
     // SAFETY: valid NUL-terminated strings for the duration of the call.
     let rc = unsafe {
@@ -54,7 +55,22 @@ fn mount(
             },
         )
     };
-    check(rc, &format!("mount {fstype} on {}", target.display()))
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+fn mount(
+    source: &str,
+    target: &Path,
+    fstype: &str,
+    flags: libc::c_ulong,
+    data: &str,
+) -> Result<(), String> {
+    mount_raw(source, target, fstype, flags, data)
+        .map_err(|e| format!("mount {fstype} on {}: {e}", target.display()))
 }
 
 /// Splits OCI mount options into mount flags and file-system data.
@@ -120,12 +136,34 @@ fn mount_one(root: &Path, m: &MountSpec) -> Result<(), String> {
 }
 
 /// Minimal devices when the spec mounts a tmpfs on /dev (as OCI specs do):
-/// bind mounts of the guest's own nodes.
+/// the standard character devices made with mknod, as runc makes them
+/// (no mount each to make, and to tear down when the container ends);
+/// where mknod is refused, bind mounts of the guest's own nodes.
 fn populate_dev(root: &Path) -> Result<(), String> {
     let dev = inside(root, Path::new("/dev"));
-    for name in ["null", "zero", "full", "random", "urandom", "tty"] {
+    for (name, major, minor) in [
+        ("null", 1, 3),
+        ("zero", 1, 5),
+        ("full", 1, 7),
+        ("random", 1, 8),
+        ("urandom", 1, 9),
+        ("tty", 5, 0),
+    ] {
         let target = dev.join(name);
-        if std::fs::File::create(&target).is_ok() {
+        let path = cstr(&target);
+        // SAFETY: a valid path string; mknod creates nothing else.
+        let made = unsafe {
+            libc::mknod(
+                path.as_ptr(),
+                libc::S_IFCHR | 0o666,
+                libc::makedev(major, minor),
+            )
+        } == 0;
+        if made {
+            // The umask took bits off: the mode runc gives them.
+            // SAFETY: a valid path string.
+            unsafe { libc::chmod(path.as_ptr(), 0o666) };
+        } else if std::fs::File::create(&target).is_ok() {
             mount(&format!("/dev/{name}"), &target, "", libc::MS_BIND, "")?;
         }
     }
@@ -140,73 +178,102 @@ fn populate_dev(root: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// Makes the mount tree private and binds the container's root on itself
+/// (a mount point, as `pivot_root` needs).
+pub(super) fn prepare_root(root: &Path) -> Result<(), String> {
+    mount("", Path::new("/"), "", libc::MS_REC | libc::MS_PRIVATE, "")?;
+    mount(
+        &root.to_string_lossy(),
+        root,
+        "",
+        libc::MS_BIND | libc::MS_REC,
+        "",
+    )
+}
+
+/// Makes `mounts` in order below `root`; then, with `populate`, the
+/// minimal device nodes in its /dev.
+pub(super) fn make_mounts(root: &Path, mounts: &[MountSpec], populate: bool) -> Result<(), String> {
+    for m in mounts {
+        mount_one(root, m)?;
+    }
+    if populate {
+        populate_dev(root)?;
+    }
+    Ok(())
+}
+
+/// Whether `mounts` put a file system on /dev (whose nodes the init makes).
+pub(super) fn mounts_dev(mounts: &[MountSpec]) -> bool {
+    mounts.iter().any(|m| m.destination == Path::new("/dev"))
+}
+
 fn setup_and_exec(c: &LaunchConfig) -> String {
-    let result = (|| -> Result<(), String> {
-        let root = &c.rootfs;
-        mount("", Path::new("/"), "", libc::MS_REC | libc::MS_PRIVATE, "")?;
-        mount(
-            &root.to_string_lossy(),
-            root,
-            "",
-            libc::MS_BIND | libc::MS_REC,
-            "",
-        )?;
-        for m in &c.mounts {
-            mount_one(root, m)?;
-        }
-        if c.mounts.iter().any(|m| m.destination == Path::new("/dev")) {
-            populate_dev(root)?;
-        }
-        if c.terminal {
-            // As runc does: the terminal is also the container's /dev/console.
-            // By its path: the fd's mount belongs to the agent's namespace,
-            // which a bind mount may not take from.
-            let console = inside(root, Path::new("/dev/console"));
-            let pts = std::fs::read_link("/proc/self/fd/0")
-                .map_err(|e| format!("the terminal's path: {e}"))?;
-            if std::fs::File::create(&console).is_ok() {
-                mount(&pts.to_string_lossy(), &console, "", libc::MS_BIND, "")?;
-            }
-        }
-        let root_c = cstr(root);
-        // SAFETY: a valid path string.
-        check(unsafe { libc::chdir(root_c.as_ptr()) }, "chdir rootfs")?;
-        // pivot_root(".", "."): the old root ends up on top and is detached next.
-        // SAFETY: valid path strings; the calling process is in its own mount namespace.
-        let rc = unsafe {
-            libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) as libc::c_int
-        };
-        if rc == 0 {
-            // SAFETY: a valid path string.
-            let rc = unsafe { libc::umount2(c".".as_ptr(), libc::MNT_DETACH) };
-            check(rc, "detach old root")?;
-        } else if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
-            // The guest's own root is the initramfs, which cannot be pivoted away
-            // from: move the container's root over it and chroot (runc's
-            // no-pivot mode). The initramfs stays below, unreachable by path.
-            mount(".", Path::new("/"), "", libc::MS_MOVE, "")?;
-            // SAFETY: a valid path string.
-            check(unsafe { libc::chroot(c".".as_ptr()) }, "chroot")?;
-        } else {
-            check(rc, "pivot_root")?;
-        }
-        // SAFETY: a valid path string.
-        check(unsafe { libc::chdir(c"/".as_ptr()) }, "chdir /")?;
-        if c.readonly_root {
-            mount(
-                "",
-                Path::new("/"),
-                "",
-                libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
-                "",
-            )?;
-        }
-        apply_hostname_and_credentials(c)
-    })();
+    let result = prepare_root(&c.rootfs)
+        .and_then(|()| make_mounts(&c.rootfs, &c.mounts, mounts_dev(&c.mounts)))
+        .and_then(|()| enter_root(c));
     if let Err(e) = result {
         return e;
     }
     exec_process(c)
+}
+
+/// Detaches the mount at `destination` below `root` (and all below it).
+pub(super) fn unmount(root: &Path, destination: &Path) -> Result<(), String> {
+    let target = cstr(inside(root, destination));
+    // SAFETY: a valid path string.
+    let rc = unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+    check(rc, &format!("unmount {}", destination.display()))
+}
+
+/// The terminal as /dev/console, the root pivoted to (made read-only if
+/// asked), hostname and credentials: what is left once the mounts are made.
+pub(super) fn enter_root(c: &LaunchConfig) -> Result<(), String> {
+    let root = &c.rootfs;
+    if c.terminal {
+        // As runc does: the terminal is also the container's /dev/console.
+        // By its path: the fd's mount belongs to the agent's namespace,
+        // which a bind mount may not take from.
+        let console = inside(root, Path::new("/dev/console"));
+        let pts = std::fs::read_link("/proc/self/fd/0")
+            .map_err(|e| format!("the terminal's path: {e}"))?;
+        if std::fs::File::create(&console).is_ok() {
+            mount(&pts.to_string_lossy(), &console, "", libc::MS_BIND, "")?;
+        }
+    }
+    let root_c = cstr(root);
+    // SAFETY: a valid path string.
+    check(unsafe { libc::chdir(root_c.as_ptr()) }, "chdir rootfs")?;
+    // pivot_root(".", "."): the old root ends up on top and is detached next.
+    // SAFETY: valid path strings; the calling process is in its own mount namespace.
+    let rc =
+        unsafe { libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) as libc::c_int };
+    if rc == 0 {
+        // SAFETY: a valid path string.
+        let rc = unsafe { libc::umount2(c".".as_ptr(), libc::MNT_DETACH) };
+        check(rc, "detach old root")?;
+    } else if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
+        // The guest's own root is the initramfs, which cannot be pivoted away
+        // from: move the container's root over it and chroot (runc's
+        // no-pivot mode). The initramfs stays below, unreachable by path.
+        mount(".", Path::new("/"), "", libc::MS_MOVE, "")?;
+        // SAFETY: a valid path string.
+        check(unsafe { libc::chroot(c".".as_ptr()) }, "chroot")?;
+    } else {
+        check(rc, "pivot_root")?;
+    }
+    // SAFETY: a valid path string.
+    check(unsafe { libc::chdir(c"/".as_ptr()) }, "chdir /")?;
+    if c.readonly_root {
+        mount(
+            "",
+            Path::new("/"),
+            "",
+            libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
+            "",
+        )?;
+    }
+    apply_hostname_and_credentials(c)
 }
 
 /// Hostname (if any), controlling terminal (with `terminal`), rlimits,
@@ -258,7 +325,7 @@ fn apply_hostname_and_credentials(c: &LaunchConfig) -> Result<(), String> {
 }
 
 /// Execs the process; returns why it could not.
-fn exec_process(c: &LaunchConfig) -> String {
+pub(super) fn exec_process(c: &LaunchConfig) -> String {
     let program = resolve(&c.args[0], &c.env);
     let argv: Vec<CString> = c.args.iter().map(cstr).collect();
     let envp: Vec<CString> = c.env.iter().map(cstr).collect();
@@ -293,37 +360,55 @@ fn resolve(arg0: &str, env: &[String]) -> PathBuf {
 
 /// The init's main: namespaces, fork, wait, exit with the process's status.
 pub fn main(config_json: &str) -> ExitCode {
-    let config: LaunchConfig = match serde_json::from_str(config_json) {
+    run_init(
+        "container-init",
+        config_json,
+        |c: &LaunchConfig| c.cgroup.clone(),
+        setup_and_exec,
+    )
+}
+
+/// An init's main (`what` names it in errors): its config from JSON, its
+/// cgroup (from `cgroup`) and namespaces, then `child` in the forked
+/// process, whose status becomes the init's.
+pub(super) fn run_init<C: serde::de::DeserializeOwned>(
+    what: &str,
+    config_json: &str,
+    cgroup: impl FnOnce(&C) -> Option<PathBuf>,
+    child: impl FnOnce(&C) -> String,
+) -> ExitCode {
+    let config: C = match serde_json::from_str(config_json) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("zygote container-init: bad config: {e}");
+            eprintln!("zygote {what}: bad config: {e}");
             return ExitCode::from(EXIT_SETUP_FAILED);
         }
     };
-    // Into the container's cgroup first: everything forked from here is limited.
-    if let Some(cgroup) = &config.cgroup {
-        if let Err(e) = std::fs::write(cgroup.join("cgroup.procs"), "0") {
-            eprintln!("zygote container-init: join {}: {e}", cgroup.display());
-            return ExitCode::from(EXIT_SETUP_FAILED);
-        }
+    if let Err(e) = enter_namespaces(cgroup(&config).as_deref()) {
+        eprintln!("zygote {what}: {e}");
+        return ExitCode::from(EXIT_SETUP_FAILED);
+    }
+    fork_and_wait(what, || child(&config))
+}
+
+/// The init's set-up before it forks: into the container's cgroup first
+/// (everything forked from here is limited), then new mount, UTS, IPC and
+/// PID namespaces.
+fn enter_namespaces(cgroup: Option<&Path>) -> Result<(), String> {
+    if let Some(cgroup) = cgroup {
+        std::fs::write(cgroup.join("cgroup.procs"), "0")
+            .map_err(|e| format!("join {}: {e}", cgroup.display()))?;
     }
     let flags = libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC | libc::CLONE_NEWPID;
     // SAFETY: unshare with namespace flags; this process is single-threaded.
-    if unsafe { libc::unshare(flags) } != 0 {
-        eprintln!(
-            "zygote container-init: unshare: {}",
-            std::io::Error::last_os_error()
-        );
-        return ExitCode::from(EXIT_SETUP_FAILED);
-    }
-    fork_and_wait("container-init", || setup_and_exec(&config))
+    check(unsafe { libc::unshare(flags) }, "unshare")
 }
 
 /// Forks; the child runs `child` (which only returns on failure, with the
 /// reason); this process waits and exits with the child's status. The
 /// "started" pipe at [`super::READY_FD`] goes to the child alone, closed on
 /// its exec.
-fn fork_and_wait(what: &str, child: impl FnOnce() -> String) -> ExitCode {
+pub(super) fn fork_and_wait(what: &str, child: impl FnOnce() -> String) -> ExitCode {
     let ready = super::READY_FD;
     // SAFETY: fcntl on a descriptor number; EBADF (no pipe given) is harmless.
     let has_ready = unsafe { libc::fcntl(ready, libc::F_SETFD, libc::FD_CLOEXEC) } == 0;

@@ -4,12 +4,19 @@
 //! - `spec.rs`: the OCI spec, checked, turned into a [`spec::LaunchConfig`].
 //! - `init.rs`: the container's init (`zygote-agent container-init`), which
 //!   enters the namespaces, sets up the root and execs the process.
+//! - `layer.rs`: a container's writable layer (its tmpfs, the overlay).
+//! - `staged.rs`: a container staged in a template before its spec is
+//!   known; `control.rs`: its control socket.
+//! - `registry.rs`: the containers of this VM and their processes.
 
 pub mod cgroup;
+pub mod control;
 pub mod init;
+pub mod layer;
 pub mod oom;
 pub mod registry;
 pub mod spec;
+pub mod staged;
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -66,17 +73,26 @@ pub fn start_failed_message(why: &str) -> Vec<u8> {
     m
 }
 
+/// The reason in a [`start_failed_message`] at the start of `got`, and the
+/// message's length.
+fn failure_at(got: &[u8]) -> Option<(String, usize)> {
+    let rest = got.strip_prefix(START_FAILED.as_slice())?;
+    let len = u16::from_le_bytes(rest.get(..2)?.try_into().ok()?) as usize;
+    let why = rest.get(2..2 + len)?;
+    Some((
+        String::from_utf8_lossy(why).trim().to_string(),
+        START_FAILED.len() + 2 + len,
+    ))
+}
+
+/// The reason a [`start_failed_message`] gives.
+pub fn failure_message(message: &[u8]) -> Option<String> {
+    failure_at(message).map(|(why, _)| why)
+}
+
 /// The pid and the failure, from everything read on the pipe.
 fn parse_ready(got: &[u8]) -> Option<Ready> {
-    let failure = |at: usize| -> Option<(String, usize)> {
-        let rest = got.get(at..)?.strip_prefix(START_FAILED.as_slice())?;
-        let len = u16::from_le_bytes(rest.get(..2)?.try_into().ok()?) as usize;
-        let why = rest.get(2..2 + len)?;
-        Some((
-            String::from_utf8_lossy(why).trim().to_string(),
-            START_FAILED.len() + 2 + len,
-        ))
-    };
+    let failure = |at: usize| failure_at(got.get(at..)?);
     let pid_at = |at: usize| -> Option<u32> {
         Some(u32::from_le_bytes(got.get(at..at + 4)?.try_into().ok()?))
     };
@@ -130,7 +146,7 @@ pub fn wait_ready(read: &File, timeout: std::time::Duration) -> Option<Ready> {
 
 /// `cmd` with `ready` as its fd [`READY_FD`] (`ready` must stay open until
 /// the spawn).
-fn with_ready_fd<'a>(cmd: &'a mut Command, ready: &OwnedFd) -> &'a mut Command {
+pub(super) fn with_ready_fd<'a>(cmd: &'a mut Command, ready: &OwnedFd) -> &'a mut Command {
     use std::os::unix::process::CommandExt;
     let fd = ready.as_raw_fd();
     // SAFETY: dup2 is async-signal-safe; the closure only uses an integer. The
@@ -156,7 +172,7 @@ pub fn launch(
     stdin: Stdio,
     stdout: Stdio,
     stderr: Stdio,
-    ready: OwnedFd,
+    ready: &OwnedFd,
 ) -> std::io::Result<Child> {
     let json = serde_json::to_string(config).map_err(std::io::Error::other)?;
     procs::spawn(with_ready_fd(
@@ -167,7 +183,7 @@ pub fn launch(
             .stdin(stdin)
             .stdout(stdout)
             .stderr(stderr),
-        &ready,
+        ready,
     ))
 }
 
@@ -209,7 +225,7 @@ pub fn launch_exec(
     stdin: Stdio,
     stdout: Stdio,
     stderr: Stdio,
-    ready: OwnedFd,
+    ready: &OwnedFd,
 ) -> std::io::Result<Child> {
     let config = init::ExecConfig {
         process: process.clone(),
@@ -224,7 +240,7 @@ pub fn launch_exec(
             .stdin(stdin)
             .stdout(stdout)
             .stderr(stderr),
-        &ready,
+        ready,
     ))
 }
 

@@ -11,11 +11,16 @@ use std::process::Stdio;
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::JoinHandle;
 
+use super::layer::{mount_overlay, mount_state_tmpfs, resize_state_tmpfs, unmount_and_remove};
 use super::spec::{LaunchConfig, SpecError, launch_config, plain_absolute};
+use super::staged::{Plan, Slot, StagedLaunch, plan, premade_mounts};
 use super::{launch, process_pid};
 
 /// Where containers' writable layers and mount points live (a tmpfs in the guest).
 pub const STATE_DIR: &str = "/run/zygote/containers";
+
+/// The staged container's state, in [`STATE_DIR`] ('@' is in no container id).
+const STAGED_DIR: &str = "@staged";
 
 /// Errors of container operations.
 #[derive(Debug, thiserror::Error)]
@@ -227,6 +232,8 @@ struct ContainerProcess {
     drains: Mutex<Vec<JoinHandle<()>>>,
     /// The process's pid (its init's child), once started.
     pid: OnceLock<u32>,
+    /// The pre-staged container this one took, until its start.
+    staged: Mutex<Option<(Slot, Plan)>>,
 }
 
 impl ContainerProcess {
@@ -252,6 +259,7 @@ impl ContainerProcess {
             pipes: Mutex::new(pipes),
             drains: Mutex::default(),
             pid: OnceLock::new(),
+            staged: Mutex::new(None),
         })
     }
 }
@@ -264,6 +272,8 @@ pub struct Registry {
     agent_exe: PathBuf,
     cgroup_root: Option<PathBuf>,
     oom: OnceLock<Option<super::oom::OomWatcher>>,
+    /// The pre-staged container waiting for a spec, if any.
+    slot: Mutex<Option<Slot>>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -300,79 +310,6 @@ fn valid_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
 }
 
-fn mount_overlay(lower: &Path, dir: &Path) -> Result<PathBuf, ContainerError> {
-    let (upper, work, merged) = (dir.join("upper"), dir.join("work"), dir.join("rootfs"));
-    for d in [&upper, &work, &merged] {
-        std::fs::create_dir_all(d).map_err(os(format!("create {}", d.display())))?;
-    }
-    let data = format!(
-        "lowerdir={},upperdir={},workdir={}",
-        lower.display(),
-        upper.display(),
-        work.display()
-    );
-    let c = |s: &str| std::ffi::CString::new(s).unwrap_or_default();
-    let (src, target, fstype, data_c) = (
-        c("overlay"),
-        c(&merged.to_string_lossy()),
-        c("overlay"),
-        c(&data),
-    );
-    // SAFETY: valid NUL-terminated strings for the duration of the call.
-    let rc = unsafe {
-        libc::mount(
-            src.as_ptr(),
-            target.as_ptr(),
-            fstype.as_ptr(),
-            0,
-            data_c.as_ptr().cast(),
-        )
-    };
-    if rc != 0 {
-        return Err(os("mount overlay")(std::io::Error::last_os_error()));
-    }
-    Ok(merged)
-}
-
-/// The container's state directory as its own tmpfs, limited to `size_mib`
-/// (0: tmpfs's default, half the RAM): the writable layer cannot fill the guest.
-fn mount_state_tmpfs(dir: &Path, size_mib: u32) -> Result<(), ContainerError> {
-    std::fs::create_dir_all(dir).map_err(os(format!("create {}", dir.display())))?;
-    let data = if size_mib == 0 {
-        "mode=0700".to_string()
-    } else {
-        format!("mode=0700,size={size_mib}m")
-    };
-    let c = |s: &str| std::ffi::CString::new(s).unwrap_or_default();
-    let (src, target, data_c) = (c("tmpfs"), c(&dir.to_string_lossy()), c(&data));
-    // SAFETY: valid NUL-terminated strings for the duration of the call.
-    let rc = unsafe {
-        libc::mount(
-            src.as_ptr(),
-            target.as_ptr(),
-            src.as_ptr(),
-            libc::MS_NOSUID | libc::MS_NODEV,
-            data_c.as_ptr().cast(),
-        )
-    };
-    if rc != 0 {
-        let e = std::io::Error::last_os_error();
-        let _ = std::fs::remove_dir(dir);
-        return Err(os("mount the writable layer's tmpfs")(e));
-    }
-    Ok(())
-}
-
-fn unmount_and_remove(dir: &Path) {
-    for target in [dir.join("rootfs"), dir.to_path_buf()] {
-        if let Ok(c) = std::ffi::CString::new(target.to_string_lossy().as_bytes()) {
-            // SAFETY: a valid path string.
-            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-        }
-    }
-    let _ = std::fs::remove_dir_all(dir);
-}
-
 impl Registry {
     /// A registry keeping state under `state_dir`, with `agent_exe` as the containers' init.
     /// Containers get a cgroup each when `cgroup_root` is a cgroup2 hierarchy.
@@ -383,6 +320,7 @@ impl Registry {
             agent_exe: agent_exe.into(),
             cgroup_root: cgroup_root.and_then(super::cgroup::v2_root),
             oom: OnceLock::new(),
+            slot: Mutex::default(),
         }
     }
 
@@ -423,17 +361,31 @@ impl Registry {
         if !plain_absolute(lower) || !lower.is_dir() {
             return Err(ContainerError::Rootfs(rootfs.into()));
         }
-        let dir = self.state_dir.join(id);
         // Checked before anything is mounted.
-        launch_config(spec_json, &dir.join("rootfs"))?;
+        let checked = launch_config(spec_json, &self.state_dir.join(id).join("rootfs"))?;
         let mut containers = self.containers.lock().expect("registry lock");
         if containers.contains_key(id) {
             return Err(ContainerError::Exists(id.into()));
         }
+        let mut staged = self.take_slot(lower, &checked.mounts);
+        let dir = match &staged {
+            Some((slot, _)) => slot.dir.clone(),
+            None => self.state_dir.join(id),
+        };
         let mut cgroup_dir = None;
         let result = (|| {
-            mount_state_tmpfs(&dir, upper_size_mib)?;
-            let merged = mount_overlay(lower, &dir)?;
+            let merged = match &staged {
+                Some((slot, _)) => {
+                    if slot.upper_size_mib != upper_size_mib {
+                        resize_state_tmpfs(&dir, upper_size_mib)?;
+                    }
+                    dir.join("rootfs")
+                }
+                None => {
+                    mount_state_tmpfs(&dir, upper_size_mib)?;
+                    mount_overlay(lower, &dir)?
+                }
+            };
             let mut config = launch_config(spec_json, &merged)?;
             // As `runc create` does: a program that is not there fails the
             // create, not a start that would "exit 127" later.
@@ -443,25 +395,40 @@ impl Registry {
                     program: config.args[0].clone(),
                 });
             }
-            if let Some(root) = &self.cgroup_root {
-                let cg = super::cgroup::create(root, id, &config.resources)
-                    .map_err(os(format!("create the cgroup of {id}")))?;
+            let slot_cgroup = staged.as_ref().and_then(|(slot, _)| slot.cgroup.clone());
+            if let Some(cg) = slot_cgroup {
                 cgroup_dir = Some(cg.clone());
+                super::cgroup::apply(&cg, &config.resources)
+                    .map_err(os(format!("limit the cgroup of {id}")))?;
+            } else if let Some(root) = &self.cgroup_root {
+                cgroup_dir = Some(
+                    super::cgroup::create(root, id, &config.resources)
+                        .map_err(os(format!("create the cgroup of {id}")))?,
+                );
+            }
+            if let Some(cg) = &cgroup_dir {
                 if let Some(w) = self.oom() {
-                    w.watch(id, &cg)
+                    w.watch(id, cg)
                         .map_err(os(format!("watch the OOM events of {id}")))?;
                 }
-                config.cgroup = Some(cg);
+                config.cgroup = Some(cg.clone());
             }
             let cgroup = config.cgroup.clone();
             ContainerProcess::new(config, dir.clone(), cgroup, None)
         })();
         match result {
             Ok(c) => {
+                *c.staged.lock().expect("staged lock") = staged.take();
                 containers.insert(id.into(), Arc::new(c));
                 Ok(())
             }
             Err(e) => {
+                if let Some((slot, _)) = staged {
+                    // Its cgroup goes too, even if the create failed before
+                    // taking it as the container's.
+                    cgroup_dir = cgroup_dir.or_else(|| slot.cgroup.clone());
+                    slot.stop();
+                }
                 if let Some(cg) = &cgroup_dir {
                     if let Some(w) = self.oom() {
                         w.unwatch(id);
@@ -472,6 +439,54 @@ impl Registry {
                 Err(e)
             }
         }
+    }
+
+    /// Stages a container over the image root `rootfs` with a writable
+    /// layer of `upper_size_mib` (see [`super::staged`]); returns its
+    /// init's pid. One at a time: another is refused while one waits.
+    pub fn stage(&self, rootfs: &str, upper_size_mib: u32) -> Result<u32, ContainerError> {
+        let lower = Path::new(rootfs);
+        if !plain_absolute(lower) || !lower.is_dir() {
+            return Err(ContainerError::Rootfs(rootfs.into()));
+        }
+        let mut slot = self.slot.lock().expect("slot lock");
+        if slot.is_some() {
+            return Err(ContainerError::Exists("the staged container".into()));
+        }
+        let staged = Slot::stage(
+            &self.state_dir.join(STAGED_DIR),
+            lower,
+            upper_size_mib,
+            self.cgroup_root.as_deref(),
+            &self.agent_exe,
+        )?;
+        let pid = staged.init_pid();
+        *slot = Some(staged);
+        Ok(pid)
+    }
+
+    /// Drops the staged container, if one waits: its process stops, its
+    /// root and cgroup go.
+    pub fn unstage(&self) {
+        if let Some(slot) = self.slot.lock().expect("slot lock").take() {
+            slot.discard();
+        }
+    }
+
+    /// The staged container, if one waits over `lower` and a spec with
+    /// `mounts` can take it.
+    fn take_slot(&self, lower: &Path, mounts: &[super::spec::MountSpec]) -> Option<(Slot, Plan)> {
+        let mut slot = self.slot.lock().expect("slot lock");
+        if !slot.as_mut()?.alive() {
+            eprintln!("zygote-agent: the staged container's init is gone; dropped");
+            slot.take()?.discard();
+            return None;
+        }
+        if slot.as_ref()?.lower != lower {
+            return None;
+        }
+        let plan = plan(&premade_mounts(), mounts)?;
+        Some((slot.take()?, plan))
     }
 
     /// Starts the container's process; returns the init's pid once the
@@ -494,16 +509,36 @@ impl Registry {
             .take()
             .expect("created");
         let (ready, ready_w) = super::ready_pipe().map_err(os("make the started pipe"))?;
-        let mut child = match &c.exec_in {
-            None => launch(
+        let staged = c.staged.lock().expect("staged lock").take();
+        let mut child = match (&c.exec_in, staged) {
+            (None, Some((slot, plan))) => {
+                let mut process = c.config.clone();
+                process.mounts = plan.mount;
+                // Its UTS namespace was made in the template: without a
+                // hostname of its own it takes the VM's (as a fresh one
+                // copies it), which the reconcile has set since.
+                if process.hostname.is_none() {
+                    process.hostname = Some(crate::sys::hostname());
+                }
+                let launched = StagedLaunch {
+                    process,
+                    unmount: plan.unmount,
+                };
+                slot.launch(
+                    &launched,
+                    [stdin.into(), stdout.into(), stderr.into()],
+                    &ready_w,
+                )
+            }
+            (None, None) => launch(
                 &c.config,
                 &self.agent_exe,
                 Stdio::from(stdin),
                 Stdio::from(stdout),
                 Stdio::from(stderr),
-                ready_w,
+                &ready_w,
             ),
-            Some(parent) => {
+            (Some(parent), _) => {
                 let target = self.container_pid(parent)?;
                 super::launch_exec(
                     &c.config,
@@ -512,11 +547,12 @@ impl Registry {
                     Stdio::from(stdin),
                     Stdio::from(stdout),
                     Stdio::from(stderr),
-                    ready_w,
+                    &ready_w,
                 )
             }
         }
         .map_err(os("start the container's init"))?;
+        drop(ready_w);
         let init_pid = child.pid();
         *state = State::Running { init_pid };
         drop(state);
@@ -784,6 +820,11 @@ impl Registry {
     /// Kills the container if it runs, then removes its root and state.
     pub fn remove(&self, id: &str) -> Result<(), ContainerError> {
         let c = self.get(id)?;
+        // Created from the staged container and never started: its waiting
+        // process goes first.
+        if let Some((slot, _)) = c.staged.lock().expect("staged lock").take() {
+            slot.stop();
+        }
         if matches!(*c.state.lock().expect("state lock"), State::Running { .. }) {
             let _ = self.signal(id, libc::SIGKILL);
             self.wait(id)?;

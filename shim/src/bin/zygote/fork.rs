@@ -191,7 +191,10 @@ pub fn fork(
             timeline: t.into(),
             agent_started_ns: sb.pong.agent_started_ns,
             uptime_ns: sb.pong.uptime_ns,
-            entropy_sample: outcome.as_ref().map(|o| hex(&o.sample.random)),
+            entropy_sample: outcome
+                .as_ref()
+                .and_then(|o| o.sample.as_ref())
+                .map(|s| hex(&s.random)),
             realtime_skew_ms: outcome.as_ref().map(|o| o.realtime_skew_ms),
             reconcile_ms: outcome.as_ref().map(|o| o.host_ms),
             report: outcome

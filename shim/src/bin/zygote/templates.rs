@@ -84,6 +84,7 @@ pub fn run(store: &TemplateStore, command: TemplateCommand) -> anyhow::Result<Ex
                     })
                     .collect(),
                 warm: if warm.is_empty() { vec![] } else { vec![warm] },
+                stage: None,
                 settle: Duration::from_secs_f64(settle.max(0.0)),
                 force,
             };

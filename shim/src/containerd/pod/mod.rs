@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use zygote_agent_api::{AgentClient, ClientError, MountImage, request, response};
+use zygote_agent_api::{AgentClient, ClientError, MountImage, StageContainer, request, response};
 use zygote_vmm::snapshot::{Template, TemplateName, TemplateStore};
 
 use super::config::ShimConfig;
@@ -24,9 +24,6 @@ use crate::image::ImageBuild;
 use crate::reconcile::{ReconcileSpec, reconcile};
 use crate::sandbox::{Sandbox, SandboxConfig};
 use crate::template::{self, BuildSpec};
-
-/// Guest CPU over a wait that counts as the guest working (not hung).
-pub const BUSY_CPU: Duration = Duration::from_millis(50);
 
 /// Where the image disk is mounted in every template (and so in every fork).
 pub const IMAGE_ROOT: &str = "/run/zygote/image";
@@ -133,28 +130,45 @@ pub struct PodEnd {
     pub host_devices_ms: f64,
 }
 
-/// CPU time of this process's threads whose name starts with `prefix`
-/// (live threads only; /proc/self/task/*/schedstat, ns on CPU).
-fn threads_cpu(prefix: &str, except: &str) -> Duration {
-    let mut total = 0u64;
+/// Each live thread of this process: its name and its `schedstat` figures
+/// (ns on CPU, ns waiting runnable for a CPU).
+fn threads_schedstat() -> Vec<(String, u64, u64)> {
+    let mut threads = Vec::new();
     for task in std::fs::read_dir("/proc/self/task")
         .into_iter()
         .flatten()
         .flatten()
     {
         let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-        let comm = comm.trim();
-        if !comm.starts_with(prefix) || comm == except {
-            continue;
-        }
         let schedstat = std::fs::read_to_string(task.path().join("schedstat")).unwrap_or_default();
-        total += schedstat
+        let mut fields = schedstat
             .split_whitespace()
-            .next()
-            .and_then(|n| n.parse::<u64>().ok())
-            .unwrap_or(0);
+            .map(|n| n.parse::<u64>().unwrap_or(0));
+        let (cpu, wait) = (fields.next().unwrap_or(0), fields.next().unwrap_or(0));
+        threads.push((comm.trim().to_string(), cpu, wait));
     }
-    Duration::from_nanos(total)
+    threads
+}
+
+/// CPU time of this process's threads whose name starts with `prefix`
+/// (live threads only).
+fn threads_cpu(prefix: &str, except: &str) -> Duration {
+    let ns = threads_schedstat()
+        .iter()
+        .filter(|(comm, ..)| comm.starts_with(prefix) && comm != except)
+        .map(|(_, cpu, _)| cpu)
+        .sum();
+    Duration::from_nanos(ns)
+}
+
+/// What this process's live threads ran plus what they waited runnable for
+/// a host CPU: how much the pod (its VM, devices and shim) wanted to run.
+pub fn process_demand() -> Duration {
+    let ns = threads_schedstat()
+        .iter()
+        .map(|(_, cpu, wait)| cpu + wait)
+        .sum();
+    Duration::from_nanos(ns)
 }
 
 /// This process's CPU time, all its threads (live and ended), children not
@@ -246,6 +260,12 @@ impl PodVm {
             },
             spawn: vec![],
             warm: vec![],
+            // The pod's first container starts with one exec (the mounts,
+            // namespaces and cgroup every container needs are made here).
+            stage: Some(StageContainer {
+                rootfs: IMAGE_ROOT.into(),
+                upper_size_mib: config.upper_size_mib,
+            }),
             settle: Duration::from_millis(config.settle_ms),
             force: false,
         };
@@ -302,6 +322,7 @@ impl PodVm {
                 policy,
                 interfaces,
                 routes,
+                skip_sample: true,
                 ..Default::default()
             },
         )?;
@@ -402,7 +423,18 @@ impl PodVm {
     pub fn explain(&self, e: ClientError) -> PodError {
         match self.check() {
             Err(stopped) => stopped,
-            Ok(()) => PodError::Agent(e),
+            Ok(()) => {
+                if matches!(e, ClientError::NoAnswer(_)) {
+                    // What the guest said last, for the one who looks into
+                    // it (the agent reports its own failures there).
+                    tracing::warn!(
+                        "{e}; guest CPU so far {} ms; console:\n{}",
+                        self.guest_cpu().as_millis(),
+                        self.sandbox.machine().console_tail(20)
+                    );
+                }
+                PodError::Agent(e)
+            }
         }
     }
 
