@@ -6,6 +6,7 @@ use zygote_agent_api::frame::{read_frame, write_frame};
 use zygote_agent_api::{Code, Error, Pong, Request, Response, request, response};
 
 use crate::container::registry::{ContainerError, Registry};
+use crate::container::volumes::VolumeError;
 use crate::vsock::VsockListener;
 use crate::{exec, image, init, reconcile, selftest, sys, workload};
 
@@ -80,6 +81,8 @@ fn container_call(
                 | ContainerError::NoProgram { .. } => Code::InvalidArgument,
                 ContainerError::Exists(_) => Code::AlreadyExists,
                 ContainerError::State { .. } => Code::FailedPrecondition,
+                ContainerError::Volume(VolumeError::Invalid { .. }) => Code::InvalidArgument,
+                ContainerError::Volume(VolumeError::Os { .. }) => Code::Internal,
                 ContainerError::Os { .. } => Code::Internal,
                 ContainerError::Unsupported(_) => Code::Unimplemented,
             };
@@ -195,8 +198,24 @@ pub fn handle(req: Request, agent_started_ns: u64) -> (Response, After) {
         Some(request::Body::CreateContainer(c)) => container_call(
             id,
             Registry::global()
-                .create(&c.id, &c.spec_json, &c.rootfs, c.upper_size_mib)
+                .create(&c.id, &c.spec_json, &c.rootfs, c.upper_size_mib, &c.volumes)
                 .map(|()| response::Body::Empty(zygote_agent_api::Empty {})),
+        ),
+        Some(request::Body::UpdateVolume(u)) => container_call(
+            id,
+            match &u.volume {
+                Some(v) => Registry::global().update_volume(&u.id, v),
+                None => Err(ContainerError::NotFound(
+                    "an update without a volume".into(),
+                )),
+            }
+            .map(|()| response::Body::Empty(zygote_agent_api::Empty {})),
+        ),
+        Some(request::Body::ReadVolume(r)) => container_call(
+            id,
+            Registry::global()
+                .read_volume(&r.id, &r.name, r.max_bytes)
+                .map(|data| response::Body::VolumeData(zygote_agent_api::VolumeData { data })),
         ),
         Some(request::Body::StageContainer(c)) => container_call(
             id,

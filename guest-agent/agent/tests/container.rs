@@ -248,18 +248,18 @@ fn registry_runs_a_container_with_streams_over_an_overlay() {
         serde_json::json!({}),
     );
     registry
-        .create("c1", &json, image.to_str().unwrap(), 0)
+        .create("c1", &json, image.to_str().unwrap(), 0, &[])
         .unwrap();
     assert!(matches!(
-        registry.create("c1", &json, image.to_str().unwrap(), 0),
+        registry.create("c1", &json, image.to_str().unwrap(), 0, &[]),
         Err(ContainerError::Exists(_))
     ));
     assert!(matches!(
-        registry.create("../x", &json, image.to_str().unwrap(), 0),
+        registry.create("../x", &json, image.to_str().unwrap(), 0, &[]),
         Err(ContainerError::InvalidId(_))
     ));
     assert!(matches!(
-        registry.create("c2", &json, "relative", 0),
+        registry.create("c2", &json, "relative", 0, &[]),
         Err(ContainerError::Rootfs(_))
     ));
     // A program that is not in the image fails the create (as runc's does),
@@ -268,7 +268,7 @@ fn registry_runs_a_container_with_streams_over_an_overlay() {
         let missing = spec(&[program], serde_json::json!({}));
         assert!(
             matches!(
-                registry.create("c3", &missing, image.to_str().unwrap(), 0),
+                registry.create("c3", &missing, image.to_str().unwrap(), 0, &[]),
                 Err(ContainerError::NoProgram { .. })
             ),
             "{program}"
@@ -318,7 +318,7 @@ fn registry_runs_a_container_with_streams_over_an_overlay() {
     // An exec joins a running container: its root, hostname and PID namespace.
     let sleeper = spec(&["/bin/sleep", "100"], serde_json::json!({}));
     registry
-        .create("svc", &sleeper, image.to_str().unwrap(), 0)
+        .create("svc", &sleeper, image.to_str().unwrap(), 0, &[])
         .unwrap();
     assert!(
         matches!(
@@ -397,7 +397,7 @@ fn terminal_mode_close_stdin_and_a_limited_writable_layer() {
         serde_json::json!({"terminal": true}),
     );
     registry
-        .create("t1", &json, image.to_str().unwrap(), 0)
+        .create("t1", &json, image.to_str().unwrap(), 0, &[])
         .unwrap();
     registry.resize_tty("t1", 100, 30).unwrap();
     let mut tty_in = attach_pair(&registry, "t1", "stdin");
@@ -422,7 +422,7 @@ fn terminal_mode_close_stdin_and_a_limited_writable_layer() {
     // CloseStdin: `cat` reads end of file though the host's stream stays open.
     let json = spec(&["/bin/sh", "-c", "cat; echo done"], serde_json::json!({}));
     registry
-        .create("c1", &json, image.to_str().unwrap(), 0)
+        .create("c1", &json, image.to_str().unwrap(), 0, &[])
         .unwrap();
     let stdin = attach_pair(&registry, "c1", "stdin");
     let mut stdout = attach_pair(&registry, "c1", "stdout");
@@ -453,7 +453,7 @@ fn terminal_mode_close_stdin_and_a_limited_writable_layer() {
         serde_json::json!({}),
     );
     registry
-        .create("w1", &json, image.to_str().unwrap(), 4)
+        .create("w1", &json, image.to_str().unwrap(), 4, &[])
         .unwrap();
     let mut stdout = attach_pair(&registry, "w1", "stdout");
     registry.start("w1").unwrap();
@@ -514,7 +514,7 @@ fn a_staged_container_takes_its_spec_at_start_and_only_once() {
         tmp.clone(),
     );
     // The first container over the image takes it: its state is the staged one's.
-    registry.create("s1", &json, rootfs, 0).unwrap();
+    registry.create("s1", &json, rootfs, 0, &[]).unwrap();
     assert!(staged.exists() && !state.join("s1").exists());
     let mut out = attach_pair(&registry, "s1", "stdout");
     let mut err = attach_pair(&registry, "s1", "stderr");
@@ -532,7 +532,7 @@ fn a_staged_container_takes_its_spec_at_start_and_only_once() {
     assert!(!Path::new(&format!("/proc/{init}")).exists());
 
     // The next takes the normal path.
-    registry.create("s2", &json, rootfs, 0).unwrap();
+    registry.create("s2", &json, rootfs, 0, &[]).unwrap();
     assert!(state.join("s2").exists());
     registry.remove("s2").unwrap();
 
@@ -553,7 +553,7 @@ fn a_staged_container_takes_its_spec_at_start_and_only_once() {
     // namespace would have copied it at start.
     json.as_object_mut().unwrap().remove("hostname");
     let json = serde_json::to_vec(&json).unwrap();
-    registry.create("t1", &json, rootfs, 0).unwrap();
+    registry.create("t1", &json, rootfs, 0, &[]).unwrap();
     assert!(staged.exists(), "took the staged one");
     let mut out = attach_pair(&registry, "t1", "stdout");
     registry.start("t1").unwrap();
@@ -577,11 +577,11 @@ fn a_staged_container_takes_its_spec_at_start_and_only_once() {
         {"destination": pts.destination, "type": pts.fstype, "source": pts.source, "options": pts.options}
     ]);
     let other = serde_json::to_vec(&other).unwrap();
-    registry.create("n1", &other, rootfs, 0).unwrap();
+    registry.create("n1", &other, rootfs, 0, &[]).unwrap();
     assert!(state.join("n1").exists(), "normal path");
     registry.remove("n1").unwrap();
     let fits = default_mounts_spec(&["/bin/sh"], serde_json::json!({}), serde_json::json!([]));
-    registry.create("u1", &fits, rootfs, 0).unwrap();
+    registry.create("u1", &fits, rootfs, 0, &[]).unwrap();
     registry.remove("u1").unwrap();
     assert!(!staged.exists());
     assert!(!Path::new(&format!("/proc/{init}")).exists());
@@ -594,7 +594,7 @@ fn a_staged_container_takes_its_spec_at_start_and_only_once() {
         serde_json::json!([]),
     );
     assert!(matches!(
-        registry.create("m1", &missing, rootfs, 0),
+        registry.create("m1", &missing, rootfs, 0, &[]),
         Err(ContainerError::NoProgram { .. })
     ));
     assert!(!staged.exists());

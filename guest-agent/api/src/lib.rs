@@ -11,9 +11,11 @@
 pub mod client;
 pub mod frame;
 pub mod messages;
+pub mod volumes;
 
 pub use client::{AgentClient, ClientError, attach_stdio};
 pub use messages::*;
+pub use volumes::{EntryKind, ReadVolume, UpdateVolume, Volume, VolumeData, VolumeEntry};
 
 /// The vsock port the agent listens on.
 pub const AGENT_PORT: u32 = 1024;

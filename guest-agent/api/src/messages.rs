@@ -9,7 +9,7 @@ pub struct Request {
     /// What is asked.
     #[prost(
         oneof = "request::Body",
-        tags = "2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25"
+        tags = "2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27"
     )]
     pub body: Option<request::Body>,
 }
@@ -98,6 +98,12 @@ pub mod request {
         /// exec. Answered with `Spawned` (the staged init's pid).
         #[prost(message, tag = "25")]
         StageContainer(super::StageContainer),
+        /// Replace a container's copy of a volume (the host copy changed).
+        #[prost(message, tag = "26")]
+        UpdateVolume(crate::volumes::UpdateVolume),
+        /// Read a container's file volume back (answered with `VolumeData`).
+        #[prost(message, tag = "27")]
+        ReadVolume(crate::volumes::ReadVolume),
     }
 }
 
@@ -110,7 +116,7 @@ pub struct Response {
     /// The answer.
     #[prost(
         oneof = "response::Body",
-        tags = "2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17"
+        tags = "2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18"
     )]
     pub body: Option<response::Body>,
 }
@@ -165,6 +171,9 @@ pub mod response {
         /// The guest's clocks.
         #[prost(message, tag = "17")]
         Clock(super::ClockReading),
+        /// A file volume's content.
+        #[prost(message, tag = "18")]
+        VolumeData(crate::volumes::VolumeData),
         /// The request failed.
         #[prost(message, tag = "15")]
         Error(super::Error),
@@ -598,6 +607,9 @@ pub struct CreateContainer {
     /// RAM, tmpfs's own default).
     #[prost(uint32, tag = "4")]
     pub upper_size_mib: u32,
+    /// Volumes copied from the host, which the spec's mounts name.
+    #[prost(message, repeated, tag = "5")]
+    pub volumes: Vec<crate::volumes::Volume>,
 }
 
 /// Stage a container (see `request::Body::StageContainer`).
@@ -773,6 +785,7 @@ pub struct ContainerStats {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::volumes::*;
     use prost::Message;
 
     /// Every body survives encoding: a variant missing from its oneof's tag
@@ -861,6 +874,22 @@ mod tests {
                 rootfs: "/run/zygote/image".into(),
                 upper_size_mib: 64,
             }),
+            Q::UpdateVolume(UpdateVolume {
+                id: "c".into(),
+                volume: Some(Volume {
+                    name: "v".into(),
+                    entries: vec![VolumeEntry {
+                        kind: EntryKind::Symlink as i32,
+                        target: "..data/k".into(),
+                        ..Default::default()
+                    }],
+                }),
+            }),
+            Q::ReadVolume(ReadVolume {
+                id: "c".into(),
+                name: "v".into(),
+                max_bytes: 4096,
+            }),
         ];
         for body in requests {
             let req = Request {
@@ -916,6 +945,9 @@ mod tests {
             A::Clock(ClockReading {
                 realtime_ns: 1,
                 monotonic_ns: 2,
+            }),
+            A::VolumeData(VolumeData {
+                data: b"bye".to_vec(),
             }),
             A::Error(Error {
                 code: Code::NotFound as i32,

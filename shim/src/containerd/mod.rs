@@ -10,6 +10,7 @@
 //! - `io.rs`: containerd's FIFOs and log URIs bridged to the agent's vsock
 //!   streams; `logger.rs`: `binary://` logging programs, as containerd's
 //!   shims run them.
+//! - `volumes/`: how bind mounts reach the VM (copied, shared, kept current).
 //! - `bundle.rs`: what zygote keeps in a container's bundle directory.
 //! - `config.rs`: the TOML file the runtime options name; `spec.rs`: pod
 //!   grouping, the image key, the spec the guest gets.
@@ -23,3 +24,4 @@ pub mod pod;
 pub mod shim;
 pub mod spec;
 pub mod task;
+pub mod volumes;

@@ -4,6 +4,8 @@
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+use super::volumes::{Placed, VolumeError};
+
 /// CRI annotation: the pod's sandbox id.
 pub const SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
 /// CRI annotation: `sandbox` or `container`.
@@ -130,28 +132,18 @@ pub fn image_key(mounts: &[(String, String, Vec<String>)]) -> Option<String> {
     Some(format!("layers-{hex}"))
 }
 
-/// The spec the guest's agent gets, and notes on what was left out. The VM
-/// gives what the host would have: cgroup mounts become cgroup2 (the guest's
-/// hierarchy), and mounts of host paths (bind mounts) or of file systems the
-/// guest kernel lacks (`mqueue`) are dropped, each noted for the log.
-pub fn for_guest(spec: &Value) -> (Value, Vec<String>) {
+/// The spec the guest's agent gets, with the volumes its bind mounts name
+/// (see [`super::volumes`]) and notes on what was left out. The VM gives
+/// what the host would have: cgroup mounts become cgroup2 (the guest's
+/// hierarchy); host directories it cannot share and file systems the guest
+/// kernel lacks (`mqueue`) are dropped, each noted for the log.
+pub fn for_guest(spec: &Value) -> Result<(Value, Placed), VolumeError> {
     let mut out = spec.clone();
-    let mut notes = Vec::new();
+    let mut placed = super::volumes::place(&mut out)?;
     if let Some(mounts) = out["mounts"].as_array_mut() {
         mounts.retain_mut(|m| {
             let kind = m["type"].as_str().unwrap_or("bind").to_string();
-            let options: Vec<&str> = m["options"]
-                .as_array()
-                .map(|o| o.iter().filter_map(Value::as_str).collect())
-                .unwrap_or_default();
             let destination = m["destination"].as_str().unwrap_or("").to_string();
-            let bind = kind == "bind" || options.iter().any(|o| *o == "bind" || *o == "rbind");
-            if bind {
-                notes.push(format!(
-                    "mount {destination}: host bind mounts do not reach the VM; left out"
-                ));
-                return false;
-            }
             match kind.as_str() {
                 "cgroup" => {
                     m["type"] = Value::from("cgroup2");
@@ -159,7 +151,7 @@ pub fn for_guest(spec: &Value) -> (Value, Vec<String>) {
                     true
                 }
                 "mqueue" => {
-                    notes.push(format!(
+                    placed.notes.push(format!(
                         "mount {destination}: the guest kernel has no POSIX message queues; left out"
                     ));
                     false
@@ -168,7 +160,7 @@ pub fn for_guest(spec: &Value) -> (Value, Vec<String>) {
             }
         });
     }
-    (out, notes)
+    Ok((out, placed))
 }
 
 #[cfg(test)]
@@ -269,10 +261,11 @@ mod tests {
             {"destination": "/proc", "type": "proc", "source": "proc"},
             {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup", "options": ["ro"]},
             {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue"},
-            {"destination": "/etc/hosts", "type": "bind", "source": "/var/lib/x/hosts", "options": ["rbind", "ro"]},
-            {"destination": "/etc/resolv.conf", "source": "/x", "options": ["bind"]}
+            {"destination": "/etc/hosts", "type": "bind", "source": "/nonexistent/hosts", "options": ["rbind", "ro"]},
+            {"destination": "/etc/resolv.conf", "source": "/nonexistent/x", "options": ["bind"]}
         ]});
-        let (g, notes) = for_guest(&spec);
+        let (g, placed) = for_guest(&spec).unwrap();
+        let notes = placed.notes;
         let kinds: Vec<&str> = g["mounts"]
             .as_array()
             .unwrap()

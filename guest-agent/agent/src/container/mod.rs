@@ -7,6 +7,7 @@
 //! - `layer.rs`: a container's writable layer (its tmpfs, the overlay).
 //! - `staged.rs`: a container staged in a template before its spec is
 //!   known; `control.rs`: its control socket.
+//! - `volumes.rs`: volumes the host copies in, and the pod's shared ones.
 //! - `registry.rs`: the containers of this VM and their processes.
 
 pub mod cgroup;
@@ -17,6 +18,7 @@ pub mod oom;
 pub mod registry;
 pub mod spec;
 pub mod staged;
+pub mod volumes;
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};

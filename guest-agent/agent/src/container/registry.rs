@@ -11,6 +11,8 @@ use std::process::Stdio;
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::JoinHandle;
 
+use zygote_agent_api::Volume;
+
 use super::layer::{mount_overlay, mount_state_tmpfs, resize_state_tmpfs, unmount_and_remove};
 use super::spec::{LaunchConfig, SpecError, launch_config, plain_absolute};
 use super::staged::{Plan, Slot, StagedLaunch, plan, premade_mounts};
@@ -21,6 +23,8 @@ pub const STATE_DIR: &str = "/run/zygote/containers";
 
 /// The staged container's state, in [`STATE_DIR`] ('@' is in no container id).
 const STAGED_DIR: &str = "@staged";
+/// Under the state directory: the pod's shared volumes.
+const POD_DIR: &str = "@pod";
 
 /// Errors of container operations.
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +76,9 @@ pub enum ContainerError {
         why: String,
     },
     /// A system call failed.
+    /// A volume the host sent cannot be placed.
+    #[error(transparent)]
+    Volume(#[from] super::volumes::VolumeError),
     #[error("{what}: {source}")]
     Os {
         /// What failed.
@@ -353,6 +360,7 @@ impl Registry {
         spec_json: &[u8],
         rootfs: &str,
         upper_size_mib: u32,
+        volumes: &[Volume],
     ) -> Result<(), ContainerError> {
         if !valid_id(id) {
             return Err(ContainerError::InvalidId(id.into()));
@@ -387,6 +395,8 @@ impl Registry {
                 }
             };
             let mut config = launch_config(spec_json, &merged)?;
+            let pod_dir = self.state_dir.join(POD_DIR);
+            super::volumes::place(volumes, &dir, &pod_dir, &mut config.mounts)?;
             // As `runc create` does: a program that is not there fails the
             // create, not a start that would "exit 127" later.
             if !program_may_exist(&merged, &config) {
@@ -439,6 +449,29 @@ impl Registry {
                 Err(e)
             }
         }
+    }
+
+    /// Brings container `id`'s copy of volume `v` to `v`'s content.
+    pub fn update_volume(&self, id: &str, v: &Volume) -> Result<(), ContainerError> {
+        let c = self.get(id)?;
+        let at = super::volumes::root(&c.dir, Path::new(""), &v.name, false);
+        if v.shared || !super::volumes::valid_name(&v.name) || !at.exists() {
+            return Err(ContainerError::NotFound(format!(
+                "volume {:?} of {id}",
+                v.name
+            )));
+        }
+        Ok(super::volumes::write(&at, v)?)
+    }
+
+    /// Up to `max` bytes of container `id`'s file volume `name`.
+    pub fn read_volume(&self, id: &str, name: &str, max: u32) -> Result<Vec<u8>, ContainerError> {
+        let c = self.get(id)?;
+        if !super::volumes::valid_name(name) {
+            return Err(ContainerError::NotFound(format!("volume {name:?} of {id}")));
+        }
+        let at = super::volumes::root(&c.dir, Path::new(""), name, false);
+        Ok(super::volumes::read(&at, name, max)?)
     }
 
     /// Stages a container over the image root `rootfs` with a writable

@@ -5,8 +5,8 @@ use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use zygote_agent_api::{
-    AgentClient, ContainerRef, ContainerStats, CreateContainer, ExecProcess, ResizeTty,
-    SignalProcess, UpdateResources, request, response,
+    AgentClient, ContainerRef, ContainerStats, CreateContainer, ExecProcess, ReadVolume, ResizeTty,
+    SignalProcess, UpdateResources, UpdateVolume, Volume, request, response,
 };
 
 use super::{PodError, PodVm};
@@ -47,6 +47,7 @@ impl PodVm {
         spec_json: Vec<u8>,
         rootfs: &str,
         upper_size_mib: u32,
+        volumes: Vec<Volume>,
     ) -> Result<(), PodError> {
         self.call_empty(
             "CreateContainer",
@@ -55,10 +56,34 @@ impl PodVm {
                 spec_json,
                 rootfs: rootfs.into(),
                 upper_size_mib,
+                volumes,
             }),
         )?;
         self.mark("create");
         Ok(())
+    }
+
+    /// Replaces container `id`'s copy of a volume.
+    pub fn update_volume(&self, id: &str, volume: Volume) -> Result<(), PodError> {
+        self.call_empty(
+            "UpdateVolume",
+            request::Body::UpdateVolume(UpdateVolume {
+                id: id.into(),
+                volume: Some(volume),
+            }),
+        )
+    }
+
+    /// Up to `max_bytes` of container `id`'s file volume `name`.
+    pub fn read_volume(&self, id: &str, name: &str, max_bytes: u32) -> Result<Vec<u8>, PodError> {
+        match self.call(request::Body::ReadVolume(ReadVolume {
+            id: id.into(),
+            name: name.into(),
+            max_bytes,
+        }))? {
+            response::Body::VolumeData(d) => Ok(d.data),
+            other => Err(unexpected("ReadVolume", other)),
+        }
     }
 
     /// Prepares exec `exec_id` in container `id` (an OCI process, JSON).

@@ -45,6 +45,9 @@ pub enum TaskError {
     /// A reply could not be encoded.
     #[error("encode the answer")]
     Encode(#[source] containerd_shim_protos::protobuf::Error),
+    /// A bind mount cannot be given to the VM.
+    #[error(transparent)]
+    Volume(#[from] super::super::volumes::VolumeError),
     /// A blocking task was cancelled or panicked.
     #[error("a worker thread failed: {0}")]
     Worker(String),
@@ -57,7 +60,7 @@ impl TaskError {
         match self {
             TaskError::NotFound(_) | TaskError::Finished => Code::NOT_FOUND,
             TaskError::AlreadyExists(_) => Code::ALREADY_EXISTS,
-            TaskError::Precondition(_) => Code::FAILED_PRECONDITION,
+            TaskError::Precondition(_) | TaskError::Volume(_) => Code::FAILED_PRECONDITION,
             TaskError::Invalid(_) | TaskError::Config(_) | TaskError::Io(_) => {
                 Code::INVALID_ARGUMENT
             }

@@ -23,6 +23,7 @@ use super::super::config::{ShimConfig, config_path_from_options};
 use super::super::io::{StdioPaths, bridge};
 use super::super::pod::{IMAGE_ROOT, PodVm, ProcessExit, WiredNetwork};
 use super::super::spec;
+use super::super::volumes::{Copied, Placed};
 use super::errors::TaskError;
 use super::events::timestamp_ns;
 use super::table::{Container, Process};
@@ -98,15 +99,19 @@ impl TaskService {
             state.pod_network = wired;
             state.pod_hostname = Some(spec::hostname(&oci, &id));
         }
+        let mut copied = Vec::new();
         if !sandbox {
             let created = self
                 .create_in_vm(&id, config, &bundle, &req.rootfs, &oci)
                 .await;
-            if let Err(e) = created {
-                tracing::error!("create {id}: {}", e.describe());
-                bundle::release(&bundle);
-                self.teardown_if_idle().await;
-                return Err(e);
+            match created {
+                Ok(c) => copied = c,
+                Err(e) => {
+                    tracing::error!("create {id}: {}", e.describe());
+                    bundle::release(&bundle);
+                    self.teardown_if_idle().await;
+                    return Err(e);
+                }
             }
         }
         self.state().table.insert(
@@ -116,6 +121,7 @@ impl TaskService {
                 sandbox,
                 init: Process::new(stdio.clone()),
                 execs: Default::default(),
+                copied,
             },
         )?;
         let event = TaskCreate {
@@ -141,7 +147,8 @@ impl TaskService {
     }
 
     /// The pod's VM (made now if the pod has none: two first creates at
-    /// once make one), with container `id` prepared in it.
+    /// once make one), with container `id` prepared in it; its volumes
+    /// copied from the host, watched from then on.
     async fn create_in_vm(
         &self,
         id: &str,
@@ -149,7 +156,7 @@ impl TaskService {
         bundle: &Path,
         rootfs_mounts: &[api::Mount],
         oci: &serde_json::Value,
-    ) -> Result<(), TaskError> {
+    ) -> Result<Vec<Copied>, TaskError> {
         let making = self.making_pod.lock().await;
         let existing = self.state().pod.clone();
         let (service, bundle, mounts, id2) = (
@@ -179,10 +186,13 @@ impl TaskService {
         let netns = netns
             // The host's own namespace is host networking: nothing to wire.
             .filter(|ns| !crate::net::is_own_namespace(ns));
-        let (guest, notes) = spec::for_guest(oci);
-        for n in notes {
+        let (guest, placed) = spec::for_guest(oci)?;
+        for n in &placed.notes {
             tracing::info!("{id}: {n}");
         }
+        let Placed {
+            volumes, copied, ..
+        } = placed;
         let spec_json = serde_json::to_vec(&guest).expect("a JSON value serializes");
         let upper = config.upper_size_mib;
         let chain_id = self.image_chain_id(id).await;
@@ -220,7 +230,7 @@ impl TaskService {
         drop(making);
         let (service, id) = (self.clone(), id.to_string());
         blocking(move || {
-            pod.create_container(&id, spec_json, IMAGE_ROOT, upper)?;
+            pod.create_container(&id, spec_json, IMAGE_ROOT, upper, volumes)?;
             // The OOM and monitor connections start after the container is
             // created: on PVM, agent threads busy at the same time can
             // corrupt each other's data (docs/guest-kernel.md).
@@ -228,7 +238,8 @@ impl TaskService {
                 service.watch_ooms(&pod);
                 service.monitor(&pod);
             }
-            Ok(())
+            service.watch_volumes(&pod, &id, &copied);
+            Ok(copied)
         })
         .await
     }
@@ -332,6 +343,9 @@ impl TaskService {
             }
             (p.exit(), sandbox, bundle)
         };
+        if let (true, Some(w)) = (exec_id.is_empty(), &self.state().volume_watch) {
+            w.remove(id);
+        }
         if !sandbox {
             if let Ok(pod) = self.pod() {
                 let key = process_ref(id, exec_id);

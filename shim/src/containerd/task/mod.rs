@@ -54,6 +54,8 @@ struct State {
     pod_hostname: Option<String>,
     timings_log: Option<PathBuf>,
     table: Table,
+    /// Keeps the pod's copied volumes current (with its VM).
+    volume_watch: Option<Arc<super::volumes::watch::Watcher>>,
 }
 
 /// The Task service of one shim (one pod).

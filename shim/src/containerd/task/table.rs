@@ -89,6 +89,8 @@ pub struct Container {
     pub init: Process,
     /// Its execs by id.
     pub execs: HashMap<String, Process>,
+    /// Its volumes copied from the host (written back after it exits).
+    pub copied: Vec<super::super::volumes::Copied>,
 }
 
 impl Container {
@@ -182,6 +184,7 @@ mod tests {
             sandbox,
             init: Process::new(StdioPaths::default()),
             execs: HashMap::new(),
+            copied: Vec::new(),
         }
     }
 

@@ -23,6 +23,7 @@ impl TaskService {
             if !state.table.is_empty() {
                 return;
             }
+            state.volume_watch = None;
             (state.pod.take(), state.pod_network.take())
         };
         if let Some(network) = network {

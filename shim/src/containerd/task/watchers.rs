@@ -17,6 +17,8 @@ use zygote_agent_api::ContainerRef;
 
 use super::super::io::Outputs;
 use super::super::pod::{PodError, PodVm, ProcessExit, process_demand};
+use super::super::volumes::Copied;
+use super::super::volumes::watch::{Watcher, write_back};
 use super::TaskService;
 use super::events::now_ns;
 
@@ -133,6 +135,7 @@ impl TaskService {
                 let what = format!("{} {}", process.id, process.exec_id);
                 tracing::info!("{what} exited {}", exit.status);
                 if process.exec_id.is_empty() {
+                    service.write_back(&weak, &process.id);
                     outputs.drain();
                 } else if !outputs.drain_within(EXEC_OUTPUT_GRACE) {
                     tracing::info!(
@@ -143,6 +146,52 @@ impl TaskService {
             })
             .map_err(|e| PodError::Stopped(format!("cannot start a waiter thread: {e}")))?;
         Ok(stream)
+    }
+
+    /// Copies what container `id` left in its writable file volumes (the
+    /// termination log) back to the host files, before its exit is reported.
+    fn write_back(&self, pod: &Weak<PodVm>, id: &str) {
+        let copied = match self.state().table.container(id) {
+            Ok(c) => c.copied.clone(),
+            Err(_) => return,
+        };
+        let Some(pod) = pod.upgrade() else { return };
+        for c in copied.iter().filter(|c| c.write_back) {
+            let max = super::super::volumes::MAX_COPIED_BYTES as u32;
+            let written = pod
+                .read_volume(id, &c.name, max)
+                .map_err(|e| e.to_string())
+                .and_then(|data| write_back(&c.host, &data).map_err(|e| e.to_string()));
+            if let Err(e) = written {
+                tracing::warn!("{id}: cannot write {} back: {e}", c.host.display());
+            }
+        }
+    }
+
+    /// Keeps container `id`'s copied volumes current in the pod's VM (the
+    /// pod's watcher started with the first).
+    pub(super) fn watch_volumes(&self, pod: &Arc<PodVm>, id: &str, copied: &[Copied]) {
+        if copied.is_empty() {
+            return;
+        }
+        let mut state = self.state();
+        if state.volume_watch.is_none() {
+            let weak = Arc::downgrade(pod);
+            let send = move |id: &str, v: zygote_agent_api::Volume| match weak.upgrade() {
+                Some(pod) => pod.update_volume(id, v).map_err(|e| e.to_string()),
+                None => Err("the pod's VM is gone".into()),
+            };
+            match Watcher::start(Box::new(send)) {
+                Ok(w) => state.volume_watch = Some(Arc::new(w)),
+                Err(e) => {
+                    tracing::error!("{id}: cannot watch volumes ({e}); they will not be updated");
+                    return;
+                }
+            }
+        }
+        if let Some(w) = &state.volume_watch {
+            w.add(id, copied);
+        }
     }
 
     /// Records an exit and publishes TaskExit (once per process).

@@ -1,0 +1,583 @@
+//! Volumes the host copies in (see `zygote_agent_api::volumes`): written
+//! under the container's state directory (or, shared ones, the pod's), and
+//! replaced in the order kubelet's atomic writer uses, so a reader never
+//! sees half an update: new directories and files first, then the links
+//! that point at them (`..data` before the keys that go through it), then
+//! what is no longer there.
+
+use std::collections::HashSet;
+use std::os::unix::fs::{PermissionsExt, symlink};
+use std::path::{Component, Path, PathBuf};
+
+use zygote_agent_api::{EntryKind, Volume, VolumeEntry};
+
+/// A volume that cannot be written or read.
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    /// The host sent something this agent will not write.
+    #[error("volume {volume:?}: {why}")]
+    Invalid {
+        /// The volume's name.
+        volume: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// The guest refused.
+    #[error("volume {volume:?}: {what}: {source}")]
+    Os {
+        /// The volume's name.
+        volume: String,
+        /// What was done.
+        what: String,
+        /// Why it failed.
+        source: std::io::Error,
+    },
+}
+
+/// Whether `name` can name a volume (a single path component).
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+}
+
+fn relative(path: &str) -> Option<PathBuf> {
+    let p = Path::new(path);
+    p.components()
+        .all(|c| matches!(c, Component::Normal(_)))
+        .then(|| p.to_path_buf())
+}
+
+/// Whether link target `target` of the link at `at` (both inside the
+/// volume) stays inside the volume.
+fn target_inside(at: &Path, target: &str) -> bool {
+    let t = Path::new(target);
+    if target.is_empty() || t.is_absolute() {
+        return false;
+    }
+    let mut depth = at.components().count().saturating_sub(1) as i64;
+    for c in t.components() {
+        match c {
+            Component::Normal(_) => depth += 1,
+            Component::CurDir => {}
+            Component::ParentDir => depth -= 1,
+            _ => return false,
+        }
+        if depth < 0 {
+            return false;
+        }
+    }
+    true
+}
+
+fn kind(e: &VolumeEntry) -> Option<EntryKind> {
+    EntryKind::try_from(e.kind).ok()
+}
+
+/// Checks what the host sent: a name, a root entry, relative paths whose
+/// parents are directories of the volume, links that stay inside.
+pub fn check(v: &Volume) -> Result<(), VolumeError> {
+    let bad = |why: String| VolumeError::Invalid {
+        volume: v.name.clone(),
+        why,
+    };
+    if !valid_name(&v.name) {
+        return Err(bad("invalid name: use 1-64 of [A-Za-z0-9_.-]".into()));
+    }
+    let root = v.entries.first().ok_or_else(|| bad("no entries".into()))?;
+    let root_kind = kind(root);
+    if !root.path.is_empty() || !matches!(root_kind, Some(EntryKind::File | EntryKind::Dir)) {
+        return Err(bad(
+            "the first entry must be the volume's file or directory".into(),
+        ));
+    }
+    if v.shared && root_kind != Some(EntryKind::Dir) {
+        return Err(bad("a shared volume is a directory".into()));
+    }
+    if root_kind == Some(EntryKind::File) && v.entries.len() > 1 {
+        return Err(bad("a file volume has one entry".into()));
+    }
+    let mut dirs: HashSet<PathBuf> = HashSet::from([PathBuf::new()]);
+    let mut seen = HashSet::new();
+    for e in &v.entries[1..] {
+        let path = relative(&e.path)
+            .filter(|p| p.components().count() > 0)
+            .ok_or_else(|| {
+                bad(format!(
+                    "entry path {:?} is not a plain relative path",
+                    e.path
+                ))
+            })?;
+        if !seen.insert(path.clone()) {
+            return Err(bad(format!("entry {:?} twice", e.path)));
+        }
+        let parent = path.parent().unwrap_or(Path::new("")).to_path_buf();
+        if !dirs.contains(&parent) {
+            return Err(bad(format!(
+                "entry {:?} comes before its directory",
+                e.path
+            )));
+        }
+        if e.mode > 0o7777 {
+            return Err(bad(format!("entry {:?} has mode {:o}", e.path, e.mode)));
+        }
+        match kind(e) {
+            Some(EntryKind::Dir) => {
+                dirs.insert(path);
+            }
+            Some(EntryKind::File) => {}
+            Some(EntryKind::Symlink) if target_inside(&path, &e.target) => {}
+            Some(EntryKind::Symlink) => {
+                return Err(bad(format!(
+                    "link {:?} points out of the volume ({:?})",
+                    e.path, e.target
+                )));
+            }
+            None => {
+                return Err(bad(format!(
+                    "entry {:?} of unknown kind {}",
+                    e.path, e.kind
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+struct Writer<'a> {
+    volume: &'a str,
+    root: &'a Path,
+}
+
+impl Writer<'_> {
+    fn os(&self, what: String) -> impl FnOnce(std::io::Error) -> VolumeError + '_ {
+        move |source| VolumeError::Os {
+            volume: self.volume.into(),
+            what,
+            source,
+        }
+    }
+
+    fn full(&self, e: &VolumeEntry) -> PathBuf {
+        if e.path.is_empty() {
+            self.root.to_path_buf()
+        } else {
+            self.root.join(&e.path)
+        }
+    }
+
+    fn owner(&self, path: &Path, e: &VolumeEntry) -> Result<(), VolumeError> {
+        std::os::unix::fs::lchown(path, Some(e.uid), Some(e.gid))
+            .map_err(self.os(format!("chown {}", path.display())))
+    }
+
+    fn mode(&self, path: &Path, e: &VolumeEntry) -> Result<(), VolumeError> {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(e.mode))
+            .map_err(self.os(format!("chmod {}", path.display())))
+    }
+
+    /// Makes way at `path` for an entry of `kind`: removes what is there
+    /// unless it is already a directory and a directory is wanted.
+    fn clear(&self, path: &Path, want_dir: bool) -> Result<bool, VolumeError> {
+        match std::fs::symlink_metadata(path) {
+            Err(_) => Ok(false),
+            Ok(m) if m.is_dir() && want_dir => Ok(true),
+            Ok(m) if m.is_dir() => std::fs::remove_dir_all(path)
+                .map(|()| false)
+                .map_err(self.os(format!("remove {}", path.display()))),
+            Ok(_) if want_dir => std::fs::remove_file(path)
+                .map(|()| false)
+                .map_err(self.os(format!("remove {}", path.display()))),
+            Ok(_) => Ok(false),
+        }
+    }
+
+    fn dir(&self, e: &VolumeEntry) -> Result<(), VolumeError> {
+        let path = self.full(e);
+        if !self.clear(&path, true)? {
+            std::fs::create_dir(&path).map_err(self.os(format!("create {}", path.display())))?;
+        }
+        self.owner(&path, e)?;
+        self.mode(&path, e)
+    }
+
+    /// A file of a directory volume: written beside and renamed over, so a
+    /// reader sees the old or the new content.
+    fn file(&self, e: &VolumeEntry) -> Result<(), VolumeError> {
+        let path = self.full(e);
+        if std::fs::read(&path).is_ok_and(|old| old == e.data)
+            && std::fs::symlink_metadata(&path).is_ok_and(|m| {
+                m.is_file() && m.permissions().mode() & 0o7777 == e.mode && {
+                    use std::os::unix::fs::MetadataExt;
+                    m.uid() == e.uid && m.gid() == e.gid
+                }
+            })
+        {
+            return Ok(());
+        }
+        self.clear(&path, false)?;
+        let tmp = beside(&path);
+        std::fs::write(&tmp, &e.data).map_err(self.os(format!("write {}", tmp.display())))?;
+        self.owner(&tmp, e)?;
+        self.mode(&tmp, e)?;
+        std::fs::rename(&tmp, &path).map_err(self.os(format!("rename to {}", path.display())))
+    }
+
+    /// The file a file volume is: rewritten in place (a bind mount holds
+    /// its inode: a file renamed over it would not be seen).
+    fn file_in_place(&self, e: &VolumeEntry) -> Result<(), VolumeError> {
+        let path = self.full(e);
+        if std::fs::symlink_metadata(&path).is_ok_and(|m| !m.is_file()) {
+            return Err(VolumeError::Invalid {
+                volume: self.volume.into(),
+                why: "was a directory, is a file now".into(),
+            });
+        }
+        if std::fs::read(&path).map_or(true, |old| old != e.data) {
+            std::fs::write(&path, &e.data).map_err(self.os(format!("write {}", path.display())))?;
+        }
+        self.owner(&path, e)?;
+        self.mode(&path, e)
+    }
+
+    fn link(&self, e: &VolumeEntry) -> Result<(), VolumeError> {
+        let path = self.full(e);
+        if std::fs::read_link(&path).is_ok_and(|t| t == Path::new(&e.target)) {
+            return Ok(());
+        }
+        self.clear(&path, false)?;
+        let tmp = beside(&path);
+        symlink(&e.target, &tmp).map_err(self.os(format!("link {}", tmp.display())))?;
+        self.owner(&tmp, e)?;
+        std::fs::rename(&tmp, &path).map_err(self.os(format!("rename to {}", path.display())))
+    }
+
+    /// Removes what is under `dir` (relative `rel`) and not in `keep`.
+    fn prune(&self, dir: &Path, rel: &Path, keep: &HashSet<PathBuf>) -> Result<(), VolumeError> {
+        let entries = std::fs::read_dir(dir).map_err(self.os(format!("list {}", dir.display())))?;
+        for entry in entries.flatten() {
+            let (path, rel) = (entry.path(), rel.join(entry.file_name()));
+            let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+            if keep.contains(&rel) {
+                if is_dir {
+                    self.prune(&path, &rel, keep)?;
+                }
+                continue;
+            }
+            let removed = if is_dir {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+            removed.map_err(self.os(format!("remove {}", path.display())))?;
+        }
+        Ok(())
+    }
+}
+
+/// A temporary name beside `path` (same directory: renamed over it).
+fn beside(path: &Path) -> PathBuf {
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    path.with_file_name(format!(".zygote-new.{name}"))
+}
+
+/// Writes volume `v` at `root` (a file or a directory), or brings what is
+/// there to `v`'s content.
+pub fn write(root: &Path, v: &Volume) -> Result<(), VolumeError> {
+    check(v)?;
+    let w = Writer {
+        volume: &v.name,
+        root,
+    };
+    let root_entry = &v.entries[0];
+    if kind(root_entry) == Some(EntryKind::File) {
+        return w.file_in_place(root_entry);
+    }
+    let kinds: std::collections::HashMap<&str, EntryKind> = v
+        .entries
+        .iter()
+        .filter_map(|e| Some((e.path.as_str(), kind(e)?)))
+        .collect();
+    // Directories and files; then links into them; then links through
+    // other links (kubelet's `key -> ..data/key` after `..data`).
+    for e in &v.entries {
+        match kind(e) {
+            Some(EntryKind::Dir) => w.dir(e)?,
+            Some(EntryKind::File) => w.file(e)?,
+            _ => {}
+        }
+    }
+    let through_link = |e: &VolumeEntry| {
+        let at = Path::new(&e.path).parent().unwrap_or(Path::new(""));
+        let first = at.join(e.target.split('/').next().unwrap_or(""));
+        kinds.get(first.to_string_lossy().as_ref()) == Some(&EntryKind::Symlink)
+    };
+    for later in [false, true] {
+        for e in &v.entries {
+            if kind(e) == Some(EntryKind::Symlink) && through_link(e) == later {
+                w.link(e)?;
+            }
+        }
+    }
+    let keep: HashSet<PathBuf> = v.entries.iter().map(|e| PathBuf::from(&e.path)).collect();
+    w.prune(root, Path::new(""), &keep)
+}
+
+/// Where a container's volume `name` lives: under its state directory
+/// `dir`, or (shared) under the pod's directory `pod_dir`.
+pub fn root(dir: &Path, pod_dir: &Path, name: &str, shared: bool) -> PathBuf {
+    if shared {
+        pod_dir.join(name)
+    } else {
+        dir.join("volumes").join(name)
+    }
+}
+
+/// Writes the volumes of a container whose state directory is `dir` (a
+/// shared one only if the pod has none of that name yet) and points the
+/// mounts that name them there.
+pub fn place(
+    volumes: &[Volume],
+    dir: &Path,
+    pod_dir: &Path,
+    mounts: &mut [super::spec::MountSpec],
+) -> Result<(), VolumeError> {
+    for v in volumes {
+        check(v)?;
+        let at = root(dir, pod_dir, &v.name, v.shared);
+        if v.shared && std::fs::symlink_metadata(&at).is_ok() {
+            continue;
+        }
+        if let Some(parent) = at.parent() {
+            std::fs::create_dir_all(parent).map_err(|source| VolumeError::Os {
+                volume: v.name.clone(),
+                what: format!("create {}", parent.display()),
+                source,
+            })?;
+        }
+        write(&at, v)?;
+    }
+    for m in mounts {
+        let Some(name) = m
+            .source
+            .strip_prefix(zygote_agent_api::volumes::VOLUME_SOURCE)
+        else {
+            continue;
+        };
+        let v = volumes
+            .iter()
+            .find(|v| v.name == name)
+            .ok_or_else(|| VolumeError::Invalid {
+                volume: name.into(),
+                why: format!("mounted at {} but not sent", m.destination.display()),
+            })?;
+        m.source = root(dir, pod_dir, name, v.shared)
+            .to_string_lossy()
+            .into_owned();
+    }
+    Ok(())
+}
+
+/// Reads up to `max` bytes of the file volume at `root`.
+pub fn read(root: &Path, name: &str, max: u32) -> Result<Vec<u8>, VolumeError> {
+    use std::io::Read;
+    let os = |what: &str| {
+        let what = format!("{what} {}", root.display());
+        move |source| VolumeError::Os {
+            volume: name.into(),
+            what,
+            source,
+        }
+    };
+    let file = std::fs::File::open(root).map_err(os("open"))?;
+    if !file.metadata().map_err(os("stat"))?.is_file() {
+        return Err(VolumeError::Invalid {
+            volume: name.into(),
+            why: "not a file volume".into(),
+        });
+    }
+    let mut data = Vec::new();
+    file.take(u64::from(max))
+        .read_to_end(&mut data)
+        .map_err(os("read"))?;
+    Ok(data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(path: &str, kind: EntryKind, mode: u32) -> VolumeEntry {
+        let (uid, gid) = (unsafe { libc::getuid() }, unsafe { libc::getgid() });
+        VolumeEntry {
+            path: path.into(),
+            kind: kind as i32,
+            mode,
+            uid,
+            gid,
+            ..Default::default()
+        }
+    }
+    fn file(path: &str, data: &str, mode: u32) -> VolumeEntry {
+        VolumeEntry {
+            data: data.as_bytes().to_vec(),
+            ..entry(path, EntryKind::File, mode)
+        }
+    }
+    fn link(path: &str, target: &str) -> VolumeEntry {
+        VolumeEntry {
+            target: target.into(),
+            ..entry(path, EntryKind::Symlink, 0o777)
+        }
+    }
+    /// A configMap as kubelet's atomic writer lays it out.
+    fn config_map(stamp: &str, keys: &[(&str, &str)]) -> Volume {
+        let mut entries = vec![
+            entry("", EntryKind::Dir, 0o777),
+            entry(stamp, EntryKind::Dir, 0o755),
+        ];
+        for (k, v) in keys {
+            entries.push(file(&format!("{stamp}/{k}"), v, 0o644));
+        }
+        entries.push(link("..data", stamp));
+        for (k, _) in keys {
+            entries.push(link(k, &format!("..data/{k}")));
+        }
+        Volume {
+            name: "cfg".into(),
+            entries,
+            shared: false,
+        }
+    }
+
+    fn scratch(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("zygote-vol-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn a_config_map_is_written_then_swapped_as_kubelet_does() {
+        let d = scratch("cm");
+        let root = d.join("cfg");
+        write(
+            &root,
+            &config_map("..2026_12_03_1", &[("a", "1"), ("b", "2")]),
+        )
+        .unwrap();
+        assert_eq!(std::fs::read_to_string(root.join("a")).unwrap(), "1");
+        assert_eq!(
+            std::fs::read_link(root.join("..data")).unwrap(),
+            Path::new("..2026_12_03_1")
+        );
+        // An update: key b gone, c new, a changed; the old stamp goes.
+        write(
+            &root,
+            &config_map("..2026_12_03_2", &[("a", "3"), ("c", "4")]),
+        )
+        .unwrap();
+        assert_eq!(std::fs::read_to_string(root.join("a")).unwrap(), "3");
+        assert_eq!(std::fs::read_to_string(root.join("c")).unwrap(), "4");
+        assert!(std::fs::symlink_metadata(root.join("b")).is_err());
+        assert!(!root.join("..2026_12_03_1").exists());
+        let mut names: Vec<_> = std::fs::read_dir(&root)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["..2026_12_03_2", "..data", "a", "c"]);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_file_volume_is_rewritten_in_place_and_read_back() {
+        let d = scratch("file");
+        let root = d.join("termination-log");
+        let v = |data: &str, mode| Volume {
+            name: "log".into(),
+            entries: vec![file("", data, mode)],
+            shared: false,
+        };
+        write(&root, &v("", 0o666)).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        let ino = std::fs::metadata(&root).unwrap().ino();
+        write(&root, &v("hosts v2", 0o644)).unwrap();
+        let m = std::fs::metadata(&root).unwrap();
+        assert_eq!((m.ino(), m.mode() & 0o7777), (ino, 0o644));
+        std::fs::write(&root, "bye from the container").unwrap();
+        assert_eq!(read(&root, "log", 3).unwrap(), b"bye");
+        assert!(
+            read(&d, "log", 10).is_err(),
+            "a directory is no file volume"
+        );
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn modes_are_kept() {
+        let d = scratch("modes");
+        let root = d.join("secret");
+        let v = Volume {
+            name: "s".into(),
+            entries: vec![
+                entry("", EntryKind::Dir, 0o1777),
+                file("token", "t0k3n", 0o400),
+            ],
+            shared: false,
+        };
+        write(&root, &v).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode(&root), 0o1777);
+        assert_eq!(mode(&root.join("token")), 0o400);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn what_the_host_may_not_send_is_refused_before_anything_is_written() {
+        let d = scratch("bad");
+        let root = d.join("v");
+        let with = |entries: Vec<VolumeEntry>| Volume {
+            name: "v".into(),
+            entries,
+            shared: false,
+        };
+        let dir = || entry("", EntryKind::Dir, 0o755);
+        let cases = [
+            ("escape", with(vec![dir(), file("../x", "", 0o644)])),
+            ("absolute", with(vec![dir(), file("/etc/x", "", 0o644)])),
+            ("link out", with(vec![dir(), link("l", "../../etc")])),
+            ("absolute link", with(vec![dir(), link("l", "/etc/shadow")])),
+            ("orphan", with(vec![dir(), file("a/b", "", 0o644)])),
+            (
+                "twice",
+                with(vec![dir(), file("a", "", 0o644), file("a", "", 0o644)]),
+            ),
+            ("no root", with(vec![file("a", "", 0o644)])),
+            ("mode", with(vec![dir(), file("a", "", 0o17777)])),
+            (
+                "bad name",
+                Volume {
+                    name: "..".into(),
+                    ..with(vec![dir()])
+                },
+            ),
+        ];
+        for (what, v) in cases {
+            assert!(write(&root, &v).is_err(), "{what} accepted");
+            assert!(!root.exists(), "{what} wrote something");
+        }
+        // A link may go up inside the volume.
+        let ok = with(vec![
+            dir(),
+            entry("a", EntryKind::Dir, 0o755),
+            link("a/l", "../b"),
+        ]);
+        write(&root, &ok).unwrap();
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+}
