@@ -147,6 +147,7 @@ fn a_container_runs_from_its_image_in_a_fork() {
             spec_json: serde_json::to_vec(&config).unwrap(),
             rootfs: "/mnt/image".into(),
             upper_size_mib: 16,
+            volumes: Vec::new(),
         }))
         .unwrap();
     assert!(matches!(created, response::Body::Empty(_)), "{created:?}");
@@ -183,6 +184,7 @@ fn a_container_runs_from_its_image_in_a_fork() {
         spec_json: b"{\"process\": 1}".to_vec(),
         rootfs: "/mnt/image".into(),
         upper_size_mib: 0,
+        volumes: Vec::new(),
     }));
     assert!(format!("{bad:?}").contains("invalid OCI spec"), "{bad:?}");
     let removed = client
@@ -203,6 +205,7 @@ fn a_container_runs_from_its_image_in_a_fork() {
             spec_json: serde_json::to_vec(&on_tty).unwrap(),
             rootfs: "/mnt/image".into(),
             upper_size_mib: 0,
+            volumes: Vec::new(),
         }),
     );
     let resized = call(
@@ -249,6 +252,7 @@ fn a_container_runs_from_its_image_in_a_fork() {
             spec_json: serde_json::to_vec(&hungry).unwrap(),
             rootfs: "/mnt/image".into(),
             upper_size_mib: 0,
+            volumes: Vec::new(),
         }),
     );
     assert!(matches!(created, response::Body::Empty(_)), "{created:?}");
@@ -318,6 +322,7 @@ fn exec_round(
         spec_json: serde_json::to_vec(&svc).unwrap(),
         rootfs: "/mnt/image".into(),
         upper_size_mib: 0,
+        volumes: Vec::new(),
     }))
     .expect("CreateContainer");
     call(request::Body::StartContainer(cref(&id))).expect("StartContainer");

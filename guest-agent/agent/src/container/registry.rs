@@ -397,6 +397,11 @@ impl Registry {
             let mut config = launch_config(spec_json, &merged)?;
             let pod_dir = self.state_dir.join(POD_DIR);
             super::volumes::place(volumes, &dir, &pod_dir, &mut config.mounts)?;
+            if let Some((_, planned)) = &mut staged {
+                // The same mounts, their volume sources now guest paths.
+                *planned = plan(&premade_mounts(), &config.mounts)
+                    .ok_or(ContainerError::Unsupported("a staged plan that changed"))?;
+            }
             // As `runc create` does: a program that is not there fails the
             // create, not a start that would "exit 127" later.
             if !program_may_exist(&merged, &config) {

@@ -1,0 +1,305 @@
+//! A pod's volumes through the CRI, as kubelet passes them: the same pod
+//! under runc (the reference, same run) and under zygote must show its
+//! containers the same files, modes and owners. kubelet's pod directory is
+//! made by the test the way kubelet lays it out (configMap, secret and
+//! projected volumes written by its atomic writer: a stamped directory,
+//! `..data`, a link per key; emptyDirs; `etc-hosts`; the termination-log
+//! file). Then, in each pod: a configMap update is seen inside; a sidecar
+//! and the app share an emptyDir and `/dev/shm`; what the app writes to its
+//! termination log reaches the host file after it exits (kubelet reads it
+//! there for `ContainerStatus`); nothing is left after the pod's removal.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use k8s_cri::v1 as cri;
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use tonic::transport::Channel;
+use zygote_tests::PvmSegv;
+use zygote_tests::ctr::{footprint_after, host_footprint};
+
+mod cri_common;
+use cri_common::*;
+
+/// kubelet's atomic writer: a new stamped directory with the keys, `..data`
+/// swapped to it, a link per key, the old directory removed.
+fn kubelet_write(dir: &Path, stamp: &str, keys: &[(&str, &str, u32)]) {
+    let new = dir.join(stamp);
+    std::fs::create_dir_all(&new).unwrap();
+    for (k, v, mode) in keys {
+        std::fs::write(new.join(k), v).unwrap();
+        std::fs::set_permissions(new.join(k), std::fs::Permissions::from_mode(*mode)).unwrap();
+    }
+    let old = std::fs::read_link(dir.join("..data")).ok();
+    let tmp = dir.join("..data_tmp");
+    std::os::unix::fs::symlink(stamp, &tmp).unwrap();
+    std::fs::rename(&tmp, dir.join("..data")).unwrap();
+    for (k, _, _) in keys {
+        let _ = std::os::unix::fs::symlink(format!("..data/{k}"), dir.join(k));
+    }
+    if let Some(old) = old {
+        std::fs::remove_dir_all(dir.join(old)).unwrap();
+    }
+}
+
+/// A pod directory as kubelet makes one.
+struct KubeletPod {
+    root: PathBuf,
+    config_map: PathBuf,
+    termination_log: PathBuf,
+    mounts: Vec<cri::Mount>,
+}
+
+impl KubeletPod {
+    fn new(name: &str) -> KubeletPod {
+        let root =
+            std::env::temp_dir().join(format!("zygote-kubelet-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let volumes = root.join("volumes");
+        let dir = |plugin: &str, name: &str| {
+            let d = volumes.join(format!("kubernetes.io~{plugin}")).join(name);
+            std::fs::create_dir_all(&d).unwrap();
+            d
+        };
+        let config_map = dir("configmap", "cfg");
+        kubelet_write(
+            &config_map,
+            "..2026_12_03_10_00_00.1",
+            &[("greeting", "v1", 0o644)],
+        );
+        let secret = dir("secret", "creds");
+        kubelet_write(
+            &secret,
+            "..2026_12_03_10_00_00.2",
+            &[("password", "s3cret", 0o400)],
+        );
+        let token = dir("projected", "kube-api-access");
+        kubelet_write(
+            &token,
+            "..2026_12_03_10_00_00.3",
+            &[
+                ("token", "eyJhbGciOi.x.y", 0o644),
+                ("namespace", "default", 0o644),
+            ],
+        );
+        let (cache, memory) = (dir("empty-dir", "cache"), dir("empty-dir", "mem"));
+        for d in [&cache, &memory] {
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o777)).unwrap();
+        }
+        let hosts = root.join("etc-hosts");
+        std::fs::write(&hosts, "127.0.0.1\tlocalhost\n198.18.0.9\tvolpod\n").unwrap();
+        let termination_log = root.join("containers/app/0d1e2f");
+        std::fs::create_dir_all(termination_log.parent().unwrap()).unwrap();
+        std::fs::write(&termination_log, "").unwrap();
+        std::fs::set_permissions(&termination_log, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let mount = |container: &str, host: &Path, readonly: bool| cri::Mount {
+            container_path: container.into(),
+            host_path: host.to_string_lossy().into(),
+            readonly,
+            ..Default::default()
+        };
+        let mounts = vec![
+            mount("/etc/cfg", &config_map, true),
+            mount("/etc/creds", &secret, true),
+            mount(
+                "/var/run/secrets/kubernetes.io/serviceaccount",
+                &token,
+                true,
+            ),
+            mount("/cache", &cache, false),
+            mount("/mem", &memory, false),
+            mount("/etc/hosts", &hosts, false),
+            mount("/dev/termination-log", &termination_log, false),
+        ];
+        KubeletPod {
+            root,
+            config_map,
+            termination_log,
+            mounts,
+        }
+    }
+}
+
+impl Drop for KubeletPod {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+/// The host's veth interfaces.
+fn veths() -> usize {
+    std::fs::read_dir("/sys/class/net")
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("veth"))
+        .count()
+}
+
+/// What a container sees of its volumes: each file's mode, owner and
+/// content, each directory's mode, and whether a read-only one refuses a write.
+const PROBE: &str = r#"
+for f in /etc/cfg/greeting /etc/creds/password \
+         /var/run/secrets/kubernetes.io/serviceaccount/token \
+         /var/run/secrets/kubernetes.io/serviceaccount/namespace \
+         /etc/hosts /etc/hostname /dev/termination-log; do
+  echo "== $f $(stat -L -c '%a %u:%g' $f)"; cat $f; echo
+done
+for d in /cache /mem /dev/shm; do echo "== $d $(stat -c '%a' $d)"; done
+ls -a /etc/cfg | tr '\n' ' '; echo
+touch /etc/cfg/new 2>/dev/null && echo cfg-writable || echo cfg-read-only
+"#;
+
+#[test]
+fn a_pods_volumes_are_seen_as_under_runc_and_kept_current() {
+    cri_test(|channel| async move {
+        let mut runtime = RuntimeServiceClient::new(channel);
+        remove_stale_pods(&mut runtime, "volpod").await;
+        // runc runs guest-free: no PVM fault to retry.
+        let reference = pod_round(&mut runtime, "", 0)
+            .await
+            .unwrap_or_else(|e| panic!("runc: {}", e.what));
+        until_passed(|attempt| {
+            let (mut runtime, reference) = (runtime.clone(), reference.clone());
+            async move {
+                let seen = pod_round(&mut runtime, "zygote", attempt).await?;
+                assert_eq!(
+                    seen, reference,
+                    "zygote's containers see their volumes as runc's do"
+                );
+                Ok(())
+            }
+        })
+        .await;
+    });
+}
+
+/// ExecSync `script`, its output; Err on the PVM fault's signature.
+async fn exec_ok(
+    runtime: &mut RuntimeServiceClient<Channel>,
+    container: &str,
+    script: &str,
+) -> Result<String, PvmSegv> {
+    let (code, out) = exec_sh(runtime, container, script).await;
+    PvmSegv::check(code.into(), || format!("ExecSync {script:?}"))?;
+    assert_eq!(code, 0, "{script:?}: {out}");
+    Ok(out)
+}
+
+/// One pod under `handler` ("": runc): the probe's output, after checking
+/// the update, the shared directories and the termination log.
+async fn pod_round(
+    runtime: &mut RuntimeServiceClient<Channel>,
+    handler: &str,
+    attempt: u32,
+) -> Result<String, PvmSegv> {
+    let runtime_name = if handler.is_empty() { "runc" } else { handler };
+    let (before, veths_before) = (host_footprint(), veths());
+    let kubelet = KubeletPod::new(&format!("{runtime_name}-{attempt}"));
+    let (pod_config, logs) = pod_config(&format!("volpod-{runtime_name}"), attempt);
+    // On the pod network (CNI): a pod with the host's network cannot name
+    // its host.
+    let mut pod_config = on_pod_network(pod_config, Vec::new());
+    pod_config.hostname = "volpod".into();
+    let pod = run_pod_with(runtime, &pod_config, handler).await;
+    let _guard = PodGuard(pod.clone());
+    let with_mounts = |name: &str, command: &[&str]| {
+        let mut request = container_request(&pod, &pod_config, name, command);
+        let config = request.config.as_mut().unwrap();
+        config.mounts = kubelet.mounts.clone();
+        request
+    };
+    // The app waits for the sidecar's word in the shared emptyDir, then
+    // leaves a termination message and exits 3.
+    let app = run_container(
+        runtime,
+        with_mounts(
+            "app",
+            &[
+                "sh",
+                "-c",
+                "while [ ! -e /cache/stop ]; do sleep 1; done; \
+                 echo -n bye-from-app > /dev/termination-log; exit 3",
+            ],
+        ),
+    )
+    .await;
+    let sidecar = run_container(runtime, with_mounts("sidecar", &["sleep", "3600"])).await;
+    let seen = exec_ok(runtime, &app, PROBE).await?;
+    eprintln!("{runtime_name}: the app sees\n{seen}");
+    assert!(
+        seen.contains("== /etc/cfg/greeting 644 0:0\nv1\n"),
+        "{seen}"
+    );
+    assert!(
+        seen.contains("== /etc/creds/password 400 0:0\ns3cret\n"),
+        "{seen}"
+    );
+    assert!(seen.contains("198.18.0.9\tvolpod"), "{seen}");
+    assert!(seen.contains("== /cache 777"), "{seen}");
+    assert!(seen.contains("cfg-read-only"), "{seen}");
+
+    // A configMap update, seen inside.
+    let updated = Instant::now();
+    kubelet_write(
+        &kubelet.config_map,
+        "..2026_12_03_10_05_00.4",
+        &[("greeting", "v2", 0o644)],
+    );
+    loop {
+        let now = exec_ok(runtime, &app, "cat /etc/cfg/greeting").await?;
+        if now == "v2" {
+            break;
+        }
+        assert!(
+            updated.elapsed() < Duration::from_secs(60),
+            "{runtime_name}: the update not seen after 60 s: {now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    eprintln!(
+        "{runtime_name}: configMap update seen inside after {:.1} s",
+        updated.elapsed().as_secs_f64()
+    );
+
+    // The sidecar writes into the pod's emptyDir and /dev/shm; the app sees both.
+    exec_ok(runtime, &sidecar, "echo from-sidecar > /dev/shm/note").await?;
+    let shm = exec_ok(runtime, &app, "cat /dev/shm/note").await?;
+    assert_eq!(
+        shm.trim(),
+        "from-sidecar",
+        "{runtime_name}: /dev/shm is the pod's"
+    );
+    exec_ok(runtime, &sidecar, "touch /cache/stop").await?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let code = loop {
+        if let Some(code) = container_exit_code(runtime, &app).await {
+            break code;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{runtime_name}: the app did not exit"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    PvmSegv::check(code.into(), || format!("{runtime_name} app"))?;
+    assert_eq!(code, 3, "{runtime_name}: the app's own exit");
+    assert_eq!(
+        std::fs::read_to_string(&kubelet.termination_log).unwrap(),
+        "bye-from-app",
+        "{runtime_name}: the termination message on the host"
+    );
+
+    remove_pod(runtime, &pod).await;
+    let mut after = footprint_after(&before);
+    // The CNI bridge stays once made; the pod's veth must not.
+    assert_eq!(
+        veths(),
+        veths_before,
+        "{runtime_name}: the pod's veth is gone"
+    );
+    after.links = before.links;
+    assert_eq!(after, before, "{runtime_name}: nothing left");
+    std::fs::remove_dir_all(&logs).unwrap();
+    Ok(seen)
+}
