@@ -883,6 +883,7 @@ mod tests {
                         target: "..data/k".into(),
                         ..Default::default()
                     }],
+                    shared: false,
                 }),
             }),
             Q::ReadVolume(ReadVolume {
