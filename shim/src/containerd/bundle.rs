@@ -46,6 +46,14 @@ pub fn cleanup(bundle: &Path) -> Option<PathBuf> {
         }
         let _ = std::fs::remove_file(bundle.join(NETNS_FILE));
     }
+    // The pod's cgroup, which the dead shim was in.
+    if let Some(path) = std::fs::read(bundle.join("config.json"))
+        .ok()
+        .and_then(|j| serde_json::from_slice::<serde_json::Value>(&j).ok())
+        .and_then(|spec| spec["linux"]["cgroupsPath"].as_str().map(String::from))
+    {
+        super::cgroup::remove_dead(&path);
+    }
     let recorded = std::fs::read_to_string(bundle.join(RUN_DIR_FILE)).ok();
     let _ = std::fs::remove_file(bundle.join(RUN_DIR_FILE));
     let dir = PathBuf::from(recorded?.trim());

@@ -11,11 +11,13 @@
 //!   streams; `logger.rs`: `binary://` logging programs, as containerd's
 //!   shims run them.
 //! - `volumes/`: how bind mounts reach the VM (copied, shared, kept current).
+//! - `cgroup.rs`: the pod's host cgroup, which the shim (and its VM) joins.
 //! - `bundle.rs`: what zygote keeps in a container's bundle directory.
 //! - `config.rs`: the TOML file the runtime options name; `spec.rs`: pod
 //!   grouping, the image key, the spec the guest gets.
 
 pub mod bundle;
+pub mod cgroup;
 pub mod config;
 pub mod content;
 pub mod io;

@@ -19,6 +19,7 @@ use containerd_shim_protos::topics;
 use zygote_agent_api::ContainerRef;
 
 use super::super::bundle;
+use super::super::cgroup::PodCgroup;
 use super::super::config::{ShimConfig, config_path_from_options};
 use super::super::io::{StdioPaths, bridge};
 use super::super::pod::{IMAGE_ROOT, PodVm, ProcessExit, WiredNetwork};
@@ -68,6 +69,9 @@ impl TaskService {
         };
         let sandbox = spec::is_sandbox(&oci);
         self.state().timings_log = config.timings_log.clone();
+        if sandbox || !spec::is_cri(&oci) {
+            self.join_pod_cgroup(&id, &oci)?;
+        }
         if sandbox {
             // The CRI made the pod's namespace and ran CNI in it before
             // this create. An application container's spec names the
@@ -242,6 +246,31 @@ impl TaskService {
             Ok(copied)
         })
         .await
+    }
+
+    /// Moves this shim (the pod's VM, before it is made) into the cgroup
+    /// the pod's spec names, once; a cgroup that cannot be joined fails the
+    /// create, as under runc.
+    fn join_pod_cgroup(&self, id: &str, oci: &serde_json::Value) -> Result<(), TaskError> {
+        let Some(path) = oci["linux"]["cgroupsPath"]
+            .as_str()
+            .filter(|p| !p.is_empty())
+        else {
+            return Ok(());
+        };
+        let mut state = self.state();
+        if state.pod_cgroup.is_some() {
+            return Ok(());
+        }
+        let joined = PodCgroup::join(path).map_err(|e| {
+            TaskError::Precondition(format!("cannot put the pod's VM in cgroup {path}: {e}"))
+        })?;
+        tracing::info!(
+            "{id}: the pod's VM is charged to cgroup {}",
+            joined.path().display()
+        );
+        state.pod_cgroup = Some(joined);
+        Ok(())
     }
 
     /// The chain ID of container `id`'s image, from containerd; None (the

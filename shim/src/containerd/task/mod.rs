@@ -54,6 +54,8 @@ struct State {
     pod_hostname: Option<String>,
     timings_log: Option<PathBuf>,
     table: Table,
+    /// The pod's host cgroup, which this shim joined.
+    pod_cgroup: Option<super::cgroup::PodCgroup>,
     /// Keeps the pod's copied volumes current (with its VM).
     volume_watch: Option<Arc<super::volumes::watch::Watcher>>,
 }

@@ -18,19 +18,32 @@ impl TaskService {
 
     /// With no task left, the pod's VM goes, and nothing of it stays.
     pub(super) async fn teardown_if_idle(&self) {
-        let (pod, network) = {
+        let (pod, network, cgroup) = {
             let mut state = self.state();
             if !state.table.is_empty() {
                 return;
             }
             state.volume_watch = None;
-            (state.pod.take(), state.pod_network.take())
+            (
+                state.pod.take(),
+                state.pod_network.take(),
+                state.pod_cgroup.take(),
+            )
         };
         if let Some(network) = network {
             // A pod removed before any container: its tap goes.
             let _ = tokio::task::spawn_blocking(move || drop(network)).await;
         }
-        let Some(pod) = pod else { return };
+        let leave = |cgroup: Option<super::super::cgroup::PodCgroup>| {
+            if let Some(mut cg) = cgroup {
+                // The VM's threads are gone (or go along): nothing stays in it.
+                cg.leave();
+            }
+        };
+        let Some(pod) = pod else {
+            leave(cgroup);
+            return;
+        };
         tracing::info!("stopping the pod VM");
         let (template, timings) = (pod.template.clone(), pod.timings);
         let steps = pod.reconcile_steps.clone();
@@ -58,6 +71,7 @@ impl TaskService {
             Ok(Err(phases)) => self.log_timings(&template, timings, &steps, &phases, None),
             Err(e) => tracing::warn!("the pod VM's teardown failed: {e}"),
         }
+        leave(cgroup);
     }
 
     /// Appends the pod VM's timings to the configured log (benchmarks read it).

@@ -1,0 +1,167 @@
+//! A pod's VM is charged to the pod's cgroup, as kubelet expects of any
+//! runtime: the pod is run with a cgroup parent (kubelet's
+//! `kubepods/.../pod<uid>`; here a directory under the test's own cgroup),
+//! and its shim, the one host process that holds the VM, must be in the
+//! sandbox's cgroup with the VM's memory charged there; PodSandboxStats
+//! reads that cgroup; after the pod's removal the cgroup is gone.
+
+use std::path::PathBuf;
+
+use k8s_cri::v1 as cri;
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use zygote_tests::PvmSegv;
+
+mod cri_common;
+use cri_common::*;
+
+/// `pid`'s cgroup in the v1 `memory` hierarchy or the v2 one; the
+/// hierarchy's mount point.
+fn memory_cgroup(pid: u32) -> (PathBuf, String) {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    for line in text.lines() {
+        let mut f = line.splitn(3, ':');
+        let (_, controllers, path) = (f.next(), f.next().unwrap(), f.next().unwrap());
+        if controllers.split(',').any(|c| c == "memory") {
+            return ("/sys/fs/cgroup/memory".into(), path.into());
+        }
+    }
+    let v2 = text.lines().find_map(|l| l.strip_prefix("0::")).unwrap();
+    ("/sys/fs/cgroup".into(), v2.into())
+}
+
+/// The directories `path` and its ancestors are in each cgroup hierarchy
+/// (sorted: a parent before its children).
+fn existing_dirs(path: &str) -> std::collections::BTreeSet<PathBuf> {
+    let mut out = std::collections::BTreeSet::new();
+    let root = PathBuf::from("/sys/fs/cgroup");
+    let hierarchies: Vec<PathBuf> = if root.join("cgroup.controllers").exists() {
+        vec![root]
+    } else {
+        std::fs::read_dir(&root)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .collect()
+    };
+    for hierarchy in hierarchies {
+        let mut dir = hierarchy;
+        for part in path.trim_start_matches('/').split('/') {
+            dir.push(part);
+            if dir.is_dir() {
+                out.insert(dir.clone());
+            }
+        }
+    }
+    out
+}
+
+/// A memory cgroup's usage, bytes.
+fn usage(dir: &std::path::Path) -> u64 {
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).ok();
+    read("memory.usage_in_bytes")
+        .or_else(|| read("memory.current"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// The anonymous memory resident in `pid` (its guest's touched pages among it).
+fn rss_anon(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("RssAnon:"))
+        .unwrap()
+        .trim()
+        .trim_end_matches(" kB")
+        .trim()
+        .parse()
+        .unwrap();
+    kb * 1024
+}
+
+#[test]
+fn the_pods_vm_is_charged_to_its_cgroup() {
+    cri_test(|channel| async move {
+        let runtime = RuntimeServiceClient::new(channel);
+        until_passed(|attempt| {
+            let mut runtime = runtime.clone();
+            async move {
+                let (mut config, logs) = pod_config("cgpod", attempt);
+                // Under this test's own cgroup, so that nothing escapes it.
+                let (root, own) = memory_cgroup(std::process::id());
+                let parent = format!(
+                    "{}/zygote-test-pods-{}",
+                    own.trim_end_matches('/'),
+                    std::process::id()
+                );
+                config.linux.as_mut().unwrap().cgroup_parent = parent.clone();
+                let made_before = existing_dirs(&parent);
+                let pod = run_pod(&mut runtime, &config).await;
+                let _guard = PodGuard(pod.clone());
+                let app = run_container(
+                    &mut runtime,
+                    container_request(&pod, &config, "app", &["sleep", "3600"]),
+                )
+                .await;
+                let (code, out) = exec_sh(&mut runtime, &app, "echo up").await;
+                PvmSegv::check(code.into(), || "ExecSync".into())?;
+                assert_eq!((code, out.trim()), (0, "up"));
+
+                let shim = shim_pid(&pod).expect("the pod's shim");
+                let (_, shim_cgroup) = memory_cgroup(shim);
+                let expected = format!("{parent}/{pod}");
+                assert_eq!(shim_cgroup, expected, "the shim is in the sandbox's cgroup");
+                let dir = root.join(expected.trim_start_matches('/'));
+                let (charged, anon) = (usage(&dir), rss_anon(shim));
+                eprintln!(
+                    "pod cgroup {}: {:.1} MiB charged; the shim's anonymous RSS {:.1} MiB",
+                    dir.display(),
+                    charged as f64 / 1048576.0,
+                    anon as f64 / 1048576.0
+                );
+                assert!(anon > 0 && charged >= anon, "{charged} < {anon}");
+
+                let stats = runtime
+                    .pod_sandbox_stats(cri::PodSandboxStatsRequest {
+                        pod_sandbox_id: pod.clone(),
+                    })
+                    .await
+                    .expect("PodSandboxStats")
+                    .into_inner()
+                    .stats
+                    .and_then(|s| s.linux)
+                    .expect("Linux stats");
+                let working_set = stats
+                    .memory
+                    .and_then(|m| m.working_set_bytes)
+                    .map_or(0, |v| v.value);
+                let cpu = stats
+                    .cpu
+                    .and_then(|c| c.usage_core_nano_seconds)
+                    .map_or(0, |v| v.value);
+                eprintln!(
+                    "PodSandboxStats: working set {:.1} MiB, CPU {:.1} ms",
+                    working_set as f64 / 1048576.0,
+                    cpu as f64 / 1e6
+                );
+                assert!(working_set > 0 && cpu > 0, "{stats:?}");
+
+                remove_pod(&mut runtime, &pod).await;
+                assert!(!dir.exists(), "{} removed with the pod", dir.display());
+                // The parents the shim made in other hierarchies go too.
+                let made: Vec<PathBuf> = existing_dirs(&parent)
+                    .difference(&made_before)
+                    .cloned()
+                    .collect();
+                for dir in made.iter().rev() {
+                    let _ = std::fs::remove_dir(dir);
+                }
+                std::fs::remove_dir_all(&logs).unwrap();
+                Ok(())
+            }
+        })
+        .await;
+    });
+}
