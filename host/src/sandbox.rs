@@ -50,6 +50,8 @@ pub struct SandboxConfig {
     pub console_log: Option<PathBuf>,
     /// Read-only disk images (`/dev/vda`, ...).
     pub disks: Vec<PathBuf>,
+    /// Empty disk slots after them, for images put in while the guest runs.
+    pub disk_slots: u8,
     /// The NIC every VM has, without a link until a fork is given a tap.
     pub nic: Option<NetConfig>,
 }
@@ -66,6 +68,7 @@ impl Default for SandboxConfig {
             agent_timeout: Duration::from_secs(180),
             console_log: None,
             disks: Vec::new(),
+            disk_slots: 0,
             nic: Some(NetConfig::default()),
         }
     }
@@ -279,6 +282,7 @@ impl Sandbox {
             ),
             prefault: config.prefault,
             disks: config.disks.clone(),
+            disk_slots: config.disk_slots,
             net: config.nic,
         };
         // The agent connects here once it listens; until then the host only waits,

@@ -84,6 +84,9 @@ pub struct TemplateMeta {
     /// Whether a container was staged in it.
     #[serde(default)]
     pub staged: bool,
+    /// Empty disk slots its VM has (for images put in after the fork).
+    #[serde(default)]
+    pub disk_slots: u8,
 }
 
 /// Errors building a template.
@@ -228,6 +231,7 @@ pub fn build(store: &TemplateStore, spec: &BuildSpec) -> Result<BuildReport, Bui
             memory_data_bytes: info.memory.data_bytes,
             memory_crc32: info.memory.crc32,
             staged: spec.stage.is_some(),
+            disk_slots: spec.sandbox.disk_slots,
         };
         let path = tmp.join(META_FILE);
         let text = serde_json::to_string_pretty(&meta).expect("plain data serializes");
@@ -256,6 +260,12 @@ pub fn stale_reason(meta: &TemplateMeta, spec: &BuildSpec) -> Option<String> {
         return Some(format!(
             "built {} a staged container",
             if meta.staged { "with" } else { "without" }
+        ));
+    }
+    if meta.disk_slots != spec.sandbox.disk_slots {
+        return Some(format!(
+            "{} empty disk slots, asked {}",
+            meta.disk_slots, spec.sandbox.disk_slots
         ));
     }
     if (meta.vcpus, meta.memory_mib) != (spec.sandbox.vcpus, spec.sandbox.memory_mib) {
@@ -458,8 +468,18 @@ mod tests {
             memory_data_bytes: 0,
             memory_crc32: 0,
             staged: false,
+            disk_slots: 0,
         };
         assert_eq!(stale_reason(&meta, &spec), None);
+        let slotted = TemplateMeta {
+            disk_slots: 3,
+            ..meta.clone()
+        };
+        assert!(
+            stale_reason(&slotted, &spec)
+                .unwrap()
+                .contains("3 empty disk slots")
+        );
         let staged = TemplateMeta {
             staged: true,
             ..meta.clone()

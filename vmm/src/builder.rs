@@ -21,7 +21,7 @@ use crate::arch::x86_64::layout::{
 use crate::arch::x86_64::{boot, mptable};
 use crate::devices::bus::{Bus, BusError};
 use crate::devices::legacy::{ConsoleLog, I8042, SerialConsole};
-use crate::devices::virtio::block::Block;
+use crate::devices::virtio::block::{Block, BlockError, slot_serial};
 use crate::devices::virtio::net::{Net, NetConfig};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::{Vsock, VsockError};
@@ -64,6 +64,9 @@ pub struct VmConfig {
     pub prefault: bool,
     /// Read-only disk images (virtio-blk: `/dev/vda`, `/dev/vdb`, ...).
     pub disks: Vec<PathBuf>,
+    /// Empty disk slots after them (serials `zygote-slot0`, ...), for images
+    /// put in while the guest runs ([`Machine::set_disk`]).
+    pub disk_slots: u8,
     /// A NIC (virtio-net) without a link: what a template has; its forks
     /// are given a tap.
     pub net: Option<NetConfig>,
@@ -95,7 +98,7 @@ pub enum BuildError {
     Vsock(#[from] VsockError),
     /// A disk image could not be attached.
     #[error(transparent)]
-    Block(#[from] crate::devices::virtio::block::BlockError),
+    Block(#[from] BlockError),
     /// A vCPU could not be set up.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
@@ -272,6 +275,9 @@ impl Machine {
         for disk in &config.disks {
             virtio.push(Box::new(Block::new(disk)?));
         }
+        for n in 0..config.disk_slots {
+            virtio.push(Box::new(Block::slot(&slot_serial(n))));
+        }
         if let Some(net) = config.net {
             virtio.push(Box::new(Net::new(net, None)));
         }
@@ -446,6 +452,27 @@ impl Machine {
     /// Waits up to `timeout` for the VM to stop by itself.
     pub fn wait(&self, timeout: Duration) -> Option<ExitReason> {
         self.exit.wait_timeout(timeout)
+    }
+
+    /// Puts image `path` in the empty disk slot `serial`, or (None) empties
+    /// it, and tells the guest's driver (a configuration change: it reads
+    /// the new capacity). Empty it only once the guest no longer uses it.
+    pub fn set_disk(&self, serial: &str, path: Option<&Path>) -> Result<(), BlockError> {
+        for slot in &self.devices {
+            let mut transport = slot.transport.lock().expect("virtio transport lock");
+            let found = match transport.device_mut().as_block() {
+                Some(block) if block.serial() == serial => {
+                    block.set_image(path)?;
+                    true
+                }
+                _ => false,
+            };
+            if found {
+                transport.config_changed();
+                return Ok(());
+            }
+        }
+        Err(BlockError::NoSlot(serial.into()))
     }
 
     /// The last lines the guest wrote to its console.

@@ -16,6 +16,22 @@ pub enum MountError {
     /// Not a usable mount point.
     #[error("target {0:?} must be an absolute path without . or ..")]
     Target(String),
+    /// No disk with that serial got an image in time.
+    #[error("no disk {serial} with an image after {waited_ms} ms")]
+    NoDisk {
+        /// The serial looked for.
+        serial: String,
+        /// How long.
+        waited_ms: u64,
+    },
+    /// The unmount failed.
+    #[error("unmount {target}: {source}")]
+    Unmount {
+        /// Where.
+        target: String,
+        /// Cause.
+        source: std::io::Error,
+    },
     /// The mount failed.
     #[error("mount {device} on {target}: {source}")]
     Mount {
@@ -83,6 +99,55 @@ pub fn mount(device: &str, target: &str, warm: bool) -> Result<u64, MountError> 
     Ok(if warm { read_all(Path::new(target)) } else { 0 })
 }
 
+/// The `/dev/vdX` whose serial is `serial` once it has a capacity,
+/// looking in `sys_block` (`/sys/block`) for up to `wait`.
+pub fn find_disk(
+    sys_block: &Path,
+    serial: &str,
+    wait: std::time::Duration,
+) -> Result<String, MountError> {
+    let start = std::time::Instant::now();
+    loop {
+        if let Ok(entries) = std::fs::read_dir(sys_block) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let read = |f: &str| std::fs::read_to_string(e.path().join(f)).unwrap_or_default();
+                // The driver reads the id as 20 bytes, NUL-padded.
+                let found = read("serial");
+                let found = found.trim_end_matches(['\0', '\n']);
+                let size: u64 = read("size").trim().parse().unwrap_or(0);
+                if name.starts_with("vd") && found == serial && size > 0 {
+                    return Ok(format!("/dev/{name}"));
+                }
+            }
+        }
+        if start.elapsed() >= wait {
+            return Err(MountError::NoDisk {
+                serial: serial.into(),
+                waited_ms: wait.as_millis() as u64,
+            });
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Unmounts the image at `target` and removes the mount point.
+pub fn unmount(target: &str) -> Result<(), MountError> {
+    if !plain_absolute(Path::new(target)) || target == "/" {
+        return Err(MountError::Target(target.into()));
+    }
+    let c = std::ffi::CString::new(target).map_err(|_| MountError::Target(target.into()))?;
+    // SAFETY: a valid NUL-terminated path.
+    if unsafe { libc::umount2(c.as_ptr(), 0) } != 0 {
+        return Err(MountError::Unmount {
+            target: target.into(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    let _ = std::fs::remove_dir(target);
+    Ok(())
+}
+
 /// Reads every regular file below `dir` once (not following symbolic
 /// links; a file with several hard links, as busybox's applets often are,
 /// is read once: it is one inode, and each read is guest kernel work).
@@ -118,6 +183,27 @@ fn read_all(dir: &Path) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_disk_is_found_by_serial_once_it_has_a_capacity() {
+        let sys = std::env::temp_dir().join(format!("zygote-sysblock-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&sys);
+        for (dev, serial, size) in [("vda", "zygote-ro", "80"), ("vdb", "zygote-slot0", "0")] {
+            std::fs::create_dir_all(sys.join(dev)).unwrap();
+            std::fs::write(sys.join(dev).join("serial"), serial).unwrap();
+            std::fs::write(sys.join(dev).join("size"), format!("{size}\n")).unwrap();
+        }
+        let short = std::time::Duration::from_millis(50);
+        assert!(matches!(
+            find_disk(&sys, "zygote-slot0", short),
+            Err(MountError::NoDisk { .. })
+        ));
+        std::fs::write(sys.join("vdb/size"), "64\n").unwrap();
+        assert_eq!(find_disk(&sys, "zygote-slot0", short).unwrap(), "/dev/vdb");
+        assert!(find_disk(&sys, "zygote-slot9", short).is_err());
+        assert!(unmount("relative").is_err());
+        std::fs::remove_dir_all(&sys).unwrap();
+    }
 
     #[test]
     fn hard_links_are_read_once() {

@@ -281,7 +281,30 @@ pub fn handle(req: Request, agent_started_ns: u64) -> (Response, After) {
             id,
             Registry::global().next_oom(None).map(response::Body::Oom),
         ),
-        Some(request::Body::MountImage(m)) => match image::mount(&m.device, &m.target, m.warm) {
+        Some(request::Body::UnmountImage(u)) => match image::unmount(&u.target) {
+            Ok(()) => (
+                response::Body::Empty(zygote_agent_api::Empty {}),
+                After::Continue,
+            ),
+            Err(e) => {
+                let code = match e {
+                    image::MountError::Unmount { .. } => Code::FailedPrecondition,
+                    _ => Code::InvalidArgument,
+                };
+                return (error_response(id, code, &e.to_string()), After::Continue);
+            }
+        },
+        Some(request::Body::MountImage(m)) => match (if m.serial.is_empty() {
+            Ok(m.device.clone())
+        } else {
+            image::find_disk(
+                std::path::Path::new("/sys/block"),
+                &m.serial,
+                std::time::Duration::from_secs(10),
+            )
+        })
+        .and_then(|device| image::mount(&device, &m.target, m.warm))
+        {
             Ok(warmed_bytes) => (
                 response::Body::Mounted(zygote_agent_api::Mounted { warmed_bytes }),
                 After::Continue,
@@ -289,6 +312,7 @@ pub fn handle(req: Request, agent_started_ns: u64) -> (Response, After) {
             Err(e) => {
                 let code = match e {
                     image::MountError::Mount { .. } => Code::Internal,
+                    image::MountError::NoDisk { .. } => Code::NotFound,
                     _ => Code::InvalidArgument,
                 };
                 return (error_response(id, code, &e.to_string()), After::Continue);

@@ -9,7 +9,7 @@ pub struct Request {
     /// What is asked.
     #[prost(
         oneof = "request::Body",
-        tags = "2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27"
+        tags = "2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28"
     )]
     pub body: Option<request::Body>,
 }
@@ -104,6 +104,9 @@ pub mod request {
         /// Read a container's file volume back (answered with `VolumeData`).
         #[prost(message, tag = "27")]
         ReadVolume(crate::volumes::ReadVolume),
+        /// Unmount an image disk (before the host empties its slot).
+        #[prost(message, tag = "28")]
+        UnmountImage(super::UnmountImage),
     }
 }
 
@@ -635,6 +638,18 @@ pub struct MountImage {
     /// Read every file once (into the page cache a template shares).
     #[prost(bool, tag = "3")]
     pub warm: bool,
+    /// Find the device by its serial instead (`device` empty): a disk slot
+    /// the host just put an image in, waited for until its capacity shows.
+    #[prost(string, tag = "4")]
+    pub serial: String,
+}
+
+/// Unmount an image mounted by `MountImage`.
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct UnmountImage {
+    /// Where it is mounted.
+    #[prost(string, tag = "1")]
+    pub target: String,
 }
 
 /// An image is mounted.
@@ -856,9 +871,10 @@ mod tests {
             }),
             Q::GetOomEvent(Empty {}),
             Q::MountImage(MountImage {
-                device: "/dev/vda".into(),
+                device: String::new(),
                 target: "/x".into(),
                 warm: true,
+                serial: "zygote-slot0".into(),
             }),
             Q::ListPids(ContainerRef {
                 id: "c".into(),
@@ -890,6 +906,9 @@ mod tests {
                 id: "c".into(),
                 name: "v".into(),
                 max_bytes: 4096,
+            }),
+            Q::UnmountImage(UnmountImage {
+                target: "/run/zygote/images/1".into(),
             }),
         ];
         for body in requests {

@@ -14,6 +14,7 @@
 //! agent_timeout_s = 120                          # fork → agent ready, and each agent call
 //! upper_size_mib = 0                             # writable layer (0: half the guest RAM)
 //! settle_ms = 1000                               # idle time before a template snapshot
+//! disk_slots = 3                                 # images other than the pod's first, at once
 //! timings_log = "/run/zygote/timings.jsonl"      # per-container timings (benchmarks)
 //! ```
 
@@ -50,6 +51,8 @@ pub struct ShimConfig {
     pub upper_size_mib: u32,
     /// Idle time before a template's snapshot, ms.
     pub settle_ms: u64,
+    /// Empty disk slots in each VM, for containers of other images (0-8).
+    pub disk_slots: u8,
     /// Append one JSON line of timings per container start here.
     pub timings_log: Option<PathBuf>,
 }
@@ -67,6 +70,7 @@ impl Default for ShimConfig {
             agent_timeout_s: 120,
             upper_size_mib: 0,
             settle_ms: 1000,
+            disk_slots: 3,
             timings_log: None,
         }
     }
@@ -120,6 +124,12 @@ impl ShimConfig {
                 path: path.clone(),
                 message,
             })?;
+        }
+        if config.disk_slots > 8 {
+            return Err(ConfigError::Parse {
+                path,
+                message: "disk_slots must be at most 8".into(),
+            });
         }
         if config.vcpus == 0 || config.memory_mib == 0 {
             return Err(ConfigError::Parse {

@@ -264,7 +264,7 @@ impl Machine {
                 .virtio
                 .iter()
                 .filter_map(|slot| match &slot.transport.device {
-                    DeviceState::Block(b) => Some(b.path.clone()),
+                    DeviceState::Block(b) if !b.is_slot() => Some(b.path.clone()),
                     _ => None,
                 })
                 .collect()
@@ -294,7 +294,7 @@ impl Machine {
                     mem: ram.memory.clone(),
                     irqfd: irqfd(&vm, slot.irq)?,
                 };
-                if matches!(slot.transport.device, DeviceState::Block(_)) {
+                if matches!(&slot.transport.device, DeviceState::Block(b) if !b.is_slot()) {
                     disk += 1;
                 }
                 Ok(VirtioSlot {

@@ -24,7 +24,7 @@ use serde::de::DeserializeOwned;
 /// The first bytes of every state file.
 pub const STATE_MAGIC: [u8; 8] = *b"ZYGOTEVM";
 /// The format this build writes and reads. Bump it when a saved struct changes.
-pub const STATE_VERSION: u32 = 2;
+pub const STATE_VERSION: u32 = 3;
 /// The largest payload accepted (a state file is a few KiB per vCPU).
 pub const STATE_MAX_LEN: u64 = 16 << 20;
 const HEADER_LEN: usize = 32;

@@ -3,6 +3,7 @@
 //! agent by typed methods (`calls.rs`): the agent's wire types stop here.
 
 mod calls;
+mod disks;
 mod network;
 mod phases;
 
@@ -76,6 +77,20 @@ pub enum PodError {
     /// The VM is gone.
     #[error("the pod's VM stopped: {0}")]
     Stopped(String),
+    /// Every disk slot holds an image.
+    #[error(
+        "the pod's VM has {slots} disk slots for images other than its first, all in use \
+         (by {users:?}); set disk_slots in the zygote config for more"
+    )]
+    NoSlot {
+        /// How many.
+        slots: usize,
+        /// The containers using them.
+        users: Vec<String>,
+    },
+    /// A disk slot could not take or give up an image.
+    #[error("disk slot: {0}")]
+    Disk(String),
     /// The agent answered a request with a body of another request.
     #[error("unexpected answer from the agent to {request}: {answer}")]
     Unexpected {
@@ -186,6 +201,8 @@ pub struct PodVm {
     pub template: String,
     /// The image it has on /dev/vda.
     pub image: PathBuf,
+    /// Its empty disk slots: the container each one's image is for.
+    slots: Mutex<Vec<Option<String>>>,
     /// Idle control connections: a call takes one (or dials a new one), so
     /// a slow call never holds up another.
     idle: Mutex<Vec<AgentClient>>,
@@ -247,6 +264,7 @@ impl PodVm {
                 device: "/dev/vda".into(),
                 target: IMAGE_ROOT.into(),
                 warm: true,
+                serial: String::new(),
             }],
             name: TemplateName::new(&name).map_err(|e| failed(e.to_string()))?,
             sandbox: SandboxConfig {
@@ -256,6 +274,7 @@ impl PodVm {
                 initramfs: config.initramfs.clone(),
                 agent_timeout: Duration::from_secs(config.agent_timeout_s.max(300)),
                 disks: vec![image.path.clone()],
+                disk_slots: config.disk_slots,
                 ..Default::default()
             },
             spawn: vec![],
@@ -329,6 +348,7 @@ impl PodVm {
         phases.mark("reconcile", sandbox.machine().guest_cpu_time());
         client.set_timeout(timeout).map_err(ClientError::Io)?;
         Ok(PodVm {
+            slots: Mutex::new(vec![None; config.disk_slots as usize]),
             template: name,
             image: image.path.clone(),
             idle: Mutex::new(vec![client]),

@@ -77,7 +77,10 @@ impl TaskError {
             // guest image, a damaged template, a pod network the VM cannot
             // take (no namespace, no interface, an IPv6 address, no tap).
             TaskError::Pod(
-                PodError::Damaged { .. } | PodError::Template { .. } | PodError::Network(_),
+                PodError::Damaged { .. }
+                | PodError::Template { .. }
+                | PodError::Network(_)
+                | PodError::NoSlot { .. },
             ) => Code::FAILED_PRECONDITION,
             TaskError::Pod(_)
             | TaskError::Image(_)

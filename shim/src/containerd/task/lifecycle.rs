@@ -200,14 +200,15 @@ impl TaskService {
         let spec_json = serde_json::to_vec(&guest).expect("a JSON value serializes");
         let upper = config.upper_size_mib;
         let chain_id = self.image_chain_id(id).await;
-        let (pod, new_pod) = blocking(move || {
+        let (pod, new_pod, root) = blocking(move || {
             let image = rootfs::image_of(&config, &bundle, &mounts, chain_id.as_deref())?;
             match existing {
-                Some(p) if p.image == image.path => Ok((p, false)),
-                Some(_) => Err(TaskError::Precondition(
-                    "every container of a zygote pod must use the pod's first image (for now)"
-                        .into(),
-                )),
+                Some(p) if p.image == image.path => Ok((p, false, IMAGE_ROOT.to_string())),
+                // Another image: a disk slot of the running VM.
+                Some(p) => {
+                    let root = p.attach_image(&id2, &image.path)?;
+                    Ok((p, false, root))
+                }
                 None => {
                     let network = match (wired, netns) {
                         (Some(wired), _) => Some(wired),
@@ -226,7 +227,7 @@ impl TaskService {
                         }
                     }
                     service.state().pod = Some(pod.clone());
-                    Ok((pod, true))
+                    Ok((pod, true, IMAGE_ROOT.to_string()))
                 }
             }
         })
@@ -234,7 +235,12 @@ impl TaskService {
         drop(making);
         let (service, id) = (self.clone(), id.to_string());
         blocking(move || {
-            pod.create_container(&id, spec_json, IMAGE_ROOT, upper, volumes)?;
+            if let Err(e) = pod.create_container(&id, spec_json, &root, upper, volumes) {
+                if let Err(d) = pod.detach_image(&id) {
+                    tracing::warn!("{id}: {d}");
+                }
+                return Err(e.into());
+            }
             // The OOM and monitor connections start after the container is
             // created: on PVM, agent threads busy at the same time can
             // corrupt each other's data (docs/guest-kernel.md).
@@ -378,7 +384,15 @@ impl TaskService {
         if !sandbox {
             if let Ok(pod) = self.pod() {
                 let key = process_ref(id, exec_id);
-                let removed = blocking(move || Ok(pod.remove(&key)?)).await;
+                let removed = blocking(move || {
+                    pod.remove(&key)?;
+                    if key.exec_id.is_empty() {
+                        // Its image's disk slot, if it had one.
+                        pod.detach_image(&key.id)?;
+                    }
+                    Ok(())
+                })
+                .await;
                 if let Err(e) = removed {
                     tracing::warn!("remove {id} {exec_id} from the VM: {e}");
                 }

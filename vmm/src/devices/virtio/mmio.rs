@@ -86,6 +86,13 @@ impl MmioTransport {
         self.device.as_mut()
     }
 
+    /// The device changed its configuration space: a new generation, and
+    /// the driver is told.
+    pub fn config_changed(&mut self) {
+        self.config_generation = self.config_generation.wrapping_add(1);
+        self.interrupt.signal_config();
+    }
+
     fn selected_queue(&mut self) -> Option<&mut Queue> {
         self.queues.get_mut(self.queue_select as usize)
     }

@@ -87,6 +87,10 @@ pub trait VirtioDevice: Send + std::fmt::Debug {
     fn quiesce(&mut self) -> Option<Vec<Queue>>;
     /// The device's own state, for a snapshot.
     fn state(&self) -> DeviceState;
+    /// The device as a disk, if it is one (to put an image in a slot).
+    fn as_block(&mut self) -> Option<&mut block::Block> {
+        None
+    }
 }
 
 /// Reads `data.len()` bytes of a configuration space `config` at `offset`;

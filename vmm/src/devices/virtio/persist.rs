@@ -167,6 +167,7 @@ impl DeviceState {
                 let uds_path = args.vsock_path.ok_or(RestoreError::NoVsockPath)?;
                 Box::new(Vsock::restore(VsockArgs { uds_path }, state)?)
             }
+            DeviceState::Block(state) if state.is_slot() => Box::new(Block::restore_slot(state)?),
             DeviceState::Block(state) => {
                 let path = args.disks.get(disk).ok_or(RestoreError::NoDisk(disk))?;
                 Box::new(Block::restore(BlockArgs { path: path.clone() }, state)?)

@@ -4,6 +4,7 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 
@@ -41,6 +42,22 @@ pub enum BlockError {
         /// Its length.
         len: u64,
     },
+    /// An image was put in a slot that holds one.
+    #[error("disk slot {serial} holds {path}; cannot put {wanted} in it")]
+    Occupied {
+        /// The slot.
+        serial: String,
+        /// What it holds.
+        path: PathBuf,
+        /// What was to go in.
+        wanted: PathBuf,
+    },
+    /// No disk slot of that name.
+    #[error("no disk slot {0}")]
+    NoSlot(String),
+    /// A snapshot saved a slot with an image in it (slots are empty in a template).
+    #[error("disk slot {0} held an image when the snapshot was taken")]
+    SlotInUse(String),
     /// A restored disk is not the size the snapshot saw.
     #[error("disk image {path} is {found} bytes; the snapshot had {expected}")]
     Changed {
@@ -53,19 +70,17 @@ pub enum BlockError {
     },
 }
 
-/// A read-only virtio-blk device backed by an image file.
-#[derive(Debug)]
-pub struct Block {
+/// The image behind a disk: none for an empty slot.
+#[derive(Debug, Default)]
+pub(super) struct Backing {
     pub(super) path: PathBuf,
-    pub(super) file: File,
+    pub(super) file: Option<File>,
+    /// Size in sectors (0: empty).
     pub(super) capacity: u64,
-    pub(super) acked_features: u64,
-    worker: QueueWorker,
 }
 
-impl Block {
-    /// Opens `path` read-only as a disk.
-    pub fn new(path: &Path) -> Result<Self, BlockError> {
+impl Backing {
+    fn open(path: &Path) -> Result<Backing, BlockError> {
         let open = |source| BlockError::Open {
             path: path.into(),
             source,
@@ -78,23 +93,94 @@ impl Block {
                 len,
             });
         }
-        Ok(Block {
+        Ok(Backing {
             path: path.into(),
-            file,
+            file: Some(file),
             capacity: len / SECTOR_SIZE,
+        })
+    }
+}
+
+/// The id (`GET_ID`, the guest's `/sys/block/vdX/serial`) of the image
+/// disk a VM boots with.
+pub const IMAGE_SERIAL: &str = "zygote-ro";
+
+/// The id of empty slot `n`.
+pub fn slot_serial(n: u8) -> String {
+    format!("zygote-slot{n}")
+}
+
+/// A read-only virtio-blk device backed by an image file, or an empty slot
+/// (capacity 0) that an image can be put in while the guest runs: virtio-mmio
+/// has no hotplug, so a VM that may need more disks is made with slots, and
+/// the guest sees a slot's capacity change (a configuration interrupt).
+#[derive(Debug)]
+pub struct Block {
+    pub(super) backing: Arc<Mutex<Backing>>,
+    pub(super) serial: String,
+    pub(super) acked_features: u64,
+    worker: QueueWorker,
+}
+
+impl Block {
+    /// Opens `path` read-only as a disk.
+    pub fn new(path: &Path) -> Result<Self, BlockError> {
+        Ok(Block {
+            backing: Arc::new(Mutex::new(Backing::open(path)?)),
+            serial: IMAGE_SERIAL.into(),
             acked_features: 0,
             worker: QueueWorker::default(),
         })
     }
 
-    /// The image.
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// Empty slot `serial` (capacity 0).
+    pub fn slot(serial: &str) -> Self {
+        Block {
+            backing: Arc::default(),
+            serial: serial.into(),
+            acked_features: 0,
+            worker: QueueWorker::default(),
+        }
+    }
+
+    fn backing(&self) -> std::sync::MutexGuard<'_, Backing> {
+        self.backing.lock().expect("block backing lock")
+    }
+
+    /// The image (empty for an empty slot).
+    pub fn path(&self) -> PathBuf {
+        self.backing().path.clone()
     }
 
     /// Size in 512-byte sectors.
     pub fn capacity(&self) -> u64 {
-        self.capacity
+        self.backing().capacity
+    }
+
+    /// Its id.
+    pub fn serial(&self) -> &str {
+        &self.serial
+    }
+
+    /// Puts image `path` in this empty slot, or (None) empties it. The
+    /// caller tells the driver (a configuration change).
+    pub fn set_image(&mut self, path: Option<&Path>) -> Result<(), BlockError> {
+        let mut backing = self.backing();
+        match path {
+            Some(path) if backing.file.is_some() => Err(BlockError::Occupied {
+                serial: self.serial.clone(),
+                path: backing.path.clone(),
+                wanted: path.into(),
+            }),
+            Some(path) => {
+                *backing = Backing::open(path)?;
+                Ok(())
+            }
+            None => {
+                *backing = Backing::default();
+                Ok(())
+            }
+        }
     }
 }
 
@@ -102,14 +188,14 @@ impl Block {
 pub(super) fn process_requests(
     mem: &GuestMemoryMmap,
     queue: &mut Queue,
-    file: &File,
-    capacity: u64,
+    backing: &Backing,
+    serial: &str,
     buf: &mut Vec<u8>,
 ) -> bool {
     let mut used = false;
     while let Some(chain) = queue.iter(mem).ok().and_then(|mut it| it.next()) {
         let head = chain.head_index();
-        let written = handle(mem, chain, file, capacity, buf);
+        let written = handle(mem, chain, backing, serial, buf);
         if queue.add_used(mem, head, written).is_err() {
             break;
         }
@@ -122,10 +208,11 @@ pub(super) fn process_requests(
 fn handle(
     mem: &GuestMemoryMmap,
     chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
-    file: &File,
-    capacity: u64,
+    backing: &Backing,
+    serial: &str,
     buf: &mut Vec<u8>,
 ) -> u32 {
+    let capacity = backing.capacity;
     let (Ok(mut reader), Ok(mut writer)) = (chain.clone().reader(mem), chain.writer(mem)) else {
         tracing::debug!("block: malformed request chain");
         return 0;
@@ -144,8 +231,8 @@ fn handle(
         REQ_IN => {
             let start = sector.checked_mul(SECTOR_SIZE);
             let end = start.and_then(|s| s.checked_add(data_len));
-            match (start, end) {
-                (Some(start), Some(end))
+            match (&backing.file, start, end) {
+                (Some(file), Some(start), Some(end))
                     if end <= capacity * SECTOR_SIZE && data_len <= MAX_REQUEST =>
                 {
                     let mut status = STATUS_OK;
@@ -169,8 +256,9 @@ fn handle(
         }
         REQ_GET_ID => {
             let mut id = [0u8; ID_LEN];
-            let name = b"zygote-ro";
-            id[..name.len()].copy_from_slice(name);
+            let name = serial.as_bytes();
+            let len = name.len().min(ID_LEN);
+            id[..len].copy_from_slice(&name[..len]);
             let n = (data_len as usize).min(ID_LEN);
             if writer.write_all(&id[..n]).is_ok() {
                 data_written = n as u64;
@@ -184,6 +272,17 @@ fn handle(
         REQ_FLUSH => STATUS_OK,
         _ => STATUS_UNSUPP,
     };
+    finish(writer, data_len, data_written, status)
+}
+
+/// Writes `status` into the last byte (after the data written); the bytes
+/// written to the guest.
+fn finish(
+    mut writer: virtio_queue::Writer<'_>,
+    data_len: u64,
+    data_written: u64,
+    status: u8,
+) -> u32 {
     // Skip unwritten data bytes so the status lands in the last byte.
     let skip = data_len - data_written;
     if skip > 0 {
@@ -222,17 +321,18 @@ impl VirtioDevice for Block {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // Configuration space: le64 capacity (sectors); nothing else is offered.
-        crate::devices::virtio::read_config_bytes(&self.capacity.to_le_bytes(), offset, data);
+        let capacity = self.capacity();
+        crate::devices::virtio::read_config_bytes(&capacity.to_le_bytes(), offset, data);
     }
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
 
     fn activate(&mut self, args: ActivateArgs) -> Result<(), ActivateError> {
-        let file = self.file.try_clone().map_err(ActivateError::Worker)?;
-        let capacity = self.capacity;
+        let (backing, serial) = (self.backing.clone(), self.serial.clone());
         let mut buf = Vec::new();
         self.worker.start("block", args, move |mem, q| {
-            process_requests(mem, q, &file, capacity, &mut buf)
+            let backing = backing.lock().expect("block backing lock");
+            process_requests(mem, q, &backing, &serial, &mut buf)
         })
     }
 
@@ -246,6 +346,10 @@ impl VirtioDevice for Block {
 
     fn state(&self) -> DeviceState {
         DeviceState::Block(crate::persist::Persist::save(self))
+    }
+
+    fn as_block(&mut self) -> Option<&mut Block> {
+        Some(self)
     }
 }
 
@@ -306,8 +410,8 @@ mod tests {
         assert!(process_requests(
             &mem,
             &mut q,
-            &dev.file,
-            dev.capacity,
+            &dev.backing(),
+            &dev.serial,
             &mut buf
         ));
         assert_eq!(status(), STATUS_OK);
@@ -317,10 +421,10 @@ mod tests {
         assert_eq!(tq.used_elem(&mem, 0), (0, 1025));
 
         request(&mem, &mut tq, 3, REQ_IN, 7, 1024); // past the end
-        process_requests(&mem, &mut q, &dev.file, dev.capacity, &mut buf);
+        process_requests(&mem, &mut q, &dev.backing(), &dev.serial, &mut buf);
         assert_eq!(status(), STATUS_IOERR);
         request(&mem, &mut tq, 6, REQ_IN, u64::MAX / 2, 512); // overflowing sector
-        process_requests(&mem, &mut q, &dev.file, dev.capacity, &mut buf);
+        process_requests(&mem, &mut q, &dev.backing(), &dev.serial, &mut buf);
         assert_eq!(status(), STATUS_IOERR);
 
         // A write: header + data (device-readable) + status.
@@ -333,18 +437,58 @@ mod tests {
         tq.desc(&mem, 10, DATA, 512, NEXT, 11);
         tq.desc(&mem, 11, STATUS, 1, WRITE, 0);
         tq.publish(&mem, 9);
-        process_requests(&mem, &mut q, &dev.file, dev.capacity, &mut buf);
+        process_requests(&mem, &mut q, &dev.backing(), &dev.serial, &mut buf);
         assert_eq!(status(), STATUS_IOERR, "read-only");
         assert_eq!(std::fs::read(&path).unwrap()[3 * 512], 3, "image untouched");
 
         request(&mem, &mut tq, 12, 99, 0, 16);
-        process_requests(&mem, &mut q, &dev.file, dev.capacity, &mut buf);
+        process_requests(&mem, &mut q, &dev.backing(), &dev.serial, &mut buf);
         assert_eq!(status(), STATUS_UNSUPP);
 
         // No header at all: returned empty, nothing written.
         tq.desc(&mem, 15, STATUS, 1, WRITE, 0);
         tq.publish(&mem, 15);
-        process_requests(&mem, &mut q, &dev.file, dev.capacity, &mut buf);
+        process_requests(&mem, &mut q, &dev.backing(), &dev.serial, &mut buf);
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn a_slot_is_empty_until_an_image_is_put_in_it() {
+        let path = std::env::temp_dir().join(format!("zygote-blk-slot-{}", std::process::id()));
+        std::fs::write(&path, vec![5u8; 4096]).unwrap();
+        let mut dev = Block::slot(&slot_serial(1));
+        let capacity = |dev: &Block| {
+            let mut cap = [0u8; 8];
+            dev.read_config(0, &mut cap);
+            u64::from_le_bytes(cap)
+        };
+        assert_eq!(capacity(&dev), 0);
+        let mem = test_memory();
+        let mut tq = TestQueue::new(0x10000, 16);
+        let mut q = tq.queue();
+        let mut buf = Vec::new();
+        let status = || mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap();
+        request(&mem, &mut tq, 0, REQ_IN, 0, 512);
+        process_requests(&mem, &mut q, &dev.backing(), &dev.serial, &mut buf);
+        assert_eq!(status(), STATUS_IOERR, "an empty slot has nothing to read");
+        // Its id names the slot.
+        request(&mem, &mut tq, 3, REQ_GET_ID, 0, ID_LEN as u32);
+        process_requests(&mem, &mut q, &dev.backing(), &dev.serial, &mut buf);
+        let mut id = [0u8; ID_LEN];
+        mem.read_slice(&mut id, GuestAddress(DATA)).unwrap();
+        assert_eq!(&id[..12], b"zygote-slot1");
+
+        dev.set_image(Some(&path)).unwrap();
+        assert_eq!(capacity(&dev), 8);
+        request(&mem, &mut tq, 6, REQ_IN, 1, 512);
+        process_requests(&mem, &mut q, &dev.backing(), &dev.serial, &mut buf);
+        assert_eq!(status(), STATUS_OK);
+        assert!(matches!(
+            dev.set_image(Some(&path)),
+            Err(BlockError::Occupied { .. })
+        ));
+        dev.set_image(None).unwrap();
+        assert_eq!((capacity(&dev), dev.path()), (0, PathBuf::new()));
         std::fs::remove_file(&path).unwrap();
     }
 

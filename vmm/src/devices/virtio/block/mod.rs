@@ -1,6 +1,8 @@
 //! virtio-blk, read-only: an image (e.g. a container image's erofs or ext4
 //! rootfs) given to the guest as a disk. Reads are served from the image file
-//! with `pread`; writes are refused; the guest sees a read-only disk.
+//! with `pread`; writes are refused; the guest sees a read-only disk. A disk
+//! may be an empty slot (capacity 0) that an image is put in while the guest
+//! runs (virtio-mmio has no hotplug; the guest sees the capacity change).
 //!
 //! `device.rs` is the model and its request handling, `persist.rs` its saved
 //! state. It shares the one-queue I/O loop of [`super::single_queue_loop`].
@@ -8,7 +10,7 @@
 mod device;
 mod persist;
 
-pub use device::{Block, BlockError};
+pub use device::{Block, BlockError, IMAGE_SERIAL, slot_serial};
 pub use persist::{BlockArgs, BlockState};
 
 /// virtio device id of a block device.

@@ -18,6 +18,15 @@ pub struct BlockState {
     pub capacity: u64,
     /// Features the driver accepted.
     pub acked_features: u64,
+    /// Its id: the image disk's, or an empty slot's.
+    pub serial: String,
+}
+
+impl BlockState {
+    /// A slot (restored empty, without an image argument).
+    pub fn is_slot(&self) -> bool {
+        self.serial != super::device::IMAGE_SERIAL
+    }
 }
 
 /// What a restored block device needs.
@@ -34,21 +43,34 @@ impl Persist for Block {
 
     fn save(&self) -> BlockState {
         BlockState {
-            path: self.path.clone(),
-            capacity: self.capacity,
+            path: self.path(),
+            capacity: self.capacity(),
             acked_features: self.acked_features,
+            serial: self.serial.clone(),
         }
     }
 
     fn restore(args: BlockArgs, state: &BlockState) -> Result<Self, BlockError> {
         let mut block = Block::new(&args.path)?;
-        if block.capacity != state.capacity {
+        if block.capacity() != state.capacity {
             return Err(BlockError::Changed {
                 path: args.path,
                 expected: state.capacity * SECTOR_SIZE,
-                found: block.capacity * SECTOR_SIZE,
+                found: block.capacity() * SECTOR_SIZE,
             });
         }
+        block.acked_features = state.acked_features;
+        Ok(block)
+    }
+}
+
+impl Block {
+    /// An empty slot as the snapshot saved it.
+    pub fn restore_slot(state: &BlockState) -> Result<Self, BlockError> {
+        if state.capacity != 0 {
+            return Err(BlockError::SlotInUse(state.serial.clone()));
+        }
+        let mut block = Block::slot(&state.serial);
         block.acked_features = state.acked_features;
         Ok(block)
     }
@@ -76,6 +98,16 @@ mod tests {
                 found: 8192,
                 ..
             })
+        ));
+        // A slot comes back empty; one saved holding an image does not.
+        let mut slot = Block::slot("zygote-slot0");
+        let empty = slot.save();
+        assert!(empty.is_slot() && !state.is_slot());
+        assert_eq!(Block::restore_slot(&empty).unwrap().save(), empty);
+        slot.set_image(Some(&p)).unwrap();
+        assert!(matches!(
+            Block::restore_slot(&slot.save()),
+            Err(BlockError::SlotInUse(_))
         ));
         std::fs::remove_file(&p).unwrap();
     }
