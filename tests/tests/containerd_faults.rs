@@ -172,6 +172,15 @@ fn failures_are_reported_and_leave_nothing_behind() {
     cleanup(&id);
     assert!(shim_pids(&id).is_empty());
     assert_no_run_dirs_left(&runs_before);
+    // The dead shim's cgroup (ctr's `/default/ID`, which it had joined) too.
+    let left: Vec<_> = std::fs::read_dir("/sys/fs/cgroup")
+        .unwrap()
+        .flatten()
+        .map(|h| h.path().join("default").join(&id))
+        .chain([std::path::Path::new("/sys/fs/cgroup/default").join(&id)])
+        .filter(|d| d.exists())
+        .collect();
+    assert!(left.is_empty(), "cgroups left: {left:?}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -161,7 +161,11 @@ impl TaskService {
             let written = pod
                 .read_volume(id, &c.name, max)
                 .map_err(|e| e.to_string())
-                .and_then(|data| write_back(&c.host, &data).map_err(|e| e.to_string()));
+                .and_then(|mut data| {
+                    // The guest's answer is not trusted to keep to the bound.
+                    data.truncate(max as usize);
+                    write_back(&c.host, &data).map_err(|e| e.to_string())
+                });
             if let Err(e) = written {
                 tracing::warn!("{id}: cannot write {} back: {e}", c.host.display());
             }
