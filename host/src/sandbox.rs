@@ -52,6 +52,9 @@ pub struct SandboxConfig {
     pub disks: Vec<PathBuf>,
     /// Empty disk slots after them, for images put in while the guest runs.
     pub disk_slots: u8,
+    /// CPUs a template keeps online (0: all); its forks bring more online
+    /// as their pods ask (offline vCPUs halt and cost the host nothing).
+    pub online_cpus: u8,
     /// The NIC every VM has, without a link until a fork is given a tap.
     pub nic: Option<NetConfig>,
 }
@@ -69,6 +72,7 @@ impl Default for SandboxConfig {
             console_log: None,
             disks: Vec::new(),
             disk_slots: 0,
+            online_cpus: 0,
             nic: Some(NetConfig::default()),
         }
     }

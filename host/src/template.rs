@@ -87,6 +87,9 @@ pub struct TemplateMeta {
     /// Empty disk slots its VM has (for images put in after the fork).
     #[serde(default)]
     pub disk_slots: u8,
+    /// CPUs online in it (0: all).
+    #[serde(default)]
+    pub online_cpus: u8,
 }
 
 /// Errors building a template.
@@ -177,6 +180,18 @@ pub fn build(store: &TemplateStore, spec: &BuildSpec) -> Result<BuildReport, Bui
         }
     }
     let sandbox = Sandbox::boot(&spec.sandbox)?;
+    let online = spec.sandbox.online_cpus;
+    if online > 0 && online < spec.sandbox.vcpus {
+        build_call(
+            &sandbox,
+            vec!["cpus".into(), online.to_string()],
+            request::Body::SetCpus(zygote_agent_api::SetCpus {
+                online: online.into(),
+            }),
+            Duration::from_secs(120),
+            |a| matches!(a, response::Body::Empty(_)),
+        )?;
+    }
     for m in &spec.mounts {
         mount_image(&sandbox, m)?;
     }
@@ -232,6 +247,7 @@ pub fn build(store: &TemplateStore, spec: &BuildSpec) -> Result<BuildReport, Bui
             memory_crc32: info.memory.crc32,
             staged: spec.stage.is_some(),
             disk_slots: spec.sandbox.disk_slots,
+            online_cpus: spec.sandbox.online_cpus,
         };
         let path = tmp.join(META_FILE);
         let text = serde_json::to_string_pretty(&meta).expect("plain data serializes");
@@ -260,6 +276,12 @@ pub fn stale_reason(meta: &TemplateMeta, spec: &BuildSpec) -> Option<String> {
         return Some(format!(
             "built {} a staged container",
             if meta.staged { "with" } else { "without" }
+        ));
+    }
+    if meta.online_cpus != spec.sandbox.online_cpus {
+        return Some(format!(
+            "{} CPUs online, asked {}",
+            meta.online_cpus, spec.sandbox.online_cpus
         ));
     }
     if meta.disk_slots != spec.sandbox.disk_slots {
@@ -469,6 +491,7 @@ mod tests {
             memory_crc32: 0,
             staged: false,
             disk_slots: 0,
+            online_cpus: 0,
         };
         assert_eq!(stale_reason(&meta, &spec), None);
         let slotted = TemplateMeta {

@@ -165,3 +165,49 @@ fn the_pods_vm_is_charged_to_its_cgroup() {
         .await;
     });
 }
+
+/// Two pods of one image, one asking for 2 CPUs (kubelet's sandbox
+/// resources: the sum of its containers' limits), one for none: the same
+/// template (booted with `max_vcpus`, one online) gives each VM what its
+/// pod asks for.
+#[test]
+fn each_pod_gets_the_cpus_it_asks_for_from_one_template() {
+    cri_test(|channel| async move {
+        let runtime = RuntimeServiceClient::new(channel);
+        until_passed(|attempt| {
+            let mut runtime = runtime.clone();
+            async move {
+                let mut seen = Vec::new();
+                for (name, quota) in [("cpu2", 200_000), ("cpu1", 0)] {
+                    let (mut config, logs) = pod_config(name, attempt);
+                    config.linux.as_mut().unwrap().resources = Some(cri::LinuxContainerResources {
+                        cpu_quota: quota,
+                        cpu_period: 100_000,
+                        ..Default::default()
+                    });
+                    let pod = run_pod(&mut runtime, &config).await;
+                    let _guard = PodGuard(pod.clone());
+                    let app = run_container(
+                        &mut runtime,
+                        container_request(&pod, &config, "app", &["sleep", "3600"]),
+                    )
+                    .await;
+                    let (code, out) = exec_sh(
+                        &mut runtime,
+                        &app,
+                        "nproc; cat /sys/devices/system/cpu/online",
+                    )
+                    .await;
+                    PvmSegv::check(code.into(), || "ExecSync".into())?;
+                    assert_eq!(code, 0, "{out}");
+                    seen.push(out.split_whitespace().map(String::from).collect::<Vec<_>>());
+                    remove_pod(&mut runtime, &pod).await;
+                    std::fs::remove_dir_all(&logs).unwrap();
+                }
+                assert_eq!(seen, [["2", "0-1"], ["1", "0"]], "nproc, online CPUs");
+                Ok(())
+            }
+        })
+        .await;
+    });
+}

@@ -10,6 +10,7 @@
 //! mounting anything; the host tests drive its handlers directly.
 
 pub mod container;
+pub mod cpus;
 pub mod detect;
 pub mod exec;
 pub mod image;

@@ -281,6 +281,22 @@ pub fn handle(req: Request, agent_started_ns: u64) -> (Response, After) {
             id,
             Registry::global().next_oom(None).map(response::Body::Oom),
         ),
+        Some(request::Body::SetCpus(c)) => {
+            match crate::cpus::set_online(std::path::Path::new("/sys/devices/system/cpu"), c.online)
+            {
+                Ok(()) => (
+                    response::Body::Empty(zygote_agent_api::Empty {}),
+                    After::Continue,
+                ),
+                Err(e) => {
+                    let code = match e {
+                        crate::cpus::CpuError::Count { .. } => Code::InvalidArgument,
+                        crate::cpus::CpuError::Os { .. } => Code::Internal,
+                    };
+                    return (error_response(id, code, &e.to_string()), After::Continue);
+                }
+            }
+        }
         Some(request::Body::UnmountImage(u)) => match image::unmount(&u.target) {
             Ok(()) => (
                 response::Body::Empty(zygote_agent_api::Empty {}),

@@ -9,7 +9,7 @@ pub struct Request {
     /// What is asked.
     #[prost(
         oneof = "request::Body",
-        tags = "2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28"
+        tags = "2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29"
     )]
     pub body: Option<request::Body>,
 }
@@ -107,6 +107,9 @@ pub mod request {
         /// Unmount an image disk (before the host empties its slot).
         #[prost(message, tag = "28")]
         UnmountImage(super::UnmountImage),
+        /// Bring CPUs 0..N online and the others offline (the pod's size).
+        #[prost(message, tag = "29")]
+        SetCpus(super::SetCpus),
     }
 }
 
@@ -644,6 +647,14 @@ pub struct MountImage {
     pub serial: String,
 }
 
+/// The CPUs a VM keeps online.
+#[derive(Clone, Copy, PartialEq, Eq, prost::Message)]
+pub struct SetCpus {
+    /// How many (CPUs 0..online).
+    #[prost(uint32, tag = "1")]
+    pub online: u32,
+}
+
 /// Unmount an image mounted by `MountImage`.
 #[derive(Clone, PartialEq, Eq, prost::Message)]
 pub struct UnmountImage {
@@ -910,6 +921,7 @@ mod tests {
             Q::UnmountImage(UnmountImage {
                 target: "/run/zygote/images/1".into(),
             }),
+            Q::SetCpus(SetCpus { online: 2 }),
         ];
         for body in requests {
             let req = Request {

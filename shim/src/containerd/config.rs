@@ -8,7 +8,8 @@
 //! initramfs = "/var/lib/zygote/image/initramfs.cpio"
 //! templates = "/var/lib/zygote/templates"        # template store
 //! images = "/var/lib/zygote/images"              # erofs images by layer chain
-//! vcpus = 1
+//! vcpus = 1                                      # a pod's CPUs when it asks for none
+//! max_vcpus = 0                                  # most CPUs a pod may ask for (0: vcpus)
 //! memory_mib = 128
 //! policy = ["go=restart"]                        # reconcile policy, CLASS=ACTION
 //! agent_timeout_s = 120                          # fork → agent ready, and each agent call
@@ -41,6 +42,8 @@ pub struct ShimConfig {
     pub images: PathBuf,
     /// vCPUs per pod VM.
     pub vcpus: u8,
+    /// The most vCPUs a pod may ask for (0: `vcpus`, and pods are not sized).
+    pub max_vcpus: u8,
     /// Memory per pod VM, MiB.
     pub memory_mib: u64,
     /// Reconcile policy rules (`CLASS=keep|restart|notify[:SIGNAL]`).
@@ -65,6 +68,7 @@ impl Default for ShimConfig {
             templates: paths::templates(),
             images: paths::images(),
             vcpus: 1,
+            max_vcpus: 0,
             memory_mib: 128,
             policy: Vec::new(),
             agent_timeout_s: 120,
@@ -125,6 +129,12 @@ impl ShimConfig {
                 message,
             })?;
         }
+        if config.max_vcpus != 0 && (config.max_vcpus < config.vcpus || config.max_vcpus > 32) {
+            return Err(ConfigError::Parse {
+                path,
+                message: "max_vcpus must be 0 or between vcpus and 32".into(),
+            });
+        }
         if config.disk_slots > 8 {
             return Err(ConfigError::Parse {
                 path,
@@ -138,6 +148,30 @@ impl ShimConfig {
             });
         }
         Ok(config)
+    }
+}
+
+impl ShimConfig {
+    /// Whether pods are sized: templates boot with `max_vcpus` and keep one
+    /// online; each pod's VM brings online as many as it asks for.
+    pub fn sized(&self) -> bool {
+        self.max_vcpus > 1
+    }
+
+    /// The vCPUs a template boots with.
+    pub fn template_vcpus(&self) -> u8 {
+        if self.sized() {
+            self.max_vcpus
+        } else {
+            self.vcpus
+        }
+    }
+
+    /// The CPUs a pod gets when it asks for `asked` (None: the default),
+    /// within what a template has.
+    pub fn pod_cpus(&self, asked: Option<u32>) -> u8 {
+        let asked = asked.unwrap_or(u32::from(self.vcpus));
+        asked.clamp(1, u32::from(self.template_vcpus())) as u8
     }
 }
 

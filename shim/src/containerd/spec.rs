@@ -79,6 +79,36 @@ pub fn hostname(spec: &Value, id: &str) -> String {
     }
 }
 
+/// CRI annotation: the pod's CPU quota (µs per period), the sum of its
+/// containers' limits as kubelet passes it in the sandbox's config.
+pub const SANDBOX_CPU_QUOTA: &str = "io.kubernetes.cri.sandbox-cpu-quota";
+/// CRI annotation: the pod's CPU period, µs.
+pub const SANDBOX_CPU_PERIOD: &str = "io.kubernetes.cri.sandbox-cpu-period";
+
+/// The CPUs a spec asks for: a pod's (the sandbox's CPU annotations), or a
+/// container's (`linux.resources.cpu` quota over period), rounded up; None
+/// without a limit.
+pub fn cpus(spec: &Value) -> Option<u32> {
+    let number = |v: &Value| {
+        v.as_i64()
+            .or_else(|| v.as_str().and_then(|s| s.parse::<i64>().ok()))
+    };
+    let (quota, period) = if is_sandbox(spec) {
+        (
+            number(&spec["annotations"][SANDBOX_CPU_QUOTA]),
+            number(&spec["annotations"][SANDBOX_CPU_PERIOD]),
+        )
+    } else {
+        let cpu = &spec["linux"]["resources"]["cpu"];
+        (number(&cpu["quota"]), number(&cpu["period"]))
+    };
+    let (quota, period) = (
+        quota.filter(|q| *q > 0)?,
+        period.filter(|p| *p > 0).unwrap_or(100_000),
+    );
+    u32::try_from((quota + period - 1) / period).ok()
+}
+
 /// Which shim serves container `id`: its pod's (CRI), or its own.
 pub fn grouping(spec: &Value, id: &str) -> String {
     match annotation(spec, SANDBOX_ID) {
@@ -201,6 +231,19 @@ mod tests {
         );
         assert_eq!(hostname(&without, "__"), "zygote");
         assert_eq!(hostname(&without, &"a".repeat(100)).len(), 63);
+    }
+
+    #[test]
+    fn cpus_from_the_pod_or_the_container() {
+        let pod = serde_json::json!({"annotations": {CONTAINER_TYPE: "sandbox",
+            SANDBOX_CPU_QUOTA: "150000", SANDBOX_CPU_PERIOD: "100000"}});
+        assert_eq!(cpus(&pod), Some(2));
+        let unlimited = serde_json::json!({"annotations": {CONTAINER_TYPE: "sandbox",
+            SANDBOX_CPU_QUOTA: "0", SANDBOX_CPU_PERIOD: "100000"}});
+        assert_eq!(cpus(&unlimited), None);
+        let ctr = serde_json::json!({"linux": {"resources": {"cpu": {"quota": 50000, "period": 100000}}}});
+        assert_eq!(cpus(&ctr), Some(1));
+        assert_eq!(cpus(&serde_json::json!({})), None);
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use zygote_agent_api::{
     AgentClient, ContainerRef, ContainerStats, CreateContainer, ExecProcess, ReadVolume, ResizeTty,
-    SignalProcess, UpdateResources, UpdateVolume, Volume, request, response,
+    SetCpus, SignalProcess, UpdateResources, UpdateVolume, Volume, request, response,
 };
 
 use super::{PodError, PodVm};
@@ -60,6 +60,18 @@ impl PodVm {
             }),
         )?;
         self.mark("create");
+        Ok(())
+    }
+
+    /// Brings the VM's CPUs 0..`cpus` online (the others offline).
+    pub fn set_cpus(&self, cpus: u8) -> Result<(), PodError> {
+        self.call_empty(
+            "SetCpus",
+            request::Body::SetCpus(SetCpus {
+                online: cpus.into(),
+            }),
+        )?;
+        self.mark("cpus");
         Ok(())
     }
 

@@ -238,7 +238,14 @@ pub fn template_name(image: &ImageBuild, config: &ShimConfig) -> String {
         .filter(char::is_ascii_alphanumeric)
         .collect();
     let short = &short[short.len().saturating_sub(16)..];
-    format!("ctr-{short}-{}c{}m", config.vcpus, config.memory_mib)
+    if config.sized() {
+        format!(
+            "ctr-{short}-upto{}c{}m",
+            config.max_vcpus, config.memory_mib
+        )
+    } else {
+        format!("ctr-{short}-{}c{}m", config.vcpus, config.memory_mib)
+    }
 }
 
 impl PodVm {
@@ -251,6 +258,7 @@ impl PodVm {
         image: &ImageBuild,
         hostname: &str,
         network: Option<WiredNetwork>,
+        cpus: u8,
     ) -> Result<Self, PodError> {
         let name = template_name(image, config);
         let failed = |message: String| PodError::Template {
@@ -268,7 +276,8 @@ impl PodVm {
             }],
             name: TemplateName::new(&name).map_err(|e| failed(e.to_string()))?,
             sandbox: SandboxConfig {
-                vcpus: config.vcpus,
+                vcpus: config.template_vcpus(),
+                online_cpus: if config.sized() { 1 } else { 0 },
                 memory_mib: config.memory_mib,
                 kernel: config.kernel.clone(),
                 initramfs: config.initramfs.clone(),
@@ -347,7 +356,7 @@ impl PodVm {
         )?;
         phases.mark("reconcile", sandbox.machine().guest_cpu_time());
         client.set_timeout(timeout).map_err(ClientError::Io)?;
-        Ok(PodVm {
+        let pod = PodVm {
             slots: Mutex::new(vec![None; config.disk_slots as usize]),
             template: name,
             image: image.path.clone(),
@@ -371,7 +380,12 @@ impl PodVm {
             created,
             sandbox,
             network,
-        })
+        };
+        if config.sized() && cpus > 1 {
+            // The template keeps one CPU online; the pod's others come up now.
+            pod.set_cpus(cpus)?;
+        }
+        Ok(pod)
     }
 
     /// The vCPU threads' CPU time inside `KVM_RUN` so far (the guest's work).

@@ -102,6 +102,7 @@ impl TaskService {
             state.pod_netns = netns;
             state.pod_network = wired;
             state.pod_hostname = Some(spec::hostname(&oci, &id));
+            state.pod_cpus = spec::cpus(&oci);
         }
         let mut copied = Vec::new();
         if !sandbox {
@@ -169,6 +170,18 @@ impl TaskService {
             rootfs_mounts.to_vec(),
             id.to_string(),
         );
+        let asked_cpus = if spec::is_cri(oci) {
+            self.state().pod_cpus
+        } else {
+            spec::cpus(oci)
+        };
+        let cpus = config.pod_cpus(asked_cpus);
+        if asked_cpus.is_some_and(|a| a > u32::from(cpus)) {
+            tracing::warn!(
+                "{id}: the pod asks for {} CPUs; its VM gets {cpus} (max_vcpus)",
+                asked_cpus.unwrap_or(0)
+            );
+        }
         let (hostname, netns, wired) = if spec::is_cri(oci) {
             // The pod's, from its pause container (an application
             // container's spec names neither); its network wired then (or
@@ -215,7 +228,7 @@ impl TaskService {
                         (None, Some(ns)) => Some(WiredNetwork::attach(&ns)?),
                         (None, None) => None,
                     };
-                    let pod = Arc::new(PodVm::create(&config, &image, &hostname, network)?);
+                    let pod = Arc::new(PodVm::create(&config, &image, &hostname, network, cpus)?);
                     if let Err(e) = bundle::record_run_dir(&bundle, pod.run_dir()) {
                         tracing::warn!("{id2}: cannot record the VM's run dir in the bundle: {e}");
                     }

@@ -52,6 +52,8 @@ struct State {
     pod_network: Option<super::pod::WiredNetwork>,
     /// The pod's hostname, from its pause container's spec (CRI).
     pod_hostname: Option<String>,
+    /// The CPUs the pod asks for, from its pause container's spec (CRI).
+    pod_cpus: Option<u32>,
     timings_log: Option<PathBuf>,
     table: Table,
     /// The pod's host cgroup, which this shim joined.
