@@ -120,10 +120,19 @@ fn failures_are_reported_and_leave_nothing_behind() {
     // what is wrong and what to do; the template is left for the operator.
     let store = dir.join("damaged-store");
     let damaged = damaged_template_copies(&store);
+    // The node's settings (the VM shape selects the template) with that store.
+    let node_config = std::env::var_os("ZYGOTE_CONFIG")
+        .map_or_else(|| zygote::paths::home().join("config.toml"), PathBuf::from);
+    let shape: String = std::fs::read_to_string(&node_config)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("templates"))
+        .map(|l| format!("{l}\n"))
+        .collect();
     let err = run_refused(
         &dir,
         "damaged",
-        &format!("templates = \"{}\"\n", store.display()),
+        &format!("{shape}templates = \"{}\"\n", store.display()),
     );
     assert!(
         err.contains("template ctr-") && err.contains("damaged") && err.contains("checksum"),

@@ -92,17 +92,6 @@ fn sidecars_from_other_images_take_the_vms_disk_slots() {
     });
 }
 
-async fn exec_ok(
-    runtime: &mut RuntimeServiceClient<Channel>,
-    container: &str,
-    script: &str,
-) -> Result<String, PvmSegv> {
-    let (code, out) = exec_sh(runtime, container, script).await;
-    PvmSegv::check(code.into(), || format!("ExecSync {script:?}"))?;
-    assert_eq!(code, 0, "{script:?}: {out}");
-    Ok(out)
-}
-
 async fn round(
     runtime: &mut RuntimeServiceClient<Channel>,
     images: &[String],

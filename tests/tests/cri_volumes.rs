@@ -174,18 +174,6 @@ fn a_pods_volumes_are_seen_as_under_runc_and_kept_current() {
     });
 }
 
-/// ExecSync `script`, its output; Err on the PVM fault's signature.
-async fn exec_ok(
-    runtime: &mut RuntimeServiceClient<Channel>,
-    container: &str,
-    script: &str,
-) -> Result<String, PvmSegv> {
-    let (code, out) = exec_sh(runtime, container, script).await;
-    PvmSegv::check(code.into(), || format!("ExecSync {script:?}"))?;
-    assert_eq!(code, 0, "{script:?}: {out}");
-    Ok(out)
-}
-
 /// One pod under `handler` ("": runc): the probe's output, after checking
 /// the update, the shared directories and the termination log.
 async fn pod_round(

@@ -183,6 +183,19 @@ pub async fn exec_sh(
     )
 }
 
+/// ExecSync `script` that must exit 0; its output. Err on the PVM fault's
+/// signature (its exit status SIGSEGV).
+pub async fn exec_ok(
+    runtime: &mut RuntimeServiceClient<Channel>,
+    container: &str,
+    script: &str,
+) -> Result<String, PvmSegv> {
+    let (code, out) = exec_sh(runtime, container, script).await;
+    PvmSegv::check(code.into(), || format!("ExecSync {script:?}"))?;
+    assert_eq!(code, 0, "{script:?}: {out}");
+    Ok(out)
+}
+
 /// CreateContainer for container `name` of the test image in `pod`,
 /// running `command`, logging to `<name>.log`.
 pub fn container_request(
