@@ -404,3 +404,43 @@ fn twins_round(attempt: u32) -> Result<(), PvmSegv> {
     }
     Ok(())
 }
+
+/// A container's capabilities are its spec's, as runc gives them (the
+/// reference, in the same run): the default set, and one dropped. (A
+/// non-root process with an ambient capability: containerd's suite,
+/// TestBindLowPortNonOpt, through hack/conformance.)
+#[test]
+fn capabilities_are_the_specs_as_under_runc() {
+    if !containerd_available() {
+        return;
+    }
+    let _vm = vm_lock();
+    let status = "grep -E '^Cap(Inh|Prm|Eff|Bnd|Amb)' /proc/self/status";
+    let cases: [(&str, &[&str]); 2] = [
+        ("default", &[]),
+        ("dropped", &["--cap-drop", "CAP_NET_RAW"]),
+    ];
+    retry_pvm_segv(|attempt| {
+        for (name, flags) in cases {
+            let seen = |runtime: &[&str]| {
+                let id = cid(&format!("caps-{name}-{}-{attempt}", runtime.len()));
+                cleanup(&id);
+                let _removed = Removed(id.clone());
+                let mut args = vec!["run", "--rm"];
+                args.extend_from_slice(flags);
+                args.extend_from_slice(runtime);
+                let image = image();
+                args.extend_from_slice(&[image.as_str(), id.as_str(), "sh", "-c", status]);
+                let out = ctr(&args);
+                (out.status.code(), text(&out.stdout))
+            };
+            let (code, zygote) = seen(&["--runtime", RUNTIME]);
+            PvmSegv::check(code.map_or(0, i64::from), || format!("caps {name}"))?;
+            let (_, runc) = seen(&[]);
+            assert_eq!(code, Some(0), "{zygote}");
+            assert!(zygote.contains("CapEff"), "{zygote}");
+            assert_eq!(zygote, runc, "{name}: capabilities as runc sets them");
+        }
+        Ok(())
+    });
+}

@@ -277,7 +277,7 @@ pub(super) fn enter_root(c: &LaunchConfig) -> Result<(), String> {
 }
 
 /// Hostname (if any), controlling terminal (with `terminal`), rlimits,
-/// groups, gid, uid, no_new_privs, cwd.
+/// bounding set, groups, gid, uid, capabilities, no_new_privs, cwd.
 fn apply_hostname_and_credentials(c: &LaunchConfig) -> Result<(), String> {
     {
         if c.terminal {
@@ -303,6 +303,9 @@ fn apply_hostname_and_credentials(c: &LaunchConfig) -> Result<(), String> {
             // SAFETY: a valid rlimit.
             check(unsafe { libc::setrlimit(resource as _, &lim) }, "setrlimit")?;
         }
+        if let Some(caps) = &c.capabilities {
+            super::caps::before_setuid(caps)?;
+        }
         let groups: Vec<libc::gid_t> = c.additional_gids.clone();
         // SAFETY: the pointer and length describe `groups`.
         let rc = unsafe { libc::setgroups(groups.len(), groups.as_ptr()) };
@@ -311,6 +314,9 @@ fn apply_hostname_and_credentials(c: &LaunchConfig) -> Result<(), String> {
         check(unsafe { libc::setgid(c.gid) }, "setgid")?;
         // SAFETY: plain ids.
         check(unsafe { libc::setuid(c.uid) }, "setuid")?;
+        if let Some(caps) = &c.capabilities {
+            super::caps::after_setuid(caps)?;
+        }
         if c.no_new_privileges {
             // SAFETY: prctl with integer arguments.
             let rc = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };

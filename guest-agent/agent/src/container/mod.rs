@@ -10,6 +10,7 @@
 //! - `volumes.rs`: volumes the host copies in, and the pod's shared ones.
 //! - `registry.rs`: the containers of this VM and their processes.
 
+pub mod caps;
 pub mod cgroup;
 pub mod control;
 pub mod init;

@@ -96,6 +96,9 @@ pub struct LaunchConfig {
     pub resources: Resources,
     /// The cgroup the init joins before anything else (set by the agent).
     pub cgroup: Option<PathBuf>,
+    /// Capabilities (None: the spec names none, and they are left as they are).
+    #[serde(default)]
+    pub capabilities: Option<super::caps::Capabilities>,
 }
 
 /// Whether `p` is absolute and has no `..`.
@@ -221,6 +224,23 @@ pub fn launch_config(json: &[u8], rootfs: &Path) -> Result<LaunchConfig, SpecErr
             .map(resources_of)
             .unwrap_or_default(),
         cgroup: None,
+        capabilities: process.capabilities().as_ref().map(|c| {
+            let set = |s: &Option<oci_spec::runtime::Capabilities>| {
+                let names: Vec<String> = s
+                    .iter()
+                    .flatten()
+                    .filter_map(|cap| serde_json::to_value(cap).ok()?.as_str().map(String::from))
+                    .collect();
+                super::caps::mask(names.iter().map(String::as_str))
+            };
+            super::caps::Capabilities {
+                bounding: set(c.bounding()),
+                effective: set(c.effective()),
+                inheritable: set(c.inheritable()),
+                permitted: set(c.permitted()),
+                ambient: set(c.ambient()),
+            }
+        }),
     })
 }
 
