@@ -454,8 +454,17 @@ impl Sandbox {
             c.set_timeout(grace).map_err(ClientError::Io)?;
             Ok(c.call(request::Body::Shutdown(Default::default()))?)
         });
-        if asked.is_ok() {
-            self.machine.wait(grace);
+        let off = asked.is_ok() && self.machine.wait(grace).is_some();
+        if !off {
+            // What the guest was doing is the only clue to a shutdown that hangs.
+            tracing::warn!(
+                "the guest did not power off within {grace:?} ({}); its console's last lines:\n{}",
+                match &asked {
+                    Ok(_) => "it acknowledged the shutdown".to_string(),
+                    Err(e) => e.to_string(),
+                },
+                self.machine.console_tail(20)
+            );
         }
         self.kill()
     }
