@@ -73,16 +73,6 @@ fn cni_mac(netns: &str) -> String {
         .to_string()
 }
 
-/// Links whose name starts with `prefix` in the host's namespace.
-fn host_links(prefix: &str) -> Vec<String> {
-    std::fs::read_dir("/sys/class/net")
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with(prefix))
-        .collect()
-}
-
 /// What a zygote pod's VM says of its own NIC: MAC, IPv4 address, neighbours.
 struct GuestNic {
     mac: String,

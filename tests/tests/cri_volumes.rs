@@ -127,15 +127,6 @@ impl Drop for KubeletPod {
     }
 }
 
-/// The host's veth interfaces.
-fn veths() -> usize {
-    std::fs::read_dir("/sys/class/net")
-        .unwrap()
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with("veth"))
-        .count()
-}
-
 /// What a container sees of its volumes: each file's mode, owner and
 /// content, each directory's mode, and whether a read-only one refuses a write.
 const PROBE: &str = r#"
@@ -182,7 +173,7 @@ async fn pod_round(
     attempt: u32,
 ) -> Result<String, PvmSegv> {
     let runtime_name = if handler.is_empty() { "runc" } else { handler };
-    let (before, veths_before) = (host_footprint(), veths());
+    let (before, veths_before) = (host_footprint(), host_links("veth").len());
     let kubelet = KubeletPod::new(&format!("{runtime_name}-{attempt}"));
     let (pod_config, logs) = pod_config(&format!("volpod-{runtime_name}"), attempt);
     // On the pod network (CNI): a pod with the host's network cannot name
@@ -282,7 +273,7 @@ async fn pod_round(
     let mut after = footprint_after(&before);
     // The CNI bridge stays once made; the pod's veth must not.
     assert_eq!(
-        veths(),
+        host_links("veth").len(),
         veths_before,
         "{runtime_name}: the pod's veth is gone"
     );

@@ -15,6 +15,27 @@
 /// Mount source prefix naming a volume.
 pub const VOLUME_SOURCE: &str = "zygote-volume:";
 
+/// Whether a link at `at` (a `/`-separated path inside a volume) to
+/// `target` stays inside the volume: relative, and never above its root.
+/// The host leaves other links out; the agent refuses them.
+pub fn link_stays_inside(at: &str, target: &str) -> bool {
+    if target.is_empty() || target.starts_with('/') {
+        return false;
+    }
+    let mut depth = at.split('/').filter(|p| !p.is_empty()).count() as i64 - 1;
+    for part in target.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => depth -= 1,
+            _ => depth += 1,
+        }
+        if depth < 0 {
+            return false;
+        }
+    }
+    true
+}
+
 /// What a [`VolumeEntry`] is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
 #[repr(i32)]

@@ -390,3 +390,13 @@ pub fn run_dirs_of(pid: u32) -> usize {
         })
         .unwrap_or(0)
 }
+
+/// Links whose name starts with `prefix` in the host's namespace.
+pub fn host_links(prefix: &str) -> Vec<String> {
+    std::fs::read_dir("/sys/class/net")
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(prefix))
+        .collect()
+}

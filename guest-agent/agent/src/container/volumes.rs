@@ -52,28 +52,6 @@ fn relative(path: &str) -> Option<PathBuf> {
         .then(|| p.to_path_buf())
 }
 
-/// Whether link target `target` of the link at `at` (both inside the
-/// volume) stays inside the volume.
-fn target_inside(at: &Path, target: &str) -> bool {
-    let t = Path::new(target);
-    if target.is_empty() || t.is_absolute() {
-        return false;
-    }
-    let mut depth = at.components().count().saturating_sub(1) as i64;
-    for c in t.components() {
-        match c {
-            Component::Normal(_) => depth += 1,
-            Component::CurDir => {}
-            Component::ParentDir => depth -= 1,
-            _ => return false,
-        }
-        if depth < 0 {
-            return false;
-        }
-    }
-    true
-}
-
 fn kind(e: &VolumeEntry) -> Option<EntryKind> {
     EntryKind::try_from(e.kind).ok()
 }
@@ -130,7 +108,8 @@ pub fn check(v: &Volume) -> Result<(), VolumeError> {
                 dirs.insert(path);
             }
             Some(EntryKind::File) => {}
-            Some(EntryKind::Symlink) if target_inside(&path, &e.target) => {}
+            Some(EntryKind::Symlink)
+                if zygote_agent_api::volumes::link_stays_inside(&e.path, &e.target) => {}
             Some(EntryKind::Symlink) => {
                 return Err(bad(format!(
                     "link {:?} points out of the volume ({:?})",

@@ -286,7 +286,7 @@ pub fn read_tree(root: &Path, name: &str) -> Result<Volume, VolumeError> {
                 let target = std::fs::read_link(&full).map_err(err(&full))?;
                 let mut e = entry(path, &meta, EntryKind::Symlink);
                 e.target = target.to_string_lossy().into_owned();
-                if link_inside(&e.path, &e.target) {
+                if zygote_agent_api::volumes::link_stays_inside(&e.path, &e.target) {
                     v.entries.push(e);
                 }
             }
@@ -307,25 +307,6 @@ fn read_bounded(path: &Path) -> std::io::Result<Vec<u8>> {
         .take(MAX_COPIED_BYTES + 1)
         .read_to_end(&mut data)?;
     Ok(data)
-}
-
-/// Whether a link at `at` (relative to the volume) to `target` stays inside.
-fn link_inside(at: &str, target: &str) -> bool {
-    if target.is_empty() || target.starts_with('/') {
-        return false;
-    }
-    let mut depth = at.split('/').count() as i64 - 1;
-    for part in target.split('/') {
-        match part {
-            "" | "." => {}
-            ".." => depth -= 1,
-            _ => depth += 1,
-        }
-        if depth < 0 {
-            return false;
-        }
-    }
-    true
 }
 
 #[cfg(test)]
