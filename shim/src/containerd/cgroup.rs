@@ -280,14 +280,34 @@ impl PodCgroup {
     }
 }
 
-/// After a shim died: removes its pod's cgroup directories, if empty (the
-/// dead shim was their only process).
+/// After a shim died: removes its pod's cgroup directories once empty (the
+/// dead shim was their only process). containerd runs `delete` as soon as
+/// the shim's connection drops, which can be before the kernel has finished
+/// the killed process's exit (its guest memory is torn down first) and
+/// taken it out of the cgroup: a busy directory is retried for a while.
 pub fn remove_dead(cgroups_path: &str) {
     let (Some(path), Some(layout)) = (expand(cgroups_path), Layout::host()) else {
         return;
     };
+    // Within containerd's 5 s for the whole `delete`.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
     for root in layout.roots() {
-        let _ = std::fs::remove_dir(root.join(&path));
+        let dir = root.join(&path);
+        loop {
+            match std::fs::remove_dir(&dir) {
+                Err(e)
+                    if e.raw_os_error() == Some(libc::EBUSY)
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    tracing::warn!("cannot remove cgroup {}: {e}", dir.display());
+                    break;
+                }
+                _ => break,
+            }
+        }
     }
 }
 
