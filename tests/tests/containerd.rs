@@ -169,6 +169,23 @@ fn detached_round(attempt: u32) -> Result<(), PvmSegv> {
             .unwrap_or_default()
             .to_string()
     };
+    // The task's pid is a host process of its own (not the shim), in the
+    // container's cgroup, alive while the task runs and gone once its exit
+    // is reported, as containerd's clients expect of a task pid.
+    let task_pid: i32 = state_of(&id)
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in ctr task ls: {}", state_of(&id)));
+    assert!(
+        !shim_pids(&id).contains(&(task_pid as u32)),
+        "the task pid is the shim's"
+    );
+    let cgroup = std::fs::read_to_string(format!("/proc/{task_pid}/cgroup")).unwrap();
+    assert!(
+        cgroup.contains(&format!("/default/{id}\n")),
+        "pid {task_pid} is not in the container's cgroup: {cgroup}"
+    );
     let result = (|| {
         let exec = ctr(&[
             "task",
@@ -224,6 +241,9 @@ fn detached_round(attempt: u32) -> Result<(), PvmSegv> {
             panic!("{context}");
         }
         wait_task(&id, "STOPPED");
+        // SAFETY: signal 0 only asks whether the pid exists.
+        let gone = unsafe { libc::kill(task_pid, 0) } != 0;
+        assert!(gone, "pid {task_pid} still exists after the task's exit");
         let rm = ctr(&["task", "rm", &id]);
         assert!(rm.status.success(), "{}", text(&rm.stderr));
         Ok(())

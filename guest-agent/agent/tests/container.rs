@@ -294,10 +294,13 @@ fn registry_runs_a_container_with_streams_over_an_overlay() {
     let mut stdin = attach("stdin");
     let mut stdout = attach("stdout");
     let mut stderr = attach("stderr");
-    registry.start("c1").unwrap();
+    // stdin's bytes and its end can come before the start (containerd's
+    // writer may be done by then): the process still reads them first.
     use std::io::Write;
     stdin.write_all(b"hello\n").unwrap();
     drop(stdin);
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    registry.start("c1").unwrap();
     assert_eq!(registry.wait("c1").unwrap(), 7);
     assert!(
         matches!(registry.signal("c1", 9), Err(ContainerError::Finished(_))),

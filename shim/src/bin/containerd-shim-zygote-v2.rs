@@ -1,9 +1,11 @@
 //! containerd-shim-zygote-v2: the containerd shim v2 entry point
 //! (`io.containerd.zygote.v2`). `delete` and serving are the containerd-shim
 //! crate's bootstrap; `start` answers in containerd 1.6's form; `-v` prints
-//! the version; `-info` prints containerd 2's `RuntimeInfo` protobuf.
+//! the version; `-info` prints containerd 2's `RuntimeInfo` protobuf;
+//! `--zygote-pid-holder` is a task's host process (`task::holder`).
 
 use zygote::containerd::shim::{ZygoteShim, serve, start_legacy};
+use zygote::containerd::task::holder::{HOLDER_ARG, hold};
 
 const RUNTIME: &str = "io.containerd.zygote.v2";
 
@@ -48,6 +50,9 @@ fn print_info() {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some(HOLDER_ARG) {
+        hold();
+    }
     if args
         .iter()
         .any(|a| a == "-v" || a == "--version" || a == "-version")

@@ -185,32 +185,61 @@ pub struct Bridged {
     /// The vsock connections, to shut down if the VM dies (their copies then
     /// end, and containerd's FIFOs close).
     pub streams: Vec<UnixStream>,
-    /// The stdin copy, which ends (and half-closes the stream: the process
-    /// reads end of file) when containerd's side of the stdin FIFO closes,
-    /// or when told to.
+    /// The stdin copy, to be started where `CloseIO` finds it; it ends (and
+    /// half-closes the stream: the process reads end of file) when
+    /// containerd's side of the stdin FIFO closes, or when told to.
     pub stdin: Option<StdinCopy>,
 }
 
-/// A running copy of containerd's stdin FIFO to the process's stdin stream.
+/// A copy of containerd's stdin FIFO to the process's stdin stream. It is
+/// made ready by `bridge` and started only once its owner can find it: the
+/// moment it opens the FIFO, containerd's writer goes on and may call
+/// `CloseIO`, which must then find the copy to pass on what it wrote.
 #[derive(Debug)]
 pub struct StdinCopy {
-    thread: JoinHandle<()>,
+    /// The FIFO, the stream and the wake-up's receiving end, until started.
+    ready: Option<(PathBuf, UnixStream, UnixStream)>,
+    thread: Option<JoinHandle<()>>,
     /// Written to ask the copy to end.
     wake: UnixStream,
 }
 
 impl StdinCopy {
+    fn new(fifo: PathBuf, conn: UnixStream) -> Result<StdinCopy, IoError> {
+        let (wake, woken) = UnixStream::pair().map_err(IoError::Wake)?;
+        Ok(StdinCopy {
+            ready: Some((fifo, conn, woken)),
+            thread: None,
+            wake,
+        })
+    }
+
+    /// Starts copying (once).
+    pub fn start(&mut self) {
+        if let Some((fifo, conn, woken)) = self.ready.take() {
+            let thread = std::thread::Builder::new()
+                .name("io-stdin".into())
+                .spawn(move || copy_in(&fifo, conn, woken))
+                .expect("spawn an io thread");
+            self.thread = Some(thread);
+        }
+    }
+
     /// containerd's `CloseIO`: the copy passes on what is already in the
     /// FIFO, then ends and half-closes the stream, so the end of file
     /// follows the last byte in band (containerd calls it before it closes
-    /// its own end). Returns whether it ended within `grace`.
+    /// its own end). Returns whether it ended within `grace`. A copy never
+    /// started has nothing to pass on: its stream closes with it.
     pub fn close(self, grace: Duration) -> bool {
+        let Some(thread) = self.thread else {
+            return true;
+        };
         let _ = (&self.wake).write_all(b"x");
         let start = std::time::Instant::now();
-        while !self.thread.is_finished() && start.elapsed() < grace {
+        while !thread.is_finished() && start.elapsed() < grace {
             std::thread::sleep(Duration::from_millis(10));
         }
-        self.thread.is_finished()
+        thread.is_finished()
     }
 }
 
@@ -262,14 +291,7 @@ pub fn bridge(
         copies.push(handle);
     }
     let stdin = match stdin {
-        Some((fifo, conn)) => {
-            let (wake, woken) = UnixStream::pair().map_err(IoError::Wake)?;
-            let thread = std::thread::Builder::new()
-                .name("io-stdin".into())
-                .spawn(move || copy_in(&fifo, conn, woken))
-                .expect("spawn an io thread");
-            Some(StdinCopy { thread, wake })
-        }
+        Some((fifo, conn)) => Some(StdinCopy::new(fifo, conn)?),
         None => None,
     };
     Ok(Bridged {
@@ -381,10 +403,8 @@ mod tests {
         // SAFETY: a valid path string.
         assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
         let (conn, mut guest) = UnixStream::pair().unwrap();
-        let (wake, woken) = UnixStream::pair().unwrap();
-        let path = fifo.clone();
-        let thread = std::thread::spawn(move || copy_in(&path, conn, woken));
-        let copy = StdinCopy { thread, wake };
+        let mut copy = StdinCopy::new(fifo.clone(), conn).unwrap();
+        copy.start();
         // containerd's side: written, and still open.
         let mut writer = OpenOptions::new().write(true).open(&fifo).unwrap();
         writer.write_all(b"first\nsecond\n").unwrap();
@@ -397,16 +417,24 @@ mod tests {
 
         // Its writer gone, a copy ends by itself; a close afterwards is fine.
         let (conn, mut guest) = UnixStream::pair().unwrap();
-        let (wake, woken) = UnixStream::pair().unwrap();
-        let path = fifo.clone();
-        let thread = std::thread::spawn(move || copy_in(&path, conn, woken));
+        let mut copy = StdinCopy::new(fifo.clone(), conn).unwrap();
+        copy.start();
         let mut writer = OpenOptions::new().write(true).open(&fifo).unwrap();
         writer.write_all(b"all").unwrap();
         drop(writer);
         let mut got = String::new();
         guest.read_to_string(&mut got).unwrap();
         assert_eq!(got, "all");
-        assert!(StdinCopy { thread, wake }.close(Duration::from_secs(5)));
+        assert!(copy.close(Duration::from_secs(5)));
+
+        // Never started (the process's start failed): nothing to pass on,
+        // and its stream ends.
+        let (conn, mut guest) = UnixStream::pair().unwrap();
+        let copy = StdinCopy::new(fifo.clone(), conn).unwrap();
+        assert!(copy.close(Duration::from_secs(5)));
+        let mut got = String::new();
+        guest.read_to_string(&mut got).unwrap();
+        assert_eq!(got, "");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

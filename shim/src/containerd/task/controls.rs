@@ -8,7 +8,7 @@ use super::super::io::StdioPaths;
 use super::super::pod::ProcessExit;
 use super::errors::TaskError;
 use super::events::now_ns;
-use super::lifecycle::{process_ref, task_pid};
+use super::lifecycle::process_ref;
 use super::table::Process;
 use super::{TaskService, blocking};
 use containerd_shim_protos::events::task::TaskExecAdded;
@@ -19,6 +19,8 @@ use containerd_shim_protos::topics;
 pub struct ProcessView {
     /// Its container's bundle.
     pub bundle: String,
+    /// The pid containerd knows it by.
+    pub pid: u32,
     /// Created, running or stopped.
     pub status: api::Status,
     /// Its stdio as containerd gave it.
@@ -39,6 +41,7 @@ impl TaskService {
         let p = c.process(id, exec_id)?;
         Ok(ProcessView {
             bundle,
+            pid: p.pid(),
             status: p.status(),
             stdio: p.stdio.clone(),
             exit: p.exit(),
@@ -157,19 +160,19 @@ impl TaskService {
         blocking(move || Ok(pod.close_stdin(&key)?)).await
     }
 
-    /// The pids of a container's processes (the pause container: the shim's).
+    /// The pids of a container's processes (the pause container: its task's).
     ///
-    /// The container's own process goes by the task's pid (the shim's, as
-    /// containerd knows the task), as under runc the task's pid is among
+    /// The container's own process goes by the task's pid (its host holder,
+    /// as containerd knows the task), as under runc the task's pid is among
     /// its container's; the others by their guest pids.
     pub async fn list_pids(&self, id: &str) -> Result<Vec<u32>, TaskError> {
-        let init_guest_pid = {
+        let (init_guest_pid, init_pid) = {
             let mut state = self.state();
             let c = state.table.container(id)?;
             if c.sandbox {
-                return Ok(vec![task_pid()]);
+                return Ok(vec![c.init.pid()]);
             }
-            c.init.guest_pid
+            (c.init.guest_pid, c.init.pid())
         };
         let pod = self.pod()?;
         let id = id.to_string();
@@ -178,7 +181,7 @@ impl TaskService {
             .into_iter()
             .map(|pid| {
                 if Some(pid) == init_guest_pid {
-                    task_pid()
+                    init_pid
                 } else {
                     pid
                 }

@@ -13,7 +13,6 @@ use super::super::io::StdioPaths;
 use super::TaskService;
 use super::errors::TaskError;
 use super::events::timestamp_ns;
-use super::lifecycle::task_pid;
 use super::metrics::to_metrics;
 
 type TtrpcResult<T> = ttrpc::Result<T>;
@@ -55,9 +54,9 @@ impl Task for TaskService {
         _ctx: &TtrpcContext,
         req: api::DeleteRequest,
     ) -> TtrpcResult<api::DeleteResponse> {
-        let exit = self.delete_task(&req.id, &req.exec_id).await?;
+        let (pid, exit) = self.delete_task(&req.id, &req.exec_id).await?;
         Ok(api::DeleteResponse {
-            pid: task_pid(),
+            pid,
             exit_status: exit.status,
             exited_at: MessageField::some(timestamp_ns(exit.at_ns)),
             ..Default::default()
@@ -73,7 +72,7 @@ impl Task for TaskService {
         Ok(api::StateResponse {
             id: process_id(&req.id, &req.exec_id).into(),
             bundle: view.bundle,
-            pid: task_pid(),
+            pid: view.pid,
             status: view.status.into(),
             stdin: view.stdio.stdin,
             stdout: view.stdio.stdout,
@@ -199,10 +198,10 @@ impl Task for TaskService {
         _ctx: &TtrpcContext,
         req: api::ConnectRequest,
     ) -> TtrpcResult<api::ConnectResponse> {
-        self.view(&req.id, "")?;
+        let view = self.view(&req.id, "")?;
         Ok(api::ConnectResponse {
             shim_pid: std::process::id(),
-            task_pid: task_pid(),
+            task_pid: view.pid,
             version: env!("CARGO_PKG_VERSION").into(),
             ..Default::default()
         })

@@ -1,8 +1,8 @@
 //! The typed methods behind the Task API: what each request does to the
 //! process table and the pod VM, and the events it raises.
 //!
-//! Pids: a task's pid, as containerd sees it, is the shim's own (the host
-//! process that holds the pod's VM), as Kata answers with its VMM's; `pids`
+//! Pids: a task's or exec's pid, as containerd sees it, is a host process
+//! that lives as long as it does (`holder`), in the pod's cgroup; `pids`
 //! lists a container's own process by that pid and the others by their
 //! guest pids.
 
@@ -29,11 +29,6 @@ use super::errors::TaskError;
 use super::events::timestamp_ns;
 use super::table::{Container, Process};
 use super::{TaskService, blocking, rootfs};
-
-/// The pid containerd gets for every task and exec of the pod.
-pub fn task_pid() -> u32 {
-    std::process::id()
-}
 
 pub(super) fn process_ref(id: &str, exec_id: &str) -> ContainerRef {
     ContainerRef {
@@ -119,12 +114,15 @@ impl TaskService {
                 }
             }
         }
+        let mut init = Process::new(stdio.clone());
+        init.hold(&id);
+        let pid = init.pid();
         self.state().table.insert(
             &id,
             Container {
                 bundle: req.bundle.clone(),
                 sandbox,
-                init: Process::new(stdio.clone()),
+                init,
                 execs: Default::default(),
                 copied,
             },
@@ -140,7 +138,7 @@ impl TaskService {
                 terminal: stdio.terminal,
                 ..Default::default()
             }),
-            pid: task_pid(),
+            pid,
             ..Default::default()
         };
         self.events.publish(topics::TASK_CREATE_EVENT_TOPIC, &event);
@@ -148,7 +146,7 @@ impl TaskService {
             "created {id} in {:.1} ms",
             started.elapsed().as_secs_f64() * 1e3
         );
-        Ok(task_pid())
+        Ok(pid)
     }
 
     /// The pod's VM (made now if the pod has none: two first creates at
@@ -320,9 +318,14 @@ impl TaskService {
             (sandbox, p.stdio.clone())
         };
         if sandbox {
-            self.state().table.process(id, exec_id)?.started = true;
+            let pid = {
+                let mut state = self.state();
+                let p = state.table.process(id, exec_id)?;
+                p.started = true;
+                p.pid()
+            };
             self.publish_start(id, exec_id);
-            return Ok(task_pid());
+            return Ok(pid);
         }
         let pod = self.pod()?;
         let key = process_ref(id, exec_id);
@@ -333,9 +336,22 @@ impl TaskService {
         let mut bridged =
             blocking(move || Ok(bridge(&vsock, &stream_key, (&owner.0, &owner.1), &stdio)?))
                 .await?;
-        // The stdin copy is known before the start: a `CloseIO` that comes
-        // while the start is in flight waits for it instead of overtaking it.
-        self.state().table.process(id, exec_id)?.stdin_copy = bridged.stdin.take();
+        // The stdin copy starts where a `CloseIO` finds it (containerd's
+        // writer goes on once the copy opens the FIFO), before the start: a
+        // `CloseIO` while the start is in flight waits for it instead of
+        // overtaking it. An exec's host pid exists before its process can exit.
+        let pid = {
+            let mut state = self.state();
+            let p = state.table.process(id, exec_id)?;
+            p.stdin_copy = bridged.stdin.take();
+            if let Some(copy) = &mut p.stdin_copy {
+                copy.start();
+            }
+            if p.pid() == 0 {
+                p.hold(&format!("{id} {exec_id}"));
+            }
+            p.pid()
+        };
         let (pod2, key2) = (pod.clone(), key.clone());
         let started_in_vm = blocking(move || Ok(pod2.start(&key2)?)).await;
         let guest_pid = match started_in_vm {
@@ -373,13 +389,17 @@ impl TaskService {
             "started {id} {exec_id} (guest pid {guest_pid}) in {:.1} ms",
             started.elapsed().as_secs_f64() * 1e3
         );
-        Ok(task_pid())
+        Ok(pid)
     }
 
     /// Deletes a process that is not running (the container's: with its
     /// execs, and the pod's VM when it was the last).
-    pub async fn delete_task(&self, id: &str, exec_id: &str) -> Result<ProcessExit, TaskError> {
-        let (exit, sandbox, bundle) = {
+    pub async fn delete_task(
+        &self,
+        id: &str,
+        exec_id: &str,
+    ) -> Result<(u32, ProcessExit), TaskError> {
+        let (exit, pid, sandbox, bundle) = {
             let mut state = self.state();
             let c = state.table.container(id)?;
             let (sandbox, bundle) = (c.sandbox, c.bundle.clone());
@@ -389,7 +409,7 @@ impl TaskService {
                     "{id} {exec_id} is running: kill it first"
                 )));
             }
-            (p.exit(), sandbox, bundle)
+            (p.exit(), p.pid(), sandbox, bundle)
         };
         if let (true, Some(w)) = (exec_id.is_empty(), &self.state().volume_watch) {
             w.remove(id);
@@ -430,7 +450,7 @@ impl TaskService {
             bundle::release(Path::new(&bundle));
             let event = TaskDelete {
                 container_id: id.into(),
-                pid: task_pid(),
+                pid,
                 exit_status: exit.status,
                 exited_at: MessageField::some(timestamp_ns(exit.at_ns)),
                 id: id.into(),
@@ -441,15 +461,24 @@ impl TaskService {
         if last {
             self.teardown_if_idle().await;
         }
-        Ok(exit)
+        Ok((pid, exit))
+    }
+
+    /// The pid containerd knows a process by (0 if there is none).
+    pub(super) fn pid_of(&self, id: &str, exec_id: &str) -> u32 {
+        self.state()
+            .table
+            .process(id, exec_id)
+            .map_or(0, |p| p.pid())
     }
 
     /// TaskStart, or TaskExecStarted for an exec.
     fn publish_start(&self, id: &str, exec_id: &str) {
+        let pid = self.pid_of(id, exec_id);
         if exec_id.is_empty() {
             let event = TaskStart {
                 container_id: id.into(),
-                pid: task_pid(),
+                pid,
                 ..Default::default()
             };
             self.events.publish(topics::TASK_START_EVENT_TOPIC, &event);
@@ -457,7 +486,7 @@ impl TaskService {
             let event = TaskExecStarted {
                 container_id: id.into(),
                 exec_id: exec_id.into(),
-                pid: task_pid(),
+                pid,
                 ..Default::default()
             };
             self.events
@@ -474,7 +503,7 @@ impl TaskService {
             } else {
                 exec_id.into()
             },
-            pid: task_pid(),
+            pid: self.pid_of(id, exec_id),
             exit_status: exit.status,
             exited_at: MessageField::some(timestamp_ns(exit.at_ns)),
             ..Default::default()

@@ -23,6 +23,7 @@ mod controls;
 mod errors;
 pub mod events;
 mod handlers;
+pub mod holder;
 mod lifecycle;
 mod metrics;
 mod rootfs;

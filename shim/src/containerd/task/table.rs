@@ -11,6 +11,7 @@ use tokio::sync::watch;
 use super::super::io::StdioPaths;
 use super::super::pod::ProcessExit;
 use super::errors::TaskError;
+use super::holder::PidHolder;
 
 /// One process of a container: its init or an exec.
 pub struct Process {
@@ -25,6 +26,10 @@ pub struct Process {
     pub streams: Vec<UnixStream>,
     /// Its stdin copy, while it may still run.
     pub stdin_copy: Option<super::super::io::StdinCopy>,
+    /// The host process whose pid containerd gets for it, while it lives.
+    holder: Option<PidHolder>,
+    /// That pid (kept after the holder ended; 0 before there was one).
+    pid: u32,
 }
 
 impl Process {
@@ -37,7 +42,29 @@ impl Process {
             exit_tx: watch::channel(None).0,
             streams: Vec::new(),
             stdin_copy: None,
+            holder: None,
+            pid: 0,
         }
+    }
+
+    /// Gives it a host process to stand for it (see `holder`); if none can
+    /// be started, the shim's own pid stands for it.
+    pub fn hold(&mut self, id: &str) {
+        match PidHolder::spawn() {
+            Ok(h) => {
+                self.pid = h.pid();
+                self.holder = Some(h);
+            }
+            Err(e) => {
+                tracing::warn!("{id}: no host process for its pid ({e}); the shim's stands for it");
+                self.pid = std::process::id();
+            }
+        }
+    }
+
+    /// The pid containerd knows it by (0 before it has one).
+    pub fn pid(&self) -> u32 {
+        self.pid
     }
 
     /// How it ended, if it did.
@@ -55,6 +82,8 @@ impl Process {
         for s in self.streams.drain(..) {
             let _ = s.shutdown(std::net::Shutdown::Both);
         }
+        // Gone before the exit is known: its pid is not alive after.
+        self.holder = None;
         self.exit_tx.send_replace(Some(exit));
         true
     }
