@@ -166,23 +166,27 @@ fn the_pods_vm_is_charged_to_its_cgroup() {
     });
 }
 
-/// Two pods of one image, one asking for 2 CPUs (kubelet's sandbox
-/// resources: the sum of its containers' limits), one for none: the same
-/// template (booted with `max_vcpus`, one online) gives each VM what its
-/// pod asks for.
+/// Two pods of one image, one asking for 2 CPUs and 96 MiB (kubelet's
+/// sandbox resources: the sum of its containers' limits), one for neither:
+/// the same template (booted with `max_vcpus`, one online, and
+/// `max_memory_mib`) gives each VM what its pod asks for: its CPUs online,
+/// its containers' memory capped together (the default `memory_mib` for the
+/// one that asks for none). A pod asking for more memory than the node's
+/// VMs have is refused at `RunPodSandbox`, with nothing left.
 #[test]
-fn each_pod_gets_the_cpus_it_asks_for_from_one_template() {
+fn each_pod_gets_the_cpus_and_memory_it_asks_for_from_one_template() {
     cri_test(|channel| async move {
         let runtime = RuntimeServiceClient::new(channel);
         until_passed(|attempt| {
             let mut runtime = runtime.clone();
             async move {
                 let mut seen = Vec::new();
-                for (name, quota) in [("cpu2", 200_000), ("cpu1", 0)] {
+                for (name, quota, memory) in [("cpu2", 200_000, 96 << 20), ("cpu1", 0, 0)] {
                     let (mut config, logs) = pod_config(name, attempt);
                     config.linux.as_mut().unwrap().resources = Some(cri::LinuxContainerResources {
                         cpu_quota: quota,
                         cpu_period: 100_000,
+                        memory_limit_in_bytes: memory,
                         ..Default::default()
                     });
                     let pod = run_pod(&mut runtime, &config).await;
@@ -195,7 +199,8 @@ fn each_pod_gets_the_cpus_it_asks_for_from_one_template() {
                     let (code, out) = exec_sh(
                         &mut runtime,
                         &app,
-                        "nproc; cat /sys/devices/system/cpu/online",
+                        "nproc; cat /sys/devices/system/cpu/online; \
+                         cat /sys/fs/cgroup/containers/memory.max",
                     )
                     .await;
                     PvmSegv::check(code.into(), || "ExecSync".into())?;
@@ -204,10 +209,50 @@ fn each_pod_gets_the_cpus_it_asks_for_from_one_template() {
                     remove_pod(&mut runtime, &pod).await;
                     std::fs::remove_dir_all(&logs).unwrap();
                 }
-                assert_eq!(seen, [["2", "0-1"], ["1", "0"]], "nproc, online CPUs");
+                let (asked, default) = ((96u64 << 20).to_string(), (128u64 << 20).to_string());
+                assert_eq!(
+                    seen,
+                    [["2", "0-1", asked.as_str()], ["1", "0", default.as_str()]],
+                    "nproc, online CPUs, the pod's memory cap"
+                );
                 Ok(())
             }
         })
         .await;
+
+        // Bigger than the node's VMs (max_memory_mib = 256 here).
+        let mut runtime = runtime.clone();
+        let (mut config, logs) = pod_config("toobig", 0);
+        config.linux.as_mut().unwrap().resources = Some(cri::LinuxContainerResources {
+            memory_limit_in_bytes: 300 << 20,
+            ..Default::default()
+        });
+        let before = host_links("veth");
+        let err = runtime
+            .run_pod_sandbox(cri::RunPodSandboxRequest {
+                config: Some(config),
+                runtime_handler: "zygote".into(),
+            })
+            .await
+            .unwrap_err();
+        assert!(
+            err.message().contains("300 MiB") && err.message().contains("at most 256 MiB"),
+            "{err:?}"
+        );
+        let pods = runtime
+            .list_pod_sandbox(cri::ListPodSandboxRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .items;
+        assert!(
+            !pods.iter().any(|p| p
+                .metadata
+                .as_ref()
+                .is_some_and(|m| m.name.starts_with("toobig"))),
+            "the refused pod is not listed"
+        );
+        assert_eq!(host_links("veth"), before, "no veth left");
+        let _ = std::fs::remove_dir_all(&logs);
     });
 }

@@ -297,6 +297,23 @@ pub fn handle(req: Request, agent_started_ns: u64) -> (Response, After) {
                 }
             }
         }
+        Some(request::Body::SetPodMemory(m)) => {
+            let root = std::path::Path::new("/sys/fs/cgroup");
+            match crate::container::cgroup::limit_pod_memory(root, m.limit_bytes) {
+                Ok(()) => (
+                    response::Body::Empty(zygote_agent_api::Empty {}),
+                    After::Continue,
+                ),
+                Err(e) => {
+                    let code = if e.kind() == std::io::ErrorKind::InvalidInput {
+                        Code::InvalidArgument
+                    } else {
+                        Code::Internal
+                    };
+                    return (error_response(id, code, &e.to_string()), After::Continue);
+                }
+            }
+        }
         Some(request::Body::UnmountImage(u)) => match image::unmount(&u.target) {
             Ok(()) => (
                 response::Body::Empty(zygote_agent_api::Empty {}),

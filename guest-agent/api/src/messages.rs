@@ -9,7 +9,7 @@ pub struct Request {
     /// What is asked.
     #[prost(
         oneof = "request::Body",
-        tags = "2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29"
+        tags = "2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30"
     )]
     pub body: Option<request::Body>,
 }
@@ -110,6 +110,9 @@ pub mod request {
         /// Bring CPUs 0..N online and the others offline (the pod's size).
         #[prost(message, tag = "29")]
         SetCpus(super::SetCpus),
+        /// Cap the memory of all the pod's containers together (its size).
+        #[prost(message, tag = "30")]
+        SetPodMemory(super::SetPodMemory),
     }
 }
 
@@ -655,6 +658,14 @@ pub struct SetCpus {
     pub online: u32,
 }
 
+/// The memory all of a pod's containers may use together.
+#[derive(Clone, Copy, PartialEq, Eq, prost::Message)]
+pub struct SetPodMemory {
+    /// Bytes (rounded down to pages by the guest kernel; at least 1 MiB).
+    #[prost(uint64, tag = "1")]
+    pub limit_bytes: u64,
+}
+
 /// Unmount an image mounted by `MountImage`.
 #[derive(Clone, PartialEq, Eq, prost::Message)]
 pub struct UnmountImage {
@@ -922,6 +933,9 @@ mod tests {
                 target: "/run/zygote/images/1".into(),
             }),
             Q::SetCpus(SetCpus { online: 2 }),
+            Q::SetPodMemory(SetPodMemory {
+                limit_bytes: 64 << 20,
+            }),
         ];
         for body in requests {
             let req = Request {

@@ -10,7 +10,8 @@
 //! images = "/var/lib/zygote/images"              # erofs images by layer chain
 //! vcpus = 1                                      # a pod's CPUs when it asks for none
 //! max_vcpus = 0                                  # most CPUs a pod may ask for (0: vcpus)
-//! memory_mib = 128
+//! memory_mib = 128                               # a pod's memory when it asks for none
+//! max_memory_mib = 0                             # most memory a pod may ask for (0: memory_mib)
 //! policy = ["go=restart"]                        # reconcile policy, CLASS=ACTION
 //! agent_timeout_s = 120                          # fork → agent ready, and each agent call
 //! upper_size_mib = 0                             # writable layer (0: half the guest RAM)
@@ -44,8 +45,11 @@ pub struct ShimConfig {
     pub vcpus: u8,
     /// The most vCPUs a pod may ask for (0: `vcpus`, and pods are not sized).
     pub max_vcpus: u8,
-    /// Memory per pod VM, MiB.
+    /// Memory of a pod that asks for none, MiB.
     pub memory_mib: u64,
+    /// The most memory a pod may ask for, MiB: what templates boot with (0:
+    /// `memory_mib`).
+    pub max_memory_mib: u64,
     /// Reconcile policy rules (`CLASS=keep|restart|notify[:SIGNAL]`).
     pub policy: Vec<String>,
     /// Seconds to wait for a fork's agent, and for each agent call.
@@ -70,6 +74,7 @@ impl Default for ShimConfig {
             vcpus: 1,
             max_vcpus: 0,
             memory_mib: 128,
+            max_memory_mib: 0,
             policy: Vec::new(),
             agent_timeout_s: 120,
             upper_size_mib: 0,
@@ -135,6 +140,12 @@ impl ShimConfig {
                 message: "max_vcpus must be 0 or between vcpus and 32".into(),
             });
         }
+        if config.max_memory_mib != 0 && config.max_memory_mib < config.memory_mib {
+            return Err(ConfigError::Parse {
+                path,
+                message: "max_memory_mib must be 0 or at least memory_mib".into(),
+            });
+        }
         if config.disk_slots > 8 {
             return Err(ConfigError::Parse {
                 path,
@@ -164,6 +175,30 @@ impl ShimConfig {
             self.max_vcpus
         } else {
             self.vcpus
+        }
+    }
+
+    /// The memory a template boots with, MiB.
+    pub fn template_memory_mib(&self) -> u64 {
+        self.max_memory_mib.max(self.memory_mib)
+    }
+
+    /// The cap on a pod's containers' memory when it asks for `asked` bytes
+    /// (None: `memory_mib` if templates are bigger, else no cap beyond the
+    /// VM's size). More than templates have is an error: the pod would not
+    /// get what it was scheduled with.
+    pub fn pod_memory(&self, asked: Option<u64>) -> Result<Option<u64>, String> {
+        let most = self.template_memory_mib() << 20;
+        match asked {
+            Some(bytes) if bytes > most => Err(format!(
+                "the pod asks for {} MiB of memory; this node's VMs have at most {} MiB \
+                 (max_memory_mib in the zygote config)",
+                bytes.div_ceil(1 << 20),
+                self.template_memory_mib()
+            )),
+            Some(bytes) => Ok(Some(bytes)),
+            None if most > self.memory_mib << 20 => Ok(Some(self.memory_mib << 20)),
+            None => Ok(None),
         }
     }
 
@@ -221,6 +256,28 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_pod_gets_the_memory_it_asks_for_up_to_the_templates() {
+        let mib = |m: u64| m << 20;
+        let plain = ShimConfig::default();
+        assert_eq!(plain.template_memory_mib(), 128);
+        assert_eq!(plain.pod_memory(None), Ok(None));
+        assert_eq!(plain.pod_memory(Some(mib(64))), Ok(Some(mib(64))));
+        let sized = ShimConfig {
+            max_memory_mib: 512,
+            ..ShimConfig::default()
+        };
+        assert_eq!(sized.template_memory_mib(), 512);
+        assert_eq!(sized.pod_memory(None), Ok(Some(mib(128))));
+        assert_eq!(sized.pod_memory(Some(mib(300))), Ok(Some(mib(300))));
+        assert_eq!(sized.pod_memory(Some(mib(512))), Ok(Some(mib(512))));
+        let e = sized.pod_memory(Some(mib(512) + 1)).unwrap_err();
+        assert!(
+            e.contains("513 MiB") && e.contains("at most 512 MiB"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn a_file_overrides_defaults_and_bad_files_are_refused() {
         let d = std::env::temp_dir().join(format!("zygote-shimcfg-{}", std::process::id()));
         std::fs::create_dir_all(&d).unwrap();
@@ -237,6 +294,9 @@ mod tests {
         assert!(e.contains("unknown action"), "{e}");
         std::fs::write(&p, "memory_mib = 0\n").unwrap();
         assert!(ShimConfig::load(Some(&p)).is_err());
+        std::fs::write(&p, "memory_mib = 256\nmax_memory_mib = 128\n").unwrap();
+        let e = ShimConfig::load(Some(&p)).unwrap_err().to_string();
+        assert!(e.contains("max_memory_mib"), "{e}");
         let e = ShimConfig::load(Some(&d.join("missing.toml")))
             .unwrap_err()
             .to_string();

@@ -85,6 +85,23 @@ pub const SANDBOX_CPU_QUOTA: &str = "io.kubernetes.cri.sandbox-cpu-quota";
 /// CRI annotation: the pod's CPU period, µs.
 pub const SANDBOX_CPU_PERIOD: &str = "io.kubernetes.cri.sandbox-cpu-period";
 
+/// CRI annotation: the pod's memory limit, bytes (the sum of its
+/// containers' limits; absent or 0 when one has none).
+pub const SANDBOX_MEMORY: &str = "io.kubernetes.cri.sandbox-memory";
+
+/// The memory a spec asks for, bytes: a pod's (the sandbox's annotation), or
+/// a container's (`linux.resources.memory.limit`); None without a limit.
+pub fn memory(spec: &Value) -> Option<u64> {
+    let asked = if is_sandbox(spec) {
+        let v = &spec["annotations"][SANDBOX_MEMORY];
+        v.as_i64()
+            .or_else(|| v.as_str().and_then(|s| s.parse::<i64>().ok()))
+    } else {
+        spec["linux"]["resources"]["memory"]["limit"].as_i64()
+    };
+    asked.filter(|m| *m > 0).map(|m| m as u64)
+}
+
 /// The CPUs a spec asks for: a pod's (the sandbox's CPU annotations), or a
 /// container's (`linux.resources.cpu` quota over period), rounded up; None
 /// without a limit.
@@ -231,6 +248,22 @@ mod tests {
         );
         assert_eq!(hostname(&without, "__"), "zygote");
         assert_eq!(hostname(&without, &"a".repeat(100)).len(), 63);
+    }
+
+    #[test]
+    fn memory_from_the_pod_or_the_container() {
+        let pod = serde_json::json!({"annotations": {CONTAINER_TYPE: "sandbox",
+            SANDBOX_MEMORY: "134217728"}});
+        assert_eq!(memory(&pod), Some(128 << 20));
+        let unlimited = serde_json::json!({"annotations": {CONTAINER_TYPE: "sandbox",
+            SANDBOX_MEMORY: "0"}});
+        assert_eq!(memory(&unlimited), None);
+        let ctr = serde_json::json!({"linux": {"resources": {"memory": {"limit": 16777216}}}});
+        assert_eq!(memory(&ctr), Some(16 << 20));
+        assert_eq!(
+            memory(&serde_json::json!({"linux": {"resources": {"memory": {"limit": -1}}}})),
+            None
+        );
     }
 
     #[test]

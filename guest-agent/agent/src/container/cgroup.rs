@@ -37,6 +37,34 @@ pub fn create(root: &Path, id: &str, resources: &Resources) -> std::io::Result<P
     result.map(|()| dir)
 }
 
+/// The least a pod may be given (below it, its own agent work would fail).
+pub const POD_MEMORY_MIN: u64 = 1 << 20;
+
+/// Caps the memory of all containers under `root` together: the parent of
+/// their cgroups gets `memory.max` (the pod's size; each container's own
+/// limit still applies below it).
+pub fn limit_pod_memory(root: &Path, bytes: u64) -> std::io::Result<()> {
+    if bytes < POD_MEMORY_MIN {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("a pod memory of {bytes} bytes is below {POD_MEMORY_MIN}"),
+        ));
+    }
+    let parent = root.join(PARENT);
+    std::fs::create_dir_all(&parent)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", parent.display())))?;
+    let controls = root.join("cgroup.subtree_control");
+    std::fs::write(&controls, CONTROLLERS)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", controls.display())))?;
+    apply(
+        &parent,
+        &Resources {
+            memory_max: Some(bytes as i64),
+            ..Default::default()
+        },
+    )
+}
+
 /// Writes the limits `resources` sets into the cgroup `dir` (those it leaves
 /// out stay as they are).
 pub fn apply(dir: &Path, resources: &Resources) -> std::io::Result<()> {
@@ -117,6 +145,21 @@ pub fn remove(dir: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pod_memory_caps_the_parent_of_every_container() {
+        let root = std::env::temp_dir().join(format!("zygote-podmem-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
+        limit_pod_memory(&root, 96 << 20).unwrap();
+        let read = |f: &str| std::fs::read_to_string(root.join(f)).unwrap();
+        assert_eq!(read("containers/memory.max"), (96u64 << 20).to_string());
+        assert_eq!(read("cgroup.subtree_control"), CONTROLLERS);
+        let err = limit_pod_memory(&root, 4096).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);
+        assert_eq!(read("containers/memory.max"), (96u64 << 20).to_string());
+        std::fs::remove_dir_all(&root).unwrap();
+    }
 
     #[test]
     fn limits_are_written_and_counters_read() {

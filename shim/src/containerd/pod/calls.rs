@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use zygote_agent_api::{
     AgentClient, ContainerRef, ContainerStats, CreateContainer, ExecProcess, ReadVolume, ResizeTty,
-    SetCpus, SignalProcess, UpdateResources, UpdateVolume, Volume, request, response,
+    SetCpus, SetPodMemory, SignalProcess, UpdateResources, UpdateVolume, Volume, request, response,
 };
 
 use super::{PodError, PodVm};
@@ -72,6 +72,16 @@ impl PodVm {
             }),
         )?;
         self.mark("cpus");
+        Ok(())
+    }
+
+    /// Caps the memory of the pod's containers together at `bytes`.
+    pub fn set_memory(&self, bytes: u64) -> Result<(), PodError> {
+        self.call_empty(
+            "SetPodMemory",
+            request::Body::SetPodMemory(SetPodMemory { limit_bytes: bytes }),
+        )?;
+        self.mark("memory");
         Ok(())
     }
 

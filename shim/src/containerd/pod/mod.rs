@@ -197,24 +197,31 @@ pub fn template_name(image: &ImageBuild, config: &ShimConfig) -> String {
     if config.sized() {
         format!(
             "ctr-{short}-upto{}c{}m",
-            config.max_vcpus, config.memory_mib
+            config.max_vcpus,
+            config.template_memory_mib()
         )
     } else {
-        format!("ctr-{short}-{}c{}m", config.vcpus, config.memory_mib)
+        format!(
+            "ctr-{short}-{}c{}m",
+            config.vcpus,
+            config.template_memory_mib()
+        )
     }
 }
 
 impl PodVm {
     /// Forks the pod's VM from `image`'s template (built first if missing or
     /// stale) and reconciles it with `hostname`; with `network`, the VM's
-    /// NIC becomes the pod's interface. On error nothing is left (no VM; the
-    /// network, dropped, is detached).
+    /// NIC becomes the pod's interface; `cpus` come online and the pod's
+    /// containers together get at most `memory` bytes. On error nothing is
+    /// left (no VM; the network, dropped, is detached).
     pub fn create(
         config: &ShimConfig,
         image: &ImageBuild,
         hostname: &str,
         network: Option<WiredNetwork>,
         cpus: u8,
+        memory: Option<u64>,
     ) -> Result<Self, PodError> {
         let name = template_name(image, config);
         let failed = |message: String| PodError::Template {
@@ -234,7 +241,7 @@ impl PodVm {
             sandbox: SandboxConfig {
                 vcpus: config.template_vcpus(),
                 online_cpus: if config.sized() { 1 } else { 0 },
-                memory_mib: config.memory_mib,
+                memory_mib: config.template_memory_mib(),
                 kernel: config.kernel.clone(),
                 initramfs: config.initramfs.clone(),
                 agent_timeout: Duration::from_secs(config.agent_timeout_s.max(300)),
@@ -340,6 +347,9 @@ impl PodVm {
         if config.sized() && cpus > 1 {
             // The template keeps one CPU online; the pod's others come up now.
             pod.set_cpus(cpus)?;
+        }
+        if let Some(bytes) = memory {
+            pod.set_memory(bytes)?;
         }
         Ok(pod)
     }

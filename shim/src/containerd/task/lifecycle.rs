@@ -64,6 +64,13 @@ impl TaskService {
         };
         let sandbox = spec::is_sandbox(&oci);
         self.state().timings_log = config.timings_log.clone();
+        if sandbox {
+            // A pod bigger than this node's VMs fails here, not at its
+            // first container.
+            config
+                .pod_memory(spec::memory(&oci))
+                .map_err(TaskError::Precondition)?;
+        }
         if sandbox || !spec::is_cri(&oci) {
             self.join_pod_cgroup(&id, &oci)?;
         }
@@ -98,6 +105,7 @@ impl TaskService {
             state.pod_network = wired;
             state.pod_hostname = Some(spec::hostname(&oci, &id));
             state.pod_cpus = spec::cpus(&oci);
+            state.pod_memory = spec::memory(&oci);
         }
         let mut copied = Vec::new();
         if !sandbox {
@@ -174,6 +182,16 @@ impl TaskService {
             spec::cpus(oci)
         };
         let cpus = config.pod_cpus(asked_cpus);
+        let asked_memory = if spec::is_cri(oci) {
+            self.state().pod_memory
+        } else {
+            spec::memory(oci)
+        };
+        let memory = config
+            .pod_memory(asked_memory)
+            .map_err(TaskError::Precondition)?
+            // A lone container's own limit is its cgroup's already.
+            .filter(|_| spec::is_cri(oci) || asked_memory.is_none());
         if asked_cpus.is_some_and(|a| a > u32::from(cpus)) {
             tracing::warn!(
                 "{id}: the pod asks for {} CPUs; its VM gets {cpus} (max_vcpus)",
@@ -226,7 +244,9 @@ impl TaskService {
                         (None, Some(ns)) => Some(WiredNetwork::attach(&ns)?),
                         (None, None) => None,
                     };
-                    let pod = Arc::new(PodVm::create(&config, &image, &hostname, network, cpus)?);
+                    let pod = Arc::new(PodVm::create(
+                        &config, &image, &hostname, network, cpus, memory,
+                    )?);
                     if let Err(e) = bundle::record_run_dir(&bundle, pod.run_dir()) {
                         tracing::warn!("{id2}: cannot record the VM's run dir in the bundle: {e}");
                     }

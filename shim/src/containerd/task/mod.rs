@@ -55,6 +55,8 @@ struct State {
     pod_hostname: Option<String>,
     /// The CPUs the pod asks for, from its pause container's spec (CRI).
     pod_cpus: Option<u32>,
+    /// The memory the pod asks for, bytes, from its pause container's spec (CRI).
+    pod_memory: Option<u64>,
     timings_log: Option<PathBuf>,
     table: Table,
     /// The pod's host cgroup, which this shim joined.
