@@ -164,6 +164,13 @@ fn failures_are_reported_and_leave_nothing_behind() {
     assert!(run.status.success(), "{}", text(&run.stderr));
     let shims = shim_pids(&id);
     assert_eq!(shims.len(), 1);
+    // The task's pid: a host process of the shim's that must not outlive it.
+    let ls = text(&ctr(&["task", "ls"]).stdout);
+    let task_pid: i32 = ls
+        .lines()
+        .find(|l| l.starts_with(id.as_str()))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or_else(|| panic!("no pid for {id} in {ls}"));
     // SAFETY: kill(2) of the shim process found above.
     unsafe { libc::kill(shims[0] as i32, libc::SIGKILL) };
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -180,6 +187,16 @@ fn failures_are_reported_and_leave_nothing_behind() {
     }
     cleanup(&id);
     assert!(shim_pids(&id).is_empty());
+    // Gone, or a zombie left to whoever adopted it (this machine's PID 1
+    // does not reap): not running.
+    let state = std::fs::read_to_string(format!("/proc/{task_pid}/stat")).unwrap_or_default();
+    let running = state
+        .rsplit_once(") ")
+        .is_some_and(|(_, rest)| !rest.starts_with('Z'));
+    assert!(
+        !running,
+        "the task's pid {task_pid} outlived its shim: {state}"
+    );
     assert_no_run_dirs_left(&runs_before);
     // The dead shim's cgroup (ctr's `/default/ID`, which it had joined) too.
     let left: Vec<_> = std::fs::read_dir("/sys/fs/cgroup")
