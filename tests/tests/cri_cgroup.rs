@@ -256,3 +256,99 @@ fn each_pod_gets_the_cpus_and_memory_it_asks_for_from_one_template() {
         let _ = std::fs::remove_dir_all(&logs);
     });
 }
+
+/// A pod whose VM goes over its pod cgroup's limit on the host (kubelet's
+/// limit, here set on the test's cgroup parent: what the VM was charged
+/// plus 16 MiB) is killed by the host's OOM killer; its container is then
+/// reported `OOMKilled`, as under runc, though its VM could not say so
+/// itself; and nothing of the pod is left.
+#[test]
+fn a_pod_over_its_host_limit_is_reported_oom_killed() {
+    cri_test(|channel| async move {
+        let mut runtime = RuntimeServiceClient::new(channel);
+        let (mut config, logs) = pod_config("hostoom", 0);
+        let (root, own) = memory_cgroup(std::process::id());
+        let parent = format!(
+            "{}/zygote-test-oom-{}",
+            own.trim_end_matches('/'),
+            std::process::id()
+        );
+        config.linux.as_mut().unwrap().cgroup_parent = parent.clone();
+        let made_before = existing_dirs(&parent);
+        let pod = run_pod(&mut runtime, &config).await;
+        let _guard = PodGuard(pod.clone());
+        let app = run_container(
+            &mut runtime,
+            container_request(&pod, &config, "app", &["sleep", "3600"]),
+        )
+        .await;
+        let (code, out) = exec_sh(&mut runtime, &app, "echo up").await;
+        assert_eq!((code, out.trim()), (0, "up"));
+
+        let parent_dir = root.join(parent.trim_start_matches('/'));
+        let limit = usage(&parent_dir) + (16 << 20);
+        let limit_file = ["memory.limit_in_bytes", "memory.max"]
+            .iter()
+            .map(|f| parent_dir.join(f))
+            .find(|f| f.exists())
+            .unwrap();
+        std::fs::write(&limit_file, limit.to_string()).unwrap();
+        eprintln!(
+            "pod cgroup parent limited to {:.1} MiB",
+            limit as f64 / 1048576.0
+        );
+        // 96 MiB into the container's writable layer (guest memory): far
+        // below the pod's cap in the guest, far above the host's room.
+        let filled = runtime
+            .exec_sync(cri::ExecSyncRequest {
+                container_id: app.clone(),
+                cmd: vec![
+                    "sh".into(),
+                    "-c".into(),
+                    "head -c 100663296 /dev/zero > /fill; echo survived".into(),
+                ],
+                timeout: 300,
+            })
+            .await;
+        let survived = filled
+            .as_ref()
+            .is_ok_and(|r| String::from_utf8_lossy(&r.get_ref().stdout).contains("survived"));
+        assert!(!survived, "the VM was not killed at its host limit");
+
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let status = loop {
+            let status = runtime
+                .container_status(cri::ContainerStatusRequest {
+                    container_id: app.clone(),
+                    verbose: false,
+                })
+                .await
+                .expect("ContainerStatus")
+                .into_inner()
+                .status
+                .expect("a status");
+            if status.state == cri::ContainerState::ContainerExited as i32 {
+                break status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "not exited: {status:?}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        };
+        assert_eq!(status.reason, "OOMKilled", "{status:?}");
+        eprintln!("exit {}: {}", status.exit_code, status.reason);
+
+        remove_pod(&mut runtime, &pod).await;
+        let pod_dir = parent_dir.join(&pod);
+        assert!(!pod_dir.exists(), "{} removed", pod_dir.display());
+        let made: Vec<PathBuf> = existing_dirs(&parent)
+            .difference(&made_before)
+            .cloned()
+            .collect();
+        for dir in made.iter().rev() {
+            let _ = std::fs::remove_dir(dir);
+        }
+        let _ = std::fs::remove_dir_all(&logs);
+    });
+}

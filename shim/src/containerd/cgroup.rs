@@ -263,6 +263,33 @@ impl PodCgroup {
         }
     }
 
+    /// How often the memory limit of this cgroup or an ancestor's (where
+    /// kubelet puts the pod's) was hit so far: v1's `memory.failcnt`, v2's
+    /// `max` events, summed up the tree.
+    pub fn memory_limit_hits(&self) -> u64 {
+        let Some(root) = self.layout.root_of("memory") else {
+            return 0;
+        };
+        let mut dir = root.to_path_buf();
+        let mut hits = 0;
+        for part in self.path.components() {
+            dir.push(part);
+            let count = match self.layout {
+                Layout::V1(_) => std::fs::read_to_string(dir.join("memory.failcnt"))
+                    .ok()
+                    .and_then(|s| s.trim().parse::<u64>().ok()),
+                Layout::V2(_) => std::fs::read_to_string(dir.join("memory.events"))
+                    .ok()
+                    .and_then(|s| {
+                        s.lines()
+                            .find_map(|l| l.strip_prefix("max ")?.trim().parse().ok())
+                    }),
+            };
+            hits += count.unwrap_or(0);
+        }
+        hits
+    }
+
     /// Moves the shim back where it was and removes the pod's directories
     /// it made (one that still holds a process stays).
     pub fn leave(&mut self) {
@@ -278,6 +305,29 @@ impl PodCgroup {
             }
         }
     }
+}
+
+/// How many processes the OOM killer killed in `cgroups_path` (0 if it is
+/// not there).
+pub fn oom_kills(cgroups_path: &str) -> u64 {
+    let (Some(path), Some(layout)) = (expand(cgroups_path), Layout::host()) else {
+        return 0;
+    };
+    let (file, key) = match layout {
+        Layout::V2(_) => ("memory.events", "oom_kill"),
+        Layout::V1(_) => ("memory.oom_control", "oom_kill"),
+    };
+    let Some(root) = layout.root_of("memory") else {
+        return 0;
+    };
+    std::fs::read_to_string(root.join(path).join(file))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(' ')?;
+            (k == key).then(|| v.trim().parse().ok()).flatten()
+        })
+        .unwrap_or(0)
 }
 
 /// After a shim died: removes its pod's cgroup directories once empty (the

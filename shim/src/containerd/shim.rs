@@ -60,13 +60,17 @@ impl Shim for ZygoteShim {
     async fn delete_shim(&mut self) -> Result<api::DeleteResponse, ShimError> {
         // After a shim died: what it left in this bundle.
         let bundle = std::env::current_dir().unwrap_or_default();
-        let removed = bundle::cleanup(&bundle);
+        let cleaned = bundle::cleanup(&bundle);
         let swept = crate::sandbox::sweep_dead_run_dirs();
         tracing::info!(
-            "delete {} in {}: cleaned up (VM run dir {removed:?}; {swept} more of dead shims)",
+            "delete {} in {}: cleaned up (VM run dir {:?}; {swept} more of dead shims)",
             self.id,
-            self.namespace
+            self.namespace,
+            cleaned.run_dir
         );
+        if !cleaned.oom_killed.is_empty() {
+            publish_ooms(&self.namespace, &cleaned.oom_killed).await;
+        }
         Ok(api::DeleteResponse {
             exit_status: 128 + 9,
             exited_at: MessageField::some(now()),
@@ -85,6 +89,28 @@ impl Shim for ZygoteShim {
             containerd_api(&self.address, &self.namespace),
         )
     }
+}
+
+/// The host's OOM killer killed the pod's VM (its cgroup was over the
+/// pod's limit): each of its containers gets a TaskOOM, which the VM can no
+/// longer send, so that the CRI reports them `OOMKilled`. containerd
+/// publishes their exits after this `delete` returns.
+async fn publish_ooms(namespace: &str, ids: &[String]) {
+    let Ok(address) = std::env::var("TTRPC_ADDRESS") else {
+        tracing::warn!("the host OOM-killed the pod's VM; no TTRPC_ADDRESS to report it to");
+        return;
+    };
+    tracing::warn!("the host OOM-killed the pod's VM (its cgroup's limit): {ids:?}");
+    let events = Events::start(&address, namespace);
+    for id in ids {
+        let event = containerd_shim_protos::events::task::TaskOOM {
+            container_id: id.clone(),
+            ..Default::default()
+        };
+        events.publish(containerd_shim_protos::topics::TASK_OOM_EVENT_TOPIC, &event);
+    }
+    // Within containerd's 5 s for the whole `delete`.
+    events.flush(std::time::Duration::from_secs(1)).await;
 }
 
 /// containerd's gRPC API as the shim's flags give it (`unix://` or a path).

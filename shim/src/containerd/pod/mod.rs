@@ -171,6 +171,8 @@ pub struct PodVm {
     pub reconcile_steps: Vec<(String, f64)>,
     /// When it was forked.
     pub created: Instant,
+    /// Halted because the pod ran out of memory on the host.
+    out_of_memory: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for PodVm {
@@ -343,6 +345,7 @@ impl PodVm {
             created,
             sandbox,
             network,
+            out_of_memory: Default::default(),
         };
         if config.sized() && cpus > 1 {
             // The template keeps one CPU online; the pod's others come up now.
@@ -417,6 +420,19 @@ impl PodVm {
     /// the vCPU threads had ended within 5 s (see `Machine::halt`).
     pub fn halt(&self) -> (zygote_vmm::ExitReason, bool) {
         self.sandbox.machine().halt(Duration::from_secs(5))
+    }
+
+    /// Halts the guest because the pod ran out of memory on the host (its
+    /// processes' exits say so).
+    pub fn halt_out_of_memory(&self) -> (zygote_vmm::ExitReason, bool) {
+        self.out_of_memory
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.halt()
+    }
+
+    /// Whether it was halted for running out of memory on the host.
+    pub fn out_of_memory(&self) -> bool {
+        self.out_of_memory.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// An agent error, or why the VM stopped if it did.

@@ -72,7 +72,7 @@ impl TaskService {
                 .map_err(TaskError::Precondition)?;
         }
         if sandbox || !spec::is_cri(&oci) {
-            self.join_pod_cgroup(&id, &oci)?;
+            self.join_pod_cgroup(&id, &oci, &bundle)?;
         }
         if sandbox {
             // The CRI made the pod's namespace and ran CNI in it before
@@ -113,7 +113,15 @@ impl TaskService {
                 .create_in_vm(&id, config, &bundle, &req.rootfs, &oci)
                 .await;
             match created {
-                Ok(c) => copied = c,
+                Ok(c) => {
+                    copied = c;
+                    let owner = self.state().pod_cgroup_owner.clone();
+                    if let Some(owner) = owner {
+                        if let Err(e) = bundle::record_member(&owner, &id) {
+                            tracing::warn!("{id}: cannot record it in the pod's bundle: {e}");
+                        }
+                    }
+                }
                 Err(e) => {
                     tracing::error!("create {id}: {}", e.describe());
                     bundle::release(&bundle);
@@ -288,7 +296,12 @@ impl TaskService {
     /// Moves this shim (the pod's VM, before it is made) into the cgroup
     /// the pod's spec names, once; a cgroup that cannot be joined fails the
     /// create, as under runc.
-    fn join_pod_cgroup(&self, id: &str, oci: &serde_json::Value) -> Result<(), TaskError> {
+    fn join_pod_cgroup(
+        &self,
+        id: &str,
+        oci: &serde_json::Value,
+        bundle: &Path,
+    ) -> Result<(), TaskError> {
         let Some(path) = oci["linux"]["cgroupsPath"]
             .as_str()
             .filter(|p| !p.is_empty())
@@ -307,6 +320,7 @@ impl TaskService {
             joined.path().display()
         );
         state.pod_cgroup = Some(joined);
+        state.pod_cgroup_owner = Some(bundle.to_path_buf());
         Ok(())
     }
 

@@ -61,6 +61,9 @@ struct State {
     table: Table,
     /// The pod's host cgroup, which this shim joined.
     pod_cgroup: Option<super::cgroup::PodCgroup>,
+    /// The bundle of the container whose cgroup that is (where the pod's
+    /// members are recorded for `delete` after a dead shim).
+    pod_cgroup_owner: Option<PathBuf>,
     /// Keeps the pod's copied volumes current (with its VM).
     volume_watch: Option<Arc<super::volumes::watch::Watcher>>,
 }

@@ -35,6 +35,14 @@ const PINGS_MISSED: u32 = 2;
 /// this many. A guest spinning without its agent ever answering is caught
 /// here, later.
 const BUSY_PINGS_MISSED: u32 = 18;
+/// The same while the pod's host cgroup kept hitting its memory limit: the
+/// host reclaims the VM's memory from under it instead of OOM-killing it
+/// (guest memory is faulted in by KVM, where the memory cgroup does not
+/// kill), and the guest crawls: the pod is out of memory.
+const STARVED_PINGS_MISSED: u32 = 3;
+/// The exit status of a process whose pod was out of memory on the host
+/// (SIGKILL's, as a process the OOM killer kills under runc).
+const OOM_STATUS: u32 = 128 + 9;
 
 /// Whether a pod whose threads (vCPUs, devices, shim) ran or waited
 /// runnable for a host CPU (`demand`) for that long over `wall` is at
@@ -56,12 +64,15 @@ struct Liveness {
     missed: u32,
     /// Of which while the guest did no work.
     idle_missed: u32,
+    /// Of which while the pod's host cgroup hit its memory limit.
+    starved_missed: u32,
 }
 
 impl Liveness {
     /// Records a ping's outcome (`busy`: the guest's vCPUs worked since the
-    /// last ping); Some(description) once the guest counts as unresponsive.
-    fn record(&mut self, answered: bool, busy: bool) -> Option<String> {
+    /// last ping; `starved`: its host cgroup hit its memory limit since);
+    /// Some(description) once the guest counts as unresponsive.
+    fn record(&mut self, answered: bool, busy: bool, starved: bool) -> Option<String> {
         if answered {
             *self = Liveness::default();
             return None;
@@ -70,7 +81,16 @@ impl Liveness {
         if !busy {
             self.idle_missed += 1;
         }
-        if self.idle_missed >= PINGS_MISSED {
+        if starved {
+            self.starved_missed += 1;
+        }
+        if self.starved() {
+            Some(format!(
+                "the agent did not answer {} pings within {PING_TIMEOUT:?} while the pod's \
+                 host cgroup kept hitting its memory limit: out of memory",
+                self.missed
+            ))
+        } else if self.idle_missed >= PINGS_MISSED {
             Some(format!(
                 "the agent did not answer {} pings within {PING_TIMEOUT:?}, the guest doing no work",
                 self.missed
@@ -83,6 +103,11 @@ impl Liveness {
         } else {
             None
         }
+    }
+
+    /// Unresponsive because the pod ran out of memory on the host.
+    fn starved(&self) -> bool {
+        self.starved_missed >= STARVED_PINGS_MISSED
     }
 }
 /// How long an exec's exit waits for its output to reach containerd: a
@@ -224,6 +249,14 @@ impl TaskService {
                 let mut liveness = Liveness::default();
                 let mut last_ping = Instant::now();
                 let (mut demand_at_ping, mut cpu_at_ping) = (Duration::ZERO, Duration::ZERO);
+                let limit_hits = || {
+                    let state = service.state();
+                    state
+                        .pod_cgroup
+                        .as_ref()
+                        .map_or(0, |c| c.memory_limit_hits())
+                };
+                let mut hits_at_ping = limit_hits();
                 loop {
                     std::thread::sleep(MONITOR_INTERVAL);
                     let Some(pod) = weak.upgrade() else { return };
@@ -251,9 +284,18 @@ impl TaskService {
                                 cpu.saturating_sub(cpu_at_ping).as_millis()
                             );
                         }
-                        (demand_at_ping, cpu_at_ping) = (demand, cpu);
-                        if let Some(why) = liveness.record(pinged.is_ok(), busy) {
-                            let (reason, ended) = pod.halt();
+                        let hits = limit_hits();
+                        let starved = hits > hits_at_ping;
+                        (demand_at_ping, cpu_at_ping, hits_at_ping) = (demand, cpu, hits);
+                        if let Some(why) = liveness.record(pinged.is_ok(), busy, starved) {
+                            let (reason, ended) = if liveness.starved() {
+                                // Said before any exit, so the CRI records
+                                // the containers OOMKilled.
+                                service.publish_ooms();
+                                pod.halt_out_of_memory()
+                            } else {
+                                pod.halt()
+                            };
                             let threads = if ended {
                                 "its vCPU threads ended"
                             } else {
@@ -269,7 +311,7 @@ impl TaskService {
                     tracing::error!(
                         "the pod VM failed: {why}; its running tasks are marked exited"
                     );
-                    service.fail_all();
+                    service.fail_all(liveness.starved());
                     return;
                 }
             });
@@ -278,15 +320,26 @@ impl TaskService {
         }
     }
 
-    /// Marks every running process in the (stopped) VM exited.
-    fn fail_all(&self) {
+    /// Marks every running process in the (stopped) VM exited (`oom`: it
+    /// ran out of memory on the host).
+    fn fail_all(&self, oom: bool) {
         let running = self.state().table.running_in_vm();
-        let exit = ProcessExit {
-            status: VM_GONE_STATUS,
-            at_ns: now_ns(),
-        };
+        let exit = gone(oom);
         for (id, exec_id) in running {
             self.exited(&id, &exec_id, exit);
+        }
+    }
+
+    /// A TaskOOM for each container running in the VM (the CRI then
+    /// reports it `OOMKilled`).
+    fn publish_ooms(&self) {
+        let running = self.state().table.running_in_vm();
+        for (id, _) in running.into_iter().filter(|(_, exec)| exec.is_empty()) {
+            let event = TaskOOM {
+                container_id: id,
+                ..Default::default()
+            };
+            self.events.publish(topics::TASK_OOM_EVENT_TOPIC, &event);
         }
     }
 
@@ -351,15 +404,17 @@ fn wait_exit(
                 process.id,
                 process.exec_id
             );
-            return Some(gone());
+            return Some(gone(false));
         };
         if let Err(stopped) = vm.check() {
+            let exit = gone(vm.out_of_memory());
             tracing::error!(
-                "{} {}: {stopped}; exit {VM_GONE_STATUS}",
+                "{} {}: {stopped}; exit {}",
                 process.id,
-                process.exec_id
+                process.exec_id,
+                exit.status
             );
-            return Some(gone());
+            return Some(exit);
         }
         if !error.is_empty() {
             tracing::warn!(
@@ -376,9 +431,11 @@ fn wait_exit(
     }
 }
 
-fn gone() -> ProcessExit {
+/// The exit of a process whose VM stopped under it (`oom`: halted for
+/// running out of memory on the host).
+fn gone(oom: bool) -> ProcessExit {
     ProcessExit {
-        status: VM_GONE_STATUS,
+        status: if oom { OOM_STATUS } else { VM_GONE_STATUS },
         at_ns: now_ns(),
     }
 }
@@ -400,22 +457,31 @@ mod tests {
     #[test]
     fn a_guest_doing_no_work_is_unresponsive_sooner_than_a_busy_one() {
         let mut idle = Liveness::default();
-        assert_eq!(idle.record(false, false), None);
-        let why = idle.record(false, false).expect("two idle misses");
+        assert_eq!(idle.record(false, false, false), None);
+        let why = idle.record(false, false, false).expect("two idle misses");
         assert!(why.contains("doing no work"), "{why}");
 
         let mut busy = Liveness::default();
         for n in 1..BUSY_PINGS_MISSED {
-            assert_eq!(busy.record(false, true), None, "busy miss {n}");
+            assert_eq!(busy.record(false, true, false), None, "busy miss {n}");
         }
-        let why = busy.record(false, true).expect("busy for too long");
+        let why = busy.record(false, true, false).expect("busy for too long");
         assert!(why.contains("kept running"), "{why}");
 
         // An answer clears the count; one idle miss among busy ones is not two.
         let mut mixed = Liveness::default();
-        mixed.record(false, false);
-        mixed.record(true, false);
-        assert_eq!(mixed.record(false, false), None);
-        assert_eq!(mixed.record(false, true), None);
+        mixed.record(false, false, false);
+        mixed.record(true, false, false);
+        assert_eq!(mixed.record(false, false, false), None);
+        assert_eq!(mixed.record(false, true, false), None);
+
+        // Busy at its host memory limit: out of memory after a few misses.
+        let mut starved = Liveness::default();
+        for n in 1..STARVED_PINGS_MISSED {
+            assert_eq!(starved.record(false, true, true), None, "starved miss {n}");
+        }
+        let why = starved.record(false, true, true).expect("starved");
+        assert!(starved.starved() && why.contains("out of memory"), "{why}");
+        assert!(!busy.starved());
     }
 }
