@@ -81,6 +81,80 @@ fn rss_anon(pid: u32) -> u64 {
     kb * 1024
 }
 
+/// A pod (with one sleeping container that answered an exec) run under a
+/// cgroup parent below this test's own cgroup, so that nothing escapes it.
+struct PodInCgroup {
+    pod: String,
+    app: String,
+    logs: PathBuf,
+    /// The memory hierarchy's mount point.
+    root: PathBuf,
+    /// The cgroup parent, below the root.
+    parent: String,
+    /// The parent's directories that existed before (the rest are ours).
+    made_before: std::collections::BTreeSet<PathBuf>,
+    /// Removes the pod however the test ends.
+    _guard: PodGuard,
+}
+
+impl PodInCgroup {
+    async fn start(
+        runtime: &mut RuntimeServiceClient<tonic::transport::Channel>,
+        name: &str,
+        attempt: u32,
+    ) -> Result<PodInCgroup, PvmSegv> {
+        let (mut config, logs) = pod_config(name, attempt);
+        let (root, own) = memory_cgroup(std::process::id());
+        let parent = format!(
+            "{}/zygote-test-{name}-{}",
+            own.trim_end_matches('/'),
+            std::process::id()
+        );
+        config.linux.as_mut().unwrap().cgroup_parent = parent.clone();
+        let made_before = existing_dirs(&parent);
+        let pod = run_pod(runtime, &config).await;
+        let guard = PodGuard(pod.clone());
+        let app = run_container(
+            runtime,
+            container_request(&pod, &config, "app", &["sleep", "3600"]),
+        )
+        .await;
+        let setup = PodInCgroup {
+            pod,
+            app,
+            logs,
+            root,
+            parent,
+            made_before,
+            _guard: guard,
+        };
+        let (code, out) = exec_sh(runtime, &setup.app, "echo up").await;
+        PvmSegv::check(code.into(), || "ExecSync".into())?;
+        assert_eq!((code, out.trim()), (0, "up"));
+        Ok(setup)
+    }
+
+    /// The cgroup parent's directory in the memory hierarchy.
+    fn parent_dir(&self) -> PathBuf {
+        self.root.join(self.parent.trim_start_matches('/'))
+    }
+
+    /// After the pod's removal: its directory is gone; the parents the shim
+    /// made in other hierarchies are removed, and the logs.
+    fn finish(self) {
+        let dir = self.parent_dir().join(&self.pod);
+        assert!(!dir.exists(), "{} removed with the pod", dir.display());
+        let made: Vec<PathBuf> = existing_dirs(&self.parent)
+            .difference(&self.made_before)
+            .cloned()
+            .collect();
+        for dir in made.iter().rev() {
+            let _ = std::fs::remove_dir(dir);
+        }
+        let _ = std::fs::remove_dir_all(&self.logs);
+    }
+}
+
 #[test]
 fn the_pods_vm_is_charged_to_its_cgroup() {
     cri_test(|channel| async move {
@@ -88,32 +162,13 @@ fn the_pods_vm_is_charged_to_its_cgroup() {
         until_passed(|attempt| {
             let mut runtime = runtime.clone();
             async move {
-                let (mut config, logs) = pod_config("cgpod", attempt);
-                // Under this test's own cgroup, so that nothing escapes it.
-                let (root, own) = memory_cgroup(std::process::id());
-                let parent = format!(
-                    "{}/zygote-test-pods-{}",
-                    own.trim_end_matches('/'),
-                    std::process::id()
-                );
-                config.linux.as_mut().unwrap().cgroup_parent = parent.clone();
-                let made_before = existing_dirs(&parent);
-                let pod = run_pod(&mut runtime, &config).await;
-                let _guard = PodGuard(pod.clone());
-                let app = run_container(
-                    &mut runtime,
-                    container_request(&pod, &config, "app", &["sleep", "3600"]),
-                )
-                .await;
-                let (code, out) = exec_sh(&mut runtime, &app, "echo up").await;
-                PvmSegv::check(code.into(), || "ExecSync".into())?;
-                assert_eq!((code, out.trim()), (0, "up"));
-
+                let setup = PodInCgroup::start(&mut runtime, "cgpod", attempt).await?;
+                let pod = setup.pod.clone();
                 let shim = shim_pid(&pod).expect("the pod's shim");
                 let (_, shim_cgroup) = memory_cgroup(shim);
-                let expected = format!("{parent}/{pod}");
+                let expected = format!("{}/{pod}", setup.parent);
                 assert_eq!(shim_cgroup, expected, "the shim is in the sandbox's cgroup");
-                let dir = root.join(expected.trim_start_matches('/'));
+                let dir = setup.parent_dir().join(&pod);
                 let (charged, anon) = (usage(&dir), rss_anon(shim));
                 eprintln!(
                     "pod cgroup {}: {:.1} MiB charged; the shim's anonymous RSS {:.1} MiB",
@@ -149,16 +204,7 @@ fn the_pods_vm_is_charged_to_its_cgroup() {
                 assert!(working_set > 0 && cpu > 0, "{stats:?}");
 
                 remove_pod(&mut runtime, &pod).await;
-                assert!(!dir.exists(), "{} removed with the pod", dir.display());
-                // The parents the shim made in other hierarchies go too.
-                let made: Vec<PathBuf> = existing_dirs(&parent)
-                    .difference(&made_before)
-                    .cloned()
-                    .collect();
-                for dir in made.iter().rev() {
-                    let _ = std::fs::remove_dir(dir);
-                }
-                std::fs::remove_dir_all(&logs).unwrap();
+                setup.finish();
                 Ok(())
             }
         })
@@ -239,17 +285,8 @@ fn each_pod_gets_the_cpus_and_memory_it_asks_for_from_one_template() {
             err.message().contains("300 MiB") && err.message().contains("at most 256 MiB"),
             "{err:?}"
         );
-        let pods = runtime
-            .list_pod_sandbox(cri::ListPodSandboxRequest::default())
-            .await
-            .unwrap()
-            .into_inner()
-            .items;
         assert!(
-            !pods.iter().any(|p| p
-                .metadata
-                .as_ref()
-                .is_some_and(|m| m.name.starts_with("toobig"))),
+            !pod_listed(&mut runtime, "toobig").await,
             "the refused pod is not listed"
         );
         assert_eq!(host_links("veth"), before, "no veth left");
@@ -266,26 +303,11 @@ fn each_pod_gets_the_cpus_and_memory_it_asks_for_from_one_template() {
 fn a_pod_over_its_host_limit_is_reported_oom_killed() {
     cri_test(|channel| async move {
         let mut runtime = RuntimeServiceClient::new(channel);
-        let (mut config, logs) = pod_config("hostoom", 0);
-        let (root, own) = memory_cgroup(std::process::id());
-        let parent = format!(
-            "{}/zygote-test-oom-{}",
-            own.trim_end_matches('/'),
-            std::process::id()
-        );
-        config.linux.as_mut().unwrap().cgroup_parent = parent.clone();
-        let made_before = existing_dirs(&parent);
-        let pod = run_pod(&mut runtime, &config).await;
-        let _guard = PodGuard(pod.clone());
-        let app = run_container(
-            &mut runtime,
-            container_request(&pod, &config, "app", &["sleep", "3600"]),
-        )
-        .await;
-        let (code, out) = exec_sh(&mut runtime, &app, "echo up").await;
-        assert_eq!((code, out.trim()), (0, "up"));
-
-        let parent_dir = root.join(parent.trim_start_matches('/'));
+        let setup = PodInCgroup::start(&mut runtime, "hostoom", 0)
+            .await
+            .expect("the pod's first exec");
+        let (pod, app) = (setup.pod.clone(), setup.app.clone());
+        let parent_dir = setup.parent_dir();
         let limit = usage(&parent_dir) + (16 << 20);
         let limit_file = ["memory.limit_in_bytes", "memory.max"]
             .iter()
@@ -340,15 +362,6 @@ fn a_pod_over_its_host_limit_is_reported_oom_killed() {
         eprintln!("exit {}: {}", status.exit_code, status.reason);
 
         remove_pod(&mut runtime, &pod).await;
-        let pod_dir = parent_dir.join(&pod);
-        assert!(!pod_dir.exists(), "{} removed", pod_dir.display());
-        let made: Vec<PathBuf> = existing_dirs(&parent)
-            .difference(&made_before)
-            .cloned()
-            .collect();
-        for dir in made.iter().rev() {
-            let _ = std::fs::remove_dir(dir);
-        }
-        let _ = std::fs::remove_dir_all(&logs);
+        setup.finish();
     });
 }

@@ -399,17 +399,8 @@ fn networks_a_vm_cannot_take_fail_the_pod_clearly_and_leave_nothing() {
             assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{fault}");
             drop(network);
             let _ = std::fs::remove_dir_all(logs);
-            let pods = runtime
-                .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
-                .await
-                .expect("ListPodSandbox")
-                .into_inner()
-                .items;
             assert!(
-                !pods.iter().any(|p| p
-                    .metadata
-                    .as_ref()
-                    .is_some_and(|m| m.name.starts_with("zfault-"))),
+                !pod_listed(&mut runtime, "zfault-").await,
                 "{fault}: the failed pod is not listed"
             );
             let deadline = Instant::now() + Duration::from_secs(30);

@@ -400,3 +400,19 @@ pub fn host_links(prefix: &str) -> Vec<String> {
         .filter(|n| n.starts_with(prefix))
         .collect()
 }
+
+/// Whether a pod whose name starts with `prefix` is listed.
+pub async fn pod_listed(runtime: &mut RuntimeServiceClient<Channel>, prefix: &str) -> bool {
+    runtime
+        .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
+        .await
+        .expect("ListPodSandbox")
+        .into_inner()
+        .items
+        .iter()
+        .any(|p| {
+            p.metadata
+                .as_ref()
+                .is_some_and(|m| m.name.starts_with(prefix))
+        })
+}
