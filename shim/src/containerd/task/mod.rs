@@ -20,6 +20,7 @@
 //! mutex, so that two first creates of one pod make one VM.
 
 mod controls;
+mod create;
 mod errors;
 pub mod events;
 mod handlers;
