@@ -15,6 +15,7 @@ pub mod detect;
 pub mod exec;
 pub mod image;
 pub mod init;
+pub mod memory;
 pub mod net;
 pub mod procs;
 pub mod reconcile;

@@ -298,6 +298,16 @@ pub fn handle(req: Request, agent_started_ns: u64) -> (Response, After) {
             }
         }
         Some(request::Body::SetPodMemory(m)) => {
+            if m.ram_bytes > 0 {
+                let sys = std::path::Path::new("/sys/devices/system/memory");
+                if let Err(e) = crate::memory::grow_to(sys, m.limit_bytes, m.ram_bytes) {
+                    let code = match e {
+                        crate::memory::MemoryError::Unsupported(_) => Code::FailedPrecondition,
+                        crate::memory::MemoryError::Os { .. } => Code::Internal,
+                    };
+                    return (error_response(id, code, &e.to_string()), After::Continue);
+                }
+            }
             let root = std::path::Path::new("/sys/fs/cgroup");
             match crate::container::cgroup::limit_pod_memory(root, m.limit_bytes) {
                 Ok(()) => (

@@ -664,6 +664,11 @@ pub struct SetPodMemory {
     /// Bytes (rounded down to pages by the guest kernel; at least 1 MiB).
     #[prost(uint64, tag = "1")]
     pub limit_bytes: u64,
+    /// The end of the VM's RAM: memory blocks up to the limit (rounded up
+    /// to a block) are added below it, so the guest's `MemTotal` says the
+    /// pod's size (0: none added).
+    #[prost(uint64, tag = "2")]
+    pub ram_bytes: u64,
 }
 
 /// Unmount an image mounted by `MountImage`.
@@ -935,6 +940,7 @@ mod tests {
             Q::SetCpus(SetCpus { online: 2 }),
             Q::SetPodMemory(SetPodMemory {
                 limit_bytes: 64 << 20,
+                ram_bytes: 256 << 20,
             }),
         ];
         for body in requests {

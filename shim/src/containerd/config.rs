@@ -183,6 +183,12 @@ impl ShimConfig {
         self.max_memory_mib.max(self.memory_mib)
     }
 
+    /// Whether pods are sized by memory: templates map `max_memory_mib` and
+    /// boot using `memory_mib` of it; a pod's VM adds what its pod asks for.
+    pub fn memory_sized(&self) -> bool {
+        self.max_memory_mib > self.memory_mib
+    }
+
     /// The cap on a pod's containers' memory when it asks for `asked` bytes
     /// (None: `memory_mib` if templates are bigger, else no cap beyond the
     /// VM's size). More than templates have is an error: the pod would not

@@ -75,11 +75,15 @@ impl PodVm {
         Ok(())
     }
 
-    /// Caps the memory of the pod's containers together at `bytes`.
-    pub fn set_memory(&self, bytes: u64) -> Result<(), PodError> {
+    /// Caps the memory of the pod's containers together at `bytes`, and
+    /// (`ram_bytes` > 0: the VM's RAM) adds RAM up to that size first.
+    pub fn set_memory(&self, bytes: u64, ram_bytes: u64) -> Result<(), PodError> {
         self.call_empty(
             "SetPodMemory",
-            request::Body::SetPodMemory(SetPodMemory { limit_bytes: bytes }),
+            request::Body::SetPodMemory(SetPodMemory {
+                limit_bytes: bytes,
+                ram_bytes,
+            }),
         )?;
         self.mark("memory");
         Ok(())

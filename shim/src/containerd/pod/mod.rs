@@ -196,18 +196,15 @@ pub fn template_name(image: &ImageBuild, config: &ShimConfig) -> String {
         .filter(char::is_ascii_alphanumeric)
         .collect();
     let short = &short[short.len().saturating_sub(16)..];
-    if config.sized() {
-        format!(
-            "ctr-{short}-upto{}c{}m",
-            config.max_vcpus,
-            config.template_memory_mib()
-        )
+    let memory = if config.memory_sized() {
+        format!("{}of{}m", config.memory_mib, config.max_memory_mib)
     } else {
-        format!(
-            "ctr-{short}-{}c{}m",
-            config.vcpus,
-            config.template_memory_mib()
-        )
+        format!("{}m", config.memory_mib)
+    };
+    if config.sized() {
+        format!("ctr-{short}-upto{}c{memory}", config.max_vcpus)
+    } else {
+        format!("ctr-{short}-{}c{memory}", config.vcpus)
     }
 }
 
@@ -244,6 +241,12 @@ impl PodVm {
                 vcpus: config.template_vcpus(),
                 online_cpus: if config.sized() { 1 } else { 0 },
                 memory_mib: config.template_memory_mib(),
+                // Sized by memory: the rest of the RAM is added by each fork.
+                extra_cmdline: if config.memory_sized() {
+                    format!("mem={}M", config.memory_mib)
+                } else {
+                    String::new()
+                },
                 kernel: config.kernel.clone(),
                 initramfs: config.initramfs.clone(),
                 agent_timeout: Duration::from_secs(config.agent_timeout_s.max(300)),
@@ -352,7 +355,13 @@ impl PodVm {
             pod.set_cpus(cpus)?;
         }
         if let Some(bytes) = memory {
-            pod.set_memory(bytes)?;
+            // RAM beyond what the template uses is added up to the pod's size.
+            let ram = if config.memory_sized() {
+                config.template_memory_mib() << 20
+            } else {
+                0
+            };
+            pod.set_memory(bytes, ram)?;
         }
         Ok(pod)
     }
