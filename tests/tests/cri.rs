@@ -115,6 +115,21 @@ async fn pod_round(
     assert_eq!(lines[0], "in-exec");
     assert_ne!(lines[1], host.trim(), "the guest's kernel, not the host's");
 
+    // An exec that leaves a background child holding its stdout ends when
+    // the exec's own process does (Kata #869's pattern), with its output:
+    // waiting for the child would run into ExecSync's timeout (120 s, below
+    // the child's 600 s), which fails the call.
+    let started = Instant::now();
+    let out = match exec_ok(runtime, &container, "sleep 600 & echo hi").await {
+        Ok(out) => out,
+        Err(segv) => {
+            remove_pod(runtime, &pod).await;
+            return Err(segv);
+        }
+    };
+    assert_eq!(out.trim(), "hi");
+    eprintln!("ExecSync with a background child: {:?}", started.elapsed());
+
     let usage = memory_stats(runtime, &container)
         .await
         .usage_bytes
