@@ -208,6 +208,21 @@ impl ShimConfig {
         }
     }
 
+    /// The VMs' shape as template names carry it: `2c128m`, or sized
+    /// `upto2c128of256m` (up to 2 CPUs, booting with 128 MiB of 256).
+    pub fn vm_shape(&self) -> String {
+        let memory = if self.memory_sized() {
+            format!("{}of{}m", self.memory_mib, self.max_memory_mib)
+        } else {
+            format!("{}m", self.memory_mib)
+        };
+        if self.sized() {
+            format!("upto{}c{memory}", self.max_vcpus)
+        } else {
+            format!("{}c{memory}", self.vcpus)
+        }
+    }
+
     /// The CPUs a pod gets when it asks for `asked` (None: the default),
     /// within what a template has.
     pub fn pod_cpus(&self, asked: Option<u32>) -> u8 {
@@ -273,6 +288,13 @@ mod tests {
             ..ShimConfig::default()
         };
         assert_eq!(sized.template_memory_mib(), 512);
+        assert_eq!(plain.vm_shape(), "1c128m");
+        assert_eq!(sized.vm_shape(), "1c128of512m");
+        let both = ShimConfig {
+            max_vcpus: 2,
+            ..sized.clone()
+        };
+        assert_eq!(both.vm_shape(), "upto2c128of512m");
         assert_eq!(sized.pod_memory(None), Ok(Some(mib(128))));
         assert_eq!(sized.pod_memory(Some(mib(300))), Ok(Some(mib(300))));
         assert_eq!(sized.pod_memory(Some(mib(512))), Ok(Some(mib(512))));

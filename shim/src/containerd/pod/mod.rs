@@ -196,16 +196,7 @@ pub fn template_name(image: &ImageBuild, config: &ShimConfig) -> String {
         .filter(char::is_ascii_alphanumeric)
         .collect();
     let short = &short[short.len().saturating_sub(16)..];
-    let memory = if config.memory_sized() {
-        format!("{}of{}m", config.memory_mib, config.max_memory_mib)
-    } else {
-        format!("{}m", config.memory_mib)
-    };
-    if config.sized() {
-        format!("ctr-{short}-upto{}c{memory}", config.max_vcpus)
-    } else {
-        format!("ctr-{short}-{}c{memory}", config.vcpus)
-    }
+    format!("ctr-{short}-{}", config.vm_shape())
 }
 
 impl PodVm {
