@@ -6,6 +6,7 @@
 //! structs, which is what lets a VM be snapshotted and forked.
 
 pub mod block;
+pub mod fs;
 pub mod mmio;
 pub mod net;
 pub mod persist;
