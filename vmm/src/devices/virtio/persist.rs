@@ -8,6 +8,7 @@ use virtio_queue::{Queue, QueueState, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::block::{Block, BlockArgs, BlockError, BlockState};
+use super::fs::{Fs, FsError, FsState};
 use super::mmio::MmioTransport;
 use super::net::{Net, NetArgs, NetState, Tap};
 use super::rng::{Rng, RngState};
@@ -82,6 +83,8 @@ pub enum DeviceState {
     Block(BlockState),
     /// virtio-net.
     Net(NetState),
+    /// virtio-fs (no share: one is attached after a restore).
+    Fs(FsState),
     /// A test device (unit tests only).
     #[cfg(test)]
     Test,
@@ -136,6 +139,9 @@ pub enum RestoreError {
     /// A disk image could not be attached.
     #[error(transparent)]
     Block(#[from] BlockError),
+    /// A file system device could not be made.
+    #[error(transparent)]
+    Fs(#[from] FsError),
     /// The snapshot has more block devices than images were given.
     #[error("the snapshot has a disk #{0} but no image was given for it")]
     NoDisk(usize),
@@ -175,6 +181,7 @@ impl DeviceState {
             DeviceState::Net(state) => {
                 Box::new(Net::restore(NetArgs { tap: args.tap }, state).expect("infallible"))
             }
+            DeviceState::Fs(state) => Box::new(Fs::restore((), state)?),
             #[cfg(test)]
             DeviceState::Test => return Err(RestoreError::Test),
         })

@@ -1,5 +1,20 @@
-//! virtio-fs: a host directory shared with the guest over FUSE. So far the
-//! server side (`server`): the device that carries its requests over a
-//! virtio queue is not built yet.
+//! virtio-fs: a host directory shared with the guest over FUSE. The device
+//! (`device`) carries the guest's FUSE requests over two queues (high
+//! priority, and requests) to the server (`server`), which answers from
+//! the shared directory. A device starts with no share attached (what a
+//! template carries: FUSE state must not outlive a fork); the VMM attaches
+//! one after the fork, then the guest mounts it by its tag.
 
+mod device;
+mod persist;
 pub mod server;
+
+pub use device::{Fs, FsError};
+pub use persist::FsState;
+
+/// virtio device id of a file system device.
+pub const VIRTIO_ID_FS: u32 = 26;
+/// Queue size (each queue).
+pub const QUEUE_SIZE: u16 = 128;
+/// The longest tag the guest mounts it by (the config space's field).
+pub const TAG_LEN: usize = 36;

@@ -222,6 +222,17 @@ fn no_set_id_bits(opcode: u32, request: &mut [u8]) {
     }
 }
 
+/// The error reply to `request` (none if it is not even a header).
+pub fn refuse(request: &[u8], errno: i32) -> Vec<u8> {
+    match request.get(8..16) {
+        Some(unique) if request.len() >= IN_HEADER_LEN => error_reply(
+            u64::from_le_bytes(unique.try_into().expect("8 bytes")),
+            errno,
+        ),
+        _ => Vec::new(),
+    }
+}
+
 /// A FUSE reply carrying only `-errno`.
 fn error_reply(unique: u64, errno: i32) -> Vec<u8> {
     let mut out = Vec::with_capacity(OUT_HEADER_LEN);
