@@ -65,6 +65,10 @@ impl Drop for PidHolder {
 
 /// The holder's life (the process never returns): until its stdin ends.
 pub fn hold() -> ! {
+    // Whatever else the shim had open without close-on-exec (a VM's
+    // eventfds) is not the holder's to keep.
+    // SAFETY: closes fds from 3 up; nothing in this process uses them.
+    unsafe { libc::close_range(3, libc::c_uint::MAX, 0) };
     let mut buf = [0u8; 64];
     let mut stdin = std::io::stdin().lock();
     loop {
