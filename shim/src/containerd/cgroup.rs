@@ -229,15 +229,6 @@ impl PodCgroup {
 
     /// The cgroup's counters: the VM's CPU and memory as the host charges them.
     pub fn stats(&self) -> ContainerStats {
-        let num = |s: Option<String>| s.and_then(|s| s.trim().parse::<u64>().ok());
-        let keyed = |s: Option<String>, key: &str| {
-            s.and_then(|s| {
-                s.lines().find_map(|l| {
-                    let (k, v) = l.split_once(' ')?;
-                    (k == key).then(|| v.trim().parse::<u64>().ok()).flatten()
-                })
-            })
-        };
         match self.layout {
             Layout::V2(_) => ContainerStats {
                 cpu_usage_usec: keyed(self.file("cpu", "cpu.stat"), "usage_usec").unwrap_or(0),
@@ -274,18 +265,12 @@ impl PodCgroup {
         let mut hits = 0;
         for part in self.path.components() {
             dir.push(part);
-            let count = match self.layout {
-                Layout::V1(_) => std::fs::read_to_string(dir.join("memory.failcnt"))
-                    .ok()
-                    .and_then(|s| s.trim().parse::<u64>().ok()),
-                Layout::V2(_) => std::fs::read_to_string(dir.join("memory.events"))
-                    .ok()
-                    .and_then(|s| {
-                        s.lines()
-                            .find_map(|l| l.strip_prefix("max ")?.trim().parse().ok())
-                    }),
-            };
-            hits += count.unwrap_or(0);
+            let read = |name: &str| std::fs::read_to_string(dir.join(name)).ok();
+            hits += match self.layout {
+                Layout::V1(_) => num(read("memory.failcnt")),
+                Layout::V2(_) => keyed(read("memory.events"), "max"),
+            }
+            .unwrap_or(0);
         }
         hits
     }
@@ -308,26 +293,33 @@ impl PodCgroup {
 }
 
 /// How many processes the OOM killer killed in `cgroups_path` (0 if it is
-/// not there).
+/// not there): its counters read without joining it.
 pub fn oom_kills(cgroups_path: &str) -> u64 {
     let (Some(path), Some(layout)) = (expand(cgroups_path), Layout::host()) else {
         return 0;
     };
-    let (file, key) = match layout {
-        Layout::V2(_) => ("memory.events", "oom_kill"),
-        Layout::V1(_) => ("memory.oom_control", "oom_kill"),
+    let observed = PodCgroup {
+        layout,
+        path,
+        made: Vec::new(),
+        before: Vec::new(),
     };
-    let Some(root) = layout.root_of("memory") else {
-        return 0;
-    };
-    std::fs::read_to_string(root.join(path).join(file))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| {
+    observed.stats().oom_kills
+}
+
+/// A single-value cgroup file's number.
+fn num(text: Option<String>) -> Option<u64> {
+    text.and_then(|s| s.trim().parse().ok())
+}
+
+/// The value of `key` in a flat-keyed cgroup file (`memory.events`).
+fn keyed(text: Option<String>, key: &str) -> Option<u64> {
+    text.and_then(|s| {
+        s.lines().find_map(|l| {
             let (k, v) = l.split_once(' ')?;
             (k == key).then(|| v.trim().parse().ok()).flatten()
         })
-        .unwrap_or(0)
+    })
 }
 
 /// After a shim died: removes its pod's cgroup directories once empty (the
