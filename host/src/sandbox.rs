@@ -55,6 +55,9 @@ pub struct SandboxConfig {
     /// CPUs a template keeps online (0: all); its forks bring more online
     /// as their pods ask (offline vCPUs halt and cost the host nothing).
     pub online_cpus: u8,
+    /// The cap a template puts on all its containers' memory together, MiB
+    /// (0: none); its forks keep it unless their pods ask for another size.
+    pub pod_memory_mib: u64,
     /// The NIC every VM has, without a link until a fork is given a tap.
     pub nic: Option<NetConfig>,
 }
@@ -73,6 +76,7 @@ impl Default for SandboxConfig {
             disks: Vec::new(),
             disk_slots: 0,
             online_cpus: 0,
+            pod_memory_mib: 0,
             nic: Some(NetConfig::default()),
         }
     }

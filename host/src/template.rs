@@ -90,6 +90,9 @@ pub struct TemplateMeta {
     /// CPUs online in it (0: all).
     #[serde(default)]
     pub online_cpus: u8,
+    /// The cap on its containers' memory together, MiB (0: none).
+    #[serde(default)]
+    pub pod_memory_mib: u64,
 }
 
 /// Errors building a template.
@@ -192,6 +195,20 @@ pub fn build(store: &TemplateStore, spec: &BuildSpec) -> Result<BuildReport, Bui
             |a| matches!(a, response::Body::Empty(_)),
         )?;
     }
+    let pod_memory = spec.sandbox.pod_memory_mib;
+    if pod_memory > 0 {
+        // Once here, not in every fork of a pod that asks for no other size.
+        build_call(
+            &sandbox,
+            vec!["pod-memory".into(), pod_memory.to_string()],
+            request::Body::SetPodMemory(zygote_agent_api::SetPodMemory {
+                limit_bytes: pod_memory << 20,
+                ram_bytes: 0,
+            }),
+            Duration::from_secs(120),
+            |a| matches!(a, response::Body::Empty(_)),
+        )?;
+    }
     for m in &spec.mounts {
         mount_image(&sandbox, m)?;
     }
@@ -248,6 +265,7 @@ pub fn build(store: &TemplateStore, spec: &BuildSpec) -> Result<BuildReport, Bui
             staged: spec.stage.is_some(),
             disk_slots: spec.sandbox.disk_slots,
             online_cpus: spec.sandbox.online_cpus,
+            pod_memory_mib: spec.sandbox.pod_memory_mib,
         };
         let path = tmp.join(META_FILE);
         let text = serde_json::to_string_pretty(&meta).expect("plain data serializes");
@@ -282,6 +300,12 @@ pub fn stale_reason(meta: &TemplateMeta, spec: &BuildSpec) -> Option<String> {
         return Some(format!(
             "{} CPUs online, asked {}",
             meta.online_cpus, spec.sandbox.online_cpus
+        ));
+    }
+    if meta.pod_memory_mib != spec.sandbox.pod_memory_mib {
+        return Some(format!(
+            "containers' memory capped at {} MiB, asked {}",
+            meta.pod_memory_mib, spec.sandbox.pod_memory_mib
         ));
     }
     if meta.disk_slots != spec.sandbox.disk_slots {
@@ -492,8 +516,18 @@ mod tests {
             staged: false,
             disk_slots: 0,
             online_cpus: 0,
+            pod_memory_mib: 0,
         };
         assert_eq!(stale_reason(&meta, &spec), None);
+        let capped = TemplateMeta {
+            pod_memory_mib: 128,
+            ..meta.clone()
+        };
+        assert!(
+            stale_reason(&capped, &spec)
+                .unwrap()
+                .contains("capped at 128 MiB")
+        );
         let slotted = TemplateMeta {
             disk_slots: 3,
             ..meta.clone()

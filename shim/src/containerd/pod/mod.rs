@@ -231,6 +231,8 @@ impl PodVm {
             sandbox: SandboxConfig {
                 vcpus: config.template_vcpus(),
                 online_cpus: if config.sized() { 1 } else { 0 },
+                // What a pod asking for no size gets, set once in the template.
+                pod_memory_mib: config.pod_memory(None).ok().flatten().unwrap_or(0) >> 20,
                 memory_mib: config.template_memory_mib(),
                 // Sized by memory: the rest of the RAM is added by each fork.
                 extra_cmdline: if config.memory_sized() {

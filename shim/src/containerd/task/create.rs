@@ -50,12 +50,13 @@ impl TaskService {
         let memory = config
             .pod_memory(asked_memory)
             .map_err(TaskError::Precondition)?
-            // A lone container's own limit is its cgroup's already: only
-            // one above what the VM boots with needs the VM to grow.
+            // Without an ask, the template's cap stands (set at its build).
+            // A lone container's own limit is its cgroup's already: only one
+            // above what the VM boots with needs the VM to grow.
             .filter(|_| {
-                spec::is_cri(oci)
-                    || asked_memory
-                        .is_none_or(|m| config.memory_sized() && m > config.memory_mib << 20)
+                asked_memory.is_some_and(|m| {
+                    spec::is_cri(oci) || (config.memory_sized() && m > config.memory_mib << 20)
+                })
             });
         if asked_cpus.is_some_and(|a| a > u32::from(cpus)) {
             tracing::warn!(
