@@ -15,20 +15,27 @@ pub fn v2_root(root: &Path) -> Option<PathBuf> {
         .then(|| root.into())
 }
 
-/// Creates the container's cgroup with `resources`; returns its path.
-pub fn create(root: &Path, id: &str, resources: &Resources) -> std::io::Result<PathBuf> {
+/// An I/O error that names `path`.
+fn at(path: &Path) -> impl FnOnce(std::io::Error) -> std::io::Error {
+    let path = path.to_path_buf();
+    move |e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display()))
+}
+
+/// The parent of every container's cgroup under `root`, made if missing,
+/// with the controllers enabled at each level down to the containers'.
+fn containers_parent(root: &Path) -> std::io::Result<PathBuf> {
     let parent = root.join(PARENT);
-    let at = |p: &Path| {
-        let p = p.to_path_buf();
-        move |e: std::io::Error| std::io::Error::new(e.kind(), format!("{}: {e}", p.display()))
-    };
     std::fs::create_dir_all(&parent).map_err(at(&parent))?;
-    // Controllers must be enabled at each level down to the container's.
     for level in [root, parent.as_path()] {
         let file = level.join("cgroup.subtree_control");
         std::fs::write(&file, CONTROLLERS).map_err(at(&file))?;
     }
-    let dir = parent.join(id);
+    Ok(parent)
+}
+
+/// Creates the container's cgroup with `resources`; returns its path.
+pub fn create(root: &Path, id: &str, resources: &Resources) -> std::io::Result<PathBuf> {
+    let dir = containers_parent(root)?.join(id);
     std::fs::create_dir(&dir).map_err(at(&dir))?;
     let result = apply(&dir, resources);
     if result.is_err() {
@@ -50,14 +57,8 @@ pub fn limit_pod_memory(root: &Path, bytes: u64) -> std::io::Result<()> {
             format!("a pod memory of {bytes} bytes is below {POD_MEMORY_MIN}"),
         ));
     }
-    let parent = root.join(PARENT);
-    std::fs::create_dir_all(&parent)
-        .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", parent.display())))?;
-    let controls = root.join("cgroup.subtree_control");
-    std::fs::write(&controls, CONTROLLERS)
-        .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", controls.display())))?;
     apply(
-        &parent,
+        &containers_parent(root)?,
         &Resources {
             memory_max: Some(bytes as i64),
             ..Default::default()
