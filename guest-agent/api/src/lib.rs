@@ -11,10 +11,12 @@
 pub mod client;
 pub mod frame;
 pub mod messages;
+pub mod reconcile;
 pub mod volumes;
 
 pub use client::{AgentClient, ClientError, attach_stdio};
 pub use messages::*;
+pub use reconcile::*;
 pub use volumes::{EntryKind, ReadVolume, UpdateVolume, Volume, VolumeData, VolumeEntry};
 
 /// The vsock port the agent listens on.
