@@ -103,11 +103,7 @@ async fn publish_ooms(namespace: &str, ids: &[String]) {
     tracing::warn!("the host OOM-killed the pod's VM (its cgroup's limit): {ids:?}");
     let events = Events::start(&address, namespace);
     for id in ids {
-        let event = containerd_shim_protos::events::task::TaskOOM {
-            container_id: id.clone(),
-            ..Default::default()
-        };
-        events.publish(containerd_shim_protos::topics::TASK_OOM_EVENT_TOPIC, &event);
+        events.publish_oom(id);
     }
     // Within containerd's 5 s for the whole `delete`.
     events.flush(std::time::Duration::from_secs(1)).await;

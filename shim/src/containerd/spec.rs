@@ -89,15 +89,19 @@ pub const SANDBOX_CPU_PERIOD: &str = "io.kubernetes.cri.sandbox-cpu-period";
 /// containers' limits; absent or 0 when one has none).
 pub const SANDBOX_MEMORY: &str = "io.kubernetes.cri.sandbox-memory";
 
+/// A number in a spec: JSON's, or a string's (annotations are strings).
+fn number(v: &Value) -> Option<i64> {
+    v.as_i64()
+        .or_else(|| v.as_str().and_then(|s| s.parse::<i64>().ok()))
+}
+
 /// The memory a spec asks for, bytes: a pod's (the sandbox's annotation), or
 /// a container's (`linux.resources.memory.limit`); None without a limit.
 pub fn memory(spec: &Value) -> Option<u64> {
     let asked = if is_sandbox(spec) {
-        let v = &spec["annotations"][SANDBOX_MEMORY];
-        v.as_i64()
-            .or_else(|| v.as_str().and_then(|s| s.parse::<i64>().ok()))
+        number(&spec["annotations"][SANDBOX_MEMORY])
     } else {
-        spec["linux"]["resources"]["memory"]["limit"].as_i64()
+        number(&spec["linux"]["resources"]["memory"]["limit"])
     };
     asked.filter(|m| *m > 0).map(|m| m as u64)
 }
@@ -106,10 +110,6 @@ pub fn memory(spec: &Value) -> Option<u64> {
 /// container's (`linux.resources.cpu` quota over period), rounded up; None
 /// without a limit.
 pub fn cpus(spec: &Value) -> Option<u32> {
-    let number = |v: &Value| {
-        v.as_i64()
-            .or_else(|| v.as_str().and_then(|s| s.parse::<i64>().ok()))
-    };
     let (quota, period) = if is_sandbox(spec) {
         (
             number(&spec["annotations"][SANDBOX_CPU_QUOTA]),

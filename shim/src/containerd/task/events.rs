@@ -110,6 +110,15 @@ impl Events {
         }
     }
 
+    /// TaskOOM for container `id` (the CRI then reports it `OOMKilled`).
+    pub fn publish_oom(&self, id: &str) {
+        let event = containerd_shim_protos::events::task::TaskOOM {
+            container_id: id.into(),
+            ..Default::default()
+        };
+        self.publish(containerd_shim_protos::topics::TASK_OOM_EVENT_TOPIC, &event);
+    }
+
     /// Waits until every queued event was taken by containerd (or given
     /// up), at most `limit`: the shim calls it before it exits.
     pub async fn flush(&self, limit: Duration) {

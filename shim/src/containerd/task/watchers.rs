@@ -11,8 +11,6 @@
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use containerd_shim_protos::events::task::TaskOOM;
-use containerd_shim_protos::topics;
 use zygote_agent_api::ContainerRef;
 
 use super::super::io::Outputs;
@@ -334,12 +332,8 @@ impl TaskService {
     /// reports it `OOMKilled`).
     fn publish_ooms(&self) {
         let running = self.state().table.running_in_vm();
-        for (id, _) in running.into_iter().filter(|(_, exec)| exec.is_empty()) {
-            let event = TaskOOM {
-                container_id: id,
-                ..Default::default()
-            };
-            self.events.publish(topics::TASK_OOM_EVENT_TOPIC, &event);
+        for (id, _) in running.iter().filter(|(_, exec)| exec.is_empty()) {
+            self.events.publish_oom(id);
         }
     }
 
@@ -358,11 +352,7 @@ impl TaskService {
             .name("oom".into())
             .spawn(move || {
                 for id in ooms {
-                    let event = TaskOOM {
-                        container_id: id,
-                        ..Default::default()
-                    };
-                    service.events.publish(topics::TASK_OOM_EVENT_TOPIC, &event);
+                    service.events.publish_oom(&id);
                 }
             });
         if let Err(e) = spawned {
