@@ -19,3 +19,19 @@ pub mod procmem;
 pub mod reconcile;
 pub mod sandbox;
 pub mod template;
+
+/// An error's message with its whole chain of causes, on one line (a
+/// transparent variant that repeats its source's message is said once).
+pub fn describe(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let more = c.to_string();
+        if !text.ends_with(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        cause = c.source();
+    }
+    text
+}

@@ -52,6 +52,9 @@ pub struct SandboxConfig {
     pub disks: Vec<PathBuf>,
     /// Empty disk slots after them, for images put in while the guest runs.
     pub disk_slots: u8,
+    /// A shared file system with no share yet (virtio-fs), for the host
+    /// directories of a fork's pod.
+    pub shared_fs: bool,
     /// CPUs a template keeps online (0: all); its forks bring more online
     /// as their pods ask (offline vCPUs halt and cost the host nothing).
     pub online_cpus: u8,
@@ -75,6 +78,7 @@ impl Default for SandboxConfig {
             console_log: None,
             disks: Vec::new(),
             disk_slots: 0,
+            shared_fs: false,
             online_cpus: 0,
             pod_memory_mib: 0,
             nic: Some(NetConfig::default()),
@@ -291,6 +295,7 @@ impl Sandbox {
             prefault: config.prefault,
             disks: config.disks.clone(),
             disk_slots: config.disk_slots,
+            shared_fs: config.shared_fs,
             net: config.nic,
         };
         // The agent connects here once it listens; until then the host only waits,
@@ -458,14 +463,23 @@ impl Sandbox {
             c.set_timeout(grace).map_err(ClientError::Io)?;
             Ok(c.call(request::Body::Shutdown(Default::default()))?)
         });
-        let off = asked.is_ok() && self.machine.wait(grace).is_some();
+        // Once the request went out the guest may be powering off even if
+        // its answer was lost: wait for it then too.
+        let sent = match &asked {
+            Ok(_) => true,
+            Err(SandboxError::Agent(e)) => {
+                matches!(e, ClientError::Io(_) | ClientError::NoAnswer(_))
+            }
+            Err(_) => false,
+        };
+        let off = sent && self.machine.wait(grace).is_some();
         if !off {
             // What the guest was doing is the only clue to a shutdown that hangs.
             tracing::warn!(
                 "the guest did not power off within {grace:?} ({}); its console's last lines:\n{}",
                 match &asked {
                     Ok(_) => "it acknowledged the shutdown".to_string(),
-                    Err(e) => e.to_string(),
+                    Err(e) => crate::describe(e),
                 },
                 self.machine.console_tail(20)
             );

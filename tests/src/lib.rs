@@ -14,7 +14,20 @@ use std::sync::{Mutex, MutexGuard};
 /// VMs at once on two cores would only make each slower.
 pub fn vm_lock() -> MutexGuard<'static, ()> {
     static LOCK: Mutex<()> = Mutex::new(());
+    log_to_test_output();
     LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Sends the runtime's warnings (e.g. a guest that would not power off, with
+/// its console's last lines) to the test's captured output, shown when it fails.
+pub fn log_to_test_output() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("ZYGOTE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_test_writer()
+        .try_init();
 }
 
 /// Whether the guest kernel and image exist; panics with instructions if not

@@ -59,6 +59,14 @@ pub fn serve_connection<S: Read + Write>(mut stream: S, agent_started_ns: u64) {
             return;
         }
         if after == After::PowerOff {
+            // Powering off resets the vsock device, dropping what it has not
+            // sent yet: the answer must reach the host first. The host hangs
+            // up once it has read it; wait for that, but not for long.
+            std::thread::spawn(|| {
+                std::thread::sleep(std::time::Duration::from_secs(2));
+                init::power_off()
+            });
+            let _ = stream.read(&mut [0u8; 1]);
             init::power_off();
         }
     }

@@ -75,12 +75,14 @@ impl TaskError {
             },
             // What an operator must fix on the node: a missing kernel or
             // guest image, a damaged template, a pod network the VM cannot
-            // take (no namespace, no interface, an IPv6 address, no tap).
+            // take (no namespace, no interface, an IPv6 address, no tap), a
+            // host directory it cannot be given.
             TaskError::Pod(
                 PodError::Damaged { .. }
                 | PodError::Template { .. }
                 | PodError::Network(_)
-                | PodError::NoSlot { .. },
+                | PodError::NoSlot { .. }
+                | PodError::Share { .. },
             ) => Code::FAILED_PRECONDITION,
             TaskError::Pod(_)
             | TaskError::Image(_)
@@ -95,18 +97,7 @@ impl TaskError {
     /// The message with its whole chain of causes (containerd shows only
     /// this one string).
     pub fn describe(&self) -> String {
-        let mut text = self.to_string();
-        let mut cause = std::error::Error::source(self);
-        while let Some(c) = cause {
-            let more = c.to_string();
-            // A transparent variant repeats its source's message.
-            if !text.ends_with(&more) {
-                text.push_str(": ");
-                text.push_str(&more);
-            }
-            cause = c.source();
-        }
-        text
+        zygote_host::describe(self)
     }
 }
 
