@@ -87,6 +87,9 @@ pub struct TemplateMeta {
     /// Empty disk slots its VM has (for images put in after the fork).
     #[serde(default)]
     pub disk_slots: u8,
+    /// Whether its VM has the (empty) shared file system.
+    #[serde(default)]
+    pub shared_fs: bool,
     /// CPUs online in it (0: all).
     #[serde(default)]
     pub online_cpus: u8,
@@ -264,6 +267,7 @@ pub fn build(store: &TemplateStore, spec: &BuildSpec) -> Result<BuildReport, Bui
             memory_crc32: info.memory.crc32,
             staged: spec.stage.is_some(),
             disk_slots: spec.sandbox.disk_slots,
+            shared_fs: spec.sandbox.shared_fs,
             online_cpus: spec.sandbox.online_cpus,
             pod_memory_mib: spec.sandbox.pod_memory_mib,
         };
@@ -312,6 +316,12 @@ pub fn stale_reason(meta: &TemplateMeta, spec: &BuildSpec) -> Option<String> {
         return Some(format!(
             "{} empty disk slots, asked {}",
             meta.disk_slots, spec.sandbox.disk_slots
+        ));
+    }
+    if meta.shared_fs != spec.sandbox.shared_fs {
+        return Some(format!(
+            "built {} a shared file system",
+            if meta.shared_fs { "with" } else { "without" }
         ));
     }
     if (meta.vcpus, meta.memory_mib) != (spec.sandbox.vcpus, spec.sandbox.memory_mib) {

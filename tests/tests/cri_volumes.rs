@@ -7,7 +7,10 @@
 //! file). Then, in each pod: a configMap update is seen inside; a sidecar
 //! and the app share an emptyDir and `/dev/shm`; what the app writes to its
 //! termination log reaches the host file after it exits (kubelet reads it
-//! there for `ContainerStatus`); nothing is left after the pod's removal.
+//! there for `ContainerStatus`); a hostPath is the host's directory both
+//! ways (read-write, and a read-only one refuses writes), and its symlinks
+//! pointing out resolve in the container, not on the host; nothing is left
+//! after the pod's removal.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -47,6 +50,7 @@ fn kubelet_write(dir: &Path, stamp: &str, keys: &[(&str, &str, u32)]) {
 struct KubeletPod {
     root: PathBuf,
     config_map: PathBuf,
+    host_dir: PathBuf,
     termination_log: PathBuf,
     mounts: Vec<cri::Mount>,
 }
@@ -93,6 +97,26 @@ impl KubeletPod {
         std::fs::create_dir_all(termination_log.parent().unwrap()).unwrap();
         std::fs::write(&termination_log, "").unwrap();
         std::fs::set_permissions(&termination_log, std::fs::Permissions::from_mode(0o666)).unwrap();
+        // hostPath volumes: one read-write, one read-only; beside them a
+        // host directory the container must not reach through links.
+        let (host_dir, host_ro, outside) = (
+            root.join("data"),
+            root.join("data-ro"),
+            root.join("outside"),
+        );
+        for d in [&host_dir, &host_ro, &outside] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        std::fs::write(host_dir.join("from-host"), "hello from the host").unwrap();
+        std::fs::set_permissions(
+            host_dir.join("from-host"),
+            std::fs::Permissions::from_mode(0o640),
+        )
+        .unwrap();
+        std::fs::write(host_ro.join("kept"), "read-only data").unwrap();
+        std::fs::write(outside.join("host-only"), "host secret").unwrap();
+        std::os::unix::fs::symlink(&outside, host_dir.join("abs")).unwrap();
+        std::os::unix::fs::symlink("../outside/host-only", host_dir.join("up")).unwrap();
         let mount = |container: &str, host: &Path, readonly: bool| cri::Mount {
             container_path: container.into(),
             host_path: host.to_string_lossy().into(),
@@ -111,10 +135,13 @@ impl KubeletPod {
             mount("/mem", &memory, false),
             mount("/etc/hosts", &hosts, false),
             mount("/dev/termination-log", &termination_log, false),
+            mount("/data", &host_dir, false),
+            mount("/data-ro", &host_ro, true),
         ];
         KubeletPod {
             root,
             config_map,
+            host_dir,
             termination_log,
             mounts,
         }
@@ -139,6 +166,13 @@ done
 for d in /cache /mem /dev/shm; do echo "== $d $(stat -c '%a' $d)"; done
 ls -a /etc/cfg | tr '\n' ' '; echo
 touch /etc/cfg/new 2>/dev/null && echo cfg-writable || echo cfg-read-only
+echo "== /data/from-host $(stat -c '%a %u:%g' /data/from-host)"; cat /data/from-host; echo
+echo app-wrote > /data/from-app && echo "== /data/from-app $(stat -c '%a %u:%g' /data/from-app)"
+cat /data/up 2>/dev/null || echo no-escape-up
+ls /data/abs/ 2>/dev/null | grep -q host-only && echo escaped-abs || echo no-escape-abs
+ls /data/../ | grep -q outside && echo escaped-parent || echo no-escape-parent
+cat /data-ro/kept; echo
+touch /data-ro/new 2>/dev/null && echo ro-writable || echo ro-read-only
 "#;
 
 #[test]
@@ -217,6 +251,31 @@ async fn pod_round(
     assert!(seen.contains("198.18.0.9\tvolpod"), "{seen}");
     assert!(seen.contains("== /cache 777"), "{seen}");
     assert!(seen.contains("cfg-read-only"), "{seen}");
+
+    // hostPath: the host's directory, both ways; the read-only one refuses.
+    assert!(
+        seen.contains("== /data/from-host 640 0:0\nhello from the host\n"),
+        "{seen}"
+    );
+    for line in [
+        "no-escape-up",
+        "no-escape-abs",
+        "no-escape-parent",
+        "read-only data\nro-read-only",
+    ] {
+        assert!(seen.contains(line), "{runtime_name}: {line}: {seen}");
+    }
+    assert_eq!(
+        std::fs::read_to_string(kubelet.host_dir.join("from-app")).unwrap(),
+        "app-wrote\n",
+        "{runtime_name}: what the container wrote is on the host"
+    );
+    std::fs::write(kubelet.host_dir.join("later"), "written on the host later").unwrap();
+    assert_eq!(
+        exec_ok(runtime, &app, "cat /data/later").await?,
+        "written on the host later",
+        "{runtime_name}: what the host wrote is in the container"
+    );
 
     // A configMap update, seen inside.
     let updated = Instant::now();

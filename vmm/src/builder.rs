@@ -22,6 +22,7 @@ use crate::arch::x86_64::{boot, mptable};
 use crate::devices::bus::{Bus, BusError};
 use crate::devices::legacy::{ConsoleLog, I8042, SerialConsole};
 use crate::devices::virtio::block::{Block, BlockError, slot_serial};
+use crate::devices::virtio::fs::{self, Fs, ServerError};
 use crate::devices::virtio::net::{Net, NetConfig};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::{Vsock, VsockError};
@@ -67,6 +68,10 @@ pub struct VmConfig {
     /// Empty disk slots after them (serials `zygote-slot0`, ...), for images
     /// put in while the guest runs ([`Machine::set_disk`]).
     pub disk_slots: u8,
+    /// A shared file system (virtio-fs, tag [`fs::SHARE_TAG`]) with no
+    /// share yet: what a template carries; a fork's host directories are
+    /// added to it ([`Machine::share_dir`]) and the guest mounts it then.
+    pub shared_fs: bool,
     /// A NIC (virtio-net) without a link: what a template has; its forks
     /// are given a tap.
     pub net: Option<NetConfig>,
@@ -278,6 +283,11 @@ impl Machine {
         for n in 0..config.disk_slots {
             virtio.push(Box::new(Block::slot(&slot_serial(n))));
         }
+        if config.shared_fs {
+            virtio.push(Box::new(
+                Fs::new(fs::SHARE_TAG).expect("the share's tag is valid"),
+            ));
+        }
         if let Some(net) = config.net {
             virtio.push(Box::new(Net::new(net, None)));
         }
@@ -473,6 +483,21 @@ impl Machine {
             }
         }
         Err(BlockError::NoSlot(serial.into()))
+    }
+
+    /// Serves host directory `dir` to the guest as `/NAME` of its shared
+    /// file system (read-only on the host side too if `read_only`). The
+    /// guest mounts the file system once its first share is there.
+    pub fn share_dir(&self, name: &str, dir: &Path, read_only: bool) -> Result<(), ServerError> {
+        for slot in &self.devices {
+            let mut transport = slot.transport.lock().expect("virtio transport lock");
+            if let Some(fs) = transport.device_mut().as_fs() {
+                return fs.add_share(name, dir, read_only);
+            }
+        }
+        Err(ServerError::Start(std::io::Error::other(
+            "this VM has no shared file system device",
+        )))
     }
 
     /// The last lines the guest wrote to its console.

@@ -63,6 +63,19 @@ pub fn setup() {
         libc::MS_NOSUID | libc::MS_NODEV,
         "mode=0755",
     );
+    // Where the VM's shared file system is mounted after a fork: a mount
+    // point of its own, shared, so that the mount reaches the namespaces of
+    // containers made before it (a template's staged container; each
+    // container's tree is a slave of the agent's, as runc's default).
+    let share = zygote_agent_api::volumes::SHARE_MOUNT;
+    mount(
+        "tmpfs",
+        share,
+        "tmpfs",
+        libc::MS_NOSUID | libc::MS_NODEV,
+        "mode=0755,size=4k",
+    );
+    mount("", share, "", libc::MS_SHARED, "");
 }
 
 /// Syncs and powers the guest off (the VMM sees the kernel's "Power down").

@@ -9,8 +9,19 @@
 //! entries on first use and kept as the pod's containers leave it
 //! (emptyDir, the pod's `/dev/shm`).
 //!
+//! Or *on the host*: a host directory (hostPath) the VM's shared file
+//! system serves as `NAME` (virtio-fs, tag [`SHARE_TAG`]); the agent mounts
+//! that file system at [`SHARE_MOUNT`] on first use (nodev, nosuid) and
+//! binds `SHARE_MOUNT/NAME`. Its one entry is the directory; nothing is
+//! written.
+//!
 //! In the spec the agent gets, a mount whose source is
 //! [`VOLUME_SOURCE`]`NAME` binds volume `NAME`.
+
+/// The tag of the VM's shared file system (the VMM's device).
+pub const SHARE_TAG: &str = "zygote-share";
+/// Where the agent mounts it.
+pub const SHARE_MOUNT: &str = "/run/zygote/share";
 
 /// Mount source prefix naming a volume.
 pub const VOLUME_SOURCE: &str = "zygote-volume:";
@@ -89,6 +100,9 @@ pub struct Volume {
     /// then shared as it is.
     #[prost(bool, tag = "3")]
     pub shared: bool,
+    /// A host directory served by the shared file system as `NAME`.
+    #[prost(bool, tag = "4")]
+    pub host: bool,
 }
 
 /// Replace a container's copy of a volume with new content.

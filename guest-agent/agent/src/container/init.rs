@@ -69,8 +69,11 @@ fn mount(
     flags: libc::c_ulong,
     data: &str,
 ) -> Result<(), String> {
-    mount_raw(source, target, fstype, flags, data)
-        .map_err(|e| format!("mount {fstype} on {}: {e}", target.display()))
+    mount_raw(source, target, fstype, flags, data).map_err(|e| {
+        // A bind is named by its source, another mount by its type.
+        let what = if fstype.is_empty() { source } else { fstype };
+        format!("mount {what} on {}: {e}", target.display())
+    })
 }
 
 /// Splits OCI mount options into mount flags and file-system data.
@@ -178,10 +181,13 @@ fn populate_dev(root: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// Makes the mount tree private and binds the container's root on itself
-/// (a mount point, as `pivot_root` needs).
+/// Makes the mount tree a slave of the agent's (runc's default: nothing
+/// made in the container reaches the agent; the VM's shared file system,
+/// mounted by the agent after a fork, reaches a container staged before)
+/// and binds the container's root on itself (a mount point, as
+/// `pivot_root` needs).
 pub(super) fn prepare_root(root: &Path) -> Result<(), String> {
-    mount("", Path::new("/"), "", libc::MS_REC | libc::MS_PRIVATE, "")?;
+    mount("", Path::new("/"), "", libc::MS_REC | libc::MS_SLAVE, "")?;
     mount(
         &root.to_string_lossy(),
         root,

@@ -459,8 +459,8 @@ impl Registry {
     /// Brings container `id`'s copy of volume `v` to `v`'s content.
     pub fn update_volume(&self, id: &str, v: &Volume) -> Result<(), ContainerError> {
         let c = self.get(id)?;
-        let at = super::volumes::root(&c.dir, Path::new(""), &v.name, false);
-        if v.shared || !super::volumes::valid_name(&v.name) || !at.exists() {
+        let at = super::volumes::copied_root(&c.dir, &v.name);
+        if v.shared || v.host || !super::volumes::valid_name(&v.name) || !at.exists() {
             return Err(ContainerError::NotFound(format!(
                 "volume {:?} of {id}",
                 v.name
@@ -475,7 +475,7 @@ impl Registry {
         if !super::volumes::valid_name(name) {
             return Err(ContainerError::NotFound(format!("volume {name:?} of {id}")));
         }
-        let at = super::volumes::root(&c.dir, Path::new(""), name, false);
+        let at = super::volumes::copied_root(&c.dir, name);
         Ok(super::volumes::read(&at, name, max)?)
     }
 

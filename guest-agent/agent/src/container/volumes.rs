@@ -3,12 +3,14 @@
 //! replaced in the order kubelet's atomic writer uses, so a reader never
 //! sees half an update: new directories and files first, then the links
 //! that point at them (`..data` before the keys that go through it), then
-//! what is no longer there.
+//! what is no longer there. A host volume is only bound: the VM's shared
+//! file system serves it.
 
 use std::collections::HashSet;
 use std::os::unix::fs::{PermissionsExt, symlink};
 use std::path::{Component, Path, PathBuf};
 
+use zygote_agent_api::volumes::{SHARE_MOUNT, SHARE_TAG};
 use zygote_agent_api::{EntryKind, Volume, VolumeEntry};
 
 /// A volume that cannot be written or read.
@@ -73,8 +75,11 @@ pub fn check(v: &Volume) -> Result<(), VolumeError> {
             "the first entry must be the volume's file or directory".into(),
         ));
     }
-    if v.shared && root_kind != Some(EntryKind::Dir) {
-        return Err(bad("a shared volume is a directory".into()));
+    if (v.shared || v.host) && root_kind != Some(EntryKind::Dir) {
+        return Err(bad("a shared or host volume is a directory".into()));
+    }
+    if v.host && (v.shared || v.entries.len() > 1) {
+        return Err(bad("a host volume is one directory, not shared".into()));
     }
     if root_kind == Some(EntryKind::File) && v.entries.len() > 1 {
         return Err(bad("a file volume has one entry".into()));
@@ -306,14 +311,55 @@ pub fn write(root: &Path, v: &Volume) -> Result<(), VolumeError> {
     w.prune(root, Path::new(""), &keep)
 }
 
-/// Where a container's volume `name` lives: under its state directory
-/// `dir`, or (shared) under the pod's directory `pod_dir`.
-pub fn root(dir: &Path, pod_dir: &Path, name: &str, shared: bool) -> PathBuf {
-    if shared {
-        pod_dir.join(name)
+/// Where a container's volume `v` lives: under its state directory `dir`,
+/// (shared) under the pod's directory `pod_dir`, or (host) in the shared
+/// file system.
+pub fn root(dir: &Path, pod_dir: &Path, v: &Volume) -> PathBuf {
+    if v.host {
+        Path::new(SHARE_MOUNT).join(&v.name)
+    } else if v.shared {
+        pod_dir.join(&v.name)
     } else {
-        dir.join("volumes").join(name)
+        copied_root(dir, &v.name)
     }
+}
+
+/// Where a container whose state directory is `dir` keeps its copy of
+/// volume `name`.
+pub fn copied_root(dir: &Path, name: &str) -> PathBuf {
+    dir.join("volumes").join(name)
+}
+
+/// Mounts the VM's shared file system at [`SHARE_MOUNT`] unless it is
+/// (never in a template: the host attaches its server after the fork, with
+/// the pod's first host directory). nodev and nosuid: what a host
+/// directory holds is not the guest's to trust (the host refuses device
+/// nodes and set-ID bits too).
+fn mount_share(volume: &str) -> Result<(), VolumeError> {
+    static MOUNTED: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
+    let mut mounted = MOUNTED.lock().unwrap_or_else(|p| p.into_inner());
+    if *mounted {
+        return Ok(());
+    }
+    let os = |what: &str| {
+        let what = what.to_string();
+        move |source| VolumeError::Os {
+            volume: volume.into(),
+            what,
+            source,
+        }
+    };
+    std::fs::create_dir_all(SHARE_MOUNT).map_err(os("create the share's mount point"))?;
+    super::init::mount_raw(
+        SHARE_TAG,
+        Path::new(SHARE_MOUNT),
+        "virtiofs",
+        libc::MS_NODEV | libc::MS_NOSUID,
+        "",
+    )
+    .map_err(os("mount the VM's shared file system"))?;
+    *mounted = true;
+    Ok(())
 }
 
 /// Writes the volumes of a container whose state directory is `dir` (a
@@ -327,7 +373,18 @@ pub fn place(
 ) -> Result<(), VolumeError> {
     for v in volumes {
         check(v)?;
-        let at = root(dir, pod_dir, &v.name, v.shared);
+        let at = root(dir, pod_dir, v);
+        if v.host {
+            mount_share(&v.name)?;
+            // The host adds the directory before it sends the create.
+            if !std::fs::metadata(&at).is_ok_and(|m| m.is_dir()) {
+                return Err(VolumeError::Invalid {
+                    volume: v.name.clone(),
+                    why: format!("the host shares no directory at {}", at.display()),
+                });
+            }
+            continue;
+        }
         if v.shared && std::fs::symlink_metadata(&at).is_ok() {
             continue;
         }
@@ -354,9 +411,7 @@ pub fn place(
                 volume: name.into(),
                 why: format!("mounted at {} but not sent", m.destination.display()),
             })?;
-        m.source = root(dir, pod_dir, name, v.shared)
-            .to_string_lossy()
-            .into_owned();
+        m.source = root(dir, pod_dir, v).to_string_lossy().into_owned();
     }
     Ok(())
 }

@@ -7,6 +7,7 @@ mod calls;
 mod disks;
 mod network;
 mod phases;
+mod shares;
 
 pub use accounting::{process_cpu_time, process_demand};
 pub use calls::{ExitWait, OomStream, ProcessExit};
@@ -90,6 +91,14 @@ pub enum PodError {
         slots: usize,
         /// The containers using them.
         users: Vec<String>,
+    },
+    /// A host directory could not be shared with the VM.
+    #[error("cannot share host directory {path} with the VM: {why}")]
+    Share {
+        /// The directory.
+        path: String,
+        /// Why.
+        why: String,
     },
     /// A disk slot could not take or give up an image.
     #[error("disk slot: {0}")]
@@ -245,6 +254,7 @@ impl PodVm {
                 agent_timeout: Duration::from_secs(config.agent_timeout_s.max(300)),
                 disks: vec![image.path.clone()],
                 disk_slots: config.disk_slots,
+                shared_fs: true,
                 ..Default::default()
             },
             spawn: vec![],

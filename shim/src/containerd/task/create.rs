@@ -90,7 +90,10 @@ impl TaskService {
             tracing::info!("{id}: {n}");
         }
         let Placed {
-            volumes, copied, ..
+            volumes,
+            copied,
+            hosted,
+            ..
         } = placed;
         let spec_json = serde_json::to_vec(&guest).expect("a JSON value serializes");
         let upper = config.upper_size_mib;
@@ -132,7 +135,10 @@ impl TaskService {
         drop(making);
         let (service, id) = (self.clone(), id.to_string());
         blocking(move || {
-            if let Err(e) = pod.create_container(&id, spec_json, &root, upper, volumes) {
+            let created = pod
+                .share_dirs(&hosted)
+                .and_then(|()| pod.create_container(&id, spec_json, &root, upper, volumes));
+            if let Err(e) = created {
                 if let Err(d) = pod.detach_image(&id) {
                     tracing::warn!("{id}: {d}");
                 }

@@ -10,8 +10,10 @@
 //!   the host file).
 //! - **shared**: an emptyDir and the pod's `/dev/shm` — a pod-wide directory
 //!   in the guest, made by the first container that mounts it.
-//! - anything else (a host directory: hostPath) — left out, with a note in
-//!   the log, until the VM has a shared file system.
+//! - **on the host**: any other host directory (hostPath, a `ctr --mount`
+//!   of a directory) — served to the VM by its shared file system
+//!   (virtio-fs, [`zygote_vmm::devices::virtio::fs`]), read-only on the
+//!   host side too when the mount is; the guest binds it from there.
 //!
 //! Secrets are read into memory and sent over vsock: they never reach the
 //! template, and zygote writes them nowhere on the host.
@@ -83,6 +85,17 @@ pub struct Copied {
     pub sent: [u8; 32],
 }
 
+/// A host directory the VM's shared file system serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hosted {
+    /// Its name in the share (pod-wide: one per directory and mode).
+    pub name: String,
+    /// The host directory.
+    pub host: PathBuf,
+    /// Served read-only.
+    pub read_only: bool,
+}
+
 /// The guest's view of a container's mounts.
 #[derive(Debug, Default)]
 pub struct Placed {
@@ -90,6 +103,8 @@ pub struct Placed {
     pub volumes: Vec<Volume>,
     /// The copied ones (to watch, to write back).
     pub copied: Vec<Copied>,
+    /// The host directories to share before the create.
+    pub hosted: Vec<Hosted>,
     /// What was left out or changed, for the log.
     pub notes: Vec<String>,
 }
@@ -99,6 +114,7 @@ pub struct Placed {
 enum Kind {
     Copied { write_back: bool },
     Shared,
+    Host,
     Left(String),
 }
 
@@ -131,9 +147,9 @@ fn kind(destination: &str, source: &str, readonly: bool) -> Kind {
         Ok(m) if m.is_file() => Kind::Copied {
             write_back: !readonly,
         },
+        Ok(m) if m.is_dir() => Kind::Host,
         Ok(_) => Kind::Left(format!(
-            "mount {destination}: host directory {source} cannot be shared with the VM yet \
-             (no shared file system); left out"
+            "mount {destination}: {source} is not a regular file or a directory; left out"
         )),
         Err(e) => Kind::Left(format!("mount {destination}: {source}: {e}; left out")),
     }
@@ -144,9 +160,18 @@ fn shared_name(destination: &str, source: &str) -> String {
     if destination == "/dev/shm" {
         return "shm".into();
     }
-    let digest = Sha256::digest(source.as_bytes());
-    let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
-    format!("dir-{hex}")
+    format!("dir-{}", short_digest(source))
+}
+
+/// A pod-wide name for host directory `source` served `read_only` or not.
+fn host_name(source: &str, read_only: bool) -> String {
+    let mode = if read_only { "ro" } else { "rw" };
+    format!("host-{}-{mode}", short_digest(source))
+}
+
+fn short_digest(text: &str) -> String {
+    let digest = Sha256::digest(text.as_bytes());
+    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Rewrites `spec`'s bind mounts for the guest: each copied or shared one
@@ -183,7 +208,29 @@ pub fn place(spec: &mut Value) -> Result<Placed, VolumeError> {
                     name: name.clone(),
                     entries: vec![entry(String::new(), &meta, EntryKind::Dir)],
                     shared: true,
+                    host: false,
                 });
+                name
+            }
+            Kind::Host => {
+                let name = host_name(&source, readonly);
+                let meta = std::fs::metadata(&source).map_err(|e| VolumeError::Read {
+                    path: source.clone(),
+                    source: e,
+                })?;
+                if !placed.hosted.iter().any(|h| h.name == name) {
+                    placed.volumes.push(Volume {
+                        name: name.clone(),
+                        entries: vec![entry(String::new(), &meta, EntryKind::Dir)],
+                        shared: false,
+                        host: true,
+                    });
+                    placed.hosted.push(Hosted {
+                        name: name.clone(),
+                        host: source.clone().into(),
+                        read_only: readonly,
+                    });
+                }
                 name
             }
             Kind::Copied { write_back } => {
@@ -248,6 +295,7 @@ pub fn read_tree(root: &Path, name: &str) -> Result<Volume, VolumeError> {
         name: name.into(),
         entries: Vec::new(),
         shared: false,
+        host: false,
     };
     if meta.is_file() {
         let mut e = entry(String::new(), &meta, EntryKind::File);

@@ -92,6 +92,10 @@ pub trait VirtioDevice: Send + std::fmt::Debug {
     fn as_block(&mut self) -> Option<&mut block::Block> {
         None
     }
+    /// The device as a shared file system, if it is one (to add a share).
+    fn as_fs(&mut self) -> Option<&mut fs::Fs> {
+        None
+    }
 }
 
 /// Reads `data.len()` bytes of a configuration space `config` at `offset`;

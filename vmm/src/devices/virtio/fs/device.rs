@@ -2,11 +2,12 @@
 //! INTERRUPT; 1: requests), one request queue announced in its config.
 
 use std::io::{Read, Write};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 
-use super::server::{FsServer, MAX_MESSAGE};
+use super::server::{FsServer, MAX_MESSAGE, ServerError};
 use super::{QUEUE_SIZE, TAG_LEN, VIRTIO_ID_FS};
 use crate::devices::virtio::{
     ActivateArgs, ActivateError, QueueWorker, VirtioDevice, read_config_bytes,
@@ -57,6 +58,17 @@ impl Fs {
     /// Serves nothing from now on (requests get ENODEV).
     pub fn detach(&self) {
         self.share.lock().expect("share lock").take();
+    }
+
+    /// Serves `dir` as share `name` from now on, attaching a server with no
+    /// other share first if there is none (a fork's first share).
+    pub fn add_share(&self, name: &str, dir: &Path, read_only: bool) -> Result<(), ServerError> {
+        let mut share = self.share.lock().expect("share lock");
+        let server = match share.as_mut() {
+            Some(server) => server,
+            None => share.insert(FsServer::new()?),
+        };
+        server.add(name, dir, read_only)
     }
 }
 
@@ -178,6 +190,10 @@ impl VirtioDevice for Fs {
 
     fn state(&self) -> crate::devices::virtio::DeviceState {
         crate::devices::virtio::DeviceState::Fs(crate::persist::Persist::save(self))
+    }
+
+    fn as_fs(&mut self) -> Option<&mut Fs> {
+        Some(self)
     }
 }
 

@@ -11,7 +11,10 @@ pub mod server;
 
 pub use device::{Fs, FsError};
 pub use persist::FsState;
+pub use server::ServerError;
 
+/// The tag of the shared file system zygote's VMs carry.
+pub const SHARE_TAG: &str = "zygote-share";
 /// virtio device id of a file system device.
 pub const VIRTIO_ID_FS: u32 = 26;
 /// Queue size (each queue).

@@ -1,5 +1,7 @@
-//! The FUSE server behind a virtio-fs device: one host directory shared
-//! with the guest, served by `fuse-backend-rs`'s `PassthroughFs`.
+//! The FUSE server behind a virtio-fs device: host directories shared
+//! with the guest, each served by `fuse-backend-rs`'s `PassthroughFs` and
+//! mounted by name at the top of one `Vfs` (a pseudo directory whose
+//! entries are the shares: `/NAME` in the guest's mount is share `NAME`).
 //!
 //! Each request is handled from a copy of the guest's bytes into a reply
 //! buffer (the crate's `/dev/fuse` transport over a bounce buffer): the
@@ -8,18 +10,22 @@
 //!
 //! Everything in a request is the guest's: before the file system sees it,
 //! requests that could make device nodes are refused (`mknod` always; on
-//! a read-only share, every request that writes) and set-ID bits are
-//! cleared from the modes it gives files, so the host side enforces what
-//! the guest's mount options (nodev, nosuid, ro) only ask for. `PassthroughFs` resolves every name relative to the directory
+//! a read-only share, every request that writes — the share is the one
+//! the request's node belongs to, from the `Vfs` index in its top byte)
+//! and set-ID bits are cleared from the modes it gives files, so the host
+//! side enforces what the guest's mount options (nodev, nosuid, ro) only
+//! ask for. `PassthroughFs` resolves every name relative to the directory
 //! it already holds open (no `/`, no `..` above its root, no symlink
 //! followed on the host) and opens no file by handle.
 
+use std::collections::{BTreeMap, HashSet};
 use std::io::{Read, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::Arc;
 
 use fuse_backend_rs::api::server::Server;
+use fuse_backend_rs::api::{Vfs, VfsOptions};
 use fuse_backend_rs::passthrough::{CachePolicy, Config, PassthroughFs};
 use fuse_backend_rs::transport::{FuseBuf, FuseDevWriter, Reader, Writer};
 
@@ -30,6 +36,10 @@ pub const MAX_MESSAGE: usize = (1 << 20) + 4096;
 const IN_HEADER_LEN: usize = 40;
 /// `struct fuse_out_header`: `len`, `error`, `unique`.
 const OUT_HEADER_LEN: usize = 16;
+/// Where `Vfs` keeps a node's share index: its top byte.
+const SHARE_INDEX_SHIFT: u32 = 56;
+/// Most shares one server holds (`Vfs` has 255 indices).
+pub const MAX_SHARES: usize = 64;
 
 /// FUSE opcodes the server looks at itself.
 mod op {
@@ -53,7 +63,7 @@ mod op {
     pub const REMOVEMAPPING: u32 = 49;
 }
 
-/// Why the server could not be made.
+/// Why a share could not be added.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     /// The shared directory cannot be served.
@@ -64,12 +74,38 @@ pub enum ServerError {
         /// Cause.
         source: std::io::Error,
     },
+    /// The server could not be started.
+    #[error("cannot start a FUSE server: {0}")]
+    Start(std::io::Error),
+    /// A name that is not one plain path component.
+    #[error("invalid share name {0:?}: use 1-64 of [A-Za-z0-9_.-], not . or ..")]
+    Name(String),
+    /// A name already in use.
+    #[error("a share named {0} is already served")]
+    Taken(String),
+    /// No room for another.
+    #[error("a VM serves at most {MAX_SHARES} shared directories")]
+    Full,
 }
 
-/// A shared directory's FUSE server.
+/// Whether `name` can name a share: one plain path component.
+pub fn valid_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+}
+
+/// The FUSE server of a VM's shared directories.
 pub struct FsServer {
-    server: Server<Arc<PassthroughFs>>,
-    read_only: bool,
+    server: Server<Arc<Vfs>>,
+    vfs: Arc<Vfs>,
+    /// Each share's name and `Vfs` index.
+    shares: BTreeMap<String, u8>,
+    /// The indices of read-only shares.
+    read_only: HashSet<u8>,
     /// Where the crate's transport writes a reply (read back at once).
     sink: std::fs::File,
     reply: Vec<u8>,
@@ -78,21 +114,62 @@ pub struct FsServer {
 impl std::fmt::Debug for FsServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FsServer")
+            .field("shares", &self.shares)
             .field("read_only", &self.read_only)
             .finish()
     }
 }
 
 impl FsServer {
-    /// Serves `dir` (read-only on the host side too if `read_only`).
-    pub fn new(dir: &Path, read_only: bool) -> Result<FsServer, ServerError> {
+    /// A server with no shares yet (its root is an empty directory).
+    pub fn new() -> Result<FsServer, ServerError> {
+        // SAFETY: memfd_create with a static name; the fd is owned below.
+        let fd = unsafe { libc::memfd_create(c"zygote-fuse-reply".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(ServerError::Start(std::io::Error::last_os_error()));
+        }
+        // SAFETY: a fresh fd, owned by the File from here.
+        let sink = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        // Every open and opendir is sent (the read-only check sees them).
+        let opts = VfsOptions {
+            no_open: false,
+            no_opendir: false,
+            ..VfsOptions::default()
+        };
+        let vfs = Arc::new(Vfs::new(opts));
+        Ok(FsServer {
+            server: Server::new(vfs.clone()),
+            vfs,
+            shares: BTreeMap::new(),
+            read_only: HashSet::new(),
+            sink,
+            reply: vec![0; MAX_MESSAGE],
+        })
+    }
+
+    /// Serves `dir` as `/NAME` of the guest's mount (read-only on the host
+    /// side too if `read_only`). A share stays until the server is dropped:
+    /// the guest may hold its nodes, and a reused index would alias them.
+    pub fn add(&mut self, name: &str, dir: &Path, read_only: bool) -> Result<(), ServerError> {
+        if !valid_name(name) {
+            return Err(ServerError::Name(name.into()));
+        }
+        if self.shares.contains_key(name) {
+            return Err(ServerError::Taken(name.into()));
+        }
+        if self.shares.len() >= MAX_SHARES {
+            return Err(ServerError::Full);
+        }
         let share = |source: std::io::Error| ServerError::Share {
             path: dir.display().to_string(),
             source,
         };
+        if !std::fs::metadata(dir).map_err(share)?.is_dir() {
+            return Err(share(std::io::Error::from_raw_os_error(libc::ENOTDIR)));
+        }
         let cfg = Config {
             root_dir: dir.to_string_lossy().into_owned(),
-            do_import: true,
+            do_import: false,
             xattr: false,
             writeback: false,
             cache_policy: CachePolicy::Auto,
@@ -100,19 +177,20 @@ impl FsServer {
         };
         let fs = PassthroughFs::<()>::new(cfg).map_err(share)?;
         fs.import().map_err(share)?;
-        // SAFETY: memfd_create with a static name; the fd is owned below.
-        let fd = unsafe { libc::memfd_create(c"zygote-fuse-reply".as_ptr(), libc::MFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(share(std::io::Error::last_os_error()));
+        let index = self
+            .vfs
+            .mount(Box::new(fs), &format!("/{name}"))
+            .map_err(|e| share(std::io::Error::other(format!("{e:?}"))))?;
+        self.shares.insert(name.into(), index);
+        if read_only {
+            self.read_only.insert(index);
         }
-        // SAFETY: a fresh fd, owned by the File from here.
-        let sink = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-        Ok(FsServer {
-            server: Server::new(Arc::new(fs)),
-            read_only,
-            sink,
-            reply: vec![0; MAX_MESSAGE],
-        })
+        Ok(())
+    }
+
+    /// The shares' names.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.shares.keys().map(String::as_str)
     }
 
     /// Handles one request (`request`: the guest's bytes, a FUSE in-header
@@ -158,6 +236,13 @@ impl FsServer {
 
     /// The errno a request is refused with before the file system sees it.
     fn refused(&self, opcode: u32, request: &[u8]) -> Option<i32> {
+        // fuse_in_header.nodeid: the node written, or the directory written in.
+        let node = request
+            .get(16..24)
+            .map_or(0, |b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
+        let read_only = self
+            .read_only
+            .contains(&((node >> SHARE_INDEX_SHIFT) as u8));
         match opcode {
             // No device nodes, FIFOs or sockets made through a share, and no
             // DAX window (this device has none).
@@ -176,11 +261,11 @@ impl FsServer {
             | op::CREATE
             | op::FALLOCATE
             | op::COPY_FILE_RANGE
-                if self.read_only =>
+                if read_only =>
             {
                 Some(libc::EROFS)
             }
-            op::OPEN if self.read_only => {
+            op::OPEN if read_only => {
                 // fuse_open_in.flags: the guest's open(2) flags.
                 let flags = request
                     .get(IN_HEADER_LEN..IN_HEADER_LEN + 4)

@@ -22,6 +22,18 @@ fn init_request() -> Vec<u8> {
     r
 }
 
+/// FUSE_GETATTR of the root: a reply of 16 + 104 bytes.
+fn getattr_request() -> Vec<u8> {
+    let mut r = Vec::new();
+    r.extend_from_slice(&56u32.to_le_bytes()); // len: header + getattr_in
+    r.extend_from_slice(&3u32.to_le_bytes()); // FUSE_GETATTR
+    r.extend_from_slice(&10u64.to_le_bytes()); // unique
+    r.extend_from_slice(&1u64.to_le_bytes()); // nodeid: the root
+    r.extend_from_slice(&[0; 16]); // uid, gid, pid, padding
+    r.extend_from_slice(&[0; 16]); // getattr_flags, dummy, fh
+    r
+}
+
 /// Puts `request` at REQ with a `reply_len`-byte reply buffer at REPLY as
 /// chain `head`, serves the queue; the used length and the reply's errno.
 fn round(share: &Share, request: &[u8], reply_len: u32) -> (u32, i32) {
@@ -48,12 +60,13 @@ fn a_request_is_answered_from_the_attached_share_only() {
     // No share yet (a template's device): the request fails, nothing served.
     let (used, errno) = round(&fs.share, &init_request(), 4096);
     assert_eq!((used, errno), (16, libc::ENODEV));
-    fs.attach(FsServer::new(&dir, false).unwrap());
+    fs.add_share("d", &dir, false).unwrap();
     let (used, errno) = round(&fs.share, &init_request(), 4096);
     assert_eq!(errno, 0);
     assert!(used > 16, "an INIT reply: {used} bytes");
     // A reply that does not fit the driver's buffer: an error that does.
-    let (used, errno) = round(&fs.share, &init_request(), 20);
+    assert_eq!(round(&fs.share, &getattr_request(), 4096), (120, 0));
+    let (used, errno) = round(&fs.share, &getattr_request(), 20);
     assert_eq!((used, errno), (16, libc::EIO));
     fs.detach();
     assert_eq!(round(&fs.share, &init_request(), 4096).1, libc::ENODEV);
