@@ -3,8 +3,8 @@
 //! containers the same files, modes and owners. kubelet's pod directory is
 //! made by the test the way kubelet lays it out (configMap, secret and
 //! projected volumes written by its atomic writer: a stamped directory,
-//! `..data`, a link per key; emptyDirs; `etc-hosts`; the termination-log
-//! file). Then, in each pod: a configMap update is seen inside; a sidecar
+//! `..data`, a link per key; emptyDirs, the memory one a tmpfs of its
+//! sizeLimit; `etc-hosts`; the termination-log file). Then, in each pod: a configMap update is seen inside; a sidecar
 //! and the app share an emptyDir and `/dev/shm`; what the app writes to its
 //! termination log reaches the host file after it exits (kubelet reads it
 //! there for `ContainerStatus`); a hostPath is the host's directory both
@@ -51,6 +51,9 @@ struct KubeletPod {
     root: PathBuf,
     config_map: PathBuf,
     host_dir: PathBuf,
+    cache: PathBuf,
+    /// The memory emptyDir, a tmpfs as kubelet mounts one (sizeLimit 16 MiB).
+    memory: PathBuf,
     termination_log: PathBuf,
     mounts: Vec<cri::Mount>,
 }
@@ -88,6 +91,12 @@ impl KubeletPod {
             ],
         );
         let (cache, memory) = (dir("empty-dir", "cache"), dir("empty-dir", "mem"));
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"])
+            .arg(&memory)
+            .status()
+            .unwrap();
+        assert!(status.success(), "mount the memory emptyDir's tmpfs");
         for d in [&cache, &memory] {
             std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o777)).unwrap();
         }
@@ -142,14 +151,28 @@ impl KubeletPod {
             root,
             config_map,
             host_dir,
+            cache,
+            memory,
             termination_log,
             mounts,
         }
     }
 }
 
+impl KubeletPod {
+    /// Unmounts the memory emptyDir, as kubelet does when the pod is gone.
+    fn unmount(&self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.memory)
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
 impl Drop for KubeletPod {
     fn drop(&mut self) {
+        self.unmount();
         let _ = std::fs::remove_dir_all(&self.root);
     }
 }
@@ -164,6 +187,7 @@ for f in /etc/cfg/greeting /etc/creds/password \
   echo "== $f $(stat -L -c '%a %u:%g' $f)"; cat $f; echo
 done
 for d in /cache /mem /dev/shm; do echo "== $d $(stat -c '%a' $d)"; done
+echo "== /mem size $(df -k /mem | awk 'NR == 2 {print $2}') KiB"
 ls -a /etc/cfg | tr '\n' ' '; echo
 touch /etc/cfg/new 2>/dev/null && echo cfg-writable || echo cfg-read-only
 echo "== /data/from-host $(stat -c '%a %u:%g' /data/from-host)"; cat /data/from-host; echo
@@ -250,6 +274,7 @@ async fn pod_round(
     );
     assert!(seen.contains("198.18.0.9\tvolpod"), "{seen}");
     assert!(seen.contains("== /cache 777"), "{seen}");
+    assert!(seen.contains("== /mem size 16384 KiB"), "{seen}");
     assert!(seen.contains("cfg-read-only"), "{seen}");
 
     // hostPath: the host's directory, both ways; the read-only one refuses.
@@ -309,6 +334,12 @@ async fn pod_round(
         "{runtime_name}: /dev/shm is the pod's"
     );
     exec_ok(runtime, &sidecar, "touch /cache/stop").await?;
+    // A disk-backed emptyDir is the host's directory (kubelet measures it
+    // against sizeLimit there).
+    assert!(
+        kubelet.cache.join("stop").exists(),
+        "{runtime_name}: the emptyDir's file on the host"
+    );
     let deadline = Instant::now() + Duration::from_secs(120);
     let code = loop {
         if let Some(code) = container_exit_code(runtime, &app).await {
@@ -329,6 +360,7 @@ async fn pod_round(
     );
 
     remove_pod(runtime, &pod).await;
+    kubelet.unmount();
     let mut after = footprint_after(&before);
     // The CNI bridge stays once made; the pod's veth must not.
     assert_eq!(

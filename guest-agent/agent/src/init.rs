@@ -63,19 +63,21 @@ pub fn setup() {
         libc::MS_NOSUID | libc::MS_NODEV,
         "mode=0755",
     );
-    // Where the VM's shared file system is mounted after a fork: a mount
-    // point of its own, shared, so that the mount reaches the namespaces of
-    // containers made before it (a template's staged container; each
-    // container's tree is a slave of the agent's, as runc's default).
-    let share = zygote_agent_api::volumes::SHARE_MOUNT;
-    mount(
-        "tmpfs",
-        share,
-        "tmpfs",
-        libc::MS_NOSUID | libc::MS_NODEV,
-        "mode=0755,size=4k",
+    // Where the agent mounts for a pod after a fork (the VM's shared file
+    // system; a memory emptyDir's tmpfs in the pod's directory): mount
+    // points of their own, shared, so that those mounts reach the
+    // namespaces of containers made before (a template's staged
+    // container; each container's tree is a slave of the agent's, as
+    // runc's default makes it).
+    let pod_dir = format!(
+        "{}/{}",
+        crate::container::registry::STATE_DIR,
+        crate::container::registry::POD_DIR
     );
-    mount("", share, "", libc::MS_SHARED, "");
+    for dir in [zygote_agent_api::volumes::SHARE_MOUNT, pod_dir.as_str()] {
+        mount(dir, dir, "", libc::MS_BIND, "");
+        mount("", dir, "", libc::MS_SHARED, "");
+    }
 }
 
 /// Syncs and powers the guest off (the VMM sees the kernel's "Power down").

@@ -7,7 +7,8 @@
 //!
 //! A volume may also be *shared*: a pod-wide directory made from its
 //! entries on first use and kept as the pod's containers leave it
-//! (emptyDir, the pod's `/dev/shm`).
+//! (a memory-backed emptyDir, the pod's `/dev/shm`), a tmpfs of the host
+//! one's size.
 //!
 //! Or *on the host*: a host directory (hostPath) the VM's shared file
 //! system serves as `NAME` (virtio-fs, tag [`SHARE_TAG`]); the agent mounts
@@ -103,6 +104,10 @@ pub struct Volume {
     /// A host directory served by the shared file system as `NAME`.
     #[prost(bool, tag = "4")]
     pub host: bool,
+    /// A shared volume's size: made as a tmpfs of this many bytes (0: a
+    /// directory on the guest's `/run`, bounded by the guest's memory).
+    #[prost(uint64, tag = "5")]
+    pub size_bytes: u64,
 }
 
 /// Replace a container's copy of a volume with new content.

@@ -24,7 +24,7 @@ pub const STATE_DIR: &str = "/run/zygote/containers";
 /// The staged container's state, in [`STATE_DIR`] ('@' is in no container id).
 const STAGED_DIR: &str = "@staged";
 /// Under the state directory: the pod's shared volumes.
-const POD_DIR: &str = "@pod";
+pub const POD_DIR: &str = "@pod";
 
 /// Errors of container operations.
 #[derive(Debug, thiserror::Error)]

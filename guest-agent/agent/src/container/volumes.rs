@@ -388,12 +388,28 @@ pub fn place(
         if v.shared && std::fs::symlink_metadata(&at).is_ok() {
             continue;
         }
-        if let Some(parent) = at.parent() {
-            std::fs::create_dir_all(parent).map_err(|source| VolumeError::Os {
+        let os = |what: String| {
+            move |source| VolumeError::Os {
                 volume: v.name.clone(),
-                what: format!("create {}", parent.display()),
+                what,
                 source,
-            })?;
+            }
+        };
+        if let Some(parent) = at.parent() {
+            std::fs::create_dir_all(parent).map_err(os(format!("create {}", parent.display())))?;
+        }
+        if v.shared && v.size_bytes > 0 {
+            // Sized as the host's (kubelet's sizeLimit of a Memory emptyDir).
+            std::fs::create_dir(&at).map_err(os(format!("create {}", at.display())))?;
+            let data = format!("size={}", v.size_bytes);
+            super::init::mount_raw(
+                "tmpfs",
+                &at,
+                "tmpfs",
+                libc::MS_NOSUID | libc::MS_NODEV,
+                &data,
+            )
+            .map_err(os(format!("mount a tmpfs on {}", at.display())))?;
         }
         write(&at, v)?;
     }

@@ -8,10 +8,12 @@
 //!   host copy changes ([`watch`]). A writable file is also *written back*
 //!   after the container exits (kubelet reads the termination message from
 //!   the host file).
-//! - **shared**: an emptyDir and the pod's `/dev/shm` — a pod-wide directory
-//!   in the guest, made by the first container that mounts it.
-//! - **on the host**: any other host directory (hostPath, a `ctr --mount`
-//!   of a directory) — served to the VM by its shared file system
+//! - **shared**: a memory-backed emptyDir (kubelet's tmpfs) and the pod's
+//!   `/dev/shm` — a pod-wide tmpfs in the guest of the host one's size,
+//!   made by the first container that mounts it.
+//! - **on the host**: a disk-backed emptyDir (kubelet measures its use
+//!   against `sizeLimit` on the host, as under runc) and any other host
+//!   directory (hostPath, a `ctr --mount` of a directory) — served to the VM by its shared file system
 //!   (virtio-fs, [`zygote_vmm::devices::virtio::fs`]), read-only on the
 //!   host side too when the mount is; the guest binds it from there.
 //!
@@ -112,8 +114,11 @@ pub struct Placed {
 /// What one bind mount becomes.
 #[derive(Debug, PartialEq, Eq)]
 enum Kind {
-    Copied { write_back: bool },
-    Shared,
+    Copied {
+        write_back: bool,
+    },
+    /// A pod-wide tmpfs of this size (0: unbounded).
+    Shared(u64),
     Host,
     Left(String),
 }
@@ -134,11 +139,14 @@ pub fn is_bind(m: &Value) -> bool {
 fn kind(destination: &str, source: &str, readonly: bool) -> Kind {
     let meta = std::fs::metadata(source);
     let is_dir = meta.as_ref().is_ok_and(|m| m.is_dir());
+    let in_memory = || tmpfs_size(source);
     if destination == "/dev/shm" && source.ends_with("/shm") && is_dir {
-        return Kind::Shared;
+        return Kind::Shared(in_memory().unwrap_or(0));
     }
     if source.contains(KUBELET_EMPTY_DIR) && is_dir {
-        return Kind::Shared;
+        // kubelet's `medium: Memory` is a tmpfs (sized by its sizeLimit);
+        // a disk-backed one is a plain directory it measures.
+        return in_memory().map_or(Kind::Host, Kind::Shared);
     }
     if KUBELET_COPIED.iter().any(|p| source.contains(p)) && is_dir {
         return Kind::Copied { write_back: false };
@@ -153,6 +161,19 @@ fn kind(destination: &str, source: &str, readonly: bool) -> Kind {
         )),
         Err(e) => Kind::Left(format!("mount {destination}: {source}: {e}; left out")),
     }
+}
+
+/// The size of the tmpfs at `path`, if it is one.
+fn tmpfs_size(path: &str) -> Option<u64> {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    let c = std::ffi::CString::new(path).ok()?;
+    // SAFETY: zeroed plain data; statfs fills it from a valid path string.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 || st.f_type as i64 != TMPFS_MAGIC {
+        return None;
+    }
+    Some(st.f_blocks as u64 * st.f_bsize as u64)
 }
 
 /// A pod-wide name for the shared directory at host path `source`.
@@ -197,7 +218,7 @@ pub fn place(spec: &mut Value) -> Result<Placed, VolumeError> {
                 placed.notes.push(note);
                 continue;
             }
-            Kind::Shared => {
+            Kind::Shared(size_bytes) => {
                 // The host directory's mode and owner; its content stays.
                 let name = shared_name(&destination, &source);
                 let meta = std::fs::metadata(&source).map_err(|e| VolumeError::Read {
@@ -209,6 +230,7 @@ pub fn place(spec: &mut Value) -> Result<Placed, VolumeError> {
                     entries: vec![entry(String::new(), &meta, EntryKind::Dir)],
                     shared: true,
                     host: false,
+                    size_bytes,
                 });
                 name
             }
@@ -224,6 +246,7 @@ pub fn place(spec: &mut Value) -> Result<Placed, VolumeError> {
                         entries: vec![entry(String::new(), &meta, EntryKind::Dir)],
                         shared: false,
                         host: true,
+                        size_bytes: 0,
                     });
                     placed.hosted.push(Hosted {
                         name: name.clone(),
@@ -296,6 +319,7 @@ pub fn read_tree(root: &Path, name: &str) -> Result<Volume, VolumeError> {
         entries: Vec::new(),
         shared: false,
         host: false,
+        size_bytes: 0,
     };
     if meta.is_file() {
         let mut e = entry(String::new(), &meta, EntryKind::File);

@@ -42,17 +42,59 @@ fn bind(destination: &str, source: &Path, ro: bool) -> Value {
            "source": source.to_str().unwrap(), "options": options})
 }
 
+/// A tmpfs of `size` bytes mounted on `dir` as kubelet mounts a memory
+/// emptyDir; unmounted when dropped.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: u64) -> Tmpfs {
+        let c = |s: &str| std::ffi::CString::new(s).unwrap();
+        let (source, target, data) = (
+            c("tmpfs"),
+            c(dir.to_str().unwrap()),
+            c(&format!("size={size}")),
+        );
+        // SAFETY: valid NUL-terminated strings for the call.
+        let rc = unsafe {
+            libc::mount(
+                source.as_ptr(),
+                target.as_ptr(),
+                source.as_ptr(),
+                0,
+                data.as_ptr().cast(),
+            )
+        };
+        assert_eq!(
+            rc,
+            0,
+            "mount a tmpfs (the tests run as root): {}",
+            std::io::Error::last_os_error()
+        );
+        Tmpfs(dir.into())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let target = std::ffi::CString::new(self.0.to_str().unwrap()).unwrap();
+        // SAFETY: a valid path string.
+        unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
 #[test]
-fn kubelet_mounts_are_copied_shared_or_left_out() {
+fn kubelet_mounts_are_copied_shared_or_served_from_the_host() {
     let d = scratch("place");
     let pod = d.join("pods/uid1");
     let cm = pod.join("volumes/kubernetes.io~configmap/cfg");
     let empty = pod.join("volumes/kubernetes.io~empty-dir/scratch");
+    let memory = pod.join("volumes/kubernetes.io~empty-dir/mem");
     let host_dir = d.join("hostpath");
     let shm = d.join("sandboxes/p1/shm");
-    for dir in [&cm, &empty, &host_dir, &shm] {
+    for dir in [&cm, &empty, &memory, &host_dir, &shm] {
         std::fs::create_dir_all(dir).unwrap();
     }
+    let _tmpfs = Tmpfs::mount(&memory, 8 << 20);
     kubelet_write(&cm, "..2026_12_03_01", &[("key", "v1")]);
     std::os::unix::fs::symlink("/etc/passwd", cm.join("out")).unwrap();
     let hosts = pod.join("etc-hosts");
@@ -67,8 +109,11 @@ fn kubelet_mounts_are_copied_shared_or_left_out() {
         bind("/dev/termination-log", &log, false),
         bind("/cache", &empty, false),
         bind("/cache2", &empty, false),
+        bind("/mem", &memory, false),
         bind("/dev/shm", &shm, false),
         bind("/data", &host_dir, false),
+        bind("/data-ro", &host_dir, true),
+        bind("/dev/null2", Path::new("/dev/null"), false),
     ]});
     let placed = place(&mut spec).unwrap();
     let mounts = spec["mounts"].as_array().unwrap();
@@ -76,6 +121,11 @@ fn kubelet_mounts_are_copied_shared_or_left_out() {
         .iter()
         .map(|m| m["source"].as_str().unwrap())
         .collect();
+    let volume = |name: String| format!("zygote-volume:{name}");
+    let (cache, data) = (
+        volume(host_name(empty.to_str().unwrap(), false)),
+        volume(host_name(host_dir.to_str().unwrap(), false)),
+    );
     assert_eq!(
         sources,
         [
@@ -83,19 +133,16 @@ fn kubelet_mounts_are_copied_shared_or_left_out() {
             "zygote-volume:v0",
             "zygote-volume:v1",
             "zygote-volume:v2",
-            &format!(
-                "zygote-volume:{}",
-                shared_name("/cache", empty.to_str().unwrap())
-            ),
-            &format!(
-                "zygote-volume:{}",
-                shared_name("/cache", empty.to_str().unwrap())
-            ),
+            &cache,
+            &cache,
+            &volume(shared_name("/mem", memory.to_str().unwrap())),
             "zygote-volume:shm",
+            &data,
+            &volume(host_name(host_dir.to_str().unwrap(), true)),
         ]
     );
     assert_eq!(placed.notes.len(), 1, "{:?}", placed.notes);
-    assert!(placed.notes[0].contains("/data"));
+    assert!(placed.notes[0].contains("/dev/null2"));
     let copied: Vec<(&str, bool)> = placed
         .copied
         .iter()
@@ -115,8 +162,41 @@ fn kubelet_mounts_are_copied_shared_or_left_out() {
             "..2026_12_03_01/key"
         ]
     );
-    // Shared volumes carry their directory only.
-    assert!(placed.volumes[3].shared && placed.volumes[3].entries.len() == 1);
+    // Served from the host: the disk-backed emptyDir (once for its two
+    // mounts) and the hostPath, read-write and read-only apart.
+    let hosted: Vec<(&Path, bool)> = placed
+        .hosted
+        .iter()
+        .map(|h| (h.host.as_path(), h.read_only))
+        .collect();
+    assert_eq!(
+        hosted,
+        [
+            (empty.as_path(), false),
+            (host_dir.as_path(), false),
+            (host_dir.as_path(), true)
+        ]
+    );
+    // Shared and host volumes carry their directory only; the memory
+    // emptyDir its size.
+    let by_name = |n: &str| {
+        placed
+            .volumes
+            .iter()
+            .find(|v| volume(v.name.clone()) == n)
+            .unwrap()
+    };
+    let mem = by_name(&volume(shared_name("/mem", memory.to_str().unwrap())));
+    assert!(mem.shared && !mem.host && mem.entries.len() == 1);
+    assert_eq!(mem.size_bytes, 8 << 20);
+    let cache = by_name(&cache);
+    assert!(cache.host && !cache.shared && cache.entries.len() == 1);
+    assert_eq!(
+        by_name("zygote-volume:shm").size_bytes,
+        0,
+        "not a tmpfs here"
+    );
+    drop(_tmpfs);
     std::fs::remove_dir_all(&d).unwrap();
 }
 
