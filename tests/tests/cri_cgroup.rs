@@ -9,6 +9,7 @@ use std::path::PathBuf;
 
 use k8s_cri::v1 as cri;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use zygote::procmem::MemUsage;
 use zygote_tests::PvmSegv;
 
 mod cri_common;
@@ -212,13 +213,15 @@ fn the_pods_vm_is_charged_to_its_cgroup() {
     });
 }
 
-/// Two pods of one image, one asking for 2 CPUs and 240 MiB (kubelet's
-/// sandbox resources: the sum of its containers' limits), one for neither:
+/// Two pods of one image, one asking for 2 CPUs and 512 MiB (kubelet's
+/// sandbox resources: the sum of its containers' limits), one for 1 CPU
+/// and 128 MiB:
 /// the same template (booted with `max_vcpus`, one online, and
 /// `max_memory_mib` of RAM of which it uses `memory_mib`) gives each VM what
 /// its pod asks for: its CPUs online, its RAM (`MemTotal`: the blocks that
-/// cover 240 MiB added; the default `memory_mib` for the other), its
-/// containers' memory capped together at the pod's size. A pod asking for
+/// cover 512 MiB added; the template's own for the other), its
+/// containers' memory capped together at the pod's size; the small pod's
+/// VM costs the host little (it shares the template's pages). A pod asking for
 /// more memory than the node's VMs have is refused at `RunPodSandbox`, with
 /// nothing left.
 #[test]
@@ -229,7 +232,10 @@ fn each_pod_gets_the_cpus_and_memory_it_asks_for_from_one_template() {
             let mut runtime = runtime.clone();
             async move {
                 let mut seen = Vec::new();
-                for (name, quota, memory) in [("cpu2", 200_000, 240 << 20), ("cpu1", 0, 0)] {
+                let mut pss_mib = Vec::new();
+                for (name, quota, memory) in
+                    [("cpu2", 200_000, 512 << 20), ("cpu1", 100_000, 128 << 20)]
+                {
                     let (mut config, logs) = pod_config(name, attempt);
                     config.linux.as_mut().unwrap().resources = Some(cri::LinuxContainerResources {
                         cpu_quota: quota,
@@ -255,37 +261,46 @@ fn each_pod_gets_the_cpus_and_memory_it_asks_for_from_one_template() {
                     PvmSegv::check(code.into(), || "ExecSync".into())?;
                     assert_eq!(code, 0, "{out}");
                     seen.push(out.split_whitespace().map(String::from).collect::<Vec<_>>());
+                    let shim = MemUsage::of(shim_pid(&pod)).expect("the pod's shim");
+                    pss_mib.push(shim.pss_kib / 1024);
                     remove_pod(&mut runtime, &pod).await;
                     std::fs::remove_dir_all(&logs).unwrap();
                 }
-                let (asked, default) = ((240u64 << 20).to_string(), (128u64 << 20).to_string());
+                let (asked, small_asked) = ((512u64 << 20).to_string(), (128u64 << 20).to_string());
                 let first: Vec<&str> = seen[0].iter().take(3).map(String::as_str).collect();
                 let second: Vec<&str> = seen[1].iter().take(3).map(String::as_str).collect();
                 assert_eq!(
                     [first, second],
-                    [["2", "0-1", asked.as_str()], ["1", "0", default.as_str()]],
+                    [["2", "0-1", asked.as_str()], ["1", "0", small_asked.as_str()]],
                     "nproc, online CPUs, the pod's memory cap: {seen:?}"
                 );
                 let mem_total_mib = |s: &[String]| {
                     s.get(4).and_then(|kb| kb.parse::<u64>().ok()).unwrap_or(0) / 1024
                 };
                 let (big, small) = (mem_total_mib(&seen[0]), mem_total_mib(&seen[1]));
-                eprintln!("MemTotal: {big} MiB (asked 240), {small} MiB (asked none: 128)");
+                eprintln!(
+                    "MemTotal: {big} MiB (asked 512), {small} MiB (asked 128); \
+                     shim PSS: {} and {} MiB",
+                    pss_mib[0], pss_mib[1]
+                );
                 // The kernel keeps some of each for itself.
                 assert!(
-                    (200..=256).contains(&big) && (64..=128).contains(&small),
+                    (448..=512).contains(&big) && (64..=128).contains(&small),
                     "MemTotal {big} and {small} MiB: {seen:?}"
                 );
+                // A fork maps the template's memory copy-on-write: the small
+                // pod's VM holds far less than its 128 MiB of RAM.
+                assert!(pss_mib[1] < 64, "small pod's shim PSS {} MiB", pss_mib[1]);
                 Ok(())
             }
         })
         .await;
 
-        // Bigger than the node's VMs (max_memory_mib = 256 here).
+        // Bigger than the node's VMs (max_memory_mib = 640 here).
         let mut runtime = runtime.clone();
         let (mut config, logs) = pod_config("toobig", 0);
         config.linux.as_mut().unwrap().resources = Some(cri::LinuxContainerResources {
-            memory_limit_in_bytes: 300 << 20,
+            memory_limit_in_bytes: 700 << 20,
             ..Default::default()
         });
         let before = host_links("veth");
@@ -297,7 +312,7 @@ fn each_pod_gets_the_cpus_and_memory_it_asks_for_from_one_template() {
             .await
             .unwrap_err();
         assert!(
-            err.message().contains("300 MiB") && err.message().contains("at most 256 MiB"),
+            err.message().contains("700 MiB") && err.message().contains("at most 640 MiB"),
             "{err:?}"
         );
         assert!(

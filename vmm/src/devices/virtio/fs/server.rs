@@ -130,10 +130,13 @@ impl FsServer {
         }
         // SAFETY: a fresh fd, owned by the File from here.
         let sink = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-        // Every open and opendir is sent (the read-only check sees them).
+        // Every open and opendir is sent (the read-only check sees them);
+        // no writeback cache in the guest: what a container writes is in
+        // the host directory when its write returns, as under runc.
         let opts = VfsOptions {
             no_open: false,
             no_opendir: false,
+            no_writeback: true,
             ..VfsOptions::default()
         };
         let vfs = Arc::new(Vfs::new(opts));
