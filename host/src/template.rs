@@ -525,10 +525,20 @@ mod tests {
             memory_crc32: 0,
             staged: false,
             disk_slots: 0,
+            shared_fs: false,
             online_cpus: 0,
             pod_memory_mib: 0,
         };
         assert_eq!(stale_reason(&meta, &spec), None);
+        let shared = TemplateMeta {
+            shared_fs: true,
+            ..meta.clone()
+        };
+        assert!(
+            stale_reason(&shared, &spec)
+                .unwrap()
+                .contains("with a shared file system")
+        );
         let capped = TemplateMeta {
             pod_memory_mib: 128,
             ..meta.clone()

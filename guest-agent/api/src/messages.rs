@@ -721,7 +721,9 @@ mod tests {
                         target: "..data/k".into(),
                         ..Default::default()
                     }],
-                    shared: false,
+                    shared: true,
+                    host: false,
+                    size_bytes: 16 << 20,
                 }),
             }),
             Q::ReadVolume(ReadVolume {

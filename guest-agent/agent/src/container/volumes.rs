@@ -501,6 +501,7 @@ mod tests {
             name: "cfg".into(),
             entries,
             shared: false,
+            ..Default::default()
         }
     }
 
@@ -552,6 +553,7 @@ mod tests {
             name: "log".into(),
             entries: vec![file("", data, mode)],
             shared: false,
+            ..Default::default()
         };
         write(&root, &v("", 0o666)).unwrap();
         use std::os::unix::fs::MetadataExt;
@@ -579,6 +581,7 @@ mod tests {
                 file("token", "t0k3n", 0o400),
             ],
             shared: false,
+            ..Default::default()
         };
         write(&root, &v).unwrap();
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
@@ -595,6 +598,7 @@ mod tests {
             name: "v".into(),
             entries,
             shared: false,
+            ..Default::default()
         };
         let dir = || entry("", EntryKind::Dir, 0o755);
         let cases = [
