@@ -14,6 +14,7 @@
 pub mod doctor;
 pub mod image;
 pub mod net;
+pub mod node;
 pub mod paths;
 pub mod procmem;
 pub mod reconcile;

@@ -5,8 +5,10 @@
 //! - `zygote selftest`: boots a VM and runs the exec/pipe stress inside it.
 //! - `zygote template build|ls|rm|verify`: templates (a warm VM saved to disk).
 //! - `zygote fork`: forks VMs from a template; `zygote bench fork` measures it.
+//! - `zygote node install|uninstall|status`: zygote on a node, registered with containerd.
 
 mod fork;
+mod node;
 mod templates;
 
 use std::path::PathBuf;
@@ -121,6 +123,11 @@ enum Command {
         /// Print the report as JSON (last line of stdout).
         #[arg(long)]
         json: bool,
+    },
+    /// Install zygote on a node, remove it, or say what is there.
+    Node {
+        #[command(subcommand)]
+        command: node::NodeCommand,
     },
     /// Build, list, remove and verify templates.
     Template {
@@ -249,6 +256,7 @@ fn main() -> ExitCode {
 fn run(store: &TemplateStore, command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Template { command } => templates::run(store, command),
+        Command::Node { command } => node::run(command),
         Command::Image {
             command: ImageCommand::Build { reference, json },
         } => {

@@ -1,0 +1,431 @@
+//! Putting zygote on a node and taking it off (`zygote node install |
+//! uninstall | status`), against the node's root at `host_root` (`/`, or
+//! where a DaemonSet mounts it; a scratch directory in tests).
+//!
+//! Install: take the node lock; check `/dev/kvm`; copy the artefacts (the
+//! shim, the CLI, the guest kernel and image) each to a temporary name and
+//! rename it over the old one, so a running shim keeps its old inode; write
+//! the shim's config unless the operator has one; register the runtime in
+//! containerd's config ([`containerd_config`]: in place for version 2, a
+//! drop-in for version 3), keeping a backup of the file as it was first
+//! found; restart containerd only if its config changed. Installing twice
+//! changes nothing. Uninstall, in the safe order: refuse while a shim of
+//! this installation runs (naming its pods), unregister, restart containerd
+//! if that changed its config, then remove the artefacts. Running it twice
+//! is harmless.
+
+pub mod containerd_config;
+
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use containerd_config::ConfigError;
+
+/// Where zygote's files go on the node (paths inside the node's root).
+pub mod layout {
+    /// The shim (containerd finds `containerd-shim-zygote-v2` on its PATH).
+    pub const SHIM: &str = "usr/local/bin/containerd-shim-zygote-v2";
+    /// The CLI.
+    pub const CLI: &str = "usr/local/bin/zygote";
+    /// The guest kernel.
+    pub const KERNEL: &str = "opt/zygote/vmlinux";
+    /// The guest image.
+    pub const INITRAMFS: &str = "opt/zygote/initramfs.cpio";
+    /// The shim's config (`options.ConfigPath`).
+    pub const CONFIG: &str = "etc/zygote/config.toml";
+    /// containerd 2.x's drop-in.
+    pub const DROP_IN: &str = "etc/containerd/conf.d/zygote.toml";
+    /// The node lock.
+    pub const LOCK: &str = "run/zygote-node.lock";
+}
+
+/// How containerd is restarted after its config changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Restart {
+    /// Not at all (the operator does it; `status` says so).
+    None,
+    /// `systemctl restart containerd`.
+    Systemd,
+    /// This shell command.
+    Command(String),
+}
+
+impl std::str::FromStr for Restart {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "none" => Restart::None,
+            "systemd" => Restart::Systemd,
+            other => Restart::Command(other.into()),
+        })
+    }
+}
+
+/// What to install, and where.
+#[derive(Debug, Clone)]
+pub struct NodeOptions {
+    /// The node's root.
+    pub host_root: PathBuf,
+    /// containerd's main config, a path on the node (e.g.
+    /// `/etc/containerd/config.toml`).
+    pub containerd_config: PathBuf,
+    /// How to restart containerd.
+    pub restart: Restart,
+    /// The artefacts to install, in this process's file system.
+    pub shim: PathBuf,
+    /// The CLI binary.
+    pub cli: PathBuf,
+    /// The guest kernel.
+    pub kernel: PathBuf,
+    /// The guest image.
+    pub initramfs: PathBuf,
+}
+
+/// Why the node could not be changed. Nothing is left half-done by a
+/// preflight or config error (they come before any change).
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// A file could not be read, written or removed.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What was done.
+        what: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// Why it failed.
+        source: std::io::Error,
+    },
+    /// containerd's config.
+    #[error("{path}: {source}")]
+    Config {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: ConfigError,
+    },
+    /// The node cannot run zygote.
+    #[error("preflight: {0}")]
+    Preflight(String),
+    /// zygote pods still run.
+    #[error("zygote pods still run on this node ({0}); remove them first")]
+    InUse(String),
+    /// containerd's restart failed.
+    #[error("restarting containerd ({0}) failed: {1}")]
+    Restart(String, String),
+}
+
+fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> NodeError {
+    let path = path.to_path_buf();
+    move |source| NodeError::Io { what, path, source }
+}
+
+/// What an install or uninstall did.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct Report {
+    /// Files written or removed (node paths).
+    pub changed_files: Vec<String>,
+    /// Whether containerd's config changed.
+    pub containerd_config_changed: bool,
+    /// Whether containerd was restarted.
+    pub restarted: bool,
+}
+
+/// `path` (absolute, on the node) inside `host_root`.
+fn on_node(host_root: &Path, path: &Path) -> PathBuf {
+    host_root.join(path.strip_prefix("/").unwrap_or(path))
+}
+
+/// Holds the node lock (released when dropped).
+struct NodeLock {
+    _file: std::fs::File,
+}
+
+impl NodeLock {
+    fn take(host_root: &Path) -> Result<NodeLock, NodeError> {
+        let path = host_root.join(layout::LOCK);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(io("create", dir))?;
+        }
+        let file = std::fs::File::create(&path).map_err(io("open", &path))?;
+        // SAFETY: flock on an fd we own.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(NodeError::Preflight(format!(
+                "another `zygote node` holds {}",
+                path.display()
+            )));
+        }
+        Ok(NodeLock { _file: file })
+    }
+}
+
+/// Writes `bytes` to `path` by a temporary file renamed over it (a process
+/// that has the old file open or mapped keeps it), unless it already holds
+/// them. Returns whether it wrote.
+fn replace(path: &Path, bytes: &[u8], mode: u32) -> Result<bool, NodeError> {
+    use std::os::unix::fs::PermissionsExt;
+    if std::fs::read(path).is_ok_and(|old| old == bytes) {
+        return Ok(false);
+    }
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    std::fs::create_dir_all(dir).map_err(io("create", dir))?;
+    let tmp = dir.join(format!(
+        ".{}.zygote-new",
+        path.file_name().unwrap_or_default().to_string_lossy()
+    ));
+    let written = std::fs::File::create(&tmp)
+        .and_then(|mut f| {
+            f.write_all(bytes)?;
+            f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+            f.sync_all()
+        })
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io("write", path)(e));
+    }
+    Ok(true)
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, NodeError> {
+    std::fs::read(path).map_err(io("read", path))
+}
+
+/// The shim config an install writes (node paths).
+fn shim_config() -> String {
+    format!(
+        "# zygote shim settings (written by `zygote node install`; kept when present).\n\
+         kernel = \"/{}\"\ninitramfs = \"/{}\"\ntemplates = \"/var/lib/zygote/templates\"\n\
+         images = \"/var/lib/zygote/images\"\n",
+        layout::KERNEL,
+        layout::INITRAMFS
+    )
+}
+
+/// Checks the node can run zygote: `/dev/kvm` (this process's: a
+/// DaemonSet's pod is given the node's).
+fn preflight() -> Result<(), NodeError> {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => Ok(()),
+        Err(e) => Err(NodeError::Preflight(format!(
+            "/dev/kvm: {e} (zygote needs KVM: hardware virtualization, or PVM)"
+        ))),
+    }
+}
+
+/// The containerd config's new text (main file, and a drop-in for version
+/// 3), from `text`; `register` or not.
+fn containerd_texts(
+    opts: &NodeOptions,
+    text: &str,
+    register: bool,
+) -> Result<(String, Option<String>), NodeError> {
+    let cfg = |source| NodeError::Config {
+        path: opts.containerd_config.clone(),
+        source,
+    };
+    let version = containerd_config::version(text).map_err(cfg)?;
+    let config_path = format!("/{}", layout::CONFIG);
+    let drop_in = format!("/{}", layout::DROP_IN);
+    match (version, register) {
+        (3.., true) => Ok((
+            containerd_config::import(text, &drop_in).map_err(cfg)?,
+            Some(containerd_config::drop_in(&config_path)),
+        )),
+        (_, true) => Ok((
+            containerd_config::register_in_place(text, &config_path).map_err(cfg)?,
+            None,
+        )),
+        (_, false) => Ok((containerd_config::unregister(text).map_err(cfg)?, None)),
+    }
+}
+
+fn restart(how: &Restart) -> Result<bool, NodeError> {
+    let (what, mut command) = match how {
+        Restart::None => return Ok(false),
+        Restart::Systemd => {
+            let mut c = std::process::Command::new("systemctl");
+            c.args(["restart", "containerd"]);
+            ("systemctl restart containerd".to_string(), c)
+        }
+        Restart::Command(cmd) => {
+            let mut c = std::process::Command::new("sh");
+            c.args(["-c", cmd]);
+            (cmd.clone(), c)
+        }
+    };
+    let out = command
+        .output()
+        .map_err(|e| NodeError::Restart(what.clone(), e.to_string()))?;
+    if !out.status.success() {
+        return Err(NodeError::Restart(
+            what,
+            format!(
+                "{}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        ));
+    }
+    Ok(true)
+}
+
+/// Installs zygote on the node (see the module's text).
+pub fn install(opts: &NodeOptions) -> Result<Report, NodeError> {
+    let _lock = NodeLock::take(&opts.host_root)?;
+    preflight()?;
+    let main = on_node(&opts.host_root, &opts.containerd_config);
+    let text = String::from_utf8_lossy(&read(&main)?).into_owned();
+    // The config is checked before anything on the node changes.
+    let (new_main, drop_in) = containerd_texts(opts, &text, true)?;
+    let mut report = Report::default();
+    for (from, to, mode) in [
+        (&opts.shim, layout::SHIM, 0o755),
+        (&opts.cli, layout::CLI, 0o755),
+        (&opts.kernel, layout::KERNEL, 0o644),
+        (&opts.initramfs, layout::INITRAMFS, 0o644),
+    ] {
+        if replace(&opts.host_root.join(to), &read(from)?, mode)? {
+            report.changed_files.push(format!("/{to}"));
+        }
+    }
+    let config = opts.host_root.join(layout::CONFIG);
+    if !config.exists() && replace(&config, shim_config().as_bytes(), 0o644)? {
+        report.changed_files.push(format!("/{}", layout::CONFIG));
+    }
+    if let Some(drop_in) = drop_in {
+        if replace(
+            &opts.host_root.join(layout::DROP_IN),
+            drop_in.as_bytes(),
+            0o644,
+        )? {
+            report.changed_files.push(format!("/{}", layout::DROP_IN));
+            report.containerd_config_changed = true;
+        }
+    }
+    if new_main != text {
+        let backup = main.with_extension("toml.zygote-backup");
+        if !backup.exists() {
+            replace(&backup, text.as_bytes(), 0o600)?;
+        }
+        replace(&main, new_main.as_bytes(), 0o644)?;
+        report
+            .changed_files
+            .push(opts.containerd_config.display().to_string());
+        report.containerd_config_changed = true;
+    }
+    if report.containerd_config_changed {
+        report.restarted = restart(&opts.restart)?;
+    }
+    Ok(report)
+}
+
+/// The pods whose shims run from this installation's shim binary.
+pub fn running_pods(host_root: &Path) -> Vec<String> {
+    let Ok(shim) = std::fs::canonicalize(host_root.join(layout::SHIM)) else {
+        return Vec::new();
+    };
+    let mut pods = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let dir = entry.path();
+        // A file replaced by an install shows as "PATH (deleted)".
+        let exe = std::fs::read_link(dir.join("exe")).unwrap_or_default();
+        let exe = exe.to_string_lossy();
+        if exe.trim_end_matches(" (deleted)") != shim.to_string_lossy() {
+            continue;
+        }
+        let args = std::fs::read(dir.join("cmdline")).unwrap_or_default();
+        let args: Vec<&[u8]> = args.split(|b| *b == 0).collect();
+        if let Some(at) = args.iter().position(|a| *a == b"-id") {
+            if let Some(id) = args.get(at + 1) {
+                pods.push(String::from_utf8_lossy(id).into_owned());
+            }
+        }
+    }
+    pods.sort();
+    pods.dedup();
+    pods
+}
+
+/// Removes zygote from the node (see the module's text).
+pub fn uninstall(opts: &NodeOptions) -> Result<Report, NodeError> {
+    let _lock = NodeLock::take(&opts.host_root)?;
+    let pods = running_pods(&opts.host_root);
+    if !pods.is_empty() {
+        return Err(NodeError::InUse(pods.join(", ")));
+    }
+    let mut report = Report::default();
+    let main = on_node(&opts.host_root, &opts.containerd_config);
+    if let Ok(bytes) = std::fs::read(&main) {
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        let (new_main, _) = containerd_texts(opts, &text, false)?;
+        if new_main != text {
+            replace(&main, new_main.as_bytes(), 0o644)?;
+            report
+                .changed_files
+                .push(opts.containerd_config.display().to_string());
+            report.containerd_config_changed = true;
+        }
+    }
+    let drop_in = opts.host_root.join(layout::DROP_IN);
+    if drop_in.exists() {
+        std::fs::remove_file(&drop_in).map_err(io("remove", &drop_in))?;
+        report.changed_files.push(format!("/{}", layout::DROP_IN));
+        report.containerd_config_changed = true;
+    }
+    if report.containerd_config_changed {
+        report.restarted = restart(&opts.restart)?;
+    }
+    for path in [
+        layout::SHIM,
+        layout::CLI,
+        layout::KERNEL,
+        layout::INITRAMFS,
+        layout::CONFIG,
+    ] {
+        let full = opts.host_root.join(path);
+        match std::fs::remove_file(&full) {
+            Ok(()) => report.changed_files.push(format!("/{path}")),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io("remove", &full)(e)),
+        }
+    }
+    Ok(report)
+}
+
+/// What is on the node now.
+#[derive(Debug, serde::Serialize)]
+pub struct Status {
+    /// Each artefact and whether it is there.
+    pub artefacts: Vec<(String, bool)>,
+    /// Whether containerd's config (or its drop-in) registers the runtime.
+    pub registered: bool,
+    /// The pods whose shims run.
+    pub running_pods: Vec<String>,
+}
+
+/// Reads what is installed.
+pub fn status(host_root: &Path, containerd_config: &Path) -> Status {
+    let artefacts = [
+        layout::SHIM,
+        layout::CLI,
+        layout::KERNEL,
+        layout::INITRAMFS,
+        layout::CONFIG,
+    ]
+    .iter()
+    .map(|p| (format!("/{p}"), host_root.join(p).exists()))
+    .collect();
+    let text = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
+    let registered = containerd_config::registered(&text(&on_node(host_root, containerd_config)))
+        || containerd_config::registered(&text(&host_root.join(layout::DROP_IN)));
+    Status {
+        artefacts,
+        registered,
+        running_pods: running_pods(host_root),
+    }
+}

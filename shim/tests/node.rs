@@ -1,0 +1,209 @@
+//! `zygote node install | uninstall | status` against a scratch node root,
+//! with containerd's config as containerd 1.6 reads it: the real
+//! `containerd config dump` (Debian's 1.6) must see zygote's runtime after
+//! the install, keep the operator's settings, and see none after the
+//! uninstall.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn zygote() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_zygote"))
+}
+
+/// An operator's containerd 1.6 config: comments, runc's options, a
+/// sandbox image of its own.
+const CONFIG: &str = r#"# This node's containerd (kept by hand: keep this comment).
+version = 2
+root = "ROOT/var/lib/containerd"
+state = "ROOT/run/containerd"
+
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "registry.local/pause:3.9"
+  [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+    runtime_type = "io.containerd.runc.v2"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+      SystemdCgroup = true
+"#;
+
+struct Node {
+    root: PathBuf,
+    artefacts: PathBuf,
+}
+
+impl Node {
+    fn new(name: &str) -> Node {
+        let root = std::env::temp_dir().join(format!("zygote-node-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(root.join("etc/containerd")).unwrap();
+        std::fs::write(
+            root.join("etc/containerd/config.toml"),
+            CONFIG.replace("ROOT", &root.to_string_lossy()),
+        )
+        .unwrap();
+        let artefacts = root.with_extension("src");
+        std::fs::create_dir_all(&artefacts).unwrap();
+        for f in ["vmlinux", "initramfs.cpio", "containerd-shim-zygote-v2"] {
+            std::fs::write(artefacts.join(f), format!("{f} bytes")).unwrap();
+        }
+        Node { root, artefacts }
+    }
+
+    fn run(&self, what: &str, restart: &str) -> std::process::Output {
+        let mut c = zygote();
+        c.args(["node", what, "--host-root"])
+            .arg(&self.root)
+            .args(["--restart", restart]);
+        if what == "install" {
+            c.arg("--shim")
+                .arg(self.artefacts.join("containerd-shim-zygote-v2"))
+                .arg("--kernel")
+                .arg(self.artefacts.join("vmlinux"))
+                .arg("--initramfs")
+                .arg(self.artefacts.join("initramfs.cpio"));
+        }
+        c.output().unwrap()
+    }
+
+    fn config(&self) -> String {
+        std::fs::read_to_string(self.root.join("etc/containerd/config.toml")).unwrap()
+    }
+
+    /// What containerd 1.6 makes of the config.
+    fn dump(&self) -> String {
+        let out = Command::new("containerd")
+            .arg("--config")
+            .arg(self.root.join("etc/containerd/config.toml"))
+            .args(["config", "dump"])
+            .output()
+            .expect("containerd (hack/containerd installs it)");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.root);
+        let _ = std::fs::remove_dir_all(&self.artefacts);
+    }
+}
+
+fn ok(out: &std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn exists(root: &Path, p: &str) -> bool {
+    root.join(p).exists()
+}
+
+#[test]
+fn install_registers_with_containerd_keeps_the_rest_and_uninstall_undoes_it() {
+    let node = Node::new("install");
+    let marker = node.root.join("restarted");
+    let restart = format!("echo >> {}", marker.display());
+
+    let report = ok(&node.run("install", &restart));
+    assert!(
+        report.contains("\"containerd_config_changed\":true"),
+        "{report}"
+    );
+    assert_eq!(std::fs::read_to_string(&marker).unwrap().lines().count(), 1);
+    for p in [
+        "usr/local/bin/containerd-shim-zygote-v2",
+        "usr/local/bin/zygote",
+        "opt/zygote/vmlinux",
+        "opt/zygote/initramfs.cpio",
+        "etc/zygote/config.toml",
+    ] {
+        assert!(exists(&node.root, p), "{p} installed");
+    }
+    let installed = node.config();
+    assert!(
+        installed.starts_with(&CONFIG.replace("ROOT", &node.root.to_string_lossy())),
+        "the operator's config is kept byte for byte:\n{installed}"
+    );
+    let dump = node.dump();
+    for line in [
+        "[plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.zygote]",
+        "runtime_type = \"io.containerd.zygote.v2\"",
+        "ConfigPath = \"/etc/zygote/config.toml\"",
+        "sandbox_image = \"registry.local/pause:3.9\"",
+        "SystemdCgroup = true",
+    ] {
+        assert!(dump.contains(line), "containerd reads {line:?}:\n{dump}");
+    }
+    assert!(exists(
+        &node.root,
+        "etc/containerd/config.toml.zygote-backup"
+    ));
+
+    // Twice: the same bytes, no restart; a running shim keeps its inode
+    // (the file is replaced, not rewritten, when it changes).
+    let report = ok(&node.run("install", &restart));
+    assert!(
+        report.contains("\"containerd_config_changed\":false"),
+        "{report}"
+    );
+    assert_eq!(node.config(), installed);
+    assert_eq!(std::fs::read_to_string(&marker).unwrap().lines().count(), 1);
+    let status = ok(&node.run("status", "none"));
+    assert!(status.contains("\"registered\":true"), "{status}");
+
+    let report = ok(&node.run("uninstall", &restart));
+    assert!(
+        report.contains("\"containerd_config_changed\":true"),
+        "{report}"
+    );
+    assert_eq!(std::fs::read_to_string(&marker).unwrap().lines().count(), 2);
+    assert!(!node.dump().contains("runtimes.zygote]"));
+    assert!(
+        !exists(&node.root, "usr/local/bin/zygote") && !exists(&node.root, "opt/zygote/vmlinux")
+    );
+    // Twice: harmless.
+    ok(&node.run("uninstall", &restart));
+    assert_eq!(std::fs::read_to_string(&marker).unwrap().lines().count(), 2);
+    let status = ok(&node.run("status", "none"));
+    assert!(status.contains("\"registered\":false"), "{status}");
+}
+
+#[test]
+fn a_config_it_cannot_edit_is_refused_before_anything_changes() {
+    let node = Node::new("bad");
+    let path = node.root.join("etc/containerd/config.toml");
+    // Version 1 (no `version`): containerd 1.6 reads it, zygote does not edit it.
+    std::fs::write(&path, "root = \"/var/lib/containerd\"\n").unwrap();
+    let out = node.run("install", "none");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("version 1") && err.contains("config.toml"),
+        "{err}"
+    );
+    assert!(
+        !exists(&node.root, "usr/local/bin/zygote"),
+        "nothing installed"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&path).unwrap(),
+        "root = \"/var/lib/containerd\"\n"
+    );
+    // A failing restart is said.
+    std::fs::write(&path, "version = 2\n").unwrap();
+    let out = node.run("install", "exit 3");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("restarting containerd (exit 3) failed"),
+        "{err}"
+    );
+}
