@@ -2,7 +2,8 @@
 //! with containerd's config as containerd 1.6 reads it: the real
 //! `containerd config dump` (Debian's 1.6) must see zygote's runtime after
 //! the install, keep the operator's settings, and see none after the
-//! uninstall.
+//! uninstall, which is refused while a shim of the installation runs and
+//! gives back the original file byte for byte.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -43,9 +44,12 @@ impl Node {
         .unwrap();
         let artefacts = root.with_extension("src");
         std::fs::create_dir_all(&artefacts).unwrap();
-        for f in ["vmlinux", "initramfs.cpio", "containerd-shim-zygote-v2"] {
+        for f in ["vmlinux", "initramfs.cpio"] {
             std::fs::write(artefacts.join(f), format!("{f} bytes")).unwrap();
         }
+        // The "shim": a shell, so that the test can run one that looks
+        // like a pod's shim to the installer (its exe, `-id POD`).
+        std::fs::copy("/bin/sh", artefacts.join("containerd-shim-zygote-v2")).unwrap();
         Node { root, artefacts }
     }
 
@@ -118,6 +122,13 @@ fn install_registers_with_containerd_keeps_the_rest_and_uninstall_undoes_it() {
         report.contains("\"containerd_config_changed\":true"),
         "{report}"
     );
+    assert!(
+        report.contains("\"containerd_config_version\":2"),
+        "{report}"
+    );
+    assert!(report.contains("\"containerd_version\":\"1.6"), "{report}");
+    assert!(report.contains("\"kvm\":\""), "{report}");
+    eprintln!("install: {report}");
     assert_eq!(std::fs::read_to_string(&marker).unwrap().lines().count(), 1);
     for p in [
         "usr/local/bin/containerd-shim-zygote-v2",
@@ -160,7 +171,30 @@ fn install_registers_with_containerd_keeps_the_rest_and_uninstall_undoes_it() {
     let status = ok(&node.run("status", "none"));
     assert!(status.contains("\"registered\":true"), "{status}");
 
+    // A pod's shim of this installation runs: uninstall is refused, names
+    // it, and changes nothing.
+    let mut shim = Command::new(node.root.join("usr/local/bin/containerd-shim-zygote-v2"))
+        .args(["-c", "sleep 60; :", "-id", "pod-7f3a"])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let refused = node.run("uninstall", &restart);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && err.contains("pod-7f3a"),
+        "{err}"
+    );
+    assert_eq!(node.config(), installed);
+    assert!(exists(&node.root, "usr/local/bin/zygote"));
+    shim.kill().unwrap();
+    shim.wait().unwrap();
+
     let report = ok(&node.run("uninstall", &restart));
+    assert_eq!(
+        node.config(),
+        CONFIG.replace("ROOT", &node.root.to_string_lossy()),
+        "the original config, byte for byte"
+    );
     assert!(
         report.contains("\"containerd_config_changed\":true"),
         "{report}"

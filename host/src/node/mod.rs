@@ -123,6 +123,16 @@ fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> NodeErr
 /// What an install or uninstall did.
 #[derive(Debug, Default, serde::Serialize)]
 pub struct Report {
+    /// The KVM found (`hardware` or `pvm`; install only).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub kvm: String,
+    /// containerd's version, if its binary is on the PATH (install only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub containerd_version: Option<String>,
+    /// containerd's config version: how zygote registered itself (install
+    /// only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub containerd_config_version: Option<i64>,
     /// Files written or removed (node paths).
     pub changed_files: Vec<String>,
     /// Whether containerd's config changed.
@@ -203,18 +213,25 @@ fn shim_config() -> String {
 }
 
 /// Checks the node can run zygote: `/dev/kvm` (this process's: a
-/// DaemonSet's pod is given the node's).
-fn preflight() -> Result<(), NodeError> {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => Ok(()),
-        Err(e) => Err(NodeError::Preflight(format!(
+/// DaemonSet's pod is given the node's) opens as KVM; says which kind, and
+/// containerd's version when its binary is found.
+fn preflight(report: &mut Report) -> Result<(), NodeError> {
+    let kvm = zygote_vmm::vstate::kvm::KvmHandle::open().map_err(|e| {
+        NodeError::Preflight(format!(
             "/dev/kvm: {e} (zygote needs KVM: hardware virtualization, or PVM)"
-        ))),
-    }
+        ))
+    })?;
+    report.kvm = kvm.kind.to_string();
+    // "containerd github.com/containerd/containerd 1.6.20~ds1 <revision>"
+    report.containerd_version = std::process::Command::new("containerd")
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| {
+            let text = String::from_utf8_lossy(&o.stdout).into_owned();
+            text.split_whitespace().nth(2).map(String::from)
+        });
+    Ok(())
 }
 
 /// The containerd config's new text (main file, and a drop-in for version
@@ -277,12 +294,13 @@ fn restart(how: &Restart) -> Result<bool, NodeError> {
 /// Installs zygote on the node (see the module's text).
 pub fn install(opts: &NodeOptions) -> Result<Report, NodeError> {
     let _lock = NodeLock::take(&opts.host_root)?;
-    preflight()?;
+    let mut report = Report::default();
+    preflight(&mut report)?;
     let main = on_node(&opts.host_root, &opts.containerd_config);
     let text = String::from_utf8_lossy(&read(&main)?).into_owned();
     // The config is checked before anything on the node changes.
     let (new_main, drop_in) = containerd_texts(opts, &text, true)?;
-    let mut report = Report::default();
+    report.containerd_config_version = containerd_config::version(&text).ok();
     for (from, to, mode) in [
         (&opts.shim, layout::SHIM, 0o755),
         (&opts.cli, layout::CLI, 0o755),
