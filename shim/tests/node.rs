@@ -3,7 +3,9 @@
 //! `containerd config dump` (Debian's 1.6) must see zygote's runtime after
 //! the install, keep the operator's settings, and see none after the
 //! uninstall, which is refused while a shim of the installation runs and
-//! gives back the original file byte for byte.
+//! gives back the original file byte for byte; a containerd started on the
+//! installed config (the test's restart command) serves the `zygote`
+//! handler through its CRI.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -18,6 +20,9 @@ const CONFIG: &str = r#"# This node's containerd (kept by hand: keep this commen
 version = 2
 root = "ROOT/var/lib/containerd"
 state = "ROOT/run/containerd"
+
+[grpc]
+  address = "ROOT/run/containerd/containerd.sock"
 
 [plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "registry.local/pause:3.9"
@@ -90,8 +95,31 @@ impl Node {
     }
 }
 
+impl Node {
+    /// A restart command that (re)starts a real containerd on the node's
+    /// config, and counts its runs in `restarted`.
+    fn restart_command(&self) -> String {
+        let root = self.root.display();
+        format!(
+            "echo >> {root}/restarted; \
+             if [ -f {root}/containerd.pid ]; then old=$(cat {root}/containerd.pid); kill $old; \
+               while kill -0 $old 2>/dev/null; do sleep 0.1; done; fi; \
+             setsid containerd --config {root}/etc/containerd/config.toml \
+               </dev/null >>{root}/containerd.log 2>&1 & echo $! > {root}/containerd.pid"
+        )
+    }
+
+    fn restarts(&self) -> usize {
+        std::fs::read_to_string(self.root.join("restarted")).map_or(0, |t| t.lines().count())
+    }
+}
+
 impl Drop for Node {
     fn drop(&mut self) {
+        if let Ok(pid) = std::fs::read_to_string(self.root.join("containerd.pid")) {
+            let _ = Command::new("kill").arg(pid.trim()).status();
+            std::thread::sleep(std::time::Duration::from_millis(500));
+        }
         let _ = std::fs::remove_dir_all(&self.root);
         let _ = std::fs::remove_dir_all(&self.artefacts);
     }
@@ -114,8 +142,7 @@ fn exists(root: &Path, p: &str) -> bool {
 #[test]
 fn install_registers_with_containerd_keeps_the_rest_and_uninstall_undoes_it() {
     let node = Node::new("install");
-    let marker = node.root.join("restarted");
-    let restart = format!("echo >> {}", marker.display());
+    let restart = node.restart_command();
 
     let report = ok(&node.run("install", &restart));
     assert!(
@@ -128,8 +155,11 @@ fn install_registers_with_containerd_keeps_the_rest_and_uninstall_undoes_it() {
     );
     assert!(report.contains("\"containerd_version\":\"1.6"), "{report}");
     assert!(report.contains("\"kvm\":\""), "{report}");
+    // The containerd started on the new config serves the handler (the
+    // installer asked its CRI).
+    assert!(report.contains("\"handler_live\":true"), "{report}");
     eprintln!("install: {report}");
-    assert_eq!(std::fs::read_to_string(&marker).unwrap().lines().count(), 1);
+    assert_eq!(node.restarts(), 1);
     for p in [
         "usr/local/bin/containerd-shim-zygote-v2",
         "usr/local/bin/zygote",
@@ -167,7 +197,7 @@ fn install_registers_with_containerd_keeps_the_rest_and_uninstall_undoes_it() {
         "{report}"
     );
     assert_eq!(node.config(), installed);
-    assert_eq!(std::fs::read_to_string(&marker).unwrap().lines().count(), 1);
+    assert_eq!(node.restarts(), 1);
     let status = ok(&node.run("status", "none"));
     assert!(status.contains("\"registered\":true"), "{status}");
 
@@ -199,14 +229,14 @@ fn install_registers_with_containerd_keeps_the_rest_and_uninstall_undoes_it() {
         report.contains("\"containerd_config_changed\":true"),
         "{report}"
     );
-    assert_eq!(std::fs::read_to_string(&marker).unwrap().lines().count(), 2);
+    assert_eq!(node.restarts(), 2);
     assert!(!node.dump().contains("runtimes.zygote]"));
     assert!(
         !exists(&node.root, "usr/local/bin/zygote") && !exists(&node.root, "opt/zygote/vmlinux")
     );
     // Twice: harmless.
     ok(&node.run("uninstall", &restart));
-    assert_eq!(std::fs::read_to_string(&marker).unwrap().lines().count(), 2);
+    assert_eq!(node.restarts(), 2);
     let status = ok(&node.run("status", "none"));
     assert!(status.contains("\"registered\":false"), "{status}");
 }

@@ -139,6 +139,10 @@ pub struct Report {
     pub containerd_config_changed: bool,
     /// Whether containerd was restarted.
     pub restarted: bool,
+    /// Whether containerd's CRI lists the handler after the install
+    /// (checked by the CLI when containerd's socket is there).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub handler_live: Option<bool>,
 }
 
 /// `path` (absolute, on the node) inside `host_root`.
