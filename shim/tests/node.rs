@@ -271,3 +271,34 @@ fn a_config_it_cannot_edit_is_refused_before_anything_changes() {
         "{err}"
     );
 }
+
+#[test]
+fn containerd_2_gets_a_drop_in_and_uninstall_takes_it_back() {
+    let node = Node::new("v3");
+    let path = node.root.join("etc/containerd/config.toml");
+    let original = "# containerd 2.x\nversion = 3\n\n[plugins.\"io.containerd.cri.v1.images\"]\n  \
+                    snapshotter = \"overlayfs\"\n";
+    std::fs::write(&path, original).unwrap();
+    let report = ok(&node.run("install", "none"));
+    assert!(
+        report.contains("\"containerd_config_version\":3"),
+        "{report}"
+    );
+    let drop_in =
+        std::fs::read_to_string(node.root.join("etc/containerd/conf.d/zygote.toml")).unwrap();
+    assert!(
+        drop_in.contains("[plugins.\"io.containerd.cri.v1.runtime\".containerd.runtimes.zygote]")
+            && drop_in.contains("runtime_type = \"io.containerd.zygote.v2\""),
+        "{drop_in}"
+    );
+    let main = std::fs::read_to_string(&path).unwrap();
+    assert!(
+        original.lines().all(|l| main.contains(l))
+            && main.contains("imports = [\"/etc/containerd/conf.d/zygote.toml\"]"),
+        "{main}"
+    );
+    assert!(ok(&node.run("status", "none")).contains("\"registered\":true"));
+    ok(&node.run("uninstall", "none"));
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), original);
+    assert!(!node.root.join("etc/containerd/conf.d/zygote.toml").exists());
+}

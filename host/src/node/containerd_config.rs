@@ -176,6 +176,26 @@ pub fn import(text: &str, drop_in: &str) -> Result<String, ConfigError> {
     Ok(doc.to_string())
 }
 
+/// `text` without `drop_in` in its `imports` (an `imports` left empty by
+/// that is removed); everything else as it was.
+pub fn unimport(text: &str, drop_in: &str) -> Result<String, ConfigError> {
+    let mut doc: DocumentMut = text
+        .parse()
+        .map_err(|e: toml_edit::TomlError| ConfigError::Parse(e.to_string()))?;
+    let Some(imports) = doc.get_mut("imports").and_then(Item::as_array_mut) else {
+        return Ok(text.into());
+    };
+    let before = imports.len();
+    imports.retain(|v| v.as_str() != Some(drop_in));
+    if imports.len() == before {
+        return Ok(text.into());
+    }
+    if imports.is_empty() {
+        doc.remove("imports");
+    }
+    Ok(doc.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -272,6 +292,13 @@ root = "/var/lib/containerd"
             import(&with, "/etc/containerd/conf.d/zygote.toml").unwrap(),
             with
         );
+        assert_eq!(
+            unimport(&with, "/etc/containerd/conf.d/zygote.toml").unwrap(),
+            main
+        );
+        let alone = "version = 3\n";
+        let added = import(alone, "/d.toml").unwrap();
+        assert_eq!(unimport(&added, "/d.toml").unwrap(), alone);
         assert!(matches!(import(V2, "/x"), Err(ConfigError::Version(2))));
     }
 }

@@ -261,7 +261,10 @@ fn containerd_texts(
             containerd_config::register_in_place(text, &config_path).map_err(cfg)?,
             None,
         )),
-        (_, false) => Ok((containerd_config::unregister(text).map_err(cfg)?, None)),
+        (_, false) => {
+            let text = containerd_config::unimport(text, &drop_in).map_err(cfg)?;
+            Ok((containerd_config::unregister(&text).map_err(cfg)?, None))
+        }
     }
 }
 
