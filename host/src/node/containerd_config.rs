@@ -44,12 +44,20 @@ fn cri_plugin(version: i64) -> &'static str {
     }
 }
 
+/// `text` as an editable document.
+fn parse(text: &str) -> Result<DocumentMut, ConfigError> {
+    text.parse()
+        .map_err(|e: toml_edit::TomlError| ConfigError::Parse(e.to_string()))
+}
+
+/// A parsed config's `version` (a file without one is version 1).
+fn doc_version(doc: &DocumentMut) -> i64 {
+    doc.get("version").and_then(Item::as_integer).unwrap_or(1)
+}
+
 /// The config's `version` (a file without one is version 1).
 pub fn version(text: &str) -> Result<i64, ConfigError> {
-    let doc: DocumentMut = text
-        .parse()
-        .map_err(|e: toml_edit::TomlError| ConfigError::Parse(e.to_string()))?;
-    Ok(doc.get("version").and_then(Item::as_integer).unwrap_or(1))
+    Ok(doc_version(&parse(text)?))
 }
 
 /// zygote's runtime table: its type, the annotations a pod may pass it,
@@ -98,10 +106,8 @@ fn table_at<'a>(root: &'a mut Table, keys: &[&str]) -> Result<&'a mut Table, Con
 /// registered, using the shim config at `config_path`; everything else as
 /// it was. Registering twice gives the same bytes.
 pub fn register_in_place(text: &str, config_path: &str) -> Result<String, ConfigError> {
-    let mut doc: DocumentMut = text
-        .parse()
-        .map_err(|e: toml_edit::TomlError| ConfigError::Parse(e.to_string()))?;
-    let version = doc.get("version").and_then(Item::as_integer).unwrap_or(1);
+    let mut doc = parse(text)?;
+    let version = doc_version(&doc);
     if version != 2 {
         return Err(ConfigError::Version(version));
     }
@@ -113,9 +119,7 @@ pub fn register_in_place(text: &str, config_path: &str) -> Result<String, Config
 
 /// `text` without zygote's runtime (any version); everything else as it was.
 pub fn unregister(text: &str) -> Result<String, ConfigError> {
-    let mut doc: DocumentMut = text
-        .parse()
-        .map_err(|e: toml_edit::TomlError| ConfigError::Parse(e.to_string()))?;
+    let mut doc = parse(text)?;
     for version in [2, 3] {
         let keys = path(version);
         let mut t = Some(doc.as_table_mut());
@@ -131,7 +135,7 @@ pub fn unregister(text: &str) -> Result<String, ConfigError> {
 
 /// Whether `text` registers zygote's runtime.
 pub fn registered(text: &str) -> bool {
-    let Ok(doc) = text.parse::<DocumentMut>() else {
+    let Ok(doc) = parse(text) else {
         return false;
     };
     [2, 3].into_iter().any(|version| {
@@ -158,10 +162,8 @@ pub fn drop_in(config_path: &str) -> String {
 /// `text` (a version 3 main config) with `drop_in` in its `imports`
 /// (unchanged if it is already there).
 pub fn import(text: &str, drop_in: &str) -> Result<String, ConfigError> {
-    let mut doc: DocumentMut = text
-        .parse()
-        .map_err(|e: toml_edit::TomlError| ConfigError::Parse(e.to_string()))?;
-    let version = doc.get("version").and_then(Item::as_integer).unwrap_or(1);
+    let mut doc = parse(text)?;
+    let version = doc_version(&doc);
     if version < 3 {
         return Err(ConfigError::Version(version));
     }
@@ -179,9 +181,7 @@ pub fn import(text: &str, drop_in: &str) -> Result<String, ConfigError> {
 /// `text` without `drop_in` in its `imports` (an `imports` left empty by
 /// that is removed); everything else as it was.
 pub fn unimport(text: &str, drop_in: &str) -> Result<String, ConfigError> {
-    let mut doc: DocumentMut = text
-        .parse()
-        .map_err(|e: toml_edit::TomlError| ConfigError::Parse(e.to_string()))?;
+    let mut doc = parse(text)?;
     let Some(imports) = doc.get_mut("imports").and_then(Item::as_array_mut) else {
         return Ok(text.into());
     };
