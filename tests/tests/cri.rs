@@ -57,8 +57,11 @@ fn a_pod_runs_through_the_cri_in_one_vm() {
     });
 }
 
-/// One pod: sandbox, container, ExecSync, update, stats, log, removal. Err
-/// when the container's or the exec's own exit status was SIGSEGV.
+/// One pod: sandbox, containers, ExecSync, update, stats, logs, exits,
+/// removal. The fork's first container takes the container staged in the
+/// template; later ones take the normal path (docs/containers.md): each
+/// behaviour is checked on both. Err when a container's or an exec's own
+/// exit status was SIGSEGV.
 async fn pod_round(
     runtime: &mut RuntimeServiceClient<Channel>,
     attempt: u32,
@@ -67,13 +70,36 @@ async fn pod_round(
     let pod = run_pod(runtime, &pod_config).await;
     let _guard = PodGuard(pod.clone());
     assert!(shim_running(&pod), "one shim for the pod");
+    let checked = async {
+        for (name, staged) in [("app", true), ("app2", false)] {
+            container_round(runtime, &pod, &pod_config, &logs, name, staged).await?;
+        }
+        ends_round(runtime, &pod, &pod_config, &logs).await
+    }
+    .await;
+    remove_pod(runtime, &pod).await;
+    checked?;
+    std::fs::remove_dir_all(&logs).unwrap();
+    Ok(())
+}
 
+/// Container `name` of the pod, on the staged path or not: its output in
+/// the log, ExecSync's exit code and output, an exec whose background
+/// child holds its stdout, stats, and an update of its memory limit.
+async fn container_round(
+    runtime: &mut RuntimeServiceClient<Channel>,
+    pod: &str,
+    pod_config: &cri::PodSandboxConfig,
+    logs: &std::path::Path,
+    name: &str,
+    staged: bool,
+) -> Result<(), PvmSegv> {
     let container = run_container(
         runtime,
         container_request(
-            &pod,
-            &pod_config,
-            "app",
+            pod,
+            pod_config,
+            name,
             &["sh", "-c", "echo hello-from-cri; exec sleep 1000"],
         ),
     )
@@ -85,7 +111,7 @@ async fn pod_round(
             cmd: vec![
                 "sh".into(),
                 "-c".into(),
-                "echo in-exec; uname -r; exit 5".into(),
+                "echo in-exec; uname -r; grep ' / overlay ' /proc/mounts; exit 5".into(),
             ],
             timeout: 120,
         })
@@ -96,39 +122,39 @@ async fn pod_round(
         Err(status) => {
             // Only if the container's own process crashed first.
             let exited = container_exit_code(runtime, &container).await;
-            remove_pod(runtime, &pod).await;
             PvmSegv::check(exited.unwrap_or(0).into(), || {
                 format!("container {container} before ExecSync: {status:?}")
             })?;
             panic!("ExecSync: {status:?} (the container's exit code: {exited:?})");
         }
     };
-    if let Err(segv) = PvmSegv::check(exec.exit_code.into(), || format!("ExecSync: {exec:?}")) {
-        remove_pod(runtime, &pod).await;
-        return Err(segv);
-    }
+    PvmSegv::check(exec.exit_code.into(), || format!("ExecSync: {exec:?}"))?;
     assert_eq!(exec.exit_code, 5, "{exec:?}");
     let out = String::from_utf8_lossy(&exec.stdout).into_owned();
     let lines: Vec<&str> = out.lines().collect();
     let host = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
-    assert_eq!(lines.len(), 2, "{out:?}");
+    assert_eq!(lines.len(), 3, "{out:?}");
     assert_eq!(lines[0], "in-exec");
     assert_ne!(lines[1], host.trim(), "the guest's kernel, not the host's");
+    assert_eq!(
+        lines[2].contains("/@staged/"),
+        staged,
+        "{name}: its root is {}the staged container's: {}",
+        if staged { "" } else { "not " },
+        lines[2]
+    );
 
     // An exec that leaves a background child holding its stdout ends when
     // the exec's own process does (Kata #869's pattern), with its output:
     // waiting for the child would run into ExecSync's timeout (120 s, below
     // the child's 600 s), which fails the call.
     let started = Instant::now();
-    let out = match exec_ok(runtime, &container, "sleep 600 & echo hi").await {
-        Ok(out) => out,
-        Err(segv) => {
-            remove_pod(runtime, &pod).await;
-            return Err(segv);
-        }
-    };
+    let out = exec_ok(runtime, &container, "sleep 600 & echo hi").await?;
     assert_eq!(out.trim(), "hi");
-    eprintln!("ExecSync with a background child: {:?}", started.elapsed());
+    eprintln!(
+        "{name}: ExecSync with a background child: {:?}",
+        started.elapsed()
+    );
 
     let usage = memory_stats(runtime, &container)
         .await
@@ -163,20 +189,66 @@ async fn pod_round(
     );
 
     // The log, in the CRI's format ("TIME stdout F LINE").
-    let log = logs.join("app.log");
+    let text = log_with(logs, name, "hello-from-cri").await;
+    assert!(text.contains(" stdout F hello-from-cri"), "{text:?}");
+    Ok(())
+}
+
+/// How containers on the normal path end: one on a terminal exiting 3, one
+/// killed by the guest's OOM killer at its memory limit (`OOMKilled`, 137,
+/// as under runc).
+async fn ends_round(
+    runtime: &mut RuntimeServiceClient<Channel>,
+    pod: &str,
+    pod_config: &cri::PodSandboxConfig,
+    logs: &std::path::Path,
+) -> Result<(), PvmSegv> {
+    let mut request = container_request(
+        pod,
+        pod_config,
+        "tty",
+        &["sh", "-c", "[ -t 0 ] && [ -t 1 ] && echo on-a-tty; exit 3"],
+    );
+    let config = request.config.as_mut().unwrap();
+    config.tty = true;
+    config.stdin = true;
+    let tty = run_container(runtime, request).await;
+    let status = exited(runtime, &tty, |_| true).await;
+    PvmSegv::check(status.exit_code.into(), || format!("tty: {status:?}"))?;
+    assert_eq!(status.exit_code, 3, "{status:?}");
+    let text = log_with(logs, "tty", "on-a-tty").await;
+    assert!(text.contains("on-a-tty"), "{text:?}");
+
+    let mut request = container_request(
+        pod,
+        pod_config,
+        "oom",
+        &["dd", "if=/dev/zero", "of=/dev/null", "bs=32M", "count=1"],
+    );
+    request.config.as_mut().unwrap().linux = Some(cri::LinuxContainerConfig {
+        resources: Some(cri::LinuxContainerResources {
+            memory_limit_in_bytes: 16 << 20,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let oom = run_container(runtime, request).await;
+    let status = exited(runtime, &oom, |s| s.reason == "OOMKilled").await;
+    assert_eq!(status.exit_code, 137, "{status:?}");
+    Ok(())
+}
+
+/// The text of container `name`'s log once it holds `line` (30 s at most).
+async fn log_with(logs: &std::path::Path, name: &str, line: &str) -> String {
+    let log = logs.join(format!("{name}.log"));
     let deadline = Instant::now() + Duration::from_secs(30);
-    let text = loop {
+    loop {
         let t = std::fs::read_to_string(&log).unwrap_or_default();
-        if t.contains("hello-from-cri") || Instant::now() > deadline {
-            break t;
+        if t.contains(line) || Instant::now() > deadline {
+            return t;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
-    };
-    assert!(text.contains(" stdout F hello-from-cri"), "{text:?}");
-
-    remove_pod(runtime, &pod).await;
-    std::fs::remove_dir_all(&logs).unwrap();
-    Ok(())
+    }
 }
 
 /// The container's memory figures from ContainerStats.

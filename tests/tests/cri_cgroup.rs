@@ -387,30 +387,9 @@ fn a_pod_over_its_host_limit_is_reported_oom_killed() {
             .is_ok_and(|r| String::from_utf8_lossy(&r.get_ref().stdout).contains("survived"));
         assert!(!survived, "the VM was not killed at its host limit");
 
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        let status = loop {
-            let status = runtime
-                .container_status(cri::ContainerStatusRequest {
-                    container_id: app.clone(),
-                    verbose: false,
-                })
-                .await
-                .expect("ContainerStatus")
-                .into_inner()
-                .status
-                .expect("a status");
-            // The OOM can be said just after the exit (when the host's OOM
-            // killer killed the shim, its `delete` says it).
-            let exited = status.state == cri::ContainerState::ContainerExited as i32;
-            if exited && status.reason == "OOMKilled" {
-                break status;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "not exited OOMKilled: {status:?}"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-        };
+        // The OOM can be said just after the exit (when the host's OOM
+        // killer killed the shim, its `delete` says it).
+        let status = exited(&mut runtime, &app, |s| s.reason == "OOMKilled").await;
         eprintln!("exit {}: {}", status.exit_code, status.reason);
 
         remove_pod(&mut runtime, &pod).await;

@@ -331,6 +331,36 @@ pub async fn container_exit_code(
     (status.state == cri::ContainerState::ContainerExited as i32).then_some(status.exit_code)
 }
 
+/// The container's status once it exited and `also` holds of it (the OOM
+/// reason can follow the exit); panics after 120 s.
+pub async fn exited(
+    runtime: &mut RuntimeServiceClient<Channel>,
+    container: &str,
+    also: impl Fn(&cri::ContainerStatus) -> bool,
+) -> cri::ContainerStatus {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let status = runtime
+            .container_status(cri::ContainerStatusRequest {
+                container_id: container.into(),
+                verbose: false,
+            })
+            .await
+            .expect("ContainerStatus")
+            .into_inner()
+            .status
+            .expect("a status");
+        if status.state == cri::ContainerState::ContainerExited as i32 && also(&status) {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not exited as expected: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
 /// StopPodSandbox, then RemovePodSandbox.
 async fn stop_and_remove(
     runtime: &mut RuntimeServiceClient<Channel>,
