@@ -80,6 +80,10 @@ pub struct NodeOptions {
     pub kernel: PathBuf,
     /// The guest image.
     pub initramfs: PathBuf,
+    /// The operator's shim config (e.g. from a Helm value): written over
+    /// the node's, with the node paths it does not set. None: the node's is
+    /// kept, and one is written only when it has none.
+    pub config: Option<String>,
 }
 
 /// Why the node could not be changed. Nothing is left half-done by a
@@ -205,15 +209,35 @@ fn read(path: &Path) -> Result<Vec<u8>, NodeError> {
     std::fs::read(path).map_err(io("read", path))
 }
 
-/// The shim config an install writes (node paths).
-fn shim_config() -> String {
-    format!(
-        "# zygote shim settings (written by `zygote node install`; kept when present).\n\
-         kernel = \"/{}\"\ninitramfs = \"/{}\"\ntemplates = \"/var/lib/zygote/templates\"\n\
-         images = \"/var/lib/zygote/images\"\n",
-        layout::KERNEL,
-        layout::INITRAMFS
-    )
+/// The shim config an install writes: the node paths, then the
+/// operator's settings (`operator`, TOML; a node path it sets is its own).
+fn shim_config(operator: Option<&str>) -> Result<String, NodeError> {
+    let theirs: toml_edit::DocumentMut = match operator {
+        Some(text) => text.parse().map_err(|e| {
+            NodeError::Preflight(format!("the shim config given is not valid TOML: {e}"))
+        })?,
+        None => toml_edit::DocumentMut::new(),
+    };
+    let mut out = String::from(if operator.is_some() {
+        "# zygote shim settings (written by `zygote node install` from the operator's config).\n"
+    } else {
+        "# zygote shim settings (written by `zygote node install`; kept when present).\n"
+    });
+    for (key, path) in [
+        ("kernel", format!("/{}", layout::KERNEL)),
+        ("initramfs", format!("/{}", layout::INITRAMFS)),
+        ("templates", "/var/lib/zygote/templates".into()),
+        ("images", "/var/lib/zygote/images".into()),
+    ] {
+        if !theirs.contains_key(key) {
+            out.push_str(&format!("{key} = \"{path}\"\n"));
+        }
+    }
+    if let Some(text) = operator {
+        out.push_str(text.trim_end());
+        out.push('\n');
+    }
+    Ok(out)
 }
 
 /// Checks the node can run zygote: `/dev/kvm` (this process's: a
@@ -307,6 +331,7 @@ pub fn install(opts: &NodeOptions) -> Result<Report, NodeError> {
     let text = String::from_utf8_lossy(&read(&main)?).into_owned();
     // The config is checked before anything on the node changes.
     let (new_main, drop_in) = containerd_texts(opts, &text, true)?;
+    let wanted = shim_config(opts.config.as_deref())?;
     report.containerd_config_version = containerd_config::version(&text).ok();
     for (from, to, mode) in [
         (&opts.shim, layout::SHIM, 0o755),
@@ -319,7 +344,7 @@ pub fn install(opts: &NodeOptions) -> Result<Report, NodeError> {
         }
     }
     let config = opts.host_root.join(layout::CONFIG);
-    if !config.exists() && replace(&config, shim_config().as_bytes(), 0o644)? {
+    if (opts.config.is_some() || !config.exists()) && replace(&config, wanted.as_bytes(), 0o644)? {
         report.changed_files.push(format!("/{}", layout::CONFIG));
     }
     if let Some(drop_in) = drop_in {
@@ -354,13 +379,18 @@ pub fn running_pods(host_root: &Path) -> Vec<String> {
     let Ok(shim) = std::fs::canonicalize(host_root.join(layout::SHIM)) else {
         return Vec::new();
     };
+    // A shim started by the node's containerd, seen from a DaemonSet's pod
+    // (the node's processes, its root mounted at `host_root`), names its
+    // binary by the node's path.
+    let on_node = format!("/{}", layout::SHIM);
     let mut pods = Vec::new();
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let dir = entry.path();
         // A file replaced by an install shows as "PATH (deleted)".
         let exe = std::fs::read_link(dir.join("exe")).unwrap_or_default();
         let exe = exe.to_string_lossy();
-        if exe.trim_end_matches(" (deleted)") != shim.to_string_lossy() {
+        let exe = exe.trim_end_matches(" (deleted)");
+        if exe != shim.to_string_lossy() && exe != on_node {
             continue;
         }
         let args = std::fs::read(dir.join("cmdline")).unwrap_or_default();

@@ -8,6 +8,7 @@
 //! - `zygote node install|uninstall|status`: zygote on a node, registered with containerd.
 
 mod fork;
+mod kube;
 mod node;
 mod templates;
 

@@ -1,6 +1,8 @@
-//! `zygote node install | uninstall | status`: zygote on a node, against
-//! its root (`--host-root`, `/` by default; a DaemonSet mounts the node's
-//! there). See `zygote_host::node`.
+//! `zygote node install | uninstall | status | run | ready`: zygote on a
+//! node, against its root (`--host-root`, `/` by default; a DaemonSet
+//! mounts the node's there). See `zygote_host::node`; `run` is what the
+//! Helm chart's DaemonSet runs (install, warm, label; on SIGTERM unlabel and
+//! uninstall).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -8,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Subcommand};
 use zygote::node::{self, NodeOptions, Restart};
+
+mod run;
 
 #[derive(Args, Clone)]
 pub struct NodeArgs {
@@ -28,22 +32,45 @@ pub struct NodeArgs {
     containerd_socket: PathBuf,
 }
 
+/// What `install` puts on the node.
+#[derive(Args, Clone)]
+pub struct InstallArgs {
+    #[command(flatten)]
+    node: NodeArgs,
+    /// The shim to install (default: beside this binary).
+    #[arg(long)]
+    shim: Option<PathBuf>,
+    /// The guest kernel to install (default: $ZYGOTE_KERNEL or the built one).
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// The guest image to install (default: $ZYGOTE_INITRAMFS or the built one).
+    #[arg(long)]
+    initramfs: Option<PathBuf>,
+    /// The operator's shim config (TOML), written over the node's (default:
+    /// the node's is kept, or a default one written).
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
 #[derive(Subcommand)]
 pub enum NodeCommand {
     /// Install zygote's artefacts and register its runtime with containerd.
     Install {
         #[command(flatten)]
-        node: NodeArgs,
-        /// The shim to install (default: beside this binary).
-        #[arg(long)]
-        shim: Option<PathBuf>,
-        /// The guest kernel to install (default: $ZYGOTE_KERNEL or the built one).
-        #[arg(long)]
-        kernel: Option<PathBuf>,
-        /// The guest image to install (default: $ZYGOTE_INITRAMFS or the built one).
-        #[arg(long)]
-        initramfs: Option<PathBuf>,
+        install: InstallArgs,
     },
+    /// Install, warm the templates of `--warm-image`s, label the node
+    /// `zygote.dev/ready=true` and remove its startup taints; then wait, and
+    /// on SIGTERM or SIGINT unlabel the node and uninstall (refused while
+    /// zygote pods run). What the Helm chart's DaemonSet runs.
+    Run {
+        #[command(flatten)]
+        install: InstallArgs,
+        #[command(flatten)]
+        run: run::RunArgs,
+    },
+    /// Exit 0 when `node run` has made this node ready (a readiness probe).
+    Ready,
     /// Unregister zygote's runtime and remove its artefacts (refused while
     /// zygote pods run).
     Uninstall {
@@ -58,48 +85,68 @@ pub enum NodeCommand {
     },
 }
 
+impl NodeArgs {
+    fn options(&self) -> anyhow::Result<NodeOptions> {
+        let exe = std::env::current_exe()?;
+        Ok(NodeOptions {
+            host_root: self.host_root.clone(),
+            containerd_config: self.containerd_config.clone(),
+            restart: self.restart.clone(),
+            shim: exe.with_file_name("containerd-shim-zygote-v2"),
+            cli: exe.clone(),
+            kernel: zygote::paths::kernel(),
+            initramfs: zygote::paths::initramfs(),
+            config: None,
+        })
+    }
+
+    /// containerd's socket, in this process's file system.
+    fn socket(&self) -> PathBuf {
+        self.host_root.join(
+            self.containerd_socket
+                .strip_prefix("/")
+                .unwrap_or(&self.containerd_socket),
+        )
+    }
+}
+
+/// `node install`: the artefacts, the registration, and containerd serving
+/// the handler.
+fn install(args: &InstallArgs) -> anyhow::Result<node::Report> {
+    let mut opts = args.node.options()?;
+    opts.shim = args.shim.clone().unwrap_or(opts.shim);
+    opts.kernel = args.kernel.clone().unwrap_or(opts.kernel);
+    opts.initramfs = args.initramfs.clone().unwrap_or(opts.initramfs);
+    if let Some(config) = &args.config {
+        opts.config =
+            Some(std::fs::read_to_string(config).map_err(|e| {
+                anyhow::anyhow!("reading the shim config {}: {e}", config.display())
+            })?);
+    }
+    let mut report = node::install(&opts)?;
+    let socket = args.node.socket();
+    // After a restart, containerd must come back and serve the handler (it
+    // takes a moment); without one, a containerd that already had the
+    // config is asked too.
+    if report.restarted || (socket.exists() && !report.containerd_config_changed) {
+        handler_live(
+            &socket,
+            node::containerd_config::HANDLER,
+            Duration::from_secs(60),
+        )?;
+        report.handler_live = Some(true);
+    }
+    Ok(report)
+}
+
 pub fn run(command: NodeCommand) -> anyhow::Result<ExitCode> {
-    let exe = std::env::current_exe()?;
-    let options = |node: &NodeArgs| NodeOptions {
-        host_root: node.host_root.clone(),
-        containerd_config: node.containerd_config.clone(),
-        restart: node.restart.clone(),
-        shim: exe.with_file_name("containerd-shim-zygote-v2"),
-        cli: exe.clone(),
-        kernel: zygote::paths::kernel(),
-        initramfs: zygote::paths::initramfs(),
-    };
     let report = match command {
-        NodeCommand::Install {
-            node: args,
-            shim,
-            kernel,
-            initramfs,
-        } => {
-            let mut opts = options(&args);
-            opts.shim = shim.unwrap_or(opts.shim);
-            opts.kernel = kernel.unwrap_or(opts.kernel);
-            opts.initramfs = initramfs.unwrap_or(opts.initramfs);
-            let mut report = node::install(&opts)?;
-            let socket = args.host_root.join(
-                args.containerd_socket
-                    .strip_prefix("/")
-                    .unwrap_or(&args.containerd_socket),
-            );
-            // After a restart, containerd must come back and serve the
-            // handler (it takes a moment); without one, a containerd that
-            // already had the config is asked too.
-            if report.restarted || (socket.exists() && !report.containerd_config_changed) {
-                handler_live(
-                    &socket,
-                    node::containerd_config::HANDLER,
-                    Duration::from_secs(60),
-                )?;
-                report.handler_live = Some(true);
-            }
-            report
+        NodeCommand::Install { install: args } => install(&args)?,
+        NodeCommand::Run { install: args, run } => {
+            return run::run(&args, &run, install);
         }
-        NodeCommand::Uninstall { node: args } => node::uninstall(&options(&args))?,
+        NodeCommand::Ready => return Ok(run::ready()),
+        NodeCommand::Uninstall { node: args } => node::uninstall(&args.options()?)?,
         NodeCommand::Status { node: args } => {
             let status = node::status(&args.host_root, &args.containerd_config);
             println!("{}", serde_json::to_string(&status)?);
@@ -115,10 +162,9 @@ pub fn run(command: NodeCommand) -> anyhow::Result<ExitCode> {
 
 /// Waits up to `timeout` for containerd's CRI at `socket` to list
 /// `handler` among its runtimes (CRI `Status`, verbose: the plugin's config).
-fn handler_live(socket: &Path, handler: &str, timeout: Duration) -> anyhow::Result<()> {
+pub fn handler_live(socket: &Path, handler: &str, timeout: Duration) -> anyhow::Result<()> {
     use k8s_cri::v1::StatusRequest;
     use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
-    use tonic::transport::{Endpoint, Uri};
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -127,18 +173,8 @@ fn handler_live(socket: &Path, handler: &str, timeout: Duration) -> anyhow::Resu
     let mut last = String::new();
     runtime.block_on(async {
         loop {
-            let path = socket.to_path_buf();
             let asked = async {
-                let channel = Endpoint::try_from("http://[::]:50051")?
-                    .connect_with_connector(tower::service_fn(move |_: Uri| {
-                        let path = path.clone();
-                        async move {
-                            let stream = tokio::net::UnixStream::connect(path).await?;
-                            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
-                        }
-                    }))
-                    .await?;
-                let status = RuntimeServiceClient::new(channel)
+                let status = RuntimeServiceClient::new(cri_channel(socket).await?)
                     .status(StatusRequest { verbose: true })
                     .await?
                     .into_inner();
@@ -160,4 +196,19 @@ fn handler_live(socket: &Path, handler: &str, timeout: Duration) -> anyhow::Resu
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     })
+}
+
+/// A connection to containerd's CRI at `socket`.
+pub async fn cri_channel(socket: &Path) -> anyhow::Result<tonic::transport::Channel> {
+    use tonic::transport::{Endpoint, Uri};
+    let path = socket.to_path_buf();
+    Ok(Endpoint::try_from("http://[::]:50051")?
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move {
+                let stream = tokio::net::UnixStream::connect(path).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+            }
+        }))
+        .await?)
 }
