@@ -303,6 +303,73 @@ fn containerd_2_gets_a_drop_in_and_uninstall_takes_it_back() {
     assert!(!node.root.join("etc/containerd/conf.d/zygote.toml").exists());
 }
 
+/// k3s (and rke2) render containerd's config from a template: with none on
+/// the node, the install writes one (k3s's base, then zygote's block: the
+/// golden file's bytes) and the uninstall removes it; an operator's
+/// template gets the block after its text and comes back byte for byte.
+#[test]
+fn k3s_gets_a_config_template_and_uninstall_takes_it_back() {
+    let node = Node::new("k3s");
+    let tmpl = "/var/lib/rancher/k3s/agent/etc/containerd/config.toml.tmpl";
+    let path = node.root.join(&tmpl[1..]);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let run = |what: &str| {
+        let mut c = zygote();
+        c.args(["node", what, "--host-root"]).arg(&node.root).args([
+            "--restart",
+            "none",
+            "--containerd-config",
+            tmpl,
+        ]);
+        if what == "install" {
+            c.arg("--shim")
+                .arg(node.artefacts.join("containerd-shim-zygote-v2"))
+                .arg("--kernel")
+                .arg(node.artefacts.join("vmlinux"))
+                .arg("--initramfs")
+                .arg(node.artefacts.join("initramfs.cpio"));
+        }
+        ok(&c.output().unwrap())
+    };
+    let golden = |name: &str| {
+        std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../host/src/node/golden")
+                .join(name),
+        )
+        .unwrap()
+    };
+
+    let report = run("install");
+    assert!(
+        report.contains("\"containerd_config_version\":2"),
+        "{report}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&path).unwrap(),
+        golden("k3s-config.toml.tmpl")
+    );
+    assert!(run("status").contains("\"registered\":true"));
+    run("install");
+    assert_eq!(
+        std::fs::read_to_string(&path).unwrap(),
+        golden("k3s-config.toml.tmpl"),
+        "twice: the same bytes"
+    );
+    run("uninstall");
+    assert!(!path.exists(), "the template the install made is gone");
+
+    let theirs = "{{ template \"base\" . }}\n\n[plugins.\"io.containerd.grpc.v1.cri\".registry.mirrors.\"docker.io\"]\n  endpoint = [\"https://mirror.local\"]\n";
+    std::fs::write(&path, theirs).unwrap();
+    run("install");
+    assert_eq!(
+        std::fs::read_to_string(&path).unwrap(),
+        golden("k3s-operator-config.toml.tmpl")
+    );
+    run("uninstall");
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), theirs);
+}
+
 /// A stand-in for the Kubernetes API server (no cluster exists here): one
 /// Node, GET and merge-PATCH (labels merged, a `null` removes one; taints
 /// replaced; a stale `resourceVersion` is a 409), every request logged.

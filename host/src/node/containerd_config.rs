@@ -196,6 +196,80 @@ pub fn unimport(text: &str, drop_in: &str) -> Result<String, ConfigError> {
     Ok(doc.to_string())
 }
 
+/// k3s and rke2 write containerd's config themselves at each start, from a
+/// Go template when the node has one beside it (`config.toml.tmpl`;
+/// `config-v3.toml.tmpl` for the containerd 2 they ship since 2025), in
+/// which `{{ template "base" . }}` is the config they would have written.
+/// zygote's table goes after it, between two marker lines; a template made
+/// by the install is that line and the block alone.
+pub mod template {
+    use super::*;
+
+    /// The template line that stands for k3s's own config.
+    pub const BASE: &str = "{{ template \"base\" . }}\n";
+    const BEGIN: &str =
+        "# BEGIN zygote runtime (zygote node install; zygote node uninstall removes it)\n";
+    const END: &str = "# END zygote runtime\n";
+
+    /// Whether containerd's config at `path` is a k3s/rke2 template.
+    pub fn is_template(path: &std::path::Path) -> bool {
+        path.extension().is_some_and(|e| e == "tmpl")
+    }
+
+    /// The config version the template renders: 3 for `config-v3.toml.tmpl`.
+    pub fn version(path: &std::path::Path) -> i64 {
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+        if name.is_some_and(|n| n.starts_with("config-v3")) {
+            3
+        } else {
+            2
+        }
+    }
+
+    /// The template (`text`, None when the node has none) with zygote's
+    /// block for config `version`; registering twice gives the same bytes.
+    pub fn register(text: Option<&str>, version: i64, config_path: &str) -> String {
+        let mut out = text.map_or(BASE.to_string(), unregistered);
+        if !out.is_empty() && !out.ends_with('\n') {
+            out.push('\n');
+        }
+        let mut doc = DocumentMut::new();
+        let keys = path(version);
+        let runtimes = table_at(doc.as_table_mut(), &keys[..4]).expect("a new document has tables");
+        runtimes.insert(HANDLER, Item::Table(runtime_table(config_path)));
+        out.push_str(BEGIN);
+        out.push_str(&doc.to_string());
+        out.push_str(END);
+        out
+    }
+
+    /// `text` without zygote's block.
+    fn unregistered(text: &str) -> String {
+        match (text.find(BEGIN), text.find(END)) {
+            (Some(begin), Some(end)) if end > begin => {
+                format!("{}{}", &text[..begin], &text[end + END.len()..])
+            }
+            _ => text.to_string(),
+        }
+    }
+
+    /// The template without zygote's block; None when what is left is
+    /// k3s's own config alone (the file goes: k3s renders the same).
+    pub fn unregister(text: &str) -> Option<String> {
+        let left = unregistered(text);
+        (left != BASE && !left.trim().is_empty()).then_some(left)
+    }
+
+    /// Whether the template registers zygote's runtime.
+    pub fn registered(text: &str) -> bool {
+        text.find(BEGIN).is_some_and(|b| {
+            text[b..]
+                .find(END)
+                .is_some_and(|e| super::registered(&text[b..b + e]))
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -300,5 +374,84 @@ root = "/var/lib/containerd"
         let added = import(alone, "/d.toml").unwrap();
         assert_eq!(unimport(&added, "/d.toml").unwrap(), alone);
         assert!(matches!(import(V2, "/x"), Err(ConfigError::Version(2))));
+    }
+
+    /// The exact bytes the installer writes, kept as files a reviewer can
+    /// read (`host/src/node/golden/`); a change shows in the diff.
+    #[test]
+    fn what_is_written_matches_the_golden_files() {
+        let config = "/etc/zygote/config.toml";
+        let k3s =
+            std::path::Path::new("/var/lib/rancher/k3s/agent/etc/containerd/config.toml.tmpl");
+        let k3s_v3 =
+            std::path::Path::new("/var/lib/rancher/k3s/agent/etc/containerd/config-v3.toml.tmpl");
+        assert!(template::is_template(k3s) && template::is_template(k3s_v3));
+        assert_eq!((template::version(k3s), template::version(k3s_v3)), (2, 3));
+        let cases = [
+            ("k3s-config.toml.tmpl", template::register(None, 2, config)),
+            (
+                "k3s-config-v3.toml.tmpl",
+                template::register(None, 3, config),
+            ),
+            (
+                "k3s-operator-config.toml.tmpl",
+                template::register(Some(K3S_OPERATOR), 2, config),
+            ),
+            ("containerd2-drop-in.toml", drop_in(config)),
+            (
+                "containerd1-config.toml",
+                register_in_place(V2, config).unwrap(),
+            ),
+        ];
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/node/golden");
+        for (name, text) in cases {
+            let file = dir.join(name);
+            if std::env::var_os("ZYGOTE_BLESS").is_some() {
+                std::fs::write(&file, &text).unwrap();
+            }
+            let golden = std::fs::read_to_string(&file)
+                .unwrap_or_else(|e| panic!("{}: {e} (ZYGOTE_BLESS=1 writes it)", file.display()));
+            assert_eq!(text, golden, "{name} differs from its golden file");
+        }
+    }
+
+    /// A k3s template an operator wrote: their base plus a mirror setting.
+    const K3S_OPERATOR: &str = r#"{{ template "base" . }}
+
+[plugins."io.containerd.grpc.v1.cri".registry.mirrors."docker.io"]
+  endpoint = ["https://mirror.local"]
+"#;
+
+    #[test]
+    fn a_k3s_template_gets_a_block_that_uninstall_takes_out_again() {
+        let made = template::register(None, 2, "/c");
+        assert!(made.starts_with(template::BASE) && template::registered(&made));
+        assert_eq!(
+            template::register(Some(&made), 2, "/c"),
+            made,
+            "twice: the same"
+        );
+        assert_eq!(
+            template::unregister(&made),
+            None,
+            "made by the install: goes"
+        );
+        let theirs = template::register(Some(K3S_OPERATOR), 2, "/c");
+        assert!(theirs.starts_with(K3S_OPERATOR) && template::registered(&theirs));
+        assert_eq!(
+            template::unregister(&theirs).as_deref(),
+            Some(K3S_OPERATOR),
+            "the operator's template byte for byte"
+        );
+        assert!(!template::registered(K3S_OPERATOR));
+        // The block (the Go template's text aside) is containerd's TOML.
+        let block = &made[template::BASE.len()..];
+        let doc: toml::Table = toml::from_str(block).unwrap();
+        assert_eq!(
+            doc["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]["runtimes"]["zygote"]
+                ["runtime_type"]
+                .as_str(),
+            Some(RUNTIME_TYPE)
+        );
     }
 }

@@ -20,7 +20,7 @@ use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
-use containerd_config::ConfigError;
+use containerd_config::{ConfigError, template};
 
 /// Where zygote's files go on the node (paths inside the node's root).
 pub mod layout {
@@ -328,11 +328,31 @@ pub fn install(opts: &NodeOptions) -> Result<Report, NodeError> {
     let mut report = Report::default();
     preflight(&mut report)?;
     let main = on_node(&opts.host_root, &opts.containerd_config);
-    let text = String::from_utf8_lossy(&read(&main)?).into_owned();
-    // The config is checked before anything on the node changes.
-    let (new_main, drop_in) = containerd_texts(opts, &text, true)?;
+    // The config is checked before anything on the node changes. A
+    // k3s/rke2 template may be absent (k3s then renders its own config).
+    let is_template = template::is_template(&opts.containerd_config);
+    let text = if is_template {
+        std::fs::read_to_string(&main).ok()
+    } else {
+        Some(String::from_utf8_lossy(&read(&main)?).into_owned())
+    };
+    let (new_main, drop_in) = match &text {
+        _ if is_template => {
+            let version = template::version(&opts.containerd_config);
+            report.containerd_config_version = Some(version);
+            let config_path = format!("/{}", layout::CONFIG);
+            (
+                template::register(text.as_deref(), version, &config_path),
+                None,
+            )
+        }
+        Some(text) => {
+            report.containerd_config_version = containerd_config::version(text).ok();
+            containerd_texts(opts, text, true)?
+        }
+        None => unreachable!("a main config is read or the install failed"),
+    };
     let wanted = shim_config(opts.config.as_deref())?;
-    report.containerd_config_version = containerd_config::version(&text).ok();
     for (from, to, mode) in [
         (&opts.shim, layout::SHIM, 0o755),
         (&opts.cli, layout::CLI, 0o755),
@@ -357,9 +377,12 @@ pub fn install(opts: &NodeOptions) -> Result<Report, NodeError> {
             report.containerd_config_changed = true;
         }
     }
-    if new_main != text {
-        let backup = main.with_extension("toml.zygote-backup");
-        if !backup.exists() {
+    if Some(&new_main) != text.as_ref() {
+        let backup = main.with_file_name(format!(
+            "{}.zygote-backup",
+            main.file_name().unwrap_or_default().to_string_lossy()
+        ));
+        if let Some(text) = text.as_ref().filter(|_| !backup.exists()) {
             replace(&backup, text.as_bytes(), 0o600)?;
         }
         replace(&main, new_main.as_bytes(), 0o644)?;
@@ -417,9 +440,20 @@ pub fn uninstall(opts: &NodeOptions) -> Result<Report, NodeError> {
     let main = on_node(&opts.host_root, &opts.containerd_config);
     if let Ok(bytes) = std::fs::read(&main) {
         let text = String::from_utf8_lossy(&bytes).into_owned();
-        let (new_main, _) = containerd_texts(opts, &text, false)?;
-        if new_main != text {
-            replace(&main, new_main.as_bytes(), 0o644)?;
+        let new_main = if template::is_template(&opts.containerd_config) {
+            template::unregister(&text)
+        } else {
+            Some(containerd_texts(opts, &text, false)?.0)
+        };
+        if new_main.as_ref() != Some(&text) {
+            match new_main {
+                Some(new_main) => replace(&main, new_main.as_bytes(), 0o644)?,
+                // A template the install made: gone, as before it.
+                None => {
+                    std::fs::remove_file(&main).map_err(io("remove", &main))?;
+                    true
+                }
+            };
             report
                 .changed_files
                 .push(opts.containerd_config.display().to_string());
@@ -476,7 +510,9 @@ pub fn status(host_root: &Path, containerd_config: &Path) -> Status {
     .map(|p| (format!("/{p}"), host_root.join(p).exists()))
     .collect();
     let text = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
-    let registered = containerd_config::registered(&text(&on_node(host_root, containerd_config)))
+    let main = text(&on_node(host_root, containerd_config));
+    let registered = containerd_config::registered(&main)
+        || containerd_config::template::registered(&main)
         || containerd_config::registered(&text(&host_root.join(layout::DROP_IN)));
     Status {
         artefacts,
