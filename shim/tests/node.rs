@@ -58,6 +58,21 @@ impl Node {
         Node { root, artefacts }
     }
 
+    /// A scratch node whose shim artefact is the real one, and whose
+    /// `/etc` has what a node's has for containerd's CRI (the host's files).
+    fn with_real_shim(name: &str) -> Node {
+        let node = Node::new(name);
+        for f in ["hosts", "resolv.conf", "passwd", "group", "hostname"] {
+            let _ = std::fs::copy(Path::new("/etc").join(f), node.root.join("etc").join(f));
+        }
+        std::fs::copy(
+            env!("CARGO_BIN_EXE_containerd-shim-zygote-v2"),
+            node.artefacts.join("containerd-shim-zygote-v2"),
+        )
+        .unwrap();
+        node
+    }
+
     fn run(&self, what: &str, restart: &str) -> std::process::Output {
         let mut c = zygote();
         c.args(["node", what, "--host-root"])
@@ -97,16 +112,25 @@ impl Node {
 
 impl Node {
     /// A restart command that (re)starts a real containerd on the node's
-    /// config, and counts its runs in `restarted`.
+    /// config, and counts its runs in `restarted`. The containerd runs in
+    /// a mount namespace of its own where the node's `/etc` is `/etc` and
+    /// the node's `/usr/local/bin` leads its PATH, so that it and the shims
+    /// it starts find the installed shim and its config at their node paths.
     fn restart_command(&self) -> String {
         let root = self.root.display();
         format!(
             "echo >> {root}/restarted; \
              if [ -f {root}/containerd.pid ]; then old=$(cat {root}/containerd.pid); kill $old; \
                while kill -0 $old 2>/dev/null; do sleep 0.1; done; fi; \
-             setsid containerd --config {root}/etc/containerd/config.toml \
+             PATH={root}/usr/local/bin:$PATH setsid unshare --mount --propagation private \
+               sh -c 'mount --bind {root}/etc /etc && exec containerd --config /etc/containerd/config.toml' \
                </dev/null >>{root}/containerd.log 2>&1 & echo $! > {root}/containerd.pid"
         )
+    }
+
+    /// The node's containerd socket.
+    fn socket(&self) -> PathBuf {
+        self.root.join("run/containerd/containerd.sock")
     }
 
     fn restarts(&self) -> usize {
@@ -557,4 +581,169 @@ fn run_installs_warms_marks_the_node_ready_and_undoes_it_on_sigterm() {
     let log = api.log.lock().unwrap().clone();
     eprintln!("API requests:\n{}", log.join("\n"));
     assert!(log.iter().all(|l| l.contains("Bearer test-token")));
+}
+
+/// The installed config serves pods: the real shim installed on a scratch
+/// node, a containerd 1.6 (re)started on the installed config by the
+/// restart command, a pod sandbox run through its CRI with the `zygote`
+/// handler (the pause image copied from hack/containerd's containerd, as
+/// the operator's `sandbox_image`); uninstall is refused naming that pod
+/// while it runs, and succeeds once it is removed.
+#[test]
+fn a_pod_runs_on_the_installed_config_and_uninstall_waits_for_it() {
+    let Some(dev) = std::env::var_os("ZYGOTE_CONTAINERD_SOCK").map(PathBuf::from) else {
+        assert!(
+            std::env::var_os("ZYGOTE_ALLOW_SKIP").is_some_and(|v| v == "1"),
+            "no ZYGOTE_CONTAINERD_SOCK: run hack/containerd (hack/test does)"
+        );
+        return;
+    };
+    let node = Node::with_real_shim("pod");
+    let original = node.config();
+    let restart = node.restart_command();
+    let report = ok(&node.run("install", &restart));
+    assert!(report.contains("\"handler_live\":true"), "{report}");
+
+    // The operator's sandbox image, copied over (no registry here).
+    let pause = node.root.join("pause.tar");
+    let ctr = |socket: &Path, args: &[&str]| {
+        let out = Command::new("ctr")
+            .arg("--address")
+            .arg(socket)
+            .args(["-n", "k8s.io"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "ctr {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    ctr(
+        &dev,
+        &[
+            "images",
+            "export",
+            pause.to_str().unwrap(),
+            "zygote.local/pause:sleep",
+        ],
+    );
+    ctr(
+        &node.socket(),
+        &["images", "import", pause.to_str().unwrap()],
+    );
+    ctr(
+        &node.socket(),
+        &[
+            "images",
+            "tag",
+            "zygote.local/pause:sleep",
+            "registry.local/pause:3.9",
+        ],
+    );
+
+    use k8s_cri::v1 as cri;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let socket = node.socket();
+    let mut client = runtime.block_on(async {
+        let path = socket.clone();
+        let channel = tonic::transport::Endpoint::try_from("http://[::]:50051")
+            .unwrap()
+            .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+                let path = path.clone();
+                async move {
+                    let stream = tokio::net::UnixStream::connect(path).await?;
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+                }
+            }))
+            .await
+            .unwrap();
+        cri::runtime_service_client::RuntimeServiceClient::new(channel)
+    });
+    let config = cri::PodSandboxConfig {
+        metadata: Some(cri::PodSandboxMetadata {
+            name: "installed".into(),
+            uid: format!("installed-{}", std::process::id()),
+            namespace: "default".into(),
+            attempt: 0,
+        }),
+        linux: Some(cri::LinuxPodSandboxConfig {
+            security_context: Some(cri::LinuxSandboxSecurityContext {
+                namespace_options: Some(cri::NamespaceOption {
+                    network: cri::NamespaceMode::Node as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let pod = runtime
+        .block_on(client.run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(config),
+            runtime_handler: "zygote".into(),
+        }))
+        .unwrap_or_else(|e| {
+            let log = std::fs::read_to_string(node.root.join("containerd.log")).unwrap_or_default();
+            panic!("RunPodSandbox with the zygote handler: {e:?}\n{log}")
+        })
+        .into_inner()
+        .pod_sandbox_id;
+    let status = runtime
+        .block_on(client.pod_sandbox_status(cri::PodSandboxStatusRequest {
+            pod_sandbox_id: pod.clone(),
+            verbose: true,
+        }))
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        status.status.as_ref().map(|s| s.state),
+        Some(cri::PodSandboxState::SandboxReady as i32),
+        "{status:?}"
+    );
+    assert!(
+        status
+            .info
+            .get("info")
+            .is_some_and(|i| i.contains("zygote")),
+        "the zygote runtime runs it: {:?}",
+        status.info
+    );
+
+    let refused = node.run("uninstall", &restart);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && err.contains(&pod), "{err}");
+    assert_ne!(node.config(), original, "nothing changed by the refusal");
+
+    runtime
+        .block_on(client.stop_pod_sandbox(cri::StopPodSandboxRequest {
+            pod_sandbox_id: pod.clone(),
+        }))
+        .unwrap();
+    runtime
+        .block_on(client.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+            pod_sandbox_id: pod.clone(),
+        }))
+        .unwrap();
+    drop(client);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let report = loop {
+        let out = node.run("uninstall", &restart);
+        if out.status.success() {
+            break String::from_utf8_lossy(&out.stdout).into_owned();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "uninstall still refused after the pod's removal: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    };
+    assert!(report.contains("\"restarted\":true"), "{report}");
+    assert_eq!(node.config(), original, "the config as it was");
 }
