@@ -403,9 +403,22 @@ root = "/var/lib/containerd"
                 register_in_place(V2, config).unwrap(),
             ),
         ];
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/node/golden");
+        let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        // The snippets deploy/ offers operators who register zygote by
+        // hand are these texts too.
+        let snippets = [
+            (
+                "../deploy/containerd/containerd-1.x-runtime.toml",
+                template::register(Some(""), 2, config),
+            ),
+            ("../deploy/containerd/containerd-2.x-conf.d-zygote.toml", drop_in(config)),
+        ];
+        let cases = cases
+            .into_iter()
+            .map(|(name, text)| (format!("src/node/golden/{name}"), text))
+            .chain(snippets.into_iter().map(|(n, t)| (n.to_string(), t)));
         for (name, text) in cases {
-            let file = dir.join(name);
+            let file = src.join(&name);
             if std::env::var_os("ZYGOTE_BLESS").is_some() {
                 std::fs::write(&file, &text).unwrap();
             }
