@@ -125,6 +125,11 @@ fn install(args: &InstallArgs) -> anyhow::Result<node::Report> {
     }
     let mut report = node::install(&opts)?;
     let socket = args.node.socket();
+    // In a DaemonSet's pod there is no containerd binary to ask; its CRI
+    // says its version too.
+    if report.containerd_version.is_none() && socket.exists() {
+        report.containerd_version = cri_version(&socket).ok();
+    }
     // After a restart, containerd must come back and serve the handler (it
     // takes a moment); without one, a containerd that already had the
     // config is asked too.
@@ -211,4 +216,25 @@ pub async fn cri_channel(socket: &Path) -> anyhow::Result<tonic::transport::Chan
             }
         }))
         .await?)
+}
+
+/// containerd's version as its CRI `Version` says it.
+fn cri_version(socket: &Path) -> anyhow::Result<String> {
+    use k8s_cri::v1::VersionRequest;
+    use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let version = tokio::time::timeout(Duration::from_secs(10), async {
+            RuntimeServiceClient::new(cri_channel(socket).await?)
+                .version(VersionRequest {
+                    version: "v1".into(),
+                })
+                .await
+                .map_err(anyhow::Error::from)
+        })
+        .await??;
+        Ok(version.into_inner().runtime_version)
+    })
 }
