@@ -25,7 +25,8 @@ fn two_vcpus_boot_and_answer() {
     assert!(sandbox.client().unwrap().ping().unwrap().uptime_ns >= sandbox.pong.uptime_ns);
     assert_eq!(
         sandbox.shutdown(Duration::from_secs(60)),
-        ExitReason::PowerOff
+        ExitReason::Reset,
+        "the agent stops the guest through the i8042 reset line"
     );
 }
 
@@ -127,8 +128,8 @@ fn boot_ping_stress_and_power_off() {
     let reason = sandbox.shutdown(Duration::from_secs(60));
     assert_eq!(
         reason,
-        ExitReason::PowerOff,
-        "the agent powers the guest off cleanly"
+        ExitReason::Reset,
+        "the agent stops the guest cleanly, through the i8042 reset line"
     );
     assert!(!run_dir.exists(), "the run directory is removed");
 }

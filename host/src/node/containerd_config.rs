@@ -411,7 +411,10 @@ root = "/var/lib/containerd"
                 "../deploy/containerd/containerd-1.x-runtime.toml",
                 template::register(Some(""), 2, config),
             ),
-            ("../deploy/containerd/containerd-2.x-conf.d-zygote.toml", drop_in(config)),
+            (
+                "../deploy/containerd/containerd-2.x-conf.d-zygote.toml",
+                drop_in(config),
+            ),
         ];
         let cases = cases
             .into_iter()
