@@ -9,6 +9,7 @@
 //!   exec, terminal, stdin, pids, stats, update).
 //! - `teardown.rs`: the pod VM stopped with its last task; the shim's end.
 //! - `table.rs`: the process table (containers, their init and execs, exits).
+//! - `untrusted.rs`: what the guest says unasked, checked and rate-limited.
 //! - `watchers.rs`: the exit waiters, the VM monitor, the OOM stream.
 //! - `events.rs`: publishing events in order, retried until containerd takes them.
 //! - `rootfs.rs`: the image disk of a container's rootfs.
@@ -30,6 +31,7 @@ mod metrics;
 mod rootfs;
 mod table;
 mod teardown;
+mod untrusted;
 mod watchers;
 
 use std::path::PathBuf;

@@ -351,8 +351,12 @@ impl TaskService {
         let spawned = std::thread::Builder::new()
             .name("oom".into())
             .spawn(move || {
+                let mut limit = super::untrusted::RateLimited::new(Duration::from_secs(10));
                 for id in ooms {
-                    service.events.publish_oom(&id);
+                    let known = service.state.lock().is_ok_and(|s| s.table.contains(&id));
+                    if super::untrusted::oom_to_publish(&id, known, &mut limit, Instant::now()) {
+                        service.events.publish_oom(&id);
+                    }
                 }
             });
         if let Err(e) = spawned {
