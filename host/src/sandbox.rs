@@ -221,12 +221,22 @@ impl RunDir {
             NEXT.fetch_add(1, Ordering::Relaxed)
         );
         let path = paths::run_root().join(name);
-        std::fs::create_dir_all(&path).map_err(|source| SandboxError::RunDir {
+        // The VM's sockets are in here: the owner's alone, whatever the umask.
+        let made = std::fs::create_dir_all(paths::run_root())
+            .and_then(|()| std::fs::create_dir(&path))
+            .and_then(|()| private(&path, 0o700));
+        made.map_err(|source| SandboxError::RunDir {
             path: path.clone(),
             source,
         })?;
         Ok(RunDir(path))
     }
+}
+
+/// Sets `path`'s mode to exactly `mode` (not what the umask left of it).
+pub fn private(path: &Path, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
 }
 
 impl Drop for RunDir {
@@ -302,6 +312,7 @@ impl Sandbox {
         // instead of probing the guest (each probe costs guest kernel work).
         let ready_path = PathBuf::from(format!("{}_{}", vsock.display(), READY_PORT));
         let ready = UnixListener::bind(&ready_path)
+            .and_then(|l| private(&ready_path, 0o600).map(|()| l))
             .and_then(|l| l.set_nonblocking(true).map(|()| l))
             .map_err(|source| SandboxError::RunDir {
                 path: ready_path.clone(),

@@ -42,9 +42,26 @@ fn boot_ping_stress_and_power_off() {
     }
     let _lock = vm_lock();
     let config = SandboxConfig::default();
+    // A umask that would leave everything open to everyone (restored
+    // below): the run directory and the sockets in it are the owner's alone.
+    // SAFETY: umask has no preconditions.
+    let umask = unsafe { libc::umask(0) };
     let sandbox = Sandbox::boot(&config).expect("the guest boots and the agent answers");
+    // SAFETY: as above.
+    unsafe { libc::umask(umask) };
     let run_dir = sandbox.run_dir().to_path_buf();
     assert!(sandbox.vsock_path().exists());
+    let mode = |p: &std::path::Path| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o7777
+    };
+    assert_eq!(mode(&run_dir), 0o700, "{}", run_dir.display());
+    for entry in std::fs::read_dir(&run_dir).unwrap().flatten() {
+        use std::os::unix::fs::FileTypeExt;
+        if entry.file_type().unwrap().is_socket() {
+            assert_eq!(mode(&entry.path()), 0o600, "{}", entry.path().display());
+        }
+    }
 
     // The agent is the one we built, in a guest kernel that is not the host's.
     let pong = &sandbox.pong;

@@ -225,6 +225,7 @@ pub async fn serve(runtime_id: &str, flags: &Flags) -> Result<(), ShimError> {
         let _ = std::fs::create_dir_all(dir);
     }
     let listener = std::os::unix::net::UnixListener::bind(&path)
+        .and_then(|l| zygote_host::sandbox::private(Path::new(&path), 0o600).map(|()| l))
         .map_err(|e| ShimError::Other(format!("listen on {path}: {e}")))?;
     // The bundle's `address` file: a restarted containerd reconnects to the
     // shims it finds there (without it, it takes the shim for dead and

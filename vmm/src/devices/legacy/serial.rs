@@ -16,7 +16,7 @@ use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::bus::BusDevice;
-use crate::exit::{ExitReason, ExitSignal};
+use crate::exit::ExitSignal;
 
 /// How much console output is written to the log file at most.
 pub const CONSOLE_LOG_LIMIT: u64 = 16 << 20;
@@ -159,6 +159,7 @@ impl BusDevice for SerialConsole {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::exit::ExitReason;
     use std::time::Duration;
 
     #[test]

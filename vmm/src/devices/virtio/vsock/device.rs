@@ -47,10 +47,18 @@ impl Vsock {
         if uds_path.symlink_metadata().is_ok() {
             return Err(VsockError::PathExists(uds_path.into()));
         }
-        let listener = UnixListener::bind(uds_path).map_err(|source| VsockError::Bind {
-            path: uds_path.into(),
-            source,
-        })?;
+        // Whoever reaches this socket talks to the guest's agent: the
+        // owner's alone, whatever the umask made of it.
+        let listener = UnixListener::bind(uds_path)
+            .and_then(|l| {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(uds_path, std::fs::Permissions::from_mode(0o600))
+                    .map(|()| l)
+            })
+            .map_err(|source| VsockError::Bind {
+                path: uds_path.into(),
+                source,
+            })?;
         Ok(Vsock {
             cid,
             uds_path: uds_path.into(),
