@@ -63,7 +63,15 @@ pub struct SandboxConfig {
     pub pod_memory_mib: u64,
     /// The NIC every VM has, without a link until a fork is given a tap.
     pub nic: Option<NetConfig>,
+    /// Whether the agent serves its debug requests (Exec, Spawn, SelfTest:
+    /// programs run as root outside any container), which the kernel
+    /// command line's `zygote.debug=1` turns on: for the test suite and the
+    /// CLI's checks and template warm-ups, never for a pod's VM.
+    pub debug_requests: bool,
 }
+
+/// The kernel parameter that lets the agent serve debug requests.
+pub const DEBUG_CMDLINE: &str = "zygote.debug=1";
 
 impl Default for SandboxConfig {
     fn default() -> Self {
@@ -74,6 +82,7 @@ impl Default for SandboxConfig {
             initramfs: paths::initramfs(),
             prefault: false,
             extra_cmdline: String::new(),
+            debug_requests: false,
             agent_timeout: Duration::from_secs(180),
             console_log: None,
             disks: Vec::new(),
@@ -294,7 +303,13 @@ impl Sandbox {
             memory_mib: config.memory_mib,
             kernel: config.kernel.clone(),
             initramfs: Some(config.initramfs.clone()),
-            extra_cmdline: config.extra_cmdline.clone(),
+            extra_cmdline: if config.debug_requests {
+                format!("{} {DEBUG_CMDLINE}", config.extra_cmdline)
+                    .trim()
+                    .to_string()
+            } else {
+                config.extra_cmdline.clone()
+            },
             vsock: Some((GUEST_CID, vsock.clone())),
             console_log: Some(
                 config

@@ -90,6 +90,9 @@ pub struct TemplateMeta {
     /// Whether its VM has the (empty) shared file system.
     #[serde(default)]
     pub shared_fs: bool,
+    /// Whether its agent serves debug requests (its forks' too).
+    #[serde(default)]
+    pub debug_requests: bool,
     /// CPUs online in it (0: all).
     #[serde(default)]
     pub online_cpus: u8,
@@ -117,6 +120,9 @@ pub enum BuildError {
         /// How.
         detail: String,
     },
+    /// Warm-up commands or processes without the debug requests that run them.
+    #[error("warm-up commands and processes need a template with debug requests")]
+    NoDebugRequests,
     /// The snapshot could not be taken or written (e.g. the disk is full).
     #[error("cannot snapshot the template VM")]
     Snapshot(#[from] SnapshotError),
@@ -165,6 +171,9 @@ pub fn read_meta(dir: &Path) -> Result<TemplateMeta, std::io::Error> {
 
 /// Builds template `spec.name` in `store`, or reuses it if it exists.
 pub fn build(store: &TemplateStore, spec: &BuildSpec) -> Result<BuildReport, BuildError> {
+    if (!spec.warm.is_empty() || !spec.spawn.is_empty()) && !spec.sandbox.debug_requests {
+        return Err(BuildError::NoDebugRequests);
+    }
     let start = Instant::now();
     let lock = store.lock(&spec.name)?;
     let dir = store.dir(&spec.name);
@@ -268,6 +277,7 @@ pub fn build(store: &TemplateStore, spec: &BuildSpec) -> Result<BuildReport, Bui
             staged: spec.stage.is_some(),
             disk_slots: spec.sandbox.disk_slots,
             shared_fs: spec.sandbox.shared_fs,
+            debug_requests: spec.sandbox.debug_requests,
             online_cpus: spec.sandbox.online_cpus,
             pod_memory_mib: spec.sandbox.pod_memory_mib,
         };
@@ -316,6 +326,16 @@ pub fn stale_reason(meta: &TemplateMeta, spec: &BuildSpec) -> Option<String> {
         return Some(format!(
             "{} empty disk slots, asked {}",
             meta.disk_slots, spec.sandbox.disk_slots
+        ));
+    }
+    if meta.debug_requests != spec.sandbox.debug_requests {
+        return Some(format!(
+            "built {} debug requests",
+            if meta.debug_requests {
+                "with"
+            } else {
+                "without"
+            }
         ));
     }
     if meta.shared_fs != spec.sandbox.shared_fs {

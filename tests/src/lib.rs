@@ -179,6 +179,8 @@ pub fn test_template() -> &'static (
             mounts: vec![],
             name: name.clone(),
             sandbox: zygote::sandbox::SandboxConfig {
+                // Built and driven through the agent's debug requests (Exec, Spawn).
+                debug_requests: true,
                 kernel,
                 initramfs: image,
                 ..Default::default()

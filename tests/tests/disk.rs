@@ -22,6 +22,8 @@ fn image_template(dir: &Path, image: &Path, then: &str) -> Template {
         mounts: vec![],
         name: TemplateName::new("image").unwrap(),
         sandbox: SandboxConfig {
+            // Built and driven through the agent's debug requests (Exec, Spawn).
+            debug_requests: true,
             initramfs: busybox_initramfs(),
             disks: vec![image.into()],
             ..Default::default()

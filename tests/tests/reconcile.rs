@@ -54,6 +54,8 @@ fn fixture() -> &'static Fixture {
             mounts: vec![],
             name: name.clone(),
             sandbox: SandboxConfig {
+                // Built and driven through the agent's debug requests (Exec, Spawn).
+                debug_requests: true,
                 initramfs: image.path().into(),
                 ..Default::default()
             },

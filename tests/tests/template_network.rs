@@ -28,6 +28,8 @@ fn connections_from_the_template_are_dead_in_every_fork() {
         mounts: vec![],
         name: TemplateName::new("tcp").unwrap(),
         sandbox: SandboxConfig {
+            // Built and driven through the agent's debug requests (Exec, Spawn).
+            debug_requests: true,
             initramfs: image.path().into(),
             ..Default::default()
         },

@@ -23,6 +23,24 @@ fn two_vcpus_boot_and_answer() {
     })
     .expect("SMP guest boots");
     assert!(sandbox.client().unwrap().ping().unwrap().uptime_ns >= sandbox.pong.uptime_ns);
+    // Booted as a pod's VM is (no `debug_requests`): the agent refuses to
+    // run a program outside any container, and goes on serving.
+    let refused = sandbox
+        .client()
+        .unwrap()
+        .call(zygote_agent_api::request::Body::Exec(
+            zygote_agent_api::Exec {
+                argv: vec!["/bin/busybox".into(), "true".into()],
+                ..Default::default()
+            },
+        ))
+        .unwrap_err();
+    assert_eq!(
+        refused.code(),
+        Some(zygote_agent_api::Code::Unimplemented),
+        "{refused}"
+    );
+    assert!(sandbox.client().unwrap().ping().is_ok());
     assert_eq!(
         sandbox.shutdown(Duration::from_secs(60)),
         ExitReason::Reset,
@@ -41,7 +59,11 @@ fn boot_ping_stress_and_power_off() {
         return;
     }
     let _lock = vm_lock();
-    let config = SandboxConfig::default();
+    // Its self-test is a debug request.
+    let config = SandboxConfig {
+        debug_requests: true,
+        ..SandboxConfig::default()
+    };
     // A umask that would leave everything open to everyone (restored
     // below): the run directory and the sockets in it are the owner's alone.
     // SAFETY: umask has no preconditions.

@@ -40,6 +40,9 @@ fn main() -> ExitCode {
 
 fn serve() -> ExitCode {
     let started = sys::boottime_ns();
+    server::allow_debug(server::debug_in_cmdline(
+        &std::fs::read_to_string("/proc/cmdline").unwrap_or_default(),
+    ));
     match vsock::VsockListener::bind(zygote_agent_api::AGENT_PORT) {
         Ok(listener) => {
             eprintln!(

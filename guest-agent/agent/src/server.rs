@@ -113,9 +113,48 @@ fn error_response(id: u64, code: Code, message: &str) -> Response {
     }
 }
 
+/// Whether debug requests are served (see [`allow_debug`]).
+static DEBUG: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Serves (or not) the debug requests: Exec, Spawn, SpawnStatus and
+/// SelfTest, which run programs as root outside any container. Off unless
+/// the host asked for them on the kernel command line ([`debug_in_cmdline`]):
+/// a pod's VM never serves them.
+pub fn allow_debug(on: bool) {
+    DEBUG.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether the kernel command line `cmdline` turns debug requests on
+/// (`zygote.debug=1`).
+pub fn debug_in_cmdline(cmdline: &str) -> bool {
+    cmdline.split_whitespace().any(|w| w == "zygote.debug=1")
+}
+
+fn is_debug(body: &Option<request::Body>) -> bool {
+    matches!(
+        body,
+        Some(
+            request::Body::Exec(_)
+                | request::Body::Spawn(_)
+                | request::Body::SpawnStatus(_)
+                | request::Body::SelfTest(_)
+        )
+    )
+}
+
 /// Answers one request.
 pub fn handle(req: Request, agent_started_ns: u64) -> (Response, After) {
     let id = req.id;
+    if is_debug(&req.body) && !DEBUG.load(std::sync::atomic::Ordering::Relaxed) {
+        return (
+            error_response(
+                id,
+                Code::Unimplemented,
+                "debug requests are not served: this guest was started without zygote.debug=1",
+            ),
+            After::Continue,
+        );
+    }
     let (body, after) = match req.body {
         Some(request::Body::Ping(_)) => (
             response::Body::Pong(Pong {
@@ -421,6 +460,40 @@ mod tests {
     use super::*;
     use std::os::unix::net::UnixStream;
     use zygote_agent_api::Ping;
+
+    #[test]
+    fn debug_requests_are_served_only_when_the_command_line_asks() {
+        assert!(debug_in_cmdline(
+            "console=ttyS0 reboot=k zygote.debug=1 quiet"
+        ));
+        assert!(!debug_in_cmdline(
+            "console=ttyS0 zygote.debug=0 xzygote.debug=1"
+        ));
+        assert!(!debug_in_cmdline(""));
+        let exec = || Request {
+            id: 3,
+            body: Some(request::Body::Exec(zygote_agent_api::Exec {
+                argv: vec!["/bin/true".into()],
+                ..Default::default()
+            })),
+        };
+        // Off (the default, as in a pod's VM): UNIMPLEMENTED, nothing run.
+        let (resp, _) = handle(exec(), 0);
+        assert!(
+            matches!(resp.body, Some(response::Body::Error(ref e))
+                if e.code == Code::Unimplemented as i32 && e.message.contains("zygote.debug=1")),
+            "{resp:?}"
+        );
+        // A request that is not a debug one is answered as before.
+        let (resp, _) = handle(
+            Request {
+                id: 4,
+                body: Some(request::Body::Ping(Ping {})),
+            },
+            0,
+        );
+        assert!(matches!(resp.body, Some(response::Body::Pong(_))));
+    }
 
     #[test]
     fn ping_over_a_stream_and_bad_frames() {

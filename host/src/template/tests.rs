@@ -46,6 +46,7 @@ fn stale_templates_are_recognized() {
         staged: false,
         disk_slots: 0,
         shared_fs: false,
+        debug_requests: false,
         online_cpus: 0,
         pod_memory_mib: 0,
     };
@@ -58,6 +59,15 @@ fn stale_templates_are_recognized() {
         stale_reason(&shared, &spec)
             .unwrap()
             .contains("with a shared file system")
+    );
+    let debug = TemplateMeta {
+        debug_requests: true,
+        ..meta.clone()
+    };
+    assert!(
+        stale_reason(&debug, &spec)
+            .unwrap()
+            .contains("with debug requests")
     );
     let capped = TemplateMeta {
         pod_memory_mib: 128,

@@ -77,6 +77,9 @@ impl VmArgs {
             initramfs: self.initramfs.clone().unwrap_or_else(paths::initramfs),
             prefault: self.prefault,
             extra_cmdline: self.cmdline.clone(),
+            // The CLI's VMs are the operator's own checks and templates
+            // (selftest, warm-up commands), not pods.
+            debug_requests: true,
             agent_timeout: Duration::from_secs(self.timeout),
             console_log: self.console.clone(),
             disks: self.disks.clone(),

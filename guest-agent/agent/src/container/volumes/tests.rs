@@ -1,7 +1,8 @@
 use super::*;
 
 fn entry(path: &str, kind: EntryKind, mode: u32) -> VolumeEntry {
-    let (uid, gid) = (unsafe { libc::getuid() }, unsafe { libc::getgid() });
+    // SAFETY: getuid and getgid have no preconditions and cannot fail.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
     VolumeEntry {
         path: path.into(),
         kind: kind as i32,
