@@ -159,6 +159,16 @@ fn ok(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// hack/containerd's containerd socket (None only when skipping is allowed).
+fn dev_containerd() -> Option<PathBuf> {
+    let socket = std::env::var_os("ZYGOTE_CONTAINERD_SOCK").map(PathBuf::from);
+    assert!(
+        socket.is_some() || std::env::var_os("ZYGOTE_ALLOW_SKIP").is_some_and(|v| v == "1"),
+        "no ZYGOTE_CONTAINERD_SOCK: run hack/containerd (hack/test does)"
+    );
+    socket
+}
+
 fn exists(root: &Path, p: &str) -> bool {
     root.join(p).exists()
 }
@@ -496,11 +506,7 @@ impl FakeApi {
 /// the label removed and zygote uninstalled, the config as it was.
 #[test]
 fn run_installs_warms_marks_the_node_ready_and_undoes_it_on_sigterm() {
-    let Some(socket) = std::env::var_os("ZYGOTE_CONTAINERD_SOCK").map(PathBuf::from) else {
-        assert!(
-            std::env::var_os("ZYGOTE_ALLOW_SKIP").is_some_and(|v| v == "1"),
-            "no ZYGOTE_CONTAINERD_SOCK: run hack/containerd (hack/test does)"
-        );
+    let Some(socket) = dev_containerd() else {
         return;
     };
     let image = std::env::var("ZYGOTE_TEST_IMAGE").expect("ZYGOTE_TEST_IMAGE with the socket");
@@ -591,11 +597,7 @@ fn run_installs_warms_marks_the_node_ready_and_undoes_it_on_sigterm() {
 /// while it runs, and succeeds once it is removed.
 #[test]
 fn a_pod_runs_on_the_installed_config_and_uninstall_waits_for_it() {
-    let Some(dev) = std::env::var_os("ZYGOTE_CONTAINERD_SOCK").map(PathBuf::from) else {
-        assert!(
-            std::env::var_os("ZYGOTE_ALLOW_SKIP").is_some_and(|v| v == "1"),
-            "no ZYGOTE_CONTAINERD_SOCK: run hack/containerd (hack/test does)"
-        );
+    let Some(dev) = dev_containerd() else {
         return;
     };
     let node = Node::with_real_shim("pod");

@@ -39,6 +39,13 @@ pub(super) const TOKEN_STREAM: u64 = 16;
 const HANDSHAKE_MAX: usize = 32;
 /// Unacknowledged forwarded bytes after which the device tells the guest its credit.
 const CREDIT_UPDATE_THRESHOLD: u32 = CONN_BUF_ALLOC / 2;
+/// Control packets queued for the guest beyond which the device stops
+/// answering the guest's own requests and mistakes (an RST for a packet to
+/// no connection, a credit update asked for): a guest that sends without
+/// taking its receive buffers must not grow the host's queue, as
+/// Firecracker bounds its muxer's. Controls of the host's own making (a
+/// host connection's request, its reset) are bounded by the connections.
+pub(super) const MAX_ANSWERS_QUEUED: usize = 256;
 
 mod connection;
 mod muxer;
@@ -192,13 +199,25 @@ impl VsockBackend {
     }
 
     fn remove(&mut self, key: Key) {
+        // Only a connection that was there has controls to drop (the scan
+        // is not done for every packet to no connection).
         if let Some(conn) = self.conns.remove(&key) {
             let fd = conn.stream.as_raw_fd();
             self.watch(fd, EventSet::empty(), ControlOperation::Delete);
             self.by_fd.remove(&fd);
+            self.rx_ready.remove(&key);
+            self.control.retain(|c| c.key != key || c.op == op::RST);
         }
-        self.rx_ready.remove(&key);
-        self.control.retain(|c| c.key != key || c.op == op::RST);
+    }
+
+    /// Queues an answer to something the guest sent (dropped when
+    /// [`MAX_ANSWERS_QUEUED`] controls already wait for the guest).
+    pub(super) fn answer_guest(&mut self, key: Key, op: u16) {
+        if self.control.len() < MAX_ANSWERS_QUEUED {
+            self.control.push_back(Control { key, op, flags: 0 });
+        } else {
+            tracing::debug!("vsock: the guest takes no answers; one dropped");
+        }
     }
 
     /// Handles every packet the guest has queued for the host.
@@ -248,7 +267,8 @@ impl VsockBackend {
         }
         let key = (hdr.dst_port, hdr.src_port);
         if hdr.op != op::RST {
-            self.reset(key);
+            self.remove(key);
+            self.answer_guest(key, op::RST);
         }
     }
 
@@ -299,11 +319,7 @@ impl VsockBackend {
                 self.flush_conn(key);
             }
             (op::CREDIT_UPDATE, _) => {}
-            (op::CREDIT_REQUEST, _) => self.control.push_back(Control {
-                key,
-                op: op::CREDIT_UPDATE,
-                flags: 0,
-            }),
+            (op::CREDIT_REQUEST, _) => self.answer_guest(key, op::CREDIT_UPDATE),
             (op::SHUTDOWN, _) => {
                 if hdr.flags & SHUTDOWN_SEND != 0 {
                     conn.peer_shut_send = true;

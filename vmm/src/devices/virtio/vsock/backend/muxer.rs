@@ -168,11 +168,7 @@ impl VsockBackend {
     /// The guest connects to host port `key.0`: reach `<uds_path>_<port>`.
     pub(super) fn guest_connect(&mut self, key: Key, hdr: &Header) {
         if self.conns.contains_key(&key) || self.conns.len() >= MAX_CONNECTIONS {
-            self.control.push_back(Control {
-                key,
-                op: op::RST,
-                flags: 0,
-            });
+            self.answer_guest(key, op::RST);
             return;
         }
         let mut path = self.uds_path.clone().into_os_string();
@@ -180,11 +176,7 @@ impl VsockBackend {
         let stream = match UnixStream::connect(&path) {
             Ok(s) if s.set_nonblocking(true).is_ok() => s,
             _ => {
-                self.control.push_back(Control {
-                    key,
-                    op: op::RST,
-                    flags: 0,
-                });
+                self.answer_guest(key, op::RST);
                 return;
             }
         };

@@ -383,3 +383,56 @@ fn bad_handshakes_are_dropped() {
     assert_eq!(h.backend.connection_count(), 0);
     assert!(h.recv().is_none(), "the guest hears nothing of them");
 }
+
+/// A guest that floods the device with packets to no connection, connects
+/// to ports nobody listens on and asks for credit, while it takes none of
+/// the answers: the host's queue stays bounded, the work per packet does
+/// not grow with it, and a connection made afterwards still works.
+#[test]
+fn a_guest_flooding_without_reading_cannot_grow_the_host() {
+    let mut h = Harness::new("flood");
+    let (mut client, local) = h.host_connect(1024);
+    h.send(h.hdr(op::RESPONSE, 1024, local, 0), &[]);
+    assert_eq!(read_line(&mut client), format!("OK {local}"));
+    let started = std::time::Instant::now();
+    for i in 0..30_000u32 {
+        let hdr = match i % 3 {
+            0 => h.hdr(op::RW, 7000 + i, 9, 0),
+            1 => h.hdr(op::REQUEST, 7000 + i, 40_000 + i, 0),
+            _ => h.hdr(op::CREDIT_REQUEST, 1024, local, 0),
+        };
+        h.send(hdr, &[]);
+        assert!(h.backend.control.len() <= MAX_ANSWERS_QUEUED);
+    }
+    eprintln!(
+        "30,000 flood packets in {:?}; {} controls queued",
+        started.elapsed(),
+        h.backend.control.len()
+    );
+    assert_eq!(h.backend.control.len(), MAX_ANSWERS_QUEUED);
+    assert_eq!(h.backend.connection_count(), 1, "no connection was made");
+    // The established connection still carries data both ways.
+    h.send(h.hdr(op::RW, 1024, local, 5), b"hello");
+    let mut buf = [0u8; 5];
+    client.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"hello");
+    // Once the guest reads again the answers drain, and host data follows.
+    client.write_all(b"world").unwrap();
+    h.pump();
+    let mut got_data = false;
+    for _ in 0..MAX_ANSWERS_QUEUED + 4 {
+        match h.recv() {
+            Some((hdr, data)) if hdr.op == op::RW => {
+                assert_eq!(data, b"world");
+                got_data = true;
+                break;
+            }
+            Some(_) => {}
+            None => h.pump(),
+        }
+    }
+    assert!(
+        got_data,
+        "the host's data reached the guest after the flood"
+    );
+}
