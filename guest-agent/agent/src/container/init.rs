@@ -279,6 +279,13 @@ pub(super) fn enter_root(c: &LaunchConfig) -> Result<(), String> {
             "",
         )?;
     }
+    // As runc: read-only paths, then masked ones, in the root now at `/`.
+    for path in &c.readonly_paths {
+        super::masks::readonly(path)?;
+    }
+    for path in &c.masked_paths {
+        super::masks::mask(path)?;
+    }
     apply_hostname_and_credentials(c)
 }
 

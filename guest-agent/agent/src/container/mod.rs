@@ -15,6 +15,7 @@ pub mod cgroup;
 pub mod control;
 pub mod init;
 pub mod layer;
+pub mod masks;
 pub mod oom;
 pub mod registry;
 pub mod spec;

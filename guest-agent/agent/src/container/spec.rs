@@ -99,6 +99,12 @@ pub struct LaunchConfig {
     /// Capabilities (None: the spec names none, and they are left as they are).
     #[serde(default)]
     pub capabilities: Option<super::caps::Capabilities>,
+    /// `linux.readonlyPaths`, inside the root.
+    #[serde(default)]
+    pub readonly_paths: Vec<PathBuf>,
+    /// `linux.maskedPaths`, inside the root.
+    #[serde(default)]
+    pub masked_paths: Vec<PathBuf>,
 }
 
 /// Whether `p` is absolute and has no `..`.
@@ -174,6 +180,25 @@ pub fn launch_config(json: &[u8], rootfs: &Path) -> Result<LaunchConfig, SpecErr
             Ok((rlimit(&name)?, r.soft(), r.hard()))
         })
         .collect::<Result<Vec<_>, SpecError>>()?;
+    let linux = spec.linux().as_ref();
+    let paths = |what: &'static str, list: Option<&Vec<String>>| {
+        list.into_iter()
+            .flatten()
+            .map(|p| {
+                let path = PathBuf::from(p);
+                if plain_absolute(&path) {
+                    Ok(path)
+                } else {
+                    Err(SpecError::Path { what, path })
+                }
+            })
+            .collect::<Result<Vec<_>, SpecError>>()
+    };
+    let readonly_paths = paths(
+        "readonly path",
+        linux.and_then(|l| l.readonly_paths().as_ref()),
+    )?;
+    let masked_paths = paths("masked path", linux.and_then(|l| l.masked_paths().as_ref()))?;
     let mounts = spec
         .mounts()
         .clone()
@@ -241,6 +266,8 @@ pub fn launch_config(json: &[u8], rootfs: &Path) -> Result<LaunchConfig, SpecErr
                 ambient: set(c.ambient()),
             }
         }),
+        readonly_paths,
+        masked_paths,
     })
 }
 
