@@ -7,3 +7,4 @@ pub use zygote_host::{
 };
 
 pub mod containerd;
+pub mod cri_client;

@@ -307,39 +307,11 @@ fn a_pod_runs_on_the_installed_config_and_uninstall_waits_for_it() {
         .unwrap();
     let socket = node.socket();
     let mut client = runtime.block_on(async {
-        let path = socket.clone();
-        let channel = tonic::transport::Endpoint::try_from("http://[::]:50051")
-            .unwrap()
-            .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-                let path = path.clone();
-                async move {
-                    let stream = tokio::net::UnixStream::connect(path).await?;
-                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
-                }
-            }))
-            .await
-            .unwrap();
+        let channel = zygote::cri_client::channel(&socket).await.unwrap();
         cri::runtime_service_client::RuntimeServiceClient::new(channel)
     });
-    let config = cri::PodSandboxConfig {
-        metadata: Some(cri::PodSandboxMetadata {
-            name: "installed".into(),
-            uid: format!("installed-{}", std::process::id()),
-            namespace: "default".into(),
-            attempt: 0,
-        }),
-        linux: Some(cri::LinuxPodSandboxConfig {
-            security_context: Some(cri::LinuxSandboxSecurityContext {
-                namespace_options: Some(cri::NamespaceOption {
-                    network: cri::NamespaceMode::Node as i32,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
+    let uid = format!("installed-{}", std::process::id());
+    let config = zygote::cri_client::host_network_pod("installed", &uid, "default");
     let pod = runtime
         .block_on(client.run_pod_sandbox(cri::RunPodSandboxRequest {
             config: Some(config),

@@ -203,20 +203,7 @@ pub fn handler_live(socket: &Path, handler: &str, timeout: Duration) -> anyhow::
     })
 }
 
-/// A connection to containerd's CRI at `socket`.
-pub async fn cri_channel(socket: &Path) -> anyhow::Result<tonic::transport::Channel> {
-    use tonic::transport::{Endpoint, Uri};
-    let path = socket.to_path_buf();
-    Ok(Endpoint::try_from("http://[::]:50051")?
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let path = path.clone();
-            async move {
-                let stream = tokio::net::UnixStream::connect(path).await?;
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
-            }
-        }))
-        .await?)
-}
+pub use zygote::cri_client::channel as cri_channel;
 
 /// containerd's version as its CRI `Version` says it.
 fn cri_version(socket: &Path) -> anyhow::Result<String> {

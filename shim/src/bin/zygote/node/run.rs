@@ -173,26 +173,8 @@ fn warm(socket: &Path, handler: &str, image: &str, deadline: Instant) -> anyhow:
                     .context("PullImage")?;
             }
             let uid = format!("zygote-warmup-{}", std::process::id());
-            let config = cri::PodSandboxConfig {
-                metadata: Some(cri::PodSandboxMetadata {
-                    name: "zygote-warmup".into(),
-                    uid: uid.clone(),
-                    namespace: "zygote-system".into(),
-                    attempt: 0,
-                }),
-                hostname: "zygote-warmup".into(),
-                linux: Some(cri::LinuxPodSandboxConfig {
-                    security_context: Some(cri::LinuxSandboxSecurityContext {
-                        namespace_options: Some(cri::NamespaceOption {
-                            network: cri::NamespaceMode::Node as i32,
-                            ..Default::default()
-                        }),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            };
+            let config =
+                zygote::cri_client::host_network_pod("zygote-warmup", &uid, "zygote-system");
             let pod = pods
                 .run_pod_sandbox(cri::RunPodSandboxRequest {
                     config: Some(config.clone()),
