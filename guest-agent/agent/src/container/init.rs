@@ -10,6 +10,9 @@ use std::ffi::CString;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use std::os::fd::{AsRawFd, OwnedFd};
+
+use super::resolve::{Make, fd_path, open_in_root, open_root};
 use super::spec::{LaunchConfig, MountSpec};
 
 /// Exit status when the container's process could not be started.
@@ -98,33 +101,29 @@ fn mount_flags(options: &[String]) -> (libc::c_ulong, String) {
     (flags, data.join(","))
 }
 
-/// `path` below `root`, never above it (the spec was checked for `..`).
-fn inside(root: &Path, path: &Path) -> PathBuf {
-    root.join(path.strip_prefix("/").unwrap_or(path))
-}
-
-fn mount_one(root: &Path, m: &MountSpec) -> Result<(), String> {
-    let target = inside(root, &m.destination);
+fn mount_one(root: &OwnedFd, m: &MountSpec) -> Result<(), String> {
     let (flags, data) = mount_flags(&m.options);
     let bind = m.fstype == "bind" || flags & libc::MS_BIND != 0;
-    if bind && Path::new(&m.source).is_file() {
-        if let Some(parent) = target.parent() {
-            let _ = std::fs::create_dir_all(parent);
-        }
-        let _ = std::fs::File::create(&target);
+    let make = if bind && Path::new(&m.source).is_file() {
+        Make::File
     } else {
-        let _ = std::fs::create_dir_all(&target);
-    }
+        Make::Dir
+    };
+    // The destination resolved inside the root; the mount made on it by fd.
+    let at = open_in_root(root, &m.destination, make)?;
+    let target = fd_path(&at);
+    let named = |r: Result<(), String>| r.map_err(|e| format!("{e} ({})", m.destination.display()));
     if bind {
-        mount(&m.source, &target, "", flags | libc::MS_BIND, "")?;
+        named(mount(&m.source, &target, "", flags | libc::MS_BIND, ""))?;
         if flags & libc::MS_RDONLY != 0 {
-            mount(
+            let at = open_in_root(root, &m.destination, Make::Nothing)?;
+            named(mount(
                 "",
-                &target,
+                &fd_path(&at),
                 "",
                 flags | libc::MS_BIND | libc::MS_REMOUNT,
                 "",
-            )?;
+            ))?;
         }
         Ok(())
     } else {
@@ -134,7 +133,7 @@ fn mount_one(root: &Path, m: &MountSpec) -> Result<(), String> {
         } else {
             m.source.as_str()
         };
-        mount(source, &target, fstype, flags, &data)
+        named(mount(source, &target, fstype, flags, &data))
     }
 }
 
@@ -142,8 +141,9 @@ fn mount_one(root: &Path, m: &MountSpec) -> Result<(), String> {
 /// the standard character devices made with mknod, as runc makes them
 /// (no mount each to make, and to tear down when the container ends);
 /// where mknod is refused, bind mounts of the guest's own nodes.
-fn populate_dev(root: &Path) -> Result<(), String> {
-    let dev = inside(root, Path::new("/dev"));
+fn populate_dev(root: &OwnedFd) -> Result<(), String> {
+    let dev = open_in_root(root, Path::new("/dev"), Make::Nothing)?;
+    let dev_fd = dev.as_raw_fd();
     for (name, major, minor) in [
         ("null", 1, 3),
         ("zero", 1, 5),
@@ -152,22 +152,28 @@ fn populate_dev(root: &Path) -> Result<(), String> {
         ("urandom", 1, 9),
         ("tty", 5, 0),
     ] {
-        let target = dev.join(name);
-        let path = cstr(&target);
-        // SAFETY: a valid path string; mknod creates nothing else.
+        let name_c = cstr(name);
+        // SAFETY: a directory fd and a valid name; mknodat creates nothing else.
         let made = unsafe {
-            libc::mknod(
-                path.as_ptr(),
+            libc::mknodat(
+                dev_fd,
+                name_c.as_ptr(),
                 libc::S_IFCHR | 0o666,
                 libc::makedev(major, minor),
             )
         } == 0;
         if made {
             // The umask took bits off: the mode runc gives them.
-            // SAFETY: a valid path string.
-            unsafe { libc::chmod(path.as_ptr(), 0o666) };
-        } else if std::fs::File::create(&target).is_ok() {
-            mount(&format!("/dev/{name}"), &target, "", libc::MS_BIND, "")?;
+            // SAFETY: a directory fd and the name of the node just made.
+            unsafe { libc::fchmodat(dev_fd, name_c.as_ptr(), 0o666, 0) };
+        } else if let Ok(node) = open_in_root(root, &Path::new("/dev").join(name), Make::File) {
+            mount(
+                &format!("/dev/{name}"),
+                &fd_path(&node),
+                "",
+                libc::MS_BIND,
+                "",
+            )?;
         }
     }
     for (link, to) in [
@@ -176,7 +182,9 @@ fn populate_dev(root: &Path) -> Result<(), String> {
         ("stdout", "/proc/self/fd/1"),
         ("stderr", "/proc/self/fd/2"),
     ] {
-        let _ = std::os::unix::fs::symlink(to, dev.join(link));
+        let (link, to) = (cstr(link), cstr(to));
+        // SAFETY: valid strings and a directory fd; makes one link in it.
+        unsafe { libc::symlinkat(to.as_ptr(), dev_fd, link.as_ptr()) };
     }
     Ok(())
 }
@@ -200,11 +208,12 @@ pub(super) fn prepare_root(root: &Path) -> Result<(), String> {
 /// Makes `mounts` in order below `root`; then, with `populate`, the
 /// minimal device nodes in its /dev.
 pub(super) fn make_mounts(root: &Path, mounts: &[MountSpec], populate: bool) -> Result<(), String> {
+    let root = open_root(root)?;
     for m in mounts {
-        mount_one(root, m)?;
+        mount_one(&root, m)?;
     }
     if populate {
-        populate_dev(root)?;
+        populate_dev(&root)?;
     }
     Ok(())
 }
@@ -226,7 +235,8 @@ fn setup_and_exec(c: &LaunchConfig) -> String {
 
 /// Detaches the mount at `destination` below `root` (and all below it).
 pub(super) fn unmount(root: &Path, destination: &Path) -> Result<(), String> {
-    let target = cstr(inside(root, destination));
+    let at = open_in_root(&open_root(root)?, destination, Make::Nothing)?;
+    let target = cstr(fd_path(&at));
     // SAFETY: a valid path string.
     let rc = unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
     check(rc, &format!("unmount {}", destination.display()))
@@ -240,12 +250,16 @@ pub(super) fn enter_root(c: &LaunchConfig) -> Result<(), String> {
         // As runc does: the terminal is also the container's /dev/console.
         // By its path: the fd's mount belongs to the agent's namespace,
         // which a bind mount may not take from.
-        let console = inside(root, Path::new("/dev/console"));
         let pts = std::fs::read_link("/proc/self/fd/0")
             .map_err(|e| format!("the terminal's path: {e}"))?;
-        if std::fs::File::create(&console).is_ok() {
-            mount(&pts.to_string_lossy(), &console, "", libc::MS_BIND, "")?;
-        }
+        let console = open_in_root(&open_root(root)?, Path::new("/dev/console"), Make::File)?;
+        mount(
+            &pts.to_string_lossy(),
+            &fd_path(&console),
+            "",
+            libc::MS_BIND,
+            "",
+        )?;
     }
     let root_c = cstr(root);
     // SAFETY: a valid path string.
@@ -278,6 +292,12 @@ pub(super) fn enter_root(c: &LaunchConfig) -> Result<(), String> {
             libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
             "",
         )?;
+    }
+    // As runc: sysctls (through the container's /proc), then read-only
+    // paths, then masked ones, in the root now at `/`.
+    for (path, value) in &c.sysctls {
+        let file = Path::new("/proc/sys").join(path);
+        std::fs::write(&file, value).map_err(|e| format!("sysctl {}: {e}", path.display()))?;
     }
     // As runc: read-only paths, then masked ones, in the root now at `/`.
     for path in &c.readonly_paths {
@@ -316,6 +336,19 @@ fn apply_hostname_and_credentials(c: &LaunchConfig) -> Result<(), String> {
             // SAFETY: a valid rlimit.
             check(unsafe { libc::setrlimit(resource as _, &lim) }, "setrlimit")?;
         }
+        if let Some(adj) = c.oom_score_adj {
+            std::fs::write("/proc/self/oom_score_adj", adj.to_string())
+                .map_err(|e| format!("oom_score_adj: {e}"))?;
+        }
+        // The seccomp filter: without no_new_privs it must go on while the
+        // process still has CAP_SYS_ADMIN (as runc), else as late as can be.
+        let filters = c.seccomp.as_deref().map(super::seccomp::sock_filters);
+        let install = |f: &[libc::sock_filter]| {
+            super::seccomp::install(f).map_err(|e| format!("seccomp: {e}"))
+        };
+        if let Some(f) = filters.as_deref().filter(|_| !c.no_new_privileges) {
+            install(f)?;
+        }
         if let Some(caps) = &c.capabilities {
             super::caps::before_setuid(caps)?;
         }
@@ -339,6 +372,9 @@ fn apply_hostname_and_credentials(c: &LaunchConfig) -> Result<(), String> {
         // SAFETY: a valid path string.
         let rc = unsafe { libc::chdir(cwd.as_ptr()) };
         check(rc, &format!("chdir {}", c.cwd.display()))?;
+        if let Some(f) = filters.as_deref().filter(|_| c.no_new_privileges) {
+            install(f)?;
+        }
         Ok(())
     }
 }

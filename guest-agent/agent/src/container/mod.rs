@@ -18,6 +18,8 @@ pub mod layer;
 pub mod masks;
 pub mod oom;
 pub mod registry;
+pub mod resolve;
+pub mod seccomp;
 pub mod spec;
 pub mod staged;
 pub mod volumes;

@@ -691,6 +691,8 @@ impl Registry {
             &parent.config.rootfs,
         )?;
         config.cgroup = parent.config.cgroup.clone();
+        // The container's filter holds its execs too, as under runc.
+        config.seccomp = parent.config.seccomp.clone();
         let key = zygote_agent_api::process_key(id, exec_id);
         let mut containers = self.containers.lock().expect("registry lock");
         if containers.contains_key(&key) {

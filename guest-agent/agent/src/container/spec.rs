@@ -33,6 +33,15 @@ pub enum SpecError {
     /// An environment entry without '='.
     #[error("environment entry {0:?} is not KEY=value")]
     Env(String),
+    /// A seccomp profile this agent cannot apply.
+    #[error("linux.seccomp: {0}")]
+    Seccomp(#[from] super::seccomp::SeccompError),
+    /// A sysctl that is not the container's (or not a sysctl name).
+    #[error("linux.sysctl {0:?}: {1}")]
+    Sysctl(String, &'static str),
+    /// oomScoreAdj out of the kernel's range.
+    #[error("process.oomScoreAdj {0} is not within -1000..=1000")]
+    OomScoreAdj(i32),
 }
 
 /// A mount inside the container.
@@ -105,11 +114,104 @@ pub struct LaunchConfig {
     /// `linux.maskedPaths`, inside the root.
     #[serde(default)]
     pub masked_paths: Vec<PathBuf>,
+    /// `linux.seccomp`, compiled (None: no filter).
+    #[serde(default)]
+    pub seccomp: Option<Vec<super::seccomp::Insn>>,
+    /// `linux.sysctl`: the path below `/proc/sys`, and the value.
+    #[serde(default)]
+    pub sysctls: Vec<(PathBuf, String)>,
+    /// `process.oomScoreAdj`.
+    #[serde(default)]
+    pub oom_score_adj: Option<i32>,
 }
 
 /// Whether `p` is absolute and has no `..`.
 pub fn plain_absolute(p: &Path) -> bool {
     p.is_absolute() && p.components().all(|c| !matches!(c, Component::ParentDir))
+}
+
+/// The path below `/proc/sys` of a sysctl the container may set: those of
+/// the namespaces it has of its own (IPC, UTS) and of the pod's network
+/// (the VM's: a pod's containers share it, and the pod's sysctls are the
+/// same in each of its containers' specs). runc's list.
+fn sysctl_path(name: &str) -> Result<PathBuf, SpecError> {
+    let bad = |why| SpecError::Sysctl(name.into(), why);
+    // `net/ipv4/conf/eth0.1/forwarding` names a key by path, dots kept.
+    let path = if name.contains('/') {
+        name.to_string()
+    } else {
+        name.replace('.', "/")
+    };
+    let ok_chars = path
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"_-./".contains(&b));
+    if !ok_chars
+        || path
+            .split('/')
+            .any(|p| p.is_empty() || p == "." || p == "..")
+    {
+        return Err(bad("not a sysctl name"));
+    }
+    const IPC: [&str; 8] = [
+        "kernel/msgmax",
+        "kernel/msgmnb",
+        "kernel/msgmni",
+        "kernel/sem",
+        "kernel/shmall",
+        "kernel/shmmax",
+        "kernel/shmmni",
+        "kernel/shm_rmid_forced",
+    ];
+    let namespaced = IPC.contains(&path.as_str())
+        || path.starts_with("fs/mqueue/")
+        || path.starts_with("net/")
+        || path == "kernel/hostname"
+        || path == "kernel/domainname";
+    if !namespaced {
+        return Err(bad(
+            "not in a namespace of the container's own; refused as runc refuses it",
+        ));
+    }
+    Ok(path.into())
+}
+
+fn seccomp_of(s: &oci_spec::runtime::LinuxSeccomp) -> Result<Vec<super::seccomp::Insn>, SpecError> {
+    use super::seccomp::{Rule, action, compile, cond};
+    let name = |v: serde_json::Result<serde_json::Value>| {
+        v.ok()
+            .and_then(|v| v.as_str().map(String::from))
+            .unwrap_or_default()
+    };
+    let default = action(
+        &name(serde_json::to_value(s.default_action())),
+        s.default_errno_ret(),
+    )?;
+    let rules = s
+        .syscalls()
+        .iter()
+        .flatten()
+        .map(|sc| {
+            let conds = sc
+                .args()
+                .iter()
+                .flatten()
+                .map(|a| {
+                    cond(
+                        a.index(),
+                        &name(serde_json::to_value(a.op())),
+                        a.value(),
+                        a.value_two().unwrap_or(0),
+                    )
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(Rule {
+                names: sc.names().clone(),
+                action: action(&name(serde_json::to_value(sc.action())), sc.errno_ret())?,
+                conds,
+            })
+        })
+        .collect::<Result<Vec<_>, super::seccomp::SeccompError>>()?;
+    Ok(compile(default, &rules)?)
 }
 
 fn rlimit(name: &str) -> Result<u32, SpecError> {
@@ -199,6 +301,21 @@ pub fn launch_config(json: &[u8], rootfs: &Path) -> Result<LaunchConfig, SpecErr
         linux.and_then(|l| l.readonly_paths().as_ref()),
     )?;
     let masked_paths = paths("masked path", linux.and_then(|l| l.masked_paths().as_ref()))?;
+    let seccomp = linux
+        .and_then(|l| l.seccomp().as_ref())
+        .map(seccomp_of)
+        .transpose()?;
+    let mut sysctls = linux
+        .and_then(|l| l.sysctl().as_ref())
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| Ok((sysctl_path(k)?, v.clone())))
+        .collect::<Result<Vec<_>, SpecError>>()?;
+    sysctls.sort();
+    let oom_score_adj = process.oom_score_adj();
+    if let Some(adj) = oom_score_adj.filter(|a| !(-1000..=1000).contains(a)) {
+        return Err(SpecError::OomScoreAdj(adj));
+    }
     let mounts = spec
         .mounts()
         .clone()
@@ -268,6 +385,9 @@ pub fn launch_config(json: &[u8], rootfs: &Path) -> Result<LaunchConfig, SpecErr
         }),
         readonly_paths,
         masked_paths,
+        seccomp,
+        sysctls,
+        oom_score_adj,
     })
 }
 
