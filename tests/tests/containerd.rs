@@ -440,10 +440,18 @@ fn capabilities_and_masked_paths_are_the_specs_as_under_runc() {
     let caps = "grep -E '^Cap(Inh|Prm|Eff|Bnd|Amb)' /proc/self/status";
     let paths = "ls -A /sys/firmware | wc -l; \
                  (echo z > /proc/sys/kernel/domainname) 2>/dev/null && echo writable || echo read-only";
-    let cases: [(&str, &[&str], &str); 3] = [
+    // containerd's default seccomp profile (the CRI's RuntimeDefault): what
+    // it refuses, whatever the guest kernel would answer without it; no
+    // CAP_NET_ADMIN: the interface stays as it is; a read-only root.
+    let refused = "unshare -U true 2>&1; mount -t tmpfs t /mnt 2>&1; \
+                   ip link set lo mtu 1300 2>&1; grep Seccomp: /proc/self/status";
+    let readonly = "touch /x 2>&1; echo $?";
+    let cases: [(&str, &[&str], &str); 5] = [
         ("default", &[], caps),
         ("dropped", &["--cap-drop", "CAP_NET_RAW"], caps),
         ("paths", &[], paths),
+        ("seccomp", &["--seccomp"], refused),
+        ("readonly", &["--read-only"], readonly),
     ];
     retry_pvm_segv(|attempt| {
         for (name, flags, script) in cases {
@@ -460,8 +468,9 @@ fn capabilities_and_masked_paths_are_the_specs_as_under_runc() {
                 (out.status.code(), text(&out.stdout))
             };
             let (code, zygote) = seen(&["--runtime", RUNTIME]);
-            PvmSegv::check(code.map_or(0, i64::from), || format!("{name}"))?;
+            PvmSegv::check(code.map_or(0, i64::from), || name.to_string())?;
             let (_, runc) = seen(&[]);
+            eprintln!("{name}: {zygote:?}");
             assert_eq!(code, Some(0), "{zygote}");
             assert!(!zygote.is_empty(), "{name}");
             assert_eq!(zygote, runc, "{name}: as runc applies the spec");

@@ -164,34 +164,55 @@ fn failures_are_reported_and_leave_nothing_behind() {
     assert!(run.status.success(), "{}", text(&run.stderr));
     let shims = shim_pids(&id);
     assert_eq!(shims.len(), 1);
-    // The task's pid: a host process of the shim's that must not outlive it.
-    let ls = text(&ctr(&["task", "ls"]).stdout);
-    let task_pid: i32 = ls
-        .lines()
-        .find(|l| l.starts_with(id.as_str()))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or_else(|| panic!("no pid for {id} in {ls}"));
+    let task_pid = task_pid(&id);
     // SAFETY: kill(2) of the shim process found above.
     unsafe { libc::kill(shims[0] as i32, libc::SIGKILL) };
+    reported_dead_and_gone(&id, task_pid);
+    assert_no_run_dirs_left(&runs_before);
+    // The dead shim's cgroup (ctr's `/default/ID`, which it had joined) too.
+    let left: Vec<_> = std::fs::read_dir("/sys/fs/cgroup")
+        .unwrap()
+        .flatten()
+        .map(|h| h.path().join("default").join(&id))
+        .chain([std::path::Path::new("/sys/fs/cgroup/default").join(&id)])
+        .filter(|d| d.exists())
+        .collect();
+    assert!(left.is_empty(), "cgroups left: {left:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The host pid `ctr task ls` gives task `id`.
+fn task_pid(id: &str) -> i32 {
+    let ls = text(&ctr(&["task", "ls"]).stdout);
+    ls.lines()
+        .find(|l| l.starts_with(id))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or_else(|| panic!("no pid for {id} in {ls}"))
+}
+
+/// After task `id`'s shim died: containerd reports the task not running,
+/// and once cleaned up no shim process of it is left, nor its task pid
+/// (a host process of the shim's that must not outlive it).
+fn reported_dead_and_gone(id: &str, task_pid: i32) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let ls = text(&ctr(&["task", "ls"]).stdout);
         if !ls
             .lines()
-            .any(|l| l.starts_with(id.as_str()) && l.contains("RUNNING"))
+            .any(|l| l.starts_with(id) && l.contains("RUNNING"))
         {
             break;
         }
         assert!(Instant::now() < deadline, "containerd did not notice: {ls}");
         std::thread::sleep(Duration::from_millis(200));
     }
-    cleanup(&id);
+    cleanup(id);
     // containerd runs the dead shim's `shim delete` (the same binary, `-id`
     // of the task) on its own, and it may still be removing the cgroup
     // (it waits up to 3 s for the kernel to let go of it): gone soon, not
     // necessarily at once.
     let deadline = Instant::now() + Duration::from_secs(15);
-    while !shim_pids(&id).is_empty() {
+    while !shim_pids(id).is_empty() {
         assert!(
             Instant::now() < deadline,
             "a shim process of {id} is left 15 s after the cleanup"
@@ -208,17 +229,43 @@ fn failures_are_reported_and_leave_nothing_behind() {
         !running,
         "the task's pid {task_pid} outlived its shim: {state}"
     );
+}
+
+/// A vCPU thread making a system call outside its seccomp list (the test
+/// hook, `test_hooks` in hack/containerd's shim config) kills the shim with
+/// SIGSYS; containerd reports the task dead, and nothing is left.
+#[test]
+fn a_vcpu_thread_outside_its_seccomp_list_kills_the_shim() {
+    if !containerd_available() {
+        return;
+    }
+    let _vm = vm_lock();
+    let runs_before = vm_run_dirs();
+    let id = cid("seccomp-trip");
+    cleanup(&id);
+    let _removed = Removed(id.clone());
+    let trip = format!("{}=3000", "zygote.dev/test-seccomp-trip-ms");
+    let run = zygote_run(&["-d", "--annotation", &trip], &id, &["sleep", "1000"]);
+    assert!(run.status.success(), "{}", text(&run.stderr));
+    let shims = shim_pids(&id);
+    assert_eq!(shims.len(), 1);
+    let task_pid = task_pid(&id);
+    reported_dead_and_gone(&id, task_pid);
+    // The kernel's word for it: the shim, killed by SIGSYS (31) on a vCPU
+    // thread, at personality (135), the hook's call.
+    let dmesg = text(&Command::new("dmesg").output().unwrap().stdout);
+    let line = dmesg
+        .lines()
+        .rev()
+        .find(|l| l.contains("type=1326") && l.contains(&format!("pid={} ", shims[0])))
+        .unwrap_or_else(|| panic!("no seccomp kill of pid {} in dmesg", shims[0]));
+    eprintln!("{line}");
+    assert!(line.contains("comm=\"zygote-vcpu\""), "{line}");
+    assert!(
+        line.contains("sig=31") && line.contains("syscall=135"),
+        "{line}"
+    );
     assert_no_run_dirs_left(&runs_before);
-    // The dead shim's cgroup (ctr's `/default/ID`, which it had joined) too.
-    let left: Vec<_> = std::fs::read_dir("/sys/fs/cgroup")
-        .unwrap()
-        .flatten()
-        .map(|h| h.path().join("default").join(&id))
-        .chain([std::path::Path::new("/sys/fs/cgroup/default").join(&id)])
-        .filter(|d| d.exists())
-        .collect();
-    assert!(left.is_empty(), "cgroups left: {left:?}");
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]

@@ -521,6 +521,13 @@ impl Machine {
         (self.exit.reason().unwrap_or(ExitReason::Stopped), ended)
     }
 
+    /// Test hook: arms [`crate::jail::arm_trip`] and kicks the vCPU threads
+    /// out of `KVM_RUN`, so one of them makes a call outside its list now.
+    pub fn trip_seccomp(&self) {
+        crate::jail::arm_trip();
+        vcpu::kick_threads(&self.vcpu_threads);
+    }
+
     /// Stops the VM (if still running), joins its threads and releases everything.
     pub fn shutdown(mut self) -> ExitReason {
         self.stop_threads()

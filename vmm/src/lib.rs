@@ -10,11 +10,13 @@
 //! - [`devices`]: the port/MMIO buses, the 8250 console and i8042 reset line,
 //!   virtio-mmio with the rng and vsock devices.
 //! - [`builder`]: [`Machine::boot`] puts it together; [`exit`] says why a VM stopped.
+//! - [`jail`]: the seccomp allowlists vCPU and device threads run under.
 
 pub mod arch;
 pub mod builder;
 pub mod devices;
 pub mod exit;
+pub mod jail;
 pub mod persist;
 pub mod snapshot;
 pub mod vstate;

@@ -48,6 +48,23 @@ fn print_info() {
     }
 }
 
+/// The serving shim's privileges and its VMM threads' seccomp mode
+/// (`ZYGOTE_SECCOMP`); a mode it cannot read is an error.
+fn restrict() {
+    let mode = match zygote_vmm::jail::Mode::from_env() {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("{RUNTIME}: {e}");
+            std::process::exit(1);
+        }
+    };
+    zygote_vmm::jail::set_mode(mode);
+    if let Err(e) = zygote::containerd::privileges::restrict() {
+        eprintln!("{RUNTIME}: cannot give up privileges: {e}");
+        std::process::exit(1);
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some(HOLDER_ARG) {
@@ -60,6 +77,11 @@ fn main() {
         println!("containerd-shim-zygote-v2 {}", env!("CARGO_PKG_VERSION"));
         return;
     }
+    let flags = containerd_shim::parse(&args[1..]);
+    if matches!(&flags, Ok(f) if f.action.is_empty() && !f.info) {
+        // The serving shim (the one that runs VMs): before any thread exists.
+        restrict();
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -71,7 +93,7 @@ fn main() {
             std::process::exit(1);
         }
     };
-    match containerd_shim::parse(&args[1..]) {
+    match flags {
         Ok(flags) if flags.info => print_info(),
         Ok(flags) if flags.action == "start" => match runtime.block_on(start_legacy(&flags)) {
             Ok(address) => print!("{address}"),

@@ -62,6 +62,9 @@ pub struct ShimConfig {
     pub disk_slots: u8,
     /// Append one JSON line of timings per container start here.
     pub timings_log: Option<PathBuf>,
+    /// Honour the test suite's hooks (annotations `zygote.dev/test-*`).
+    /// Never on a node that runs pods.
+    pub test_hooks: bool,
 }
 
 impl Default for ShimConfig {
@@ -81,6 +84,7 @@ impl Default for ShimConfig {
             settle_ms: 1000,
             disk_slots: 3,
             timings_log: None,
+            test_hooks: false,
         }
     }
 }

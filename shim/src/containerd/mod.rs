@@ -23,6 +23,7 @@ pub mod content;
 pub mod io;
 pub mod logger;
 pub mod pod;
+pub mod privileges;
 pub mod shim;
 pub mod spec;
 pub mod task;

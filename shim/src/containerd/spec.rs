@@ -6,6 +6,16 @@ use sha2::{Digest, Sha256};
 
 use super::volumes::{Placed, VolumeError};
 
+/// Test hook (with `test_hooks` in the shim's config): this many ms after
+/// the container's create, a vCPU thread of its VM makes a system call its
+/// seccomp list does not allow.
+pub const TEST_SECCOMP_TRIP_MS: &str = "zygote.dev/test-seccomp-trip-ms";
+
+/// The test hook's delay, if the spec asks for it.
+pub fn test_seccomp_trip(spec: &Value) -> Option<u64> {
+    annotation(spec, TEST_SECCOMP_TRIP_MS)?.parse().ok()
+}
+
 /// CRI annotation: the pod's sandbox id.
 pub const SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
 /// CRI annotation: `sandbox` or `container`.

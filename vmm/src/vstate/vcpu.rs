@@ -86,25 +86,37 @@ pub fn halt_threads<T>(
     limit: Option<std::time::Duration>,
 ) -> bool {
     stop.store(true, Ordering::Release);
-    let signal = vcpu_kick_signal();
     let start = std::time::Instant::now();
     while threads.iter().any(|t| !t.is_finished()) {
         if limit.is_some_and(|l| start.elapsed() >= l) {
             return false;
         }
-        for t in threads.iter().filter(|t| !t.is_finished()) {
-            // SAFETY: the thread is alive (not finished, not joined), so its pthread_t
-            // is valid; the signal has a no-op handler installed.
-            unsafe {
-                libc::pthread_kill(
-                    std::os::unix::thread::JoinHandleExt::as_pthread_t(t),
-                    signal,
-                )
-            };
-        }
+        kick_threads(threads);
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
     true
+}
+
+/// Kicks each running vCPU thread out of `KVM_RUN` once.
+pub fn kick_threads<T>(threads: &[std::thread::JoinHandle<T>]) {
+    for t in threads.iter().filter(|t| !t.is_finished()) {
+        // SAFETY: the thread is alive (not finished, not joined), so its pthread_t
+        // is valid; the signal has a no-op handler installed.
+        unsafe {
+            libc::pthread_kill(
+                std::os::unix::thread::JoinHandleExt::as_pthread_t(t),
+                vcpu_kick_signal(),
+            )
+        };
+    }
+}
+
+/// A thread that was to run under its list and cannot: the process ends
+/// (running the guest's requests unfiltered is not an option).
+pub(crate) fn fail_closed(e: &crate::jail::JailError) -> ! {
+    tracing::error!("{e}; stopping");
+    eprintln!("zygote: {e}");
+    std::process::abort()
 }
 
 /// Counters a vCPU thread keeps for the machine's timeline.
@@ -343,6 +355,10 @@ impl Vcpu {
         stop: Arc<AtomicBool>,
         stats: Arc<VcpuStats>,
     ) -> Self {
+        // The guest's exits are handled under the vCPU list from here on.
+        if let Err(e) = crate::jail::enter(crate::jail::Kind::Vcpu) {
+            fail_closed(&e);
+        }
         let (born, cpu_before) = (Instant::now(), thread_cpu_time());
         stats.loop_outside_ns.store(0, Ordering::Relaxed);
         stats
@@ -379,6 +395,7 @@ impl Vcpu {
     ) {
         let index = self.index;
         while !stop.load(Ordering::Acquire) {
+            crate::jail::trip_if_armed();
             let entered = Instant::now();
             let result = self.fd.run();
             let left = Instant::now();

@@ -434,6 +434,11 @@ impl PodVm {
         self.sandbox.machine().halt(Duration::from_secs(5))
     }
 
+    /// Test hook: a vCPU thread makes a call outside its seccomp list now.
+    pub fn trip_seccomp(&self) {
+        self.sandbox.machine().trip_seccomp();
+    }
+
     /// Halts the guest because the pod ran out of memory on the host (its
     /// processes' exits say so).
     pub fn halt_out_of_memory(&self) -> (zygote_vmm::ExitReason, bool) {

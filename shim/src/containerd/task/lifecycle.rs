@@ -105,6 +105,7 @@ impl TaskService {
             state.pod_memory = spec::memory(&oci);
         }
         let mut copied = Vec::new();
+        let trip = spec::test_seccomp_trip(&oci).filter(|_| config.test_hooks);
         if !sandbox {
             let created = self
                 .create_in_vm(&id, config, &bundle, &req.rootfs, &oci)
@@ -112,6 +113,15 @@ impl TaskService {
             match created {
                 Ok(c) => {
                     copied = c;
+                    if let (Some(ms), Ok(pod)) = (trip, self.pod()) {
+                        tracing::warn!(
+                            "test hook: a vCPU thread breaks its seccomp list in {ms} ms"
+                        );
+                        std::thread::spawn(move || {
+                            std::thread::sleep(std::time::Duration::from_millis(ms));
+                            pod.trip_seccomp();
+                        });
+                    }
                     let owner = self.state().pod_cgroup_owner.clone();
                     if let Some(owner) = owner {
                         if let Err(e) = bundle::record_member(&owner, &id) {

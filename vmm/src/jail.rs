@@ -1,0 +1,434 @@
+//! The VMM's threads under seccomp allowlists (compiled with `seccompiler`,
+//! Firecracker's compiler): the threads that handle what the guest sends.
+//!
+//! - A **vCPU thread** runs `KVM_RUN` and the port and MMIO handlers of the
+//!   devices (the guest's register writes, queue notifications), which may
+//!   activate a device and start its I/O thread.
+//! - A **device thread** serves a virtio device's queues: descriptor chains
+//!   the guest wrote, the host's vsock connections and tap, and for
+//!   virtio-fs the host directories the pod was given.
+//!
+//! Each thread installs its list itself when it starts (a filter holds the
+//! thread and what it starts; a device thread started by a vCPU thread is
+//! held by both lists). Anything else kills the whole process with SIGSYS
+//! (`SECCOMP_RET_KILL_PROCESS`): the shim dies and containerd reports its
+//! tasks dead, rather than a VMM going on in a state nobody planned for.
+//! `ioctl` is filtered by request number on vCPU threads.
+//!
+//! The mode is process-wide and off by default (library users, unit tests);
+//! the shim turns it on ([`Mode::from_env`]: `ZYGOTE_SECCOMP=kill`, the
+//! default, `log` to log what would be refused instead, `off`).
+
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
+
+/// Which list a thread takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A vCPU's run loop.
+    Vcpu,
+    /// A virtio device's I/O thread.
+    Device,
+}
+
+/// What a call outside the list does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Mode {
+    /// No filter.
+    Off = 0,
+    /// The process is killed (SIGSYS).
+    Kill = 1,
+    /// The call goes ahead and the kernel logs it (audit, `dmesg`): for
+    /// finding what a new code path needs.
+    Log = 2,
+}
+
+impl Mode {
+    /// `ZYGOTE_SECCOMP`: `kill` (also when unset), `log` or `off`.
+    pub fn from_env() -> Result<Mode, String> {
+        Mode::parse(std::env::var("ZYGOTE_SECCOMP").ok().as_deref())
+    }
+
+    /// A mode by name; none (or empty) is `kill`.
+    pub fn parse(name: Option<&str>) -> Result<Mode, String> {
+        match name {
+            None | Some("kill") | Some("") => Ok(Mode::Kill),
+            Some("log") => Ok(Mode::Log),
+            Some("off") => Ok(Mode::Off),
+            Some(other) => Err(format!(
+                "ZYGOTE_SECCOMP={other:?}: expected kill, log or off"
+            )),
+        }
+    }
+}
+
+static MODE: AtomicU8 = AtomicU8::new(Mode::Off as u8);
+
+/// Sets the mode for threads started from now on.
+pub fn set_mode(mode: Mode) {
+    MODE.store(mode as u8, Ordering::Release);
+}
+
+/// The current mode.
+pub fn mode() -> Mode {
+    match MODE.load(Ordering::Acquire) {
+        1 => Mode::Kill,
+        2 => Mode::Log,
+        _ => Mode::Off,
+    }
+}
+
+/// Errors installing a filter.
+#[derive(Debug, thiserror::Error)]
+#[error("seccomp filter for a {kind:?} thread: {why}")]
+pub struct JailError {
+    kind: Kind,
+    why: String,
+}
+
+/// What every thread kind makes: memory, locks, signals (the vCPU kick's
+/// return), its own start and end, time, and the panic path.
+const COMMON: &[&str] = &[
+    "brk",
+    "clock_gettime",
+    "clock_nanosleep",
+    "close",
+    "exit",
+    "exit_group",
+    "futex",
+    "getpid",
+    "getrandom",
+    "gettid",
+    "madvise",
+    "mmap",
+    "mprotect",
+    "mremap",
+    "munmap",
+    "nanosleep",
+    "prctl",
+    "read",
+    "readv",
+    "rseq",
+    "rt_sigaction",
+    "rt_sigprocmask",
+    "rt_sigreturn",
+    "sched_getaffinity",
+    "sched_yield",
+    "set_robust_list",
+    "sigaltstack",
+    "tgkill",
+    "write",
+    "writev",
+];
+
+/// A vCPU thread, beyond [`COMMON`]: starting a device's I/O thread when the
+/// guest's driver activates it (`clone3`, the thread's eventfds and epoll).
+const VCPU: &[&str] = &[
+    "clone",
+    "clone3",
+    "epoll_create1",
+    "epoll_ctl",
+    "eventfd2",
+    "fcntl",
+];
+
+/// `ioctl` requests a vCPU thread makes: `KVM_RUN`, `KVM_GET_REGS` (to name
+/// where a guest failed), `FIONBIO`.
+const VCPU_IOCTLS: &[u64] = &[0xae80, 0x8090_ae81, libc::FIONBIO];
+
+/// A device thread, beyond [`COMMON`]: its queues' eventfds and epoll, the
+/// host's vsock sockets, the block device's file, virtio-fs's host
+/// directories (`fuse-backend-rs`'s passthrough file system: files opened
+/// by handle and by name, metadata, extended attributes, and the caller's
+/// ids for what it creates).
+const DEVICE: &[&str] = &[
+    "accept4",
+    "capget",
+    "capset",
+    "connect",
+    "copy_file_range",
+    "dup",
+    "dup3",
+    "epoll_create1",
+    "epoll_ctl",
+    "epoll_pwait",
+    "epoll_wait",
+    "eventfd2",
+    "faccessat",
+    "faccessat2",
+    "fadvise64",
+    "fallocate",
+    "fchmod",
+    "fchmodat",
+    "fchown",
+    "fchownat",
+    "fcntl",
+    "fdatasync",
+    "fgetxattr",
+    "flistxattr",
+    "flock",
+    "fremovexattr",
+    "fsetxattr",
+    "fstat",
+    "fstatfs",
+    "fsync",
+    "ftruncate",
+    "getdents64",
+    "getpeername",
+    "getsockname",
+    "getsockopt",
+    "getxattr",
+    "ioctl",
+    "lgetxattr",
+    "linkat",
+    "listxattr",
+    "llistxattr",
+    "lseek",
+    "lremovexattr",
+    "lsetxattr",
+    "mkdirat",
+    "name_to_handle_at",
+    "newfstatat",
+    "open_by_handle_at",
+    "openat",
+    "poll",
+    "ppoll",
+    "pread64",
+    "preadv",
+    "preadv2",
+    "pwrite64",
+    "pwritev",
+    "pwritev2",
+    "readlinkat",
+    "recvfrom",
+    "recvmsg",
+    "removexattr",
+    "renameat",
+    "renameat2",
+    "sendmsg",
+    "sendto",
+    "setfsgid",
+    "setfsuid",
+    "setresgid",
+    "setresuid",
+    "setsockopt",
+    "setxattr",
+    "shutdown",
+    "socket",
+    "statfs",
+    "statx",
+    "symlinkat",
+    "umask",
+    "unlinkat",
+    "utimensat",
+];
+
+/// The system calls a kind's threads may make (names, sorted), for docs
+/// and tests.
+pub fn allowed(kind: Kind) -> Vec<&'static str> {
+    let extra = match kind {
+        Kind::Vcpu => VCPU,
+        Kind::Device => DEVICE,
+    };
+    let mut names: Vec<&str> = COMMON.iter().chain(extra).copied().collect();
+    if kind == Kind::Vcpu {
+        names.push("ioctl");
+    }
+    names.sort_unstable();
+    names.dedup();
+    names
+}
+
+fn number(name: &str) -> Option<i64> {
+    Some(match name {
+        "accept4" => libc::SYS_accept4,
+        "brk" => libc::SYS_brk,
+        "capget" => libc::SYS_capget,
+        "capset" => libc::SYS_capset,
+        "clock_gettime" => libc::SYS_clock_gettime,
+        "clock_nanosleep" => libc::SYS_clock_nanosleep,
+        "clone" => libc::SYS_clone,
+        "clone3" => libc::SYS_clone3,
+        "close" => libc::SYS_close,
+        "connect" => libc::SYS_connect,
+        "copy_file_range" => libc::SYS_copy_file_range,
+        "dup" => libc::SYS_dup,
+        "dup3" => libc::SYS_dup3,
+        "epoll_create1" => libc::SYS_epoll_create1,
+        "epoll_ctl" => libc::SYS_epoll_ctl,
+        "epoll_pwait" => libc::SYS_epoll_pwait,
+        "epoll_wait" => libc::SYS_epoll_wait,
+        "eventfd2" => libc::SYS_eventfd2,
+        "exit" => libc::SYS_exit,
+        "exit_group" => libc::SYS_exit_group,
+        "faccessat" => libc::SYS_faccessat,
+        "faccessat2" => libc::SYS_faccessat2,
+        "fadvise64" => libc::SYS_fadvise64,
+        "fallocate" => libc::SYS_fallocate,
+        "fchmod" => libc::SYS_fchmod,
+        "fchmodat" => libc::SYS_fchmodat,
+        "fchown" => libc::SYS_fchown,
+        "fchownat" => libc::SYS_fchownat,
+        "fcntl" => libc::SYS_fcntl,
+        "fdatasync" => libc::SYS_fdatasync,
+        "fgetxattr" => libc::SYS_fgetxattr,
+        "flistxattr" => libc::SYS_flistxattr,
+        "flock" => libc::SYS_flock,
+        "fremovexattr" => libc::SYS_fremovexattr,
+        "fsetxattr" => libc::SYS_fsetxattr,
+        "fstat" => libc::SYS_fstat,
+        "fstatfs" => libc::SYS_fstatfs,
+        "fsync" => libc::SYS_fsync,
+        "ftruncate" => libc::SYS_ftruncate,
+        "futex" => libc::SYS_futex,
+        "getdents64" => libc::SYS_getdents64,
+        "getpeername" => libc::SYS_getpeername,
+        "getpid" => libc::SYS_getpid,
+        "getrandom" => libc::SYS_getrandom,
+        "getsockname" => libc::SYS_getsockname,
+        "getsockopt" => libc::SYS_getsockopt,
+        "gettid" => libc::SYS_gettid,
+        "getxattr" => libc::SYS_getxattr,
+        "ioctl" => libc::SYS_ioctl,
+        "lgetxattr" => libc::SYS_lgetxattr,
+        "linkat" => libc::SYS_linkat,
+        "listxattr" => libc::SYS_listxattr,
+        "llistxattr" => libc::SYS_llistxattr,
+        "lremovexattr" => libc::SYS_lremovexattr,
+        "lseek" => libc::SYS_lseek,
+        "lsetxattr" => libc::SYS_lsetxattr,
+        "madvise" => libc::SYS_madvise,
+        "mkdirat" => libc::SYS_mkdirat,
+        "mmap" => libc::SYS_mmap,
+        "mprotect" => libc::SYS_mprotect,
+        "mremap" => libc::SYS_mremap,
+        "munmap" => libc::SYS_munmap,
+        "name_to_handle_at" => libc::SYS_name_to_handle_at,
+        "nanosleep" => libc::SYS_nanosleep,
+        "newfstatat" => libc::SYS_newfstatat,
+        "open_by_handle_at" => libc::SYS_open_by_handle_at,
+        "openat" => libc::SYS_openat,
+        "poll" => libc::SYS_poll,
+        "ppoll" => libc::SYS_ppoll,
+        "prctl" => libc::SYS_prctl,
+        "pread64" => libc::SYS_pread64,
+        "preadv" => libc::SYS_preadv,
+        "preadv2" => libc::SYS_preadv2,
+        "pwrite64" => libc::SYS_pwrite64,
+        "pwritev" => libc::SYS_pwritev,
+        "pwritev2" => libc::SYS_pwritev2,
+        "read" => libc::SYS_read,
+        "readlinkat" => libc::SYS_readlinkat,
+        "readv" => libc::SYS_readv,
+        "recvfrom" => libc::SYS_recvfrom,
+        "recvmsg" => libc::SYS_recvmsg,
+        "removexattr" => libc::SYS_removexattr,
+        "renameat" => libc::SYS_renameat,
+        "renameat2" => libc::SYS_renameat2,
+        "rseq" => libc::SYS_rseq,
+        "rt_sigaction" => libc::SYS_rt_sigaction,
+        "rt_sigprocmask" => libc::SYS_rt_sigprocmask,
+        "rt_sigreturn" => libc::SYS_rt_sigreturn,
+        "sched_getaffinity" => libc::SYS_sched_getaffinity,
+        "sched_yield" => libc::SYS_sched_yield,
+        "sendmsg" => libc::SYS_sendmsg,
+        "sendto" => libc::SYS_sendto,
+        "set_robust_list" => libc::SYS_set_robust_list,
+        "setfsgid" => libc::SYS_setfsgid,
+        "setfsuid" => libc::SYS_setfsuid,
+        "setresgid" => libc::SYS_setresgid,
+        "setresuid" => libc::SYS_setresuid,
+        "setsockopt" => libc::SYS_setsockopt,
+        "setxattr" => libc::SYS_setxattr,
+        "shutdown" => libc::SYS_shutdown,
+        "sigaltstack" => libc::SYS_sigaltstack,
+        "socket" => libc::SYS_socket,
+        "statfs" => libc::SYS_statfs,
+        "statx" => libc::SYS_statx,
+        "symlinkat" => libc::SYS_symlinkat,
+        "tgkill" => libc::SYS_tgkill,
+        "umask" => libc::SYS_umask,
+        "unlinkat" => libc::SYS_unlinkat,
+        "utimensat" => libc::SYS_utimensat,
+        "write" => libc::SYS_write,
+        "writev" => libc::SYS_writev,
+        _ => return None,
+    })
+}
+
+/// The compiled filter for `kind` under `mode` (Kill or Log).
+pub fn program(kind: Kind, mode: Mode) -> Result<BpfProgram, String> {
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
+    for name in allowed(kind) {
+        let nr = number(name).ok_or_else(|| format!("no number for {name}"))?;
+        let conds = if kind == Kind::Vcpu && name == "ioctl" {
+            VCPU_IOCTLS
+                .iter()
+                .map(|&request| {
+                    SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, request)
+                        .and_then(|c| SeccompRule::new(vec![c]))
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| e.to_string())?
+        } else {
+            Vec::new()
+        };
+        rules.insert(nr, conds);
+    }
+    let mismatch = match mode {
+        Mode::Log => SeccompAction::Log,
+        _ => SeccompAction::KillProcess,
+    };
+    let filter = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, TargetArch::x86_64)
+        .map_err(|e| e.to_string())?;
+    filter
+        .try_into()
+        .map_err(|e: seccompiler::BackendError| e.to_string())
+}
+
+/// Puts the calling thread under `kind`'s list, as the mode says (nothing
+/// when off). Compiled once per kind.
+pub fn enter(kind: Kind) -> Result<(), JailError> {
+    static CACHE: [[OnceLock<Result<BpfProgram, String>>; 2]; 2] = [
+        [OnceLock::new(), OnceLock::new()],
+        [OnceLock::new(), OnceLock::new()],
+    ];
+    let mode = mode();
+    if mode == Mode::Off {
+        return Ok(());
+    }
+    let err = |why: String| JailError { kind, why };
+    let slot = &CACHE[kind as usize][usize::from(mode == Mode::Log)];
+    let program = slot
+        .get_or_init(|| program(kind, mode))
+        .as_ref()
+        .map_err(|e| err(e.clone()))?;
+    seccompiler::apply_filter(program).map_err(|e| err(e.to_string()))
+}
+
+static TRIP: AtomicBool = AtomicBool::new(false);
+
+/// Test hook: the next vCPU loop iteration makes a call no list allows
+/// (the shim arms it only when its config enables test hooks).
+pub fn arm_trip() {
+    TRIP.store(true, Ordering::Release);
+}
+
+/// Called by vCPU threads on every exit: makes the forbidden call if armed.
+pub fn trip_if_armed() {
+    if TRIP.load(Ordering::Acquire) {
+        // SAFETY: personality(0xffffffff) only reads the persona; it is in
+        // no list, so under the filter the process is killed here.
+        unsafe { libc::syscall(libc::SYS_personality, 0xffff_ffffu64) };
+    }
+}
+
+#[cfg(test)]
+mod tests;
