@@ -16,6 +16,8 @@ pub mod arch;
 pub mod builder;
 pub mod devices;
 pub mod exit;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod jail;
 pub mod persist;
 pub mod snapshot;

@@ -23,3 +23,20 @@ pub const SECTOR_SIZE: u64 = 512;
 pub const VIRTIO_BLK_F_RO: u64 = 1 << 5;
 /// Largest data transfer of one request the device serves.
 pub const MAX_REQUEST: u64 = 4 << 20;
+
+/// Fuzzing entry (feature `fuzzing`): the device's request handling over
+/// `image` (`sectors` long, opened read-only as a VM's image is).
+#[cfg(feature = "fuzzing")]
+pub fn fuzz_requests(
+    mem: &crate::vstate::memory::GuestMemoryMmap,
+    queue: &mut virtio_queue::Queue,
+    image: &std::fs::File,
+    sectors: u64,
+) -> bool {
+    let backing = device::Backing {
+        path: "fuzz".into(),
+        file: image.try_clone().ok(),
+        capacity: sectors,
+    };
+    device::process_requests(mem, queue, &backing, "fuzz-serial", &mut Vec::new())
+}

@@ -21,3 +21,14 @@ pub const VIRTIO_ID_FS: u32 = 26;
 pub const QUEUE_SIZE: u16 = 128;
 /// The longest tag the guest mounts it by (the config space's field).
 pub const TAG_LEN: usize = 36;
+
+/// Fuzzing entry (feature `fuzzing`): the device's request handling, with
+/// `server` attached.
+#[cfg(feature = "fuzzing")]
+pub fn fuzz_requests(
+    mem: &crate::vstate::memory::GuestMemoryMmap,
+    queue: &mut virtio_queue::Queue,
+    server: &std::sync::Arc<std::sync::Mutex<Option<server::FsServer>>>,
+) -> bool {
+    device::serve_requests(mem, queue, server)
+}

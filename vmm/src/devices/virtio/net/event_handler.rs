@@ -321,6 +321,22 @@ fn watch_tap(epoll: &Epoll, tap: Option<RawFd>, watch: bool) -> bool {
     watch
 }
 
+/// See `super::fuzz_queues`.
+#[cfg(feature = "fuzzing")]
+pub(super) fn fuzz(mem: &GuestMemoryMmap, queues: Vec<Queue>, frame: &[u8], mergeable: bool) {
+    let Ok(irq) = EventFd::new(libc::EFD_NONBLOCK) else {
+        return;
+    };
+    let interrupt = Arc::new(Interrupt::new(irq));
+    let features = if mergeable { features::MRG_RXBUF } else { 0 };
+    let mut io = NetIo::new(mem.clone(), queues, interrupt, None, features);
+    io.process_tx();
+    let len = frame.len().min(io.rx_buf.len());
+    io.rx_buf[..len].copy_from_slice(&frame[..len]);
+    io.pending = Some(len);
+    io.process_rx();
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

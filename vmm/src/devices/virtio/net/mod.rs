@@ -74,3 +74,16 @@ pub mod features {
 
 /// Link status bit in the configuration space.
 pub const VIRTIO_NET_S_LINK_UP: u16 = 1;
+
+/// Fuzzing entry (feature `fuzzing`): the guest's transmit queue (no tap:
+/// frames are read and dropped), then `frame` delivered into its receive
+/// buffers, with or without mergeable buffers.
+#[cfg(feature = "fuzzing")]
+pub fn fuzz_queues(
+    mem: &crate::vstate::memory::GuestMemoryMmap,
+    queues: Vec<virtio_queue::Queue>,
+    frame: &[u8],
+    mergeable: bool,
+) {
+    event_handler::fuzz(mem, queues, frame, mergeable)
+}

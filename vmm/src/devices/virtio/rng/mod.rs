@@ -12,3 +12,12 @@ pub const VIRTIO_ID_RNG: u32 = 4;
 pub const QUEUE_SIZE: u16 = 64;
 /// Most bytes handed out per request: a guest cannot make the host fill huge buffers.
 pub const MAX_REQUEST: usize = 64 << 10;
+
+/// Fuzzing entry (feature `fuzzing`): the device's request handling.
+#[cfg(feature = "fuzzing")]
+pub fn fuzz_requests(
+    mem: &crate::vstate::memory::GuestMemoryMmap,
+    queue: &mut virtio_queue::Queue,
+) -> bool {
+    device::fill_requests(mem, queue)
+}

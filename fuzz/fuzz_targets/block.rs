@@ -1,0 +1,3 @@
+#![no_main]
+//! See zygote_vmm::fuzzing::block.
+libfuzzer_sys::fuzz_target!(|data: &[u8]| zygote_vmm::fuzzing::block(data));
