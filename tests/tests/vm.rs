@@ -162,6 +162,51 @@ fn boot_ping_stress_and_power_off() {
         );
     }
     eprintln!("PVM fault in {faulted} of {rounds} stress rounds");
+
+    // A hostile guest program flooding the vsock device (connects to host
+    // ports nobody serves, each closed at once: a request and a reset per
+    // connect): the host's memory stays bounded and the agent's other
+    // connection keeps answering.
+    let rss_before = rss_anon_kib();
+    let mut flooder = sandbox.client().unwrap();
+    flooder.set_timeout(Duration::from_secs(300)).unwrap();
+    let flood = std::thread::spawn(move || {
+        flooder.call(request::Body::Exec(zygote_agent_api::Exec {
+            argv: ["/init", "vsock-flood", "20"].map(String::from).to_vec(),
+            env: vec![],
+            timeout_ms: 120_000,
+        }))
+    });
+    let (mut pings, mut slowest) = (0u32, Duration::ZERO);
+    while !flood.is_finished() {
+        let asked = std::time::Instant::now();
+        b.ping().expect("the agent answers during the flood");
+        slowest = slowest.max(asked.elapsed());
+        pings += 1;
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let body = flood.join().unwrap().expect("the flood ran");
+    let response::Body::Exec(result) = body else {
+        panic!("unexpected answer {body:?}")
+    };
+    let connects: u64 = String::from_utf8_lossy(&result.stdout)
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("flood output: {result:?}"));
+    let rss_after = rss_anon_kib();
+    eprintln!(
+        "vsock flood: {connects} connects (each a request and a reset) from the guest in 20 s; \
+         host anonymous memory {rss_before} -> {rss_after} KiB; \
+         {pings} pings answered during it (slowest {} ms)",
+        slowest.as_millis()
+    );
+    assert_eq!(result.exit_code, 0, "{result:?}");
+    assert!(connects > 0 && pings > 0);
+    assert!(
+        rss_after < rss_before + 16 * 1024,
+        "the host grew with the flood: {rss_before} -> {rss_after} KiB"
+    );
+    b.ping().expect("the agent answers after the flood");
     drop((a, b));
 
     let reason = sandbox.shutdown(Duration::from_secs(60));
@@ -251,4 +296,14 @@ fn bad_inputs_fail_clearly_and_leave_nothing() {
     );
     assert_eq!(vmm_thread_count(), 0, "no VMM thread left running");
     assert_eq!(fd_count(), fds, "no fd left open");
+}
+
+/// This process's anonymous resident memory (the VMM's, here), KiB.
+fn rss_anon_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("RssAnon:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .expect("RssAnon in /proc/self/status")
 }

@@ -13,6 +13,7 @@ pub mod container;
 pub mod cpus;
 pub mod detect;
 pub mod exec;
+pub mod flood;
 pub mod image;
 pub mod init;
 pub mod memory;

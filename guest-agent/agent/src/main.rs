@@ -17,6 +17,7 @@ fn main() -> ExitCode {
         Some("stress-echo") => selftest::child_echo(false),
         Some("stress-threads") => selftest::child_echo(true),
         Some("serve") => serve(),
+        Some("vsock-flood") => zygote_agent::flood::main(args.get(2).map_or("", String::as_str)),
         Some("container-exec") => match args.get(2) {
             Some(config) => zygote_agent::container::init::exec_main(config),
             None => ExitCode::from(2),
@@ -31,7 +32,9 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         _ => {
-            eprintln!("usage: zygote-agent [serve | stress-echo | stress-threads | --version]");
+            eprintln!(
+                "usage: zygote-agent [serve | stress-echo | stress-threads | vsock-flood SECONDS | --version]"
+            );
             eprintln!("(with no argument it must run as PID 1 inside a zygote VM)");
             ExitCode::from(2)
         }
