@@ -71,9 +71,13 @@ async fn pod_round(
     let _guard = PodGuard(pod.clone());
     assert!(shim_running(&pod), "one shim for the pod");
     let checked = async {
+        let mut ipc = Vec::new();
         for (name, staged) in [("app", true), ("app2", false)] {
-            container_round(runtime, &pod, &pod_config, &logs, name, staged).await?;
+            ipc.push(container_round(runtime, &pod, &pod_config, &logs, name, staged).await?);
         }
+        // The pod's containers share its IPC namespace (the CRI names the
+        // pause container's), the staged one's included.
+        assert_eq!(ipc[0], ipc[1], "one IPC namespace for the pod");
         ends_round(runtime, &pod, &pod_config, &logs).await
     }
     .await;
@@ -85,7 +89,8 @@ async fn pod_round(
 
 /// Container `name` of the pod, on the staged path or not: its output in
 /// the log, ExecSync's exit code and output, an exec whose background
-/// child holds its stdout, stats, and an update of its memory limit.
+/// child holds its stdout, stats, and an update of its memory limit;
+/// returns its IPC namespace (as `readlink /proc/self/ns/ipc` names it).
 async fn container_round(
     runtime: &mut RuntimeServiceClient<Channel>,
     pod: &str,
@@ -93,7 +98,7 @@ async fn container_round(
     logs: &std::path::Path,
     name: &str,
     staged: bool,
-) -> Result<(), PvmSegv> {
+) -> Result<String, PvmSegv> {
     let container = run_container(
         runtime,
         container_request(
@@ -111,7 +116,9 @@ async fn container_round(
             cmd: vec![
                 "sh".into(),
                 "-c".into(),
-                "echo in-exec; uname -r; grep ' / overlay ' /proc/mounts; exit 5".into(),
+                "echo in-exec; uname -r; grep ' / overlay ' /proc/mounts; \
+                 readlink /proc/self/ns/ipc; exit 5"
+                    .into(),
             ],
             timeout: 120,
         })
@@ -133,7 +140,7 @@ async fn container_round(
     let out = String::from_utf8_lossy(&exec.stdout).into_owned();
     let lines: Vec<&str> = out.lines().collect();
     let host = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
-    assert_eq!(lines.len(), 3, "{out:?}");
+    assert_eq!(lines.len(), 4, "{out:?}");
     assert_eq!(lines[0], "in-exec");
     assert_ne!(lines[1], host.trim(), "the guest's kernel, not the host's");
     assert_eq!(
@@ -143,6 +150,7 @@ async fn container_round(
         if staged { "" } else { "not " },
         lines[2]
     );
+    let ipc = lines[3].to_string();
 
     // An exec that leaves a background child holding its stdout ends when
     // the exec's own process does (Kata #869's pattern), with its output:
@@ -191,7 +199,7 @@ async fn container_round(
     // The log, in the CRI's format ("TIME stdout F LINE").
     let text = log_with(logs, name, "hello-from-cri").await;
     assert!(text.contains(" stdout F hello-from-cri"), "{text:?}");
-    Ok(())
+    Ok(ipc)
 }
 
 /// How containers on the normal path end: one on a terminal exiting 3, one
@@ -225,13 +233,12 @@ async fn ends_round(
         "oom",
         &["dd", "if=/dev/zero", "of=/dev/null", "bs=32M", "count=1"],
     );
-    request.config.as_mut().unwrap().linux = Some(cri::LinuxContainerConfig {
-        resources: Some(cri::LinuxContainerResources {
+    if let Some(linux) = request.config.as_mut().unwrap().linux.as_mut() {
+        linux.resources = Some(cri::LinuxContainerResources {
             memory_limit_in_bytes: 16 << 20,
             ..Default::default()
-        }),
-        ..Default::default()
-    });
+        });
+    }
     let oom = run_container(runtime, request).await;
     let status = exited(runtime, &oom, |s| s.reason == "OOMKilled").await;
     assert_eq!(status.exit_code, 137, "{status:?}");

@@ -8,9 +8,10 @@
 //!   the guest wrote, the host's vsock connections and tap, and for
 //!   virtio-fs the host directories the pod was given.
 //!
-//! Each thread installs its list itself when it starts (a filter holds the
-//! thread and what it starts; a device thread started by a vCPU thread is
-//! held by both lists). Anything else kills the whole process with SIGSYS
+//! Each thread installs its list itself when it starts. A filter also
+//! holds every thread its thread starts, so device threads are started by
+//! a thread of their own that holds none ([`spawn_unjailed`]), not by the
+//! vCPU thread on which the guest's driver activates the device. Anything else kills the whole process with SIGSYS
 //! (`SECCOMP_RET_KILL_PROCESS`): the shim dies and containerd reports its
 //! tasks dead, rather than a VMM going on in a state nobody planned for.
 //! `ioctl` is filtered by request number on vCPU threads.
@@ -20,8 +21,9 @@
 //! default, `log` to log what would be refused instead, `off`).
 
 use std::collections::BTreeMap;
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Mutex, OnceLock, mpsc};
+use std::thread::JoinHandle;
 
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
@@ -71,9 +73,61 @@ impl Mode {
 
 static MODE: AtomicU8 = AtomicU8::new(Mode::Off as u8);
 
-/// Sets the mode for threads started from now on.
+/// Sets the mode for threads started from now on. Call it before any
+/// thread is started: with a filter on, it starts the thread that starts
+/// device threads ([`spawn_unjailed`]).
 pub fn set_mode(mode: Mode) {
     MODE.store(mode as u8, Ordering::Release);
+    if mode != Mode::Off {
+        SPAWNER.get_or_init(start_spawner);
+    }
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// The thread that starts device threads (it holds no filter).
+static SPAWNER: OnceLock<Mutex<mpsc::Sender<Job>>> = OnceLock::new();
+
+fn start_spawner() -> Mutex<mpsc::Sender<Job>> {
+    let (tx, rx) = mpsc::channel::<Job>();
+    let started = std::thread::Builder::new()
+        .name("zygote-spawner".into())
+        .spawn(move || {
+            for job in rx {
+                job();
+            }
+        });
+    if let Err(e) = started {
+        tracing::error!("cannot start the device threads' spawner: {e}");
+    }
+    Mutex::new(tx)
+}
+
+/// Starts thread `name` running `f` outside any filter the caller holds: a
+/// device's I/O thread is started when the guest's driver activates the
+/// device, on a vCPU thread, whose list must not be the device thread's
+/// too (a filter holds the threads its thread starts). With a filter on,
+/// the spawner thread (started by [`set_mode`], before any filter) starts
+/// it; otherwise the caller does.
+pub fn spawn_unjailed<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::io::Result<JoinHandle<T>> {
+    let builder = std::thread::Builder::new().name(name.into());
+    let Some(spawner) = SPAWNER.get() else {
+        return builder.spawn(f);
+    };
+    let (tx, rx) = mpsc::channel();
+    let job: Job = Box::new(move || {
+        let _ = tx.send(builder.spawn(f));
+    });
+    spawner
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .send(job)
+        .map_err(|_| std::io::Error::other("the device threads' spawner is gone"))?;
+    rx.recv()
+        .map_err(|_| std::io::Error::other("the device threads' spawner is gone"))?
 }
 
 /// The current mode.
@@ -128,16 +182,10 @@ const COMMON: &[&str] = &[
     "writev",
 ];
 
-/// A vCPU thread, beyond [`COMMON`]: starting a device's I/O thread when the
-/// guest's driver activates it (`clone3`, the thread's eventfds and epoll).
-const VCPU: &[&str] = &[
-    "clone",
-    "clone3",
-    "epoll_create1",
-    "epoll_ctl",
-    "eventfd2",
-    "fcntl",
-];
+/// A vCPU thread, beyond [`COMMON`]: activating a device when the guest's
+/// driver asks (its eventfds and epoll; its I/O thread is started by the
+/// spawner, [`spawn_unjailed`]).
+const VCPU: &[&str] = &["epoll_create1", "epoll_ctl", "eventfd2", "fcntl"];
 
 /// `ioctl` requests a vCPU thread makes: `KVM_RUN`, `KVM_GET_REGS` (to name
 /// where a guest failed), `FIONBIO`.

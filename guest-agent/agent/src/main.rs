@@ -17,6 +17,9 @@ fn main() -> ExitCode {
         Some("stress-echo") => selftest::child_echo(false),
         Some("stress-threads") => selftest::child_echo(true),
         Some("serve") => serve(),
+        Some("pod-namespaces") => {
+            zygote_agent::container::podns::main(args.get(2).map(String::as_str))
+        }
         Some("vsock-flood") => zygote_agent::flood::main(args.get(2).map_or("", String::as_str)),
         Some("container-exec") => match args.get(2) {
             Some(config) => zygote_agent::container::init::exec_main(config),

@@ -167,3 +167,67 @@ fn sysctls_and_oom_score_adj() {
     assert!(Path::new(&root).exists());
     std::fs::remove_dir_all(&root).unwrap();
 }
+
+#[test]
+fn containers_join_the_pods_ipc_and_pid_namespaces_when_the_spec_names_them() {
+    use std::io::Read;
+    use std::os::unix::net::UnixStream;
+    use zygote_agent::container::registry::Registry;
+    if !is_root() {
+        return;
+    }
+    let image = busybox_rootfs("podns");
+    symlink("busybox", image.join("bin/readlink")).unwrap();
+    let state = std::env::temp_dir().join(format!("zygote-podns-{}", std::process::id()));
+    let registry = Registry::new(&state, Path::new(common::AGENT), None);
+    let script = "readlink /proc/self/ns/ipc; readlink /proc/self/ns/pid; echo $$; \
+                  tr '\\0' ' ' < /proc/1/cmdline; echo";
+    // As the CRI names the pause container's namespaces (any path: the pod's).
+    let run = |id: &str, shared: &[&str]| {
+        let json = spec_with(&["/bin/sh", "-c", script], |v| {
+            let ns: Vec<serde_json::Value> = ["mount", "uts", "ipc", "pid"]
+                .iter()
+                .map(|t| {
+                    if shared.contains(t) {
+                        serde_json::json!({"type": t, "path": format!("/proc/77/ns/{t}")})
+                    } else {
+                        serde_json::json!({"type": t})
+                    }
+                })
+                .collect();
+            v["linux"] = serde_json::json!({"namespaces": ns});
+        });
+        registry
+            .create(id, &json, image.to_str().unwrap(), 0, &[])
+            .unwrap();
+        let (mut host, guest) = UnixStream::pair().unwrap();
+        registry.attach(id, "stdout", guest).unwrap();
+        registry.start(id).unwrap();
+        assert_eq!(registry.wait(id).unwrap(), 0, "{id}");
+        let mut out = String::new();
+        host.read_to_string(&mut out).unwrap();
+        let lines: Vec<String> = out.lines().map(String::from).collect();
+        assert_eq!(lines.len(), 4, "{id}: {out}");
+        lines
+    };
+    let first = run("first", &["ipc"]);
+    let second = run("second", &["ipc", "pid"]);
+    let own = run("own", &[]);
+    let host_ipc = std::fs::read_link("/proc/self/ns/ipc").unwrap();
+    // IPC: the pod's, shared by the two that name it; the third has its own.
+    assert_eq!(first[0], second[0]);
+    assert_ne!(first[0], own[0]);
+    assert_ne!(first[0], host_ipc.to_string_lossy());
+    // PID: the second is in the pod's namespace, whose PID 1 is the holder
+    // (as the pause container is); the others are their namespace's PID 1.
+    assert_ne!(second[1], first[1]);
+    assert_ne!(second[2], "1");
+    assert!(second[3].contains("pod-namespaces"), "{second:?}");
+    assert_eq!((first[2].as_str(), own[2].as_str()), ("1", "1"));
+    for id in ["first", "second", "own"] {
+        registry.remove(id).unwrap();
+    }
+    drop(registry);
+    let _ = std::fs::remove_dir_all(&state);
+    std::fs::remove_dir_all(&image).unwrap();
+}

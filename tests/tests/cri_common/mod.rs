@@ -58,9 +58,12 @@ pub fn pod_config(name: &str, attempt: u32) -> (cri::PodSandboxConfig, std::path
         log_directory: logs.to_string_lossy().into(),
         linux: Some(cri::LinuxPodSandboxConfig {
             security_context: Some(cri::LinuxSandboxSecurityContext {
-                // Host network (cri_network.rs runs pods on the CNI network).
+                // Host network (cri_network.rs runs pods on the CNI network);
+                // the pod's IPC, a PID namespace per container (as kubelet
+                // asks without `shareProcessNamespace`).
                 namespace_options: Some(cri::NamespaceOption {
                     network: cri::NamespaceMode::Node as i32,
+                    pid: cri::NamespaceMode::Container as i32,
                     ..Default::default()
                 }),
                 ..Default::default()
@@ -217,6 +220,18 @@ pub fn container_request(
             }),
             command: command.iter().map(|s| s.to_string()).collect(),
             log_path: format!("{name}.log"),
+            // The pod's namespace options, as kubelet gives each container.
+            linux: Some(cri::LinuxContainerConfig {
+                security_context: Some(cri::LinuxContainerSecurityContext {
+                    namespace_options: pod_config
+                        .linux
+                        .as_ref()
+                        .and_then(|l| l.security_context.as_ref())
+                        .and_then(|s| s.namespace_options.clone()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
             ..Default::default()
         }),
         sandbox_config: Some(pod_config.clone()),

@@ -418,18 +418,34 @@ pub fn main(config_json: &str) -> ExitCode {
     run_init(
         "container-init",
         config_json,
-        |c: &LaunchConfig| c.cgroup.clone(),
+        |c: &LaunchConfig| (c.cgroup.clone(), pod_joins(c)),
         setup_and_exec,
     )
 }
 
+/// The pod's namespaces `c` joins: (`/proc/PID/ns/KIND`, its clone flag).
+fn pod_joins(c: &LaunchConfig) -> Vec<(PathBuf, libc::c_int)> {
+    let Some(dir) = &c.pod_ns else {
+        return Vec::new();
+    };
+    [
+        (c.share.ipc, "ipc", libc::CLONE_NEWIPC),
+        (c.share.pid, "pid", libc::CLONE_NEWPID),
+    ]
+    .into_iter()
+    .filter(|(on, _, _)| *on)
+    .map(|(_, kind, flag)| (dir.join(kind), flag))
+    .collect()
+}
+
 /// An init's main (`what` names it in errors): its config from JSON, its
-/// cgroup (from `cgroup`) and namespaces, then `child` in the forked
-/// process, whose status becomes the init's.
+/// cgroup and the pod's namespaces it joins (from `enter`) and its own
+/// namespaces, then `child` in the forked process, whose status becomes
+/// the init's.
 pub(super) fn run_init<C: serde::de::DeserializeOwned>(
     what: &str,
     config_json: &str,
-    cgroup: impl FnOnce(&C) -> Option<PathBuf>,
+    enter: impl FnOnce(&C) -> (Option<PathBuf>, Vec<(PathBuf, libc::c_int)>),
     child: impl FnOnce(&C) -> String,
 ) -> ExitCode {
     let config: C = match serde_json::from_str(config_json) {
@@ -439,7 +455,8 @@ pub(super) fn run_init<C: serde::de::DeserializeOwned>(
             return ExitCode::from(EXIT_SETUP_FAILED);
         }
     };
-    if let Err(e) = enter_namespaces(cgroup(&config).as_deref()) {
+    let (cgroup, joins) = enter(&config);
+    if let Err(e) = enter_namespaces(cgroup.as_deref(), &joins) {
         eprintln!("zygote {what}: {e}");
         return ExitCode::from(EXIT_SETUP_FAILED);
     }
@@ -447,14 +464,23 @@ pub(super) fn run_init<C: serde::de::DeserializeOwned>(
 }
 
 /// The init's set-up before it forks: into the container's cgroup first
-/// (everything forked from here is limited), then new mount, UTS, IPC and
-/// PID namespaces.
-fn enter_namespaces(cgroup: Option<&Path>) -> Result<(), String> {
+/// (everything forked from here is limited), then the pod's namespaces in
+/// `joins`, then new mount, UTS, IPC and PID namespaces for the rest.
+fn enter_namespaces(cgroup: Option<&Path>, joins: &[(PathBuf, libc::c_int)]) -> Result<(), String> {
     if let Some(cgroup) = cgroup {
         std::fs::write(cgroup.join("cgroup.procs"), "0")
             .map_err(|e| format!("join {}: {e}", cgroup.display()))?;
     }
-    let flags = libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC | libc::CLONE_NEWPID;
+    let mut flags =
+        libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC | libc::CLONE_NEWPID;
+    for (path, kind) in joins {
+        use std::os::fd::AsRawFd;
+        let f = std::fs::File::open(path).map_err(|e| format!("open {}: {e}", path.display()))?;
+        // SAFETY: setns with an fd we own; this process is single-threaded.
+        let rc = unsafe { libc::setns(f.as_raw_fd(), *kind) };
+        check(rc, &format!("join the pod's {}", path.display()))?;
+        flags &= !kind;
+    }
     // SAFETY: unshare with namespace flags; this process is single-threaded.
     check(unsafe { libc::unshare(flags) }, "unshare")
 }

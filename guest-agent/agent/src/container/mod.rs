@@ -17,6 +17,7 @@ pub mod init;
 pub mod layer;
 pub mod masks;
 pub mod oom;
+pub mod podns;
 pub mod registry;
 pub mod resolve;
 pub mod seccomp;

@@ -281,6 +281,8 @@ pub struct Registry {
     oom: OnceLock<Option<super::oom::OomWatcher>>,
     /// The pre-staged container waiting for a spec, if any.
     slot: Mutex<Option<Slot>>,
+    /// The pod's shared namespaces, once a container asked for them.
+    pod_ns: Mutex<Option<super::podns::PodNamespaces>>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -328,6 +330,7 @@ impl Registry {
             cgroup_root: cgroup_root.and_then(super::cgroup::v2_root),
             oom: OnceLock::new(),
             slot: Mutex::default(),
+            pod_ns: Mutex::default(),
         }
     }
 
@@ -375,7 +378,16 @@ impl Registry {
         if containers.contains_key(id) {
             return Err(ContainerError::Exists(id.into()));
         }
-        let mut staged = self.take_slot(lower, &checked.mounts);
+        // The staged container has IPC and PID namespaces of its own, made in
+        // the template: it can be the pod's first (its IPC becomes the
+        // pod's), not join a PID namespace or IPC namespace made before.
+        let pod_ns_made = self.pod_ns.lock().expect("pod ns lock").is_some();
+        let stageable = !checked.share.pid && !(checked.share.ipc && pod_ns_made);
+        let mut staged = if stageable {
+            self.take_slot(lower, &checked.mounts)
+        } else {
+            None
+        };
         let dir = match &staged {
             Some((slot, _)) => slot.dir.clone(),
             None => self.state_dir.join(id),
@@ -395,6 +407,10 @@ impl Registry {
                 }
             };
             let mut config = launch_config(spec_json, &merged)?;
+            if config.share.ipc || config.share.pid {
+                let ipc_from = staged.as_ref().map(|(slot, _)| slot.init_pid());
+                config.pod_ns = Some(self.pod_namespaces(ipc_from)?);
+            }
             let pod_dir = self.state_dir.join(POD_DIR);
             super::volumes::place(volumes, &dir, &pod_dir, &mut config.mounts)?;
             if let Some((_, planned)) = &mut staged {
@@ -454,6 +470,19 @@ impl Registry {
                 Err(e)
             }
         }
+    }
+
+    /// The pod's shared namespaces (`/proc/PID/ns`), their holder started
+    /// first if need be (in the IPC namespace of `ipc_from`, if given).
+    fn pod_namespaces(&self, ipc_from: Option<u32>) -> Result<PathBuf, ContainerError> {
+        let mut held = self.pod_ns.lock().expect("pod ns lock");
+        if held.is_none() {
+            *held = Some(
+                super::podns::PodNamespaces::start(&self.agent_exe, ipc_from)
+                    .map_err(os("start the pod's namespaces"))?,
+            );
+        }
+        Ok(held.as_ref().expect("just made").dir())
     }
 
     /// Brings container `id`'s copy of volume `v` to `v`'s content.

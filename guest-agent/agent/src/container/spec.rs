@@ -123,6 +123,22 @@ pub struct LaunchConfig {
     /// `process.oomScoreAdj`.
     #[serde(default)]
     pub oom_score_adj: Option<i32>,
+    /// The pod's namespaces the spec joins (entries of `linux.namespaces`
+    /// with a path), instead of new ones.
+    #[serde(default)]
+    pub share: Share,
+    /// Where the pod's namespaces are (`/proc/PID/ns`; set by the agent).
+    #[serde(default)]
+    pub pod_ns: Option<PathBuf>,
+}
+
+/// Which of the pod's namespaces a container joins.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Share {
+    /// The pod's IPC namespace (the CRI always asks).
+    pub ipc: bool,
+    /// The pod's PID namespace (`shareProcessNamespace`).
+    pub pid: bool,
 }
 
 /// Whether `p` is absolute and has no `..`.
@@ -313,6 +329,20 @@ pub fn launch_config(json: &[u8], rootfs: &Path) -> Result<LaunchConfig, SpecErr
         .collect::<Result<Vec<_>, SpecError>>()?;
     sysctls.sort();
     let oom_score_adj = process.oom_score_adj();
+    let mut share = Share::default();
+    for ns in linux
+        .and_then(|l| l.namespaces().as_ref())
+        .into_iter()
+        .flatten()
+    {
+        if ns.path().is_some() {
+            match ns.typ() {
+                oci_spec::runtime::LinuxNamespaceType::Ipc => share.ipc = true,
+                oci_spec::runtime::LinuxNamespaceType::Pid => share.pid = true,
+                _ => {}
+            }
+        }
+    }
     if let Some(adj) = oom_score_adj.filter(|a| !(-1000..=1000).contains(a)) {
         return Err(SpecError::OomScoreAdj(adj));
     }
@@ -388,6 +418,8 @@ pub fn launch_config(json: &[u8], rootfs: &Path) -> Result<LaunchConfig, SpecErr
         seccomp,
         sysctls,
         oom_score_adj,
+        share,
+        pod_ns: None,
     })
 }
 

@@ -382,7 +382,7 @@ pub fn main(config_json: &str) -> ExitCode {
     run_init(
         "container-init --staged",
         config_json,
-        |c: &StageConfig| c.cgroup.clone(),
+        |c: &StageConfig| (c.cgroup.clone(), Vec::new()),
         stage_and_exec,
     )
 }

@@ -24,15 +24,13 @@ impl<T: Send + 'static> Worker<T> {
     ) -> std::io::Result<Self> {
         let kill = EventFd::new(libc::EFD_NONBLOCK)?;
         let theirs = kill.try_clone()?;
-        let handle = std::thread::Builder::new()
-            .name(name.into())
-            .spawn(move || {
-                // The guest's queues are served under the device list.
-                if let Err(e) = crate::jail::enter(crate::jail::Kind::Device) {
-                    crate::vstate::vcpu::fail_closed(&e);
-                }
-                body(theirs)
-            })?;
+        let handle = crate::jail::spawn_unjailed(name, move || {
+            // The guest's queues are served under the device list.
+            if let Err(e) = crate::jail::enter(crate::jail::Kind::Device) {
+                crate::vstate::vcpu::fail_closed(&e);
+            }
+            body(theirs)
+        })?;
         Ok(Worker {
             kill,
             handle: Some(handle),
