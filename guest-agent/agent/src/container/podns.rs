@@ -92,13 +92,15 @@ pub fn main(ipc_from: Option<&str>) -> ExitCode {
                 let pid: u32 = pid.parse().map_err(|_| format!("not a pid: {pid:?}"))?;
                 setns(&format!("/proc/{pid}/ns/ipc"), libc::CLONE_NEWIPC)?;
             }
-            // SAFETY: unshare with a namespace flag; single-threaded.
             None => {
-                super::init::check(unsafe { libc::unshare(libc::CLONE_NEWIPC) }, "unshare ipc")?
+                // SAFETY: unshare with a namespace flag; single-threaded.
+                let rc = unsafe { libc::unshare(libc::CLONE_NEWIPC) };
+                super::init::check(rc, "unshare ipc")?
             }
         }
         // SAFETY: as above; the next child is the new namespace's PID 1.
-        super::init::check(unsafe { libc::unshare(libc::CLONE_NEWPID) }, "unshare pid")
+        let rc = unsafe { libc::unshare(libc::CLONE_NEWPID) };
+        super::init::check(rc, "unshare pid")
     })();
     if let Err(e) = made {
         eprintln!("zygote pod-namespaces: {e}");

@@ -382,7 +382,7 @@ impl Registry {
         // the template: it can be the pod's first (its IPC becomes the
         // pod's), not join a PID namespace or IPC namespace made before.
         let pod_ns_made = self.pod_ns.lock().expect("pod ns lock").is_some();
-        let stageable = !checked.share.pid && !(checked.share.ipc && pod_ns_made);
+        let stageable = !(checked.share.pid || checked.share.ipc && pod_ns_made);
         let mut staged = if stageable {
             self.take_slot(lower, &checked.mounts)
         } else {
