@@ -476,3 +476,55 @@ fn one_image_has_one_template_in_every_namespace() {
         let _ = std::fs::remove_dir_all(logs);
     });
 }
+
+/// A pod with `shareProcessNamespace` (the CRI's pod PID mode): its
+/// containers see each other's processes, and PID 1 is the pod's (the
+/// agent's namespace holder, as the pause container is under runc).
+#[test]
+fn a_pod_sharing_its_process_namespace_shows_each_container_the_others() {
+    cri_test(|channel| async move {
+        let runtime = RuntimeServiceClient::new(channel);
+        until_passed(|attempt| {
+            let mut runtime = runtime.clone();
+            async move { shared_pid_round(&mut runtime, attempt).await }
+        })
+        .await;
+    });
+}
+
+async fn shared_pid_round(
+    runtime: &mut RuntimeServiceClient<Channel>,
+    attempt: u32,
+) -> Result<(), PvmSegv> {
+    let (mut config, logs) = pod_config("pidpod", attempt);
+    if let Some(ns) = config
+        .linux
+        .as_mut()
+        .and_then(|l| l.security_context.as_mut())
+        .and_then(|s| s.namespace_options.as_mut())
+    {
+        ns.pid = cri::NamespaceMode::Pod as i32;
+    }
+    let pod = run_pod(runtime, &config).await;
+    let _guard = PodGuard(pod.clone());
+    let first = container_request(&pod, &config, "first", &["sleep", "1234"]);
+    let first = run_container(runtime, first).await;
+    let second = container_request(&pod, &config, "second", &["sleep", "1000"]);
+    let second = run_container(runtime, second).await;
+    let seen = exec_ok(
+        runtime,
+        &second,
+        "ps -o args | grep -c '[s]leep 1234'; tr '\\0' ' ' < /proc/1/cmdline; echo; echo $$",
+    )
+    .await?;
+    let lines: Vec<&str> = seen.lines().collect();
+    assert_eq!(lines.len(), 3, "{seen}");
+    assert_eq!(lines[0], "1", "the first container's process: {seen}");
+    assert!(lines[1].contains("pod-namespaces"), "PID 1: {seen}");
+    assert_ne!(lines[2], "1", "{seen}");
+    // Its own PID namespace is the pod's too.
+    let own = exec_ok(runtime, &first, "ps -o args | grep -c '[s]leep 1000'").await?;
+    assert_eq!(own.trim(), "1", "{own}");
+    std::fs::remove_dir_all(&logs).unwrap();
+    Ok(())
+}
