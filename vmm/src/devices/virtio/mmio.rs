@@ -38,6 +38,35 @@ pub struct MmioTransport {
     pub(super) status: u32,
     pub(super) config_generation: u32,
     pub(super) activated: bool,
+    /// The warnings the guest's driver causes, rate-limited.
+    pub(super) warnings: GuestWarnings,
+}
+
+/// Warnings a guest can cause over and over (a driver that resets and
+/// activates a device in a loop): at most one per 10 s per device, the
+/// ones held back counted in the next.
+#[derive(Debug, Default)]
+pub(super) struct GuestWarnings {
+    last: Option<std::time::Instant>,
+    held: u64,
+}
+
+impl GuestWarnings {
+    const EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+    /// `Some(held back since the last)` when a warning may be logged now.
+    pub(super) fn admit(&mut self) -> Option<u64> {
+        let now = std::time::Instant::now();
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < Self::EVERY)
+        {
+            self.held += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.held))
+    }
 }
 
 impl MmioTransport {
@@ -65,6 +94,7 @@ impl MmioTransport {
             status: 0,
             config_generation: 0,
             activated: false,
+            warnings: GuestWarnings::default(),
         })
     }
 
@@ -155,15 +185,20 @@ impl MmioTransport {
 
     fn activate(&mut self) {
         if !self.queues.iter().all(|q| q.is_valid(&self.mem)) {
-            tracing::warn!(
-                device = self.device.device_type(),
-                "driver set up an invalid queue"
-            );
+            if let Some(held) = self.warnings.admit() {
+                tracing::warn!(
+                    device = self.device.device_type(),
+                    held,
+                    "driver set up an invalid queue"
+                );
+            }
             self.status |= DEVICE_STATUS_NEEDS_RESET;
             return;
         }
         if let Err(e) = self.try_activate() {
-            tracing::error!(device = self.device.device_type(), error = %e, "device activation failed");
+            if let Some(held) = self.warnings.admit() {
+                tracing::error!(device = self.device.device_type(), error = %e, held, "device activation failed");
+            }
             self.status |= DEVICE_STATUS_NEEDS_RESET;
         }
     }
@@ -296,6 +331,21 @@ pub(crate) mod tests {
     use super::*;
     use std::sync::Mutex;
     use vm_memory::GuestAddress;
+
+    #[test]
+    fn a_guests_repeated_warnings_are_held_back_and_counted() {
+        let mut w = GuestWarnings::default();
+        assert_eq!(w.admit(), Some(0));
+        for _ in 0..1000 {
+            assert_eq!(w.admit(), None);
+        }
+        // Ten seconds later: one line, with the count held back.
+        w.last = w
+            .last
+            .map(|t| t - GuestWarnings::EVERY - std::time::Duration::from_millis(1));
+        assert_eq!(w.admit(), Some(1000));
+        assert_eq!(w.admit(), None);
+    }
 
     /// A device that records what the transport tells it.
     #[derive(Debug, Default)]

@@ -284,6 +284,7 @@ impl Persist for MmioTransport {
             status: state.status,
             config_generation: state.config_generation,
             activated: false,
+            warnings: Default::default(),
         };
         if state.activated {
             if let Some(index) = transport
