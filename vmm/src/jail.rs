@@ -11,7 +11,8 @@
 //! Each thread installs its list itself when it starts. A filter also
 //! holds every thread its thread starts, so device threads are started by
 //! a thread of their own that holds none ([`spawn_unjailed`]), not by the
-//! vCPU thread on which the guest's driver activates the device. Anything else kills the whole process with SIGSYS
+//! vCPU thread on which the guest's driver activates the device. A call
+//! outside a thread's list kills the whole process with SIGSYS
 //! (`SECCOMP_RET_KILL_PROCESS`): the shim dies and containerd reports its
 //! tasks dead, rather than a VMM going on in a state nobody planned for.
 //! `ioctl` is filtered by request number on vCPU threads.
