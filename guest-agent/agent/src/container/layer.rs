@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::init::mount_raw as mount;
+use super::mounts::mount_raw as mount;
 use super::registry::ContainerError;
 
 fn os(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ContainerError {

@@ -7,7 +7,7 @@
 
 use std::path::Path;
 
-use super::init::mount_raw;
+use super::mounts::mount_raw;
 
 fn skippable(e: &std::io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR))

@@ -16,6 +16,7 @@ pub mod control;
 pub mod init;
 pub mod layer;
 pub mod masks;
+pub mod mounts;
 pub mod oom;
 pub mod podns;
 pub mod registry;

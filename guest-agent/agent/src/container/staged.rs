@@ -33,9 +33,8 @@ use std::process::{Command, ExitCode, Stdio};
 use serde::{Deserialize, Serialize};
 
 use super::control::{readable, recv_record, send_record, seqpacket_pair};
-use super::init::{
-    check, enter_root, exec_process, make_mounts, mounts_dev, prepare_root, run_init, unmount,
-};
+use super::init::{check, enter_root, exec_process, run_init};
+use super::mounts::{make_mounts, mounts_dev, prepare_root, unmount};
 use super::registry::ContainerError;
 use super::spec::{LaunchConfig, MountSpec};
 use crate::procs::{self, Child};

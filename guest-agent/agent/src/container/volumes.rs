@@ -350,7 +350,7 @@ fn mount_share(volume: &str) -> Result<(), VolumeError> {
         }
     };
     std::fs::create_dir_all(SHARE_MOUNT).map_err(os("create the share's mount point"))?;
-    super::init::mount_raw(
+    super::mounts::mount_raw(
         SHARE_TAG,
         Path::new(SHARE_MOUNT),
         "virtiofs",
@@ -402,7 +402,7 @@ pub fn place(
             // Sized as the host's (kubelet's sizeLimit of a Memory emptyDir).
             std::fs::create_dir(&at).map_err(os(format!("create {}", at.display())))?;
             let data = format!("size={}", v.size_bytes);
-            super::init::mount_raw(
+            super::mounts::mount_raw(
                 "tmpfs",
                 &at,
                 "tmpfs",
