@@ -274,15 +274,21 @@ fn enter_namespaces(cgroup: Option<&Path>, joins: &[(PathBuf, libc::c_int)]) -> 
     let mut flags =
         libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC | libc::CLONE_NEWPID;
     for (path, kind) in joins {
-        use std::os::fd::AsRawFd;
-        let f = std::fs::File::open(path).map_err(|e| format!("open {}: {e}", path.display()))?;
-        // SAFETY: setns with an fd we own; this process is single-threaded.
-        let rc = unsafe { libc::setns(f.as_raw_fd(), *kind) };
-        check(rc, &format!("join the pod's {}", path.display()))?;
+        join_namespace(path, *kind)?;
         flags &= !kind;
     }
     // SAFETY: unshare with namespace flags; this process is single-threaded.
     check(unsafe { libc::unshare(flags) }, "unshare")
+}
+
+/// Joins the namespace at `path` (`kind`: its `CLONE_NEW*` flag, or 0 for
+/// any); the caller must be single-threaded.
+pub(super) fn join_namespace(path: &Path, kind: libc::c_int) -> Result<(), String> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path).map_err(|e| format!("open {}: {e}", path.display()))?;
+    // SAFETY: setns with an fd we own; the caller is single-threaded.
+    let rc = unsafe { libc::setns(f.as_raw_fd(), kind) };
+    check(rc, &format!("join {}", path.display()))
 }
 
 /// Forks; the child runs `child` (which only returns on failure, with the
@@ -372,12 +378,7 @@ pub fn exec_main(config_json: &str) -> ExitCode {
         let root = std::fs::File::open(format!("/proc/{pid}/root"))
             .map_err(|e| format!("open the container's root: {e}"))?;
         for ns in ["ipc", "uts", "pid", "mnt"] {
-            let f = std::fs::File::open(format!("/proc/{pid}/ns/{ns}"))
-                .map_err(|e| format!("open {ns} namespace: {e}"))?;
-            use std::os::fd::AsRawFd;
-            // SAFETY: setns with an fd we own; this process is single-threaded.
-            let rc = unsafe { libc::setns(f.as_raw_fd(), 0) };
-            check(rc, &format!("setns {ns}"))?;
+            join_namespace(Path::new(&format!("/proc/{pid}/ns/{ns}")), 0)?;
         }
         Ok(root)
     })();

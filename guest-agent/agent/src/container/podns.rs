@@ -13,7 +13,6 @@
 //! share join these in their init (`setns`) instead of making their own.
 
 use std::io::{BufRead, Read};
-use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::{Command, ExitCode, Stdio};
 
@@ -75,22 +74,14 @@ impl Drop for PodNamespaces {
     }
 }
 
-fn setns(path: &str, kind: libc::c_int) -> Result<(), String> {
-    let f = std::fs::File::open(path).map_err(|e| format!("open {path}: {e}"))?;
-    // SAFETY: setns with an fd we own; this process is single-threaded.
-    if unsafe { libc::setns(f.as_raw_fd(), kind) } != 0 {
-        return Err(format!("setns {path}: {}", std::io::Error::last_os_error()));
-    }
-    Ok(())
-}
-
 /// `zygote-agent pod-namespaces [IPC_PID]`: the holder's main.
 pub fn main(ipc_from: Option<&str>) -> ExitCode {
     let made = (|| -> Result<(), String> {
         match ipc_from {
             Some(pid) => {
                 let pid: u32 = pid.parse().map_err(|_| format!("not a pid: {pid:?}"))?;
-                setns(&format!("/proc/{pid}/ns/ipc"), libc::CLONE_NEWIPC)?;
+                let ipc = format!("/proc/{pid}/ns/ipc");
+                super::init::join_namespace(std::path::Path::new(&ipc), libc::CLONE_NEWIPC)?;
             }
             None => {
                 // SAFETY: unshare with a namespace flag; single-threaded.

@@ -88,15 +88,25 @@ pub fn open_in_root(root: &OwnedFd, path: &Path, make: Make) -> Result<OwnedFd, 
     if path.components().any(|c| c == Component::ParentDir) {
         return Err(format!("{} must not contain '..'", path.display()));
     }
-    let root_real = std::fs::read_link(fd_path(root)).map_err(os("resolve", path))?;
+    // Most targets are in the image already: one call (each is emulated
+    // guest kernel work on PVM, and this runs at every container start).
+    match openat2(root, path, libc::O_PATH) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) && make != Make::Nothing => {}
+        done => return done.map_err(os("open", path)),
+    }
     let mut todo: VecDeque<OsString> = names(path);
     let mut at =
         openat2(root, Path::new("/"), libc::O_PATH).map_err(os("open the root for", path))?;
-    // Where `at` is, inside the root, without links.
+    // Where `at` is, inside the root (links in it resolved when a `..`
+    // needs its real parent).
     let mut so_far = PathBuf::from("/");
     let mut links = 0;
     while let Some(name) = todo.pop_front() {
         if name == ".." {
+            // The kernel's path of `at`, minus the root's, then its parent.
+            let real = std::fs::read_link(fd_path(&at)).map_err(os("resolve", &so_far))?;
+            let root_real = std::fs::read_link(fd_path(root)).map_err(os("resolve", path))?;
+            so_far = Path::new("/").join(real.strip_prefix(&root_real).unwrap_or(Path::new("")));
             so_far.pop();
             at = openat2(root, &so_far, libc::O_PATH).map_err(os("open", &so_far))?;
             continue;
@@ -104,7 +114,7 @@ pub fn open_in_root(root: &OwnedFd, path: &Path, make: Make) -> Result<OwnedFd, 
         let next = so_far.join(&name);
         match openat2(root, &next, libc::O_PATH) {
             Ok(fd) => at = fd,
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) && make != Make::Nothing => {
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
                 let name_c = c(Path::new(&name))?;
                 if let Some(target) = readlinkat(&at, &name_c) {
                     // A dangling link: go on from where it points, inside the root.
@@ -128,12 +138,7 @@ pub fn open_in_root(root: &OwnedFd, path: &Path, make: Make) -> Result<OwnedFd, 
             }
             Err(e) => return Err(os("open", &next)(e)),
         }
-        // The real path, for `..` after a link: the kernel's, minus the root.
-        let real = std::fs::read_link(fd_path(&at)).map_err(os("resolve", &next))?;
-        so_far = Path::new("/").join(
-            real.strip_prefix(&root_real)
-                .map_err(|_| format!("{} resolved outside the container root", path.display()))?,
-        );
+        so_far = next;
     }
     Ok(at)
 }
@@ -250,6 +255,14 @@ mod tests {
         let a = open_in_root(&r, Path::new("/abs/x"), Make::Dir).unwrap();
         assert!(real(&a).starts_with(&root), "{:?}", real(&a));
         assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 1);
+
+        // A dangling relative link with `..` in its target.
+        symlink("sub2/../made", root.join("rel")).unwrap();
+        let m = open_in_root(&r, Path::new("/rel"), Make::Dir).unwrap();
+        assert_eq!(real(&m), root.join("made"));
+        // What exists is opened as it is.
+        let e = open_in_root(&r, Path::new("/etc"), Make::Nothing).unwrap();
+        assert_eq!(real(&e), root.join("etc"));
 
         assert!(open_in_root(&r, Path::new("/missing"), Make::Nothing).is_err());
         assert!(open_in_root(&r, Path::new("/a/../b"), Make::Dir).is_err());
