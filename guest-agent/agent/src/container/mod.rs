@@ -24,6 +24,7 @@ pub mod resolve;
 pub mod seccomp;
 pub mod spec;
 pub mod staged;
+pub mod stdio;
 pub mod volumes;
 
 use std::fs::File;
